@@ -1,0 +1,83 @@
+"""Trace-time argument checks shared by the public functions.
+
+Everything here looks only at static facts (shapes, dtypes, Python numbers), so it runs once
+per trace under `jax.jit` and never touches traced values.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import jax.numpy as jnp
+
+
+def check_float(x, name: str) -> None:
+    """Raise TypeError unless `x` has a floating dtype."""
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        raise TypeError(
+            f"`{name}` must be a floating-point array (logits or probabilities), "
+            f"got dtype {jnp.result_type(x)}."
+        )
+
+
+def check_temperature(temperature, name: str = "temperature") -> None:
+    """Raise ValueError for a Python-number temperature <= 0; traced values pass through."""
+    if isinstance(temperature, numbers.Number) and not temperature > 0:
+        raise ValueError(f"`{name}` must be > 0, got {temperature}.")
+
+
+def check_ndim(x, name: str, min_ndim: int, layout: str) -> None:
+    if jnp.ndim(x) < min_ndim:
+        raise ValueError(
+            f"`{name}` must have at least {min_ndim} dims ({layout}), got shape {jnp.shape(x)}."
+        )
+
+
+def check_teachers(probs, name: str, *, min_teachers: int = 1) -> int:
+    """Check a teacher-first array `[K, ..., C]` and return K."""
+    check_float(probs, name)
+    check_ndim(probs, name, 2, "[K, ..., C], teacher axis first")
+    k = jnp.shape(probs)[0]
+    if k < min_teachers:
+        raise ValueError(
+            f"`{name}` holds {k} teacher(s) on its leading axis; this needs at least "
+            f"{min_teachers} (shape [K, ..., C])."
+        )
+    return k
+
+
+def check_weights(weights, name: str, probs_shape: tuple[int, ...], probs_name: str) -> None:
+    """Weights are `[K]` or `[K, ...]` matching the leading dims of probs `[K, ..., C]`."""
+    check_float(weights, name)
+    w_shape = jnp.shape(weights)
+    if len(w_shape) == 0 or w_shape[0] != probs_shape[0]:
+        raise ValueError(
+            f"`{name}` must have {probs_shape[0]} teachers on its leading axis to match "
+            f"`{probs_name}` of shape {probs_shape}; got shape {w_shape}."
+        )
+    lead = probs_shape[:-1]
+    if len(w_shape) > 1 and w_shape != lead:
+        raise ValueError(
+            f"`{name}` must have shape [K]={lead[:1]} or [K, ...]={lead} to match "
+            f"`{probs_name}` of shape {probs_shape}; got {w_shape}."
+        )
+
+
+def check_same_classes(a_shape, b_shape, a_name: str, b_name: str) -> None:
+    if a_shape[-1] != b_shape[-1]:
+        raise ValueError(
+            f"`{a_name}` has {a_shape[-1]} classes (last axis of {tuple(a_shape)}) but "
+            f"`{b_name}` has {b_shape[-1]} (last axis of {tuple(b_shape)}); they must match."
+        )
+
+
+def check_labels(labels, name: str, batch_shape: tuple[int, ...]) -> None:
+    if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+        raise TypeError(
+            f"`{name}` must be integer class indices, got dtype {jnp.result_type(labels)}."
+        )
+    if tuple(jnp.shape(labels)) != tuple(batch_shape):
+        raise ValueError(
+            f"`{name}` must have shape {tuple(batch_shape)} (the batch dims of the logits), "
+            f"got {tuple(jnp.shape(labels))}."
+        )

@@ -1,0 +1,124 @@
+"""Distillation targets from several teachers: fused, leave-one-out, and logit averaging.
+
+Which fusion each function does, since tools mix these silently:
+
+* `fuse_targets` averages **probabilities**: `t = sum_k w_k p_k` (this library's default; the
+  article's mean target).
+* `leave_one_out_targets` averages the probabilities of the **other** teachers, one target per
+  model (the article's codistillation target).
+* `fuse_logits` averages **raw logits** and then takes the softmax (TextBrewer's choice): a
+  different function, equal to the probability mean only when all teachers agree.
+
+A third way, the weighted mean of **per-teacher losses**, lives in `mtkd_jax.losses`
+(`per_teacher_soft_kl`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mtkd_jax import _checks
+from mtkd_jax.divergence import softmax_t
+
+__all__ = ["fuse_targets", "leave_one_out_targets", "fuse_logits"]
+
+
+def _expand_weights(weights: jax.Array, probs: jax.Array) -> jax.Array:
+    """`[K]` or `[K, ...]` weights -> broadcastable against `[K, ..., C]`."""
+    w = jnp.asarray(weights, dtype=probs.dtype)
+    return w.reshape(w.shape + (1,) * (probs.ndim - w.ndim))
+
+
+def fuse_targets(probs: jax.Array, weights: jax.Array) -> jax.Array:
+    r"""Weighted mean of teacher probabilities: :math:`t = \sum_k w_k p_k`.
+
+    Args:
+      probs: `[K, ..., C]` teacher probabilities.
+      weights: `[K]` or `[K, ...]`, non-negative and summing to 1 over K (as returned by
+        `mtkd_jax.weighting`); they are used as given, not renormalised.
+
+    Returns:
+      `[..., C]` fused target distribution.
+
+    Example (the article's worked example):
+      >>> import jax.numpy as jnp
+      >>> from mtkd_jax import fuse_targets
+      >>> p = jnp.array([[0.2, 0.3, 0.5], [0.1, 0.4, 0.5]])
+      >>> [round(x, 4) for x in fuse_targets(p, jnp.array([0.5, 0.5])).tolist()]
+      [0.15, 0.35, 0.5]
+    """
+    _checks.check_teachers(probs, "probs")
+    _checks.check_weights(weights, "weights", probs.shape, "probs")
+    return jnp.sum(_expand_weights(weights, probs) * probs, axis=0)
+
+
+def leave_one_out_targets(probs: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    r"""One target per teacher: the weighted mean of the **other** teachers.
+
+    Row k is :math:`\sum_{j \ne k} w_j p_j / \sum_{j \ne k} w_j`, uniform weights when
+    `weights` is None (the article's :math:`\frac{1}{N-1}\sum_{i \ne j} p_i`). Needs K >= 2.
+    If every other teacher has zero weight, row k falls back to their uniform mean.
+
+    Args:
+      probs: `[K, ..., C]` teacher probabilities.
+      weights: optional `[K]` or `[K, ...]` non-negative weights.
+
+    Returns:
+      `[K, ..., C]` leave-one-out targets.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtkd_jax import leave_one_out_targets
+      >>> p = jnp.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+      >>> leave_one_out_targets(p)
+      Array([[0.25, 0.75],
+             [0.75, 0.25],
+             [0.5 , 0.5 ]], dtype=float32)
+    """
+    k = _checks.check_teachers(probs, "probs", min_teachers=2)
+    if weights is None:
+        total = jnp.sum(probs, axis=0, keepdims=True)
+        return (total - probs) / (k - 1)
+    _checks.check_weights(weights, "weights", probs.shape, "probs")
+    w = _expand_weights(weights, probs)
+    # Subtracting each teacher's own term from the total is O(K) instead of O(K^2).
+    num = jnp.sum(w * probs, axis=0, keepdims=True) - w * probs
+    den = jnp.sum(w, axis=0, keepdims=True) - w
+    uniform = (jnp.sum(probs, axis=0, keepdims=True) - probs) / (k - 1)
+    safe_den = jnp.where(den > 0, den, 1.0)
+    return jnp.where(den > 0, num / safe_den, uniform)
+
+
+def fuse_logits(
+    teacher_logits: jax.Array,
+    weights: jax.Array | None = None,
+    *,
+    temperature: float | jax.Array = 1.0,
+) -> jax.Array:
+    r"""Softmax of the weighted mean of raw logits: :math:`\mathrm{softmax}(\sum_k w_k z_k / T)`.
+
+    Offered for comparison with tools that fuse this way (e.g. TextBrewer); it is not the
+    mean of the teachers' probabilities, and it lets a teacher with large-magnitude logits
+    dominate.
+
+    Args:
+      teacher_logits: `[K, ..., C]`.
+      weights: optional `[K]` or `[K, ...]`, uniform when None.
+      temperature: T > 0.
+
+    Returns:
+      `[..., C]` target distribution.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtkd_jax.targets import fuse_logits
+      >>> fuse_logits(jnp.array([[2.0, 0.0], [-2.0, 0.0]]))
+      Array([0.5, 0.5], dtype=float32)
+    """
+    k = _checks.check_teachers(teacher_logits, "teacher_logits")
+    if weights is None:
+        weights = jnp.full((k,), 1.0 / k, dtype=teacher_logits.dtype)
+    _checks.check_weights(weights, "weights", teacher_logits.shape, "teacher_logits")
+    mean = jnp.sum(_expand_weights(weights, teacher_logits) * teacher_logits, axis=0)
+    return softmax_t(mean, temperature=temperature)

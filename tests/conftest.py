@@ -1,0 +1,37 @@
+"""Test setup: 8 fake CPU devices, set before jax initialises its backends."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TFDS_DATA_DIR", os.path.join(os.path.dirname(__file__), ".tfds_cache"))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    deadline=None,
+    max_examples=30,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("ci")
+
+
+@pytest.fixture
+def rng():
+    """A fresh numpy Generator per test, seeded from the test's name for reproducibility."""
+    import zlib
+
+    test = os.environ.get("PYTEST_CURRENT_TEST", "mtkd")
+    return np.random.default_rng(zlib.crc32(test.encode()))
+
+
+@pytest.fixture(scope="session")
+def num_devices():
+    return jax.device_count()
