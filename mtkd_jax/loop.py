@@ -1,0 +1,389 @@
+"""A resumable training loop: any step function, deterministic data, kill-safe checkpoints.
+
+`fit` drives `step_fn(state, batch, key) -> (state, metrics)` over `batches_fn(epoch, start)`,
+with per-step keys `fold_in(key, step)`, periodic evaluation, early stopping, the latest and
+best checkpoints (`mtkd_jax.checkpoint.Checkpointer`), a progress bar and a logging hook.
+
+Steps count completed updates: the update that takes `state.step` from n to n + 1 uses
+`fold_in(key, n)` and batch `n % steps_per_epoch` of epoch `n // steps_per_epoch`, and its
+metrics, like the evaluation and checkpoint made after it, are reported at step n + 1. A run
+restarted on the same `checkpoint_dir` restores the newest checkpoint (state, early-stopping
+counters, history) and continues where it left off, so with a deterministic `batches_fn` and
+step it ends with the same parameters as a run that was never interrupted.
+
+Losses are checked for NaN/inf without a host sync per step: the metrics of up to
+`check_every` steps stay on the device while JAX dispatches ahead, then are fetched in one
+transfer and checked in order. Checkpoints are written only right after such a check and only
+for a state whose floating leaves are all finite, so a non-finite loss never reaches disk.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from mtkd_jax.checkpoint import Checkpointer
+
+__all__ = ["FitResult", "NonFiniteLossError", "fit"]
+
+_MODES = ("max", "min")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/inf loss (or state); the last good checkpoint is kept.
+
+    Attributes:
+      step: `state.step` going into the failing update (its key is `fold_in(key, step)`).
+      last_checkpoint_step: step of the newest checkpoint written (all finite), or None.
+    """
+
+    def __init__(self, message: str, *, step: int, last_checkpoint_step: int | None):
+        super().__init__(message)
+        self.step = step
+        self.last_checkpoint_step = last_checkpoint_step
+
+
+class FitResult(NamedTuple):
+    """What `fit` returns.
+
+    Attributes:
+      state: the final state (after the last update run, or as restored when already done).
+      history: `{"train": [...], "eval": [...]}`; a train record holds the means of the step
+        metrics over one epoch (`"step"`, `"epoch"`, `"steps"` and one entry per metric,
+        arrays as nested lists), an eval record `"step"`, `"epoch"` and `eval_fn`'s metrics.
+      best: the best eval record by `best_metric`, or None without evaluations.
+      stopped_early: whether patience ran out.
+      step: the number of updates behind `state`.
+      resumed_from: the step restored from `checkpoint_dir`, or None for a fresh start.
+    """
+
+    state: Any
+    history: dict[str, list[dict[str, Any]]]
+    best: dict[str, Any] | None
+    stopped_early: bool
+    step: int
+    resumed_from: int | None
+
+
+def _host(value: Any) -> float | list:
+    array = np.asarray(value, dtype=np.float64)
+    return float(array) if array.ndim == 0 else array.tolist()
+
+
+@jax.jit
+def _all_finite(tree):
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves] or [True]))
+
+
+class _Tracker:
+    """Everything besides the state that a resumed run needs to carry on bit for bit.
+
+    It round-trips through checkpoint metadata as JSON (Python floats keep all their bits).
+    """
+
+    def __init__(self, *, best_metric, best_mode, min_delta):
+        self.best_metric, self.best_mode, self.min_delta = best_metric, best_mode, min_delta
+        self.history: dict[str, list] = {"train": [], "eval": []}
+        self.best: dict | None = None
+        self.bad_evals = 0
+        self.sums: dict[str, Any] = {}
+        self.count = 0
+
+    def to_json(self) -> dict:
+        sums = {k: _host(v) for k, v in self.sums.items()}
+        return {"history": self.history, "best": self.best, "bad_evals": self.bad_evals,
+                "sums": sums, "count": self.count}
+
+    def load(self, data: Mapping) -> None:
+        self.history = {"train": list(data["history"]["train"]),
+                        "eval": list(data["history"]["eval"])}
+        self.best, self.bad_evals = data["best"], data["bad_evals"]
+        self.sums = {k: np.asarray(v, np.float64) for k, v in data["sums"].items()}
+        self.count = data["count"]
+
+    def add_train(self, metrics: Mapping) -> None:
+        for name, value in metrics.items():
+            value = np.asarray(value, np.float64)
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.count += 1
+
+    def close_epoch(self, *, step: int, epoch: int) -> dict | None:
+        if not self.count:
+            return None
+        record = {"step": step, "epoch": epoch, "steps": self.count}
+        record.update({k: _host(v / self.count) for k, v in self.sums.items()})
+        self.history["train"].append(record)
+        self.sums, self.count = {}, 0
+        return record
+
+    def add_eval(self, record: dict) -> bool:
+        """Append an eval record; return whether it improved on the best."""
+        if self.best_metric not in record:
+            raise ValueError(
+                f"`eval_fn` returned no {self.best_metric!r} (the `best_metric`); "
+                f"it returned {sorted(k for k in record if k not in ('step', 'epoch'))}."
+            )
+        self.history["eval"].append(record)
+        value = record[self.best_metric]
+        if not isinstance(value, float):
+            raise ValueError(
+                f"`eval_fn`'s {self.best_metric!r} must be a scalar, got {np.shape(value)}."
+            )
+        if self.best is None:
+            improved = np.isfinite(value)
+        elif self.best_mode == "max":
+            improved = value > self.best[self.best_metric] + self.min_delta
+        else:
+            improved = value < self.best[self.best_metric] - self.min_delta
+        if improved:
+            self.best, self.bad_evals = record, 0
+        else:
+            self.bad_evals += 1
+        return bool(improved)
+
+
+def _check_positive_int(value, name, *, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
+
+
+def fit(
+    state: Any,
+    step_fn: Callable[[Any, Any, jax.Array], tuple[Any, Mapping[str, Any]]],
+    batches_fn: Callable[[int, int], Iterable[Any]],
+    *,
+    num_epochs: int,
+    steps_per_epoch: int,
+    key: jax.Array,
+    eval_fn: Callable[[Any], Mapping[str, Any]] | None = None,
+    eval_every: int | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    save_every: int | None = None,
+    keep: int = 2,
+    best_metric: str = "accuracy",
+    best_mode: str = "max",
+    min_delta: float = 0.0,
+    patience: int | None = None,
+    fingerprint: Mapping[str, Any] | None = None,
+    check_every: int = 10,
+    loss_key: str = "loss",
+    progress: bool = True,
+    log_fn: Callable[[int, dict[str, Any]], None] | None = None,
+    async_save: bool = True,
+) -> FitResult:
+    """Train `state` with `step_fn` for `num_epochs`, resuming from `checkpoint_dir` if it holds one.
+
+    Args:
+      state: the initial state, a pytree with an int `step` field (e.g. `TrainState`); also
+        the restore target, so optimizer state types survive a resume.
+      step_fn: `(state, batch, key) -> (state, metrics)`, jitted by the caller; it must
+        increment `state.step` by one; `metrics[loss_key]` is checked for NaN/inf.
+      batches_fn: `(epoch, start) -> iterable` yielding batches `start, start+1, ...` of
+        `epoch`, in an order fixed by the epoch (and the caller's seed), e.g.
+        `lambda e, s: mtkd_jax.data.batches(split, batch_size=64, seed=0, epoch=e, start=s)`.
+      num_epochs: epochs to train in total, counting those done before a resume.
+      steps_per_epoch: updates per epoch (the iterable may be longer; it must not be shorter).
+      key: PRNG key; update n gets `jax.random.fold_in(key, n)`.
+      eval_fn: `state -> dict` of validation metrics (scalars, or arrays for the history).
+      eval_every: evaluate every this many steps (default `steps_per_epoch`).
+      checkpoint_dir: where to keep checkpoints (`latest/`, `best/`); None keeps none.
+      save_every: write a latest checkpoint every this many steps (default
+        `steps_per_epoch`), and always at the end and on early stopping.
+      keep: latest checkpoints kept.
+      best_metric: the `eval_fn` metric for the best checkpoint and early stopping.
+      best_mode: `"max"` (e.g. accuracy) or `"min"` (e.g. the article's validation loss).
+      min_delta: the least change that counts as an improvement.
+      patience: stop after this many evaluations in a row without improvement (Keras
+        `EarlyStopping` semantics); None never stops early.
+      fingerprint: the teachers' `params_fingerprint`, saved with each checkpoint; a resume
+        with a different one is refused (ValueError).
+      check_every: fetch metrics to the host and check the loss every this many steps (also
+        at every evaluation, checkpoint and epoch end).
+      loss_key: the metric checked for NaN/inf.
+      progress: show a tqdm bar with rate and ETA (only on JAX process 0).
+      log_fn: `log_fn(step, metrics)` with host metrics named `"train/<name>"` for each update
+        (called at each check, in step order) and `"eval/<name>"` for each evaluation; only
+        on JAX process 0. E.g. a TensorBoard writer.
+      async_save: write checkpoints in the background (orbax async checkpointing).
+
+    Returns:
+      A `FitResult(state, history, best, stopped_early, step, resumed_from)`.
+
+    Raises:
+      NonFiniteLossError: a NaN/inf loss (naming the step) or a non-finite state at a save.
+      ValueError: bad arguments; a checkpoint with another teacher fingerprint or another
+        `steps_per_epoch`; a `batches_fn` that runs out before `steps_per_epoch`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from typing import NamedTuple
+      >>> class State(NamedTuple):
+      ...     step: jax.Array
+      ...     params: jax.Array
+      ...     opt_state: tuple = ()
+      >>> @jax.jit
+      ... def step_fn(state, batch, key):  # gradient descent on mean((w - x)^2)
+      ...     loss, grad = jax.value_and_grad(lambda w: jnp.mean((w - batch) ** 2))(state.params)
+      ...     return State(state.step + 1, state.params - 0.3 * grad), {"loss": loss}
+      >>> batches = lambda epoch, start: (np.full(3, 2.0) for _ in range(start, 5))
+      >>> out = fit(State(jnp.array(0), jnp.zeros(3)), step_fn, batches, num_epochs=4,
+      ...           steps_per_epoch=5, key=jax.random.key(0), progress=False)
+      >>> out.step, [round(r["loss"], 3) for r in out.history["train"]]
+      (20, [1.984, 0.213, 0.023, 0.002])
+    """
+    for value, name in ((num_epochs, "num_epochs"), (steps_per_epoch, "steps_per_epoch"),
+                        (keep, "keep"), (check_every, "check_every")):
+        _check_positive_int(value, name)
+    for value, name in ((eval_every, "eval_every"), (save_every, "save_every"),
+                        (patience, "patience")):
+        _check_positive_int(value, name, allow_none=True)
+    if best_mode not in _MODES:
+        raise ValueError(f"`best_mode` must be one of {_MODES}, got {best_mode!r}.")
+    if patience is not None and eval_fn is None:
+        raise ValueError("`patience` needs an `eval_fn` to measure `best_metric` on.")
+    if not hasattr(state, "step"):
+        raise TypeError(f"`state` must have a `step` field (e.g. TrainState), got {type(state)}.")
+    eval_every = eval_every or steps_per_epoch
+    save_every = save_every or steps_per_epoch
+    total = num_epochs * steps_per_epoch
+    is_main = jax.process_index() == 0
+    log = log_fn if is_main else None
+    tracker = _Tracker(best_metric=best_metric, best_mode=best_mode, min_delta=min_delta)
+
+    ckpt = None
+    if checkpoint_dir is not None:
+        ckpt = Checkpointer(checkpoint_dir, keep=keep, best_metric=best_metric,
+                            best_mode=best_mode, fingerprint=fingerprint, async_save=async_save)
+    try:
+        step, resumed_from, last_saved = int(jax.device_get(state.step)), None, None
+        if ckpt is not None:
+            restored = ckpt.restore(state)
+            if restored is not None:
+                loop_meta = restored.metadata["extra"].get("loop", {})
+                saved_spe = loop_meta.get("steps_per_epoch")
+                if saved_spe != steps_per_epoch:
+                    raise ValueError(
+                        f"checkpoint {ckpt.directory}/latest/{restored.step} was made with "
+                        f"steps_per_epoch={saved_spe}, not {steps_per_epoch}: the data order "
+                        "would differ. Use the same value or a new checkpoint directory."
+                    )
+                tracker.load(loop_meta["tracker"])
+                state, step = restored.state, restored.step
+                resumed_from = last_saved = step
+                # Best checkpoints after the resumed step belong to the lost part of the run,
+                # which is about to be replayed; orbax would also refuse to save them again.
+                ckpt.discard_best_after(step)
+        stopped = patience is not None and tracker.bad_evals >= patience
+        pending: list[tuple[int, Any]] = []
+
+        def flush():
+            host = jax.device_get([m for _, m in pending])
+            for (n, _), metrics in zip(pending, host, strict=True):
+                if loss_key not in metrics:
+                    raise ValueError(
+                        f"`step_fn` metrics must hold {loss_key!r} (the `loss_key`); "
+                        f"got {sorted(metrics)}."
+                    )
+                loss = np.asarray(metrics[loss_key])
+                if not np.all(np.isfinite(loss)):
+                    epoch, batch = divmod(n, steps_per_epoch)
+                    kept = (f"the last good checkpoint is step {last_saved} in "
+                            f"{ckpt.directory}/latest" if last_saved is not None
+                            else "no checkpoint was written")
+                    raise NonFiniteLossError(
+                        f"non-finite {loss_key} ({loss.tolist()}) at step {n} (the update "
+                        f"from state.step={n}: epoch {epoch}, batch {batch}); {kept}.",
+                        step=n, last_checkpoint_step=last_saved,
+                    )
+                tracker.add_train(metrics)
+                if log is not None:
+                    log(n + 1, {f"train/{k}": _host(v) for k, v in metrics.items()})
+            if pending:
+                bar.set_postfix({loss_key: f"{float(np.mean(host[-1][loss_key])):.4g}"},
+                                refresh=False)
+            pending.clear()
+
+        def save():
+            if not bool(_all_finite(state)):
+                raise NonFiniteLossError(
+                    f"the state after step {step} holds NaN/inf although every {loss_key} "
+                    f"so far was finite; not saved. The last good checkpoint is step "
+                    f"{last_saved} in {ckpt.directory}/latest.",
+                    step=step - 1, last_checkpoint_step=last_saved,
+                )
+            if int(jax.device_get(state.step)) != step:
+                raise ValueError(
+                    f"`step_fn` must add 1 to `state.step` per call: after {step} updates "
+                    f"state.step is {int(jax.device_get(state.step))}."
+                )
+            extra = {"loop": {"steps_per_epoch": steps_per_epoch,
+                              "tracker": tracker.to_json()}}
+            last_train = tracker.history["train"][-1:] or [None]
+            last_eval = tracker.history["eval"][-1:] or [None]
+            ckpt.save(step, state, metrics={"train": last_train[0], "eval": last_eval[0]},
+                      extra=extra)
+
+        bar = tqdm.tqdm(total=total, initial=min(step, total), unit="step", dynamic_ncols=True,
+                        disable=not (progress and is_main))
+        with bar:
+            while step < total and not stopped:
+                epoch, start = divmod(step, steps_per_epoch)
+                batches = iter(batches_fn(epoch, start))
+                try:
+                    for index in range(start, steps_per_epoch):
+                        try:
+                            batch = next(batches)
+                        except StopIteration:
+                            raise ValueError(
+                                f"`batches_fn({epoch}, {start})` ran out after "
+                                f"{index - start} batches; it must yield at least "
+                                f"steps_per_epoch - start = {steps_per_epoch - start}."
+                            ) from None
+                        state, metrics = step_fn(state, batch, jax.random.fold_in(key, step))
+                        pending.append((step, metrics))
+                        step += 1
+                        bar.update(1)
+                        end_of_epoch = index == steps_per_epoch - 1
+                        at_eval = eval_fn is not None and step % eval_every == 0
+                        at_save = ckpt is not None and (step % save_every == 0 or step == total)
+                        if len(pending) >= check_every or end_of_epoch or at_eval or at_save:
+                            flush()
+                        if end_of_epoch:
+                            tracker.close_epoch(step=step, epoch=epoch)
+                        if at_eval:
+                            record = {"step": step, "epoch": epoch}
+                            record.update({k: _host(v) for k, v in
+                                           jax.device_get(dict(eval_fn(state))).items()})
+                            improved = tracker.add_eval(record)
+                            stopped = patience is not None and tracker.bad_evals >= patience
+                            if log is not None:
+                                log(step, {f"eval/{k}": v for k, v in record.items()
+                                           if k not in ("step", "epoch")})
+                            bar.set_postfix({best_metric: f"{record[best_metric]:.4g}"},
+                                            refresh=False)
+                            if stopped:
+                                tracker.close_epoch(step=step, epoch=epoch)
+                            if improved and ckpt is not None:
+                                ckpt.save_best(step, state, metrics=record)
+                        if ckpt is not None and (at_save or stopped):
+                            save()
+                            last_saved = step
+                        if stopped:
+                            break
+                finally:
+                    close = getattr(batches, "close", None)
+                    if close is not None:
+                        close()
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+    return FitResult(state, tracker.history, tracker.best, stopped, step, resumed_from)
