@@ -91,8 +91,9 @@ def _fingerprint_differences(saved: Any, current: Any) -> list[str]:
     if old.keys() != new.keys():
         missing, added = sorted(old.keys() - new.keys()), sorted(new.keys() - old.keys())
         out.append(f"leaves only in the checkpoint {missing[:5]}, only in the given {added[:5]}")
-    changed = [f"{k}: {old[k]} -> {new[k]}" for k in sorted(old.keys() & new.keys())
-               if old[k] != new[k]]
+    changed = [
+        f"{k}: {old[k]} -> {new[k]}" for k in sorted(old.keys() & new.keys()) if old[k] != new[k]
+    ]
     if changed:
         out.append("leaf shapes/dtypes differ (" + "; ".join(changed[:5]) + ")")
     if saved.get("sha256") != current.get("sha256"):
@@ -118,6 +119,29 @@ def _abstract(target: Any) -> Any:
     # Shape, dtype and sharding of each live leaf: orbax restores into that layout and the
     # target's tree structure, so NamedTuple optimizer states come back as NamedTuples.
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+
+
+def _target_mismatch(stored: Any, abstract: Any) -> list[str]:
+    """Paths whose presence or shape differ between the saved tree and the restore target.
+
+    Checked before orbax restores, because an orbax restore that fails on a shape leaves
+    un-awaited coroutines behind (warnings at garbage collection) and names one leaf only.
+    Dtypes may differ: orbax casts to the target's.
+    """
+    saved = ocp.tree.to_flat_dict(getattr(stored, "tree", stored))
+    wanted = ocp.tree.to_flat_dict(abstract)
+    out = []
+    for name, keys in (
+        ("missing in the target", saved.keys() - wanted.keys()),
+        ("not in the checkpoint", wanted.keys() - saved.keys()),
+    ):
+        if keys:
+            out.append(f"{name}: {sorted('.'.join(k) for k in keys)[:5]}")
+    for k in sorted(saved.keys() & wanted.keys()):
+        have, want = getattr(saved[k], "shape", None), getattr(wanted[k], "shape", None)
+        if have is not None and want is not None and tuple(have) != tuple(want):
+            out.append(f"{'.'.join(k)} has shape {tuple(have)}, the target {tuple(want)}")
+    return out
 
 
 class Restored(NamedTuple):
@@ -196,8 +220,14 @@ class Checkpointer:
                 cleanup_tmp_directories=True,
                 enable_async_checkpointing=self._async,
             )
+            # Handlers named up front: a fresh manager can then read an item's metadata
+            # before anything was saved or restored through it.
+            handlers = {
+                "state": ocp.StandardCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            }
             self._managers[which] = ocp.CheckpointManager(
-                os.path.join(self.directory, which), options=options, item_names=("state", "meta")
+                os.path.join(self.directory, which), options=options, item_handlers=handlers
             )
         return self._managers[which]
 
@@ -326,13 +356,16 @@ class Checkpointer:
         meta = self.metadata(which=which, step=step)
         if check_fingerprint:
             self.check_fingerprint(meta, where=where)
-        try:
-            out = self._manager(which).restore(
-                step,
-                args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target))),
+        abstract = _abstract(target)
+        manager = self._manager(which)
+        problems = _target_mismatch(manager.item_metadata(step)["state"], abstract)
+        if problems:
+            raise ValueError(
+                f"cannot restore {where} into the given `target`: " + "; ".join(problems[:5])
             )
-        except ValueError as e:
-            raise ValueError(f"cannot restore {where} into the given `target`: {e}") from e
+        out = manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+        )
         return Restored(out["state"], step, meta)
 
     def discard_best_after(self, step: int) -> list[int]:
