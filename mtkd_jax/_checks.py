@@ -1,14 +1,15 @@
 """Trace-time argument checks shared by the public functions.
 
-Everything here looks only at static facts (shapes, dtypes, Python numbers), so it runs once
-per trace under `jax.jit` and never touches traced values.
+Everything here looks only at static facts (shapes, dtypes) and at values that are concrete
+(Python numbers, NumPy arrays, arrays outside a trace), so it runs once per trace under
+`jax.jit` and never touches traced values.
 """
 
 from __future__ import annotations
 
-import numbers
-
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def check_float(x, name: str) -> None:
@@ -20,9 +21,23 @@ def check_float(x, name: str) -> None:
         )
 
 
+def is_traced(x) -> bool:
+    """True for a value only known at run time (inside `jax.jit`, `grad`, `vmap`, ...)."""
+    return isinstance(x, jax.core.Tracer)
+
+
 def check_temperature(temperature, name: str = "temperature") -> None:
-    """Raise ValueError for a Python-number temperature <= 0; traced values pass through."""
-    if isinstance(temperature, numbers.Number) and not temperature > 0:
+    """Raise ValueError for a concrete temperature <= 0 (or NaN); traced values pass through.
+
+    Concrete means a Python number, a NumPy value or an array outside a trace; a traced
+    temperature cannot be read without a host sync, so it is the caller's responsibility.
+    """
+    if is_traced(temperature):
+        return
+    t = np.asarray(temperature)
+    if not (np.issubdtype(t.dtype, np.floating) or np.issubdtype(t.dtype, np.integer)):
+        raise TypeError(f"`{name}` must be a real number > 0, got {temperature!r}.")
+    if not np.all(t > 0):
         raise ValueError(f"`{name}` must be > 0, got {temperature}.")
 
 

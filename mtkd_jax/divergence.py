@@ -33,6 +33,7 @@ def softmax_t(logits: jax.Array, *, temperature: float | jax.Array = 1.0) -> jax
       >>> softmax_t(jnp.array([0.0, 0.0, jnp.log(2.0)]), temperature=1.0).round(2)
       Array([0.25, 0.25, 0.5 ], dtype=float32)
     """
+    logits = jnp.asarray(logits)
     _checks.check_float(logits, "logits")
     _checks.check_temperature(temperature)
     return jax.nn.softmax(logits / temperature, axis=-1)
@@ -47,6 +48,7 @@ def log_softmax_t(logits: jax.Array, *, temperature: float | jax.Array = 1.0) ->
       >>> jnp.exp(log_softmax_t(jnp.array([1.0, 1.0]), temperature=2.0))
       Array([0.5, 0.5], dtype=float32)
     """
+    logits = jnp.asarray(logits)
     _checks.check_float(logits, "logits")
     _checks.check_temperature(temperature)
     return jax.nn.log_softmax(logits / temperature, axis=-1)
@@ -124,6 +126,7 @@ def pairwise_divergence(probs: jax.Array, *, kind: str = "squared") -> jax.Array
     """
     if kind not in DIVERGENCES:
         raise ValueError(f"`kind` must be one of {sorted(DIVERGENCES)}, got {kind!r}.")
+    probs = jnp.asarray(probs)
     _checks.check_teachers(probs, "probs", min_teachers=2)
     fn = DIVERGENCES[kind]
     # [K, 1, ..., C] against [1, K, ..., C] -> [K, K, ...]; K is small (2-10) so the K^2 C

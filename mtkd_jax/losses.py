@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtkd_jax import _checks
 from mtkd_jax.divergence import log_softmax_t, softmax_t
@@ -24,6 +25,8 @@ __all__ = [
 
 
 def _check_pair(student_logits, targets):
+    """Check a `[..., C]` pair and return both as arrays."""
+    student_logits, targets = jnp.asarray(student_logits), jnp.asarray(targets)
     _checks.check_float(student_logits, "student_logits")
     _checks.check_float(targets, "targets")
     _checks.check_same_classes(student_logits.shape, targets.shape, "student_logits", "targets")
@@ -32,6 +35,7 @@ def _check_pair(student_logits, targets):
             f"`student_logits` {student_logits.shape} and `targets` {targets.shape} must have the "
             "same shape [..., C]."
         )
+    return student_logits, targets
 
 
 def soft_mse(
@@ -55,7 +59,7 @@ def soft_mse(
       >>> soft_mse(jnp.zeros(2), jnp.array([1.0, 0.0]))
       Array(0.5, dtype=float32)
     """
-    _check_pair(student_logits, targets)
+    student_logits, targets = _check_pair(student_logits, targets)
     q = softmax_t(student_logits, temperature=temperature)
     return jnp.sum(jnp.square(q - targets), axis=-1)
 
@@ -83,7 +87,7 @@ def soft_kl(
       >>> soft_kl(jnp.zeros(2), jnp.array([0.5, 0.5]), temperature=4.0)
       Array(0., dtype=float32)
     """
-    _check_pair(student_logits, targets)
+    student_logits, targets = _check_pair(student_logits, targets)
     log_q = log_softmax_t(student_logits, temperature=temperature)
     safe_t = jnp.where(targets > 0, targets, 1.0)
     kl = jnp.sum(jnp.where(targets > 0, targets * (jnp.log(safe_t) - log_q), 0.0), axis=-1)
@@ -106,6 +110,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
       >>> cross_entropy(jnp.zeros((1, 4)), jnp.array([2])).round(4)
       Array([1.3863], dtype=float32)
     """
+    logits, labels = jnp.asarray(logits), jnp.asarray(labels)
     _checks.check_float(logits, "logits")
     _checks.check_labels(labels, "labels", logits.shape[:-1])
     logp = jax.nn.log_softmax(logits, axis=-1)
@@ -147,13 +152,17 @@ def distillation_loss(
     """
     if soft_loss not in SOFT_LOSSES:
         raise ValueError(f"`soft_loss` must be one of {sorted(SOFT_LOSSES)}, got {soft_loss!r}.")
-    if isinstance(alpha, int | float) and not 0.0 <= alpha <= 1.0:
+    concrete = not _checks.is_traced(alpha)
+    if concrete and not bool(np.all((np.asarray(alpha) >= 0) & (np.asarray(alpha) <= 1))):
         raise ValueError(f"`alpha` must be in [0, 1], got {alpha}.")
     soft = SOFT_LOSSES[soft_loss](student_logits, targets, temperature=temperature)
     if labels is None:
-        if isinstance(alpha, int | float) and alpha == 0.0:
+        if concrete and not np.any(np.asarray(alpha)):
             return soft
-        raise ValueError("`labels` are needed when `alpha` (the hard-label weight) is not 0.")
+        raise ValueError(
+            "`labels` ([...] integer class indices) are needed when `alpha` (the hard-label "
+            f"weight) is not a concrete 0; got alpha={alpha}."
+        )
     hard = cross_entropy(student_logits, labels)
     return alpha * hard + (1.0 - alpha) * soft
 
@@ -190,7 +199,19 @@ def per_teacher_soft_kl(
       >>> per_teacher_soft_kl(jnp.zeros((1, 2)), p, jnp.array([0.5, 0.5])).round(4)
       Array([0.6931], dtype=float32)
     """
+    student_logits = jnp.asarray(student_logits)
+    teacher_probs, weights = jnp.asarray(teacher_probs), jnp.asarray(weights)
+    _checks.check_float(student_logits, "student_logits")
     _checks.check_teachers(teacher_probs, "teacher_probs")
+    _checks.check_same_classes(
+        student_logits.shape, teacher_probs.shape, "student_logits", "teacher_probs"
+    )
+    if student_logits.shape != teacher_probs.shape[1:]:
+        raise ValueError(
+            f"`student_logits` must have shape [..., C]={teacher_probs.shape[1:]}, the shape of "
+            f"`teacher_probs` {teacher_probs.shape} without its teacher axis; got "
+            f"{student_logits.shape}."
+        )
     _checks.check_weights(weights, "weights", teacher_probs.shape, "teacher_probs")
     per = soft_kl(
         jnp.broadcast_to(student_logits, teacher_probs.shape), teacher_probs,

@@ -48,6 +48,7 @@ def fuse_targets(probs: jax.Array, weights: jax.Array) -> jax.Array:
       >>> [round(x, 4) for x in fuse_targets(p, jnp.array([0.5, 0.5])).tolist()]
       [0.15, 0.35, 0.5]
     """
+    probs, weights = jnp.asarray(probs), jnp.asarray(weights)
     _checks.check_teachers(probs, "probs")
     _checks.check_weights(weights, "weights", probs.shape, "probs")
     return jnp.sum(_expand_weights(weights, probs) * probs, axis=0)
@@ -76,16 +77,25 @@ def leave_one_out_targets(probs: jax.Array, weights: jax.Array | None = None) ->
              [0.75, 0.25],
              [0.5 , 0.5 ]], dtype=float32)
     """
+    probs = jnp.asarray(probs)
     k = _checks.check_teachers(probs, "probs", min_teachers=2)
+    # Row k sums the other teachers directly, rather than subtracting teacher k's own term
+    # from the total: when one teacher holds nearly all the weight, total - own is a
+    # difference of nearly equal numbers and the ratio of two such differences can be far off
+    # (even outside [0, 1]). K is small, so the [K, K, ...] intermediate is cheap; an
+    # elementwise sum rather than a matmul keeps full float32 precision on every backend.
+    others = 1.0 - jnp.eye(k, dtype=probs.dtype)
+
+    def sum_others(x):  # [K, ..., 1 or C] -> same shape, row k = sum_{j != k} x_j
+        return jnp.sum(others.reshape((k, k) + (1,) * (x.ndim - 1)) * x[None], axis=1)
+
+    uniform = sum_others(probs) / (k - 1)
     if weights is None:
-        total = jnp.sum(probs, axis=0, keepdims=True)
-        return (total - probs) / (k - 1)
+        return uniform
+    weights = jnp.asarray(weights)
     _checks.check_weights(weights, "weights", probs.shape, "probs")
-    w = _expand_weights(weights, probs)
-    # Subtracting each teacher's own term from the total is O(K) instead of O(K^2).
-    num = jnp.sum(w * probs, axis=0, keepdims=True) - w * probs
-    den = jnp.sum(w, axis=0, keepdims=True) - w
-    uniform = (jnp.sum(probs, axis=0, keepdims=True) - probs) / (k - 1)
+    w = jnp.broadcast_to(_expand_weights(weights, probs), probs.shape[:-1] + (1,))
+    num, den = sum_others(w * probs), sum_others(w)
     safe_den = jnp.where(den > 0, den, 1.0)
     return jnp.where(den > 0, num / safe_den, uniform)
 
@@ -116,9 +126,11 @@ def fuse_logits(
       >>> fuse_logits(jnp.array([[2.0, 0.0], [-2.0, 0.0]]))
       Array([0.5, 0.5], dtype=float32)
     """
+    teacher_logits = jnp.asarray(teacher_logits)
     k = _checks.check_teachers(teacher_logits, "teacher_logits")
     if weights is None:
         weights = jnp.full((k,), 1.0 / k, dtype=teacher_logits.dtype)
+    weights = jnp.asarray(weights)
     _checks.check_weights(weights, "weights", teacher_logits.shape, "teacher_logits")
     mean = jnp.sum(_expand_weights(weights, teacher_logits) * teacher_logits, axis=0)
     return softmax_t(mean, temperature=temperature)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtkd_jax import _checks
 from mtkd_jax.divergence import pairwise_divergence
@@ -46,6 +47,7 @@ def uniform(probs: jax.Array) -> jax.Array:
       >>> weighting.uniform(jnp.ones((4, 2, 3)) / 3)[:, 0]
       Array([0.25, 0.25, 0.25, 0.25], dtype=float32)
     """
+    probs = jnp.asarray(probs)
     _checks.check_teachers(probs, "probs")
     k = probs.shape[0]
     return jnp.full(probs.shape[:-1], 1.0 / k, dtype=probs.dtype)
@@ -57,9 +59,11 @@ def _check_lambdas(lambdas, k: int, name: str) -> jax.Array:
         raise ValueError(f"`{name}` must have shape [K]=({k},), one per teacher; got {lam.shape}.")
     if not jnp.issubdtype(lam.dtype, jnp.floating):
         lam = lam.astype(jnp.float32)
-    if not isinstance(lam, jax.core.Tracer):
+    if not _checks.is_traced(lam):
         # Concrete values: refuse what cannot be normalised. Traced lambdas cannot be checked
         # without a host sync, so they are the caller's responsibility.
+        if not bool(jnp.all(jnp.isfinite(lam))):
+            raise ValueError(f"`{name}` must be finite, got {lam}.")
         if bool(jnp.any(lam < 0)):
             raise ValueError(f"`{name}` must be non-negative, got {lam}.")
         if not bool(jnp.sum(lam) > 0):
@@ -83,6 +87,7 @@ def static(lambdas: jax.Array, probs: jax.Array) -> jax.Array:
       >>> weighting.static(jnp.array([1.0, 3.0]), jnp.ones((2, 5, 3)) / 3)[:, 0]
       Array([0.25, 0.75], dtype=float32)
     """
+    probs = jnp.asarray(probs)
     k = _checks.check_teachers(probs, "probs")
     lam = _check_lambdas(lambdas, k, "lambdas")
     w = (lam / jnp.sum(lam)).astype(probs.dtype)
@@ -114,6 +119,7 @@ def from_scores(
       >>> [round(x, 3) for x in w[:, 0].tolist()]
       [0.422, 0.422, 0.155]
     """
+    probs = jnp.asarray(probs)
     k = _checks.check_teachers(probs, "probs")
     _checks.check_temperature(temperature)
     s = jnp.asarray(scores)
@@ -145,6 +151,7 @@ def confidence(teacher_logits: jax.Array, labels: jax.Array) -> jax.Array:
       >>> [round(x, 3) for x in w[:, 0].tolist()]
       [0.663, 0.337]
     """
+    teacher_logits, labels = jnp.asarray(teacher_logits), jnp.asarray(labels)
     k = _checks.check_teachers(teacher_logits, "teacher_logits")
     _checks.check_labels(labels, "labels", teacher_logits.shape[1:-1])
     logp = jax.nn.log_softmax(teacher_logits, axis=-1)
@@ -179,6 +186,7 @@ def entropy(probs: jax.Array) -> jax.Array:
       >>> [round(x, 3) for x in weighting.entropy(p)[:, 0].tolist()]
       [0.681, 0.319]
     """
+    probs = jnp.asarray(probs)
     k = _checks.check_teachers(probs, "probs")
     h = _entropy(probs)
     if k == 1:
@@ -212,8 +220,9 @@ def agreement(probs: jax.Array, *, kind: str = "squared", sharpness: float = 1.0
       >>> [round(x, 3) for x in weighting.agreement(p, sharpness=2.0)[:, 0].tolist()]
       [0.366, 0.494, 0.14]
     """
+    probs = jnp.asarray(probs)
     k = _checks.check_teachers(probs, "probs", min_teachers=2)
-    if isinstance(sharpness, int | float) and sharpness < 0:
+    if not _checks.is_traced(sharpness) and not bool(np.all(np.asarray(sharpness) >= 0)):
         raise ValueError(f"`sharpness` must be >= 0, got {sharpness}.")
     d = pairwise_divergence(probs, kind=kind)  # [..., K, K], zero diagonal
     mean_d = jnp.sum(d, axis=-1) / (k - 1)  # [..., K]
@@ -221,9 +230,18 @@ def agreement(probs: jax.Array, *, kind: str = "squared", sharpness: float = 1.0
     return jnp.moveaxis(w, -1, 0)
 
 
+def _confidence_by_name(probs, *, logits=None, labels=None):
+    if logits is None or labels is None:
+        raise ValueError(
+            "weighting 'confidence' needs `logits` ([K, ..., C] teacher logits) and `labels` "
+            "([...] integer labels)."
+        )
+    return confidence(logits, labels)
+
+
 WEIGHTINGS: dict[str, Callable[..., jax.Array]] = {
     "uniform": lambda probs, *, logits=None, labels=None: uniform(probs),
-    "confidence": lambda probs, *, logits, labels: confidence(logits, labels),
+    "confidence": _confidence_by_name,
     "entropy": lambda probs, *, logits=None, labels=None: entropy(probs),
     "agreement": lambda probs, *, logits=None, labels=None: agreement(probs),
 }
@@ -233,6 +251,13 @@ WEIGHTINGS: dict[str, Callable[..., jax.Array]] = {
 `get_weighting("static", lambdas=...)` or `get_weighting("scores", scores=...)`.
 """
 
+# Hyperparameters each name accepts in `get_weighting`: (required, optional).
+_HYPERPARAMETERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "static": (frozenset({"lambdas"}), frozenset()),
+    "scores": (frozenset({"scores"}), frozenset({"temperature"})),
+    "agreement": (frozenset(), frozenset({"kind", "sharpness"})),
+}
+
 
 def get_weighting(name_or_fn, **kwargs) -> Callable[..., jax.Array]:
     """Resolve a weighting strategy to `fn(probs, *, logits, labels) -> [K, ...]`.
@@ -241,7 +266,8 @@ def get_weighting(name_or_fn, **kwargs) -> Callable[..., jax.Array]:
       name_or_fn: a name in `WEIGHTINGS`, ``"static"`` (needs `lambdas=[K]`), ``"scores"``
         (needs `scores=[K]`, optional `temperature`), ``"agreement"`` (optional `kind`,
         `sharpness`), or a callable with the uniform signature, returned as is.
-      **kwargs: the strategy's hyperparameters.
+      **kwargs: the strategy's hyperparameters; any other keyword is an error, so a typo
+        cannot be silently ignored.
 
     Returns:
       A function of `(probs, *, logits, labels)`.
@@ -254,26 +280,30 @@ def get_weighting(name_or_fn, **kwargs) -> Callable[..., jax.Array]:
       Array([0.25, 0.25, 0.5 ], dtype=float32)
     """
     if callable(name_or_fn):
+        if kwargs:
+            raise ValueError(
+                f"a callable weighting is returned as is and takes no hyperparameters; got "
+                f"{sorted(kwargs)}."
+            )
         return name_or_fn
-    names = sorted([*WEIGHTINGS, "static", "scores"])
+    names = sorted([*WEIGHTINGS, *_HYPERPARAMETERS])
+    if not isinstance(name_or_fn, str) or name_or_fn not in names:
+        raise ValueError(f"Unknown weighting {name_or_fn!r}; valid names: {names}.")
+    required, optional = _HYPERPARAMETERS.get(name_or_fn, (frozenset(), frozenset()))
+    missing, unknown = required - kwargs.keys(), kwargs.keys() - required - optional
+    if missing or unknown:
+        raise ValueError(
+            f"weighting {name_or_fn!r} needs {sorted(required)} and accepts {sorted(optional)}; "
+            f"missing {sorted(missing)}, unknown {sorted(unknown)}."
+        )
     if name_or_fn == "static":
-        if "lambdas" not in kwargs:
-            raise ValueError("weighting 'static' needs `lambdas` ([K] per-teacher weights).")
         lambdas = kwargs["lambdas"]
         return lambda probs, *, logits=None, labels=None: static(lambdas, probs)
     if name_or_fn == "scores":
-        if "scores" not in kwargs:
-            raise ValueError("weighting 'scores' needs `scores` ([K], e.g. validation accuracy).")
         scores, temp = kwargs["scores"], kwargs.get("temperature", 1.0)
         return lambda probs, *, logits=None, labels=None: from_scores(
             scores, probs, temperature=temp
         )
     if name_or_fn == "agreement" and kwargs:
         return lambda probs, *, logits=None, labels=None: agreement(probs, **kwargs)
-    if name_or_fn not in WEIGHTINGS:
-        raise ValueError(f"Unknown weighting {name_or_fn!r}; valid names: {names}.")
-    if kwargs:
-        raise ValueError(
-            f"weighting {name_or_fn!r} takes no hyperparameters, got {sorted(kwargs)}."
-        )
     return WEIGHTINGS[name_or_fn]
