@@ -140,9 +140,9 @@ def _batch_parts(batch) -> tuple[jax.Array, jax.Array | None, jax.Array | None, 
 
 def _check_label_values(labels, mask, num_classes: int) -> None:
     """Range check on concrete labels (on the host); traced labels cannot be inspected."""
-    if labels is None or isinstance(labels, jax.core.Tracer):
+    if labels is None or _checks.is_traced(labels):
         return
-    if mask is not None and isinstance(mask, jax.core.Tracer):
+    if mask is not None and _checks.is_traced(mask):
         return
     y = np.asarray(labels)
     if mask is not None:
@@ -206,8 +206,12 @@ def _check_static(*, soft_loss: str, temperature, alpha) -> None:
     if soft_loss not in SOFT_LOSSES:
         raise ValueError(f"`soft_loss` must be one of {sorted(SOFT_LOSSES)}, got {soft_loss!r}.")
     _checks.check_temperature(temperature)
-    if isinstance(alpha, int | float) and not 0.0 <= alpha <= 1.0:
+    if not _checks.is_traced(alpha) and not np.all((np.asarray(alpha) >= 0) & (alpha <= 1)):
         raise ValueError(f"`alpha` must be in [0, 1], got {alpha}.")
+
+
+def _alpha_is_zero(alpha) -> bool:
+    return not _checks.is_traced(alpha) and not np.any(np.asarray(alpha))
 
 
 def _label_weights(labels, mask, b: int) -> jax.Array | None:
@@ -432,7 +436,7 @@ def make_distill_step(
         teacher_logits = jax.lax.stop_gradient(teacher_logits)
         num_classes = teacher_logits.shape[-1]
         _check_label_values(labels, mask, num_classes)
-        if labels is None and not (isinstance(alpha, int | float) and alpha == 0.0):
+        if labels is None and not _alpha_is_zero(alpha):
             raise ValueError("`alpha` > 0 (the hard-label weight) needs labels in batch['y'].")
         dt = distill_targets(
             teacher_logits, labels, temperature=temperature, weighting=weighting_fn,
@@ -544,7 +548,7 @@ def make_codistill_step(
         k = _num_models(state.params)
         if k < 2:
             raise ValueError(f"Codistillation needs K >= 2 stacked models, got K={k}.")
-        if labels is None and not (isinstance(alpha, int | float) and alpha == 0.0):
+        if labels is None and not _alpha_is_zero(alpha):
             raise ValueError("`alpha` > 0 (the hard-label weight) needs labels in batch['y'].")
         lab_w = _label_weights(labels, mask, b)
         keys = jax.random.split(jax.random.fold_in(key, state.step), k)
@@ -706,14 +710,21 @@ def make_eval_step(
             teacher_logits = teacher_apply(teacher_params, x)
         else:
             teacher_logits = batch.get("teacher_logits")
-        out = {}
-        ens = None
+        logits = None if student_apply is None else student_apply(params, x)
         if teacher_logits is not None:
             if jnp.ndim(teacher_logits) != 3 or jnp.shape(teacher_logits)[1] != b:
                 raise ValueError(
                     f"Teacher logits must have shape [K, B, C] with B={b}, got "
                     f"{jnp.shape(teacher_logits)}."
                 )
+            if logits is not None:
+                _check_student_classes(logits, teacher_logits.shape[-1], b)
+        for z in (logits, teacher_logits):
+            if z is not None:
+                _check_label_values(labels, mask, jnp.shape(z)[-1])
+        out = {}
+        ens = None
+        if teacher_logits is not None:
             k = teacher_logits.shape[0]
             probs = jax.nn.softmax(teacher_logits.astype(jnp.float32), axis=-1)
             w = jnp.full((k,), 1.0 / k) if ensemble_weights is None else ensemble_weights
@@ -723,12 +734,7 @@ def make_eval_step(
             )(teacher_logits)
             ens_logits = jnp.log(jnp.maximum(ens, jnp.finfo(ens.dtype).tiny))
             out["ensemble"] = batch_stats(ens_logits, labels, reference_probs=ens, mask=mask)
-            _check_label_values(labels, mask, teacher_logits.shape[-1])
-        if student_apply is not None:
-            logits = student_apply(params, x)
-            if teacher_logits is not None:
-                _check_student_classes(logits, teacher_logits.shape[-1], b)
-            _check_label_values(labels, mask, jnp.shape(logits)[-1])
+        if logits is not None:
             out["student"] = batch_stats(logits, labels, reference_probs=ens, mask=mask)
         if not out:
             raise ValueError(
