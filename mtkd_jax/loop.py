@@ -98,12 +98,19 @@ class _Tracker:
 
     def to_json(self) -> dict:
         sums = {k: _host(v) for k, v in self.sums.items()}
-        return {"history": self.history, "best": self.best, "bad_evals": self.bad_evals,
-                "sums": sums, "count": self.count}
+        return {
+            "history": self.history,
+            "best": self.best,
+            "bad_evals": self.bad_evals,
+            "sums": sums,
+            "count": self.count,
+        }
 
     def load(self, data: Mapping) -> None:
-        self.history = {"train": list(data["history"]["train"]),
-                        "eval": list(data["history"]["eval"])}
+        self.history = {
+            "train": list(data["history"]["train"]),
+            "eval": list(data["history"]["eval"]),
+        }
         self.best, self.bad_evals = data["best"], data["bad_evals"]
         self.sums = {k: np.asarray(v, np.float64) for k, v in data["sums"].items()}
         self.count = data["count"]
@@ -180,7 +187,7 @@ def fit(
     log_fn: Callable[[int, dict[str, Any]], None] | None = None,
     async_save: bool = True,
 ) -> FitResult:
-    """Train `state` with `step_fn` for `num_epochs`, resuming from `checkpoint_dir` if it holds one.
+    """Train `state` with `step_fn` for `num_epochs`; resume from `checkpoint_dir` if it has one.
 
     Args:
       state: the initial state, a pytree with an int `step` field (e.g. `TrainState`); also
@@ -240,11 +247,18 @@ def fit(
       >>> out.step, [round(r["loss"], 3) for r in out.history["train"]]
       (20, [1.984, 0.213, 0.023, 0.002])
     """
-    for value, name in ((num_epochs, "num_epochs"), (steps_per_epoch, "steps_per_epoch"),
-                        (keep, "keep"), (check_every, "check_every")):
+    for value, name in (
+        (num_epochs, "num_epochs"),
+        (steps_per_epoch, "steps_per_epoch"),
+        (keep, "keep"),
+        (check_every, "check_every"),
+    ):
         _check_positive_int(value, name)
-    for value, name in ((eval_every, "eval_every"), (save_every, "save_every"),
-                        (patience, "patience")):
+    for value, name in (
+        (eval_every, "eval_every"),
+        (save_every, "save_every"),
+        (patience, "patience"),
+    ):
         _check_positive_int(value, name, allow_none=True)
     if best_mode not in _MODES:
         raise ValueError(f"`best_mode` must be one of {_MODES}, got {best_mode!r}.")
@@ -261,8 +275,14 @@ def fit(
 
     ckpt = None
     if checkpoint_dir is not None:
-        ckpt = Checkpointer(checkpoint_dir, keep=keep, best_metric=best_metric,
-                            best_mode=best_mode, fingerprint=fingerprint, async_save=async_save)
+        ckpt = Checkpointer(
+            checkpoint_dir,
+            keep=keep,
+            best_metric=best_metric,
+            best_mode=best_mode,
+            fingerprint=fingerprint,
+            async_save=async_save,
+        )
     try:
         step, resumed_from, last_saved = int(jax.device_get(state.step)), None, None
         if ckpt is not None:
@@ -296,20 +316,24 @@ def fit(
                 loss = np.asarray(metrics[loss_key])
                 if not np.all(np.isfinite(loss)):
                     epoch, batch = divmod(n, steps_per_epoch)
-                    kept = (f"the last good checkpoint is step {last_saved} in "
-                            f"{ckpt.directory}/latest" if last_saved is not None
-                            else "no checkpoint was written")
+                    kept = (
+                        f"the last good checkpoint is step {last_saved} in {ckpt.directory}/latest"
+                        if last_saved is not None
+                        else "no checkpoint was written"
+                    )
                     raise NonFiniteLossError(
                         f"non-finite {loss_key} ({loss.tolist()}) at step {n} (the update "
                         f"from state.step={n}: epoch {epoch}, batch {batch}); {kept}.",
-                        step=n, last_checkpoint_step=last_saved,
+                        step=n,
+                        last_checkpoint_step=last_saved,
                     )
                 tracker.add_train(metrics)
                 if log is not None:
                     log(n + 1, {f"train/{k}": _host(v) for k, v in metrics.items()})
             if pending:
-                bar.set_postfix({loss_key: f"{float(np.mean(host[-1][loss_key])):.4g}"},
-                                refresh=False)
+                bar.set_postfix(
+                    {loss_key: f"{float(np.mean(host[-1][loss_key])):.4g}"}, refresh=False
+                )
             pending.clear()
 
         def save():
@@ -318,22 +342,28 @@ def fit(
                     f"the state after step {step} holds NaN/inf although every {loss_key} "
                     f"so far was finite; not saved. The last good checkpoint is step "
                     f"{last_saved} in {ckpt.directory}/latest.",
-                    step=step - 1, last_checkpoint_step=last_saved,
+                    step=step - 1,
+                    last_checkpoint_step=last_saved,
                 )
             if int(jax.device_get(state.step)) != step:
                 raise ValueError(
                     f"`step_fn` must add 1 to `state.step` per call: after {step} updates "
                     f"state.step is {int(jax.device_get(state.step))}."
                 )
-            extra = {"loop": {"steps_per_epoch": steps_per_epoch,
-                              "tracker": tracker.to_json()}}
+            extra = {"loop": {"steps_per_epoch": steps_per_epoch, "tracker": tracker.to_json()}}
             last_train = tracker.history["train"][-1:] or [None]
             last_eval = tracker.history["eval"][-1:] or [None]
-            ckpt.save(step, state, metrics={"train": last_train[0], "eval": last_eval[0]},
-                      extra=extra)
+            ckpt.save(
+                step, state, metrics={"train": last_train[0], "eval": last_eval[0]}, extra=extra
+            )
 
-        bar = tqdm.tqdm(total=total, initial=min(step, total), unit="step", dynamic_ncols=True,
-                        disable=not (progress and is_main))
+        bar = tqdm.tqdm(
+            total=total,
+            initial=min(step, total),
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (progress and is_main),
+        )
         with bar:
             while step < total and not stopped:
                 epoch, start = divmod(step, steps_per_epoch)
@@ -361,15 +391,26 @@ def fit(
                             tracker.close_epoch(step=step, epoch=epoch)
                         if at_eval:
                             record = {"step": step, "epoch": epoch}
-                            record.update({k: _host(v) for k, v in
-                                           jax.device_get(dict(eval_fn(state))).items()})
+                            record.update(
+                                {
+                                    k: _host(v)
+                                    for k, v in jax.device_get(dict(eval_fn(state))).items()
+                                }
+                            )
                             improved = tracker.add_eval(record)
                             stopped = patience is not None and tracker.bad_evals >= patience
                             if log is not None:
-                                log(step, {f"eval/{k}": v for k, v in record.items()
-                                           if k not in ("step", "epoch")})
-                            bar.set_postfix({best_metric: f"{record[best_metric]:.4g}"},
-                                            refresh=False)
+                                log(
+                                    step,
+                                    {
+                                        f"eval/{k}": v
+                                        for k, v in record.items()
+                                        if k not in ("step", "epoch")
+                                    },
+                                )
+                            bar.set_postfix(
+                                {best_metric: f"{record[best_metric]:.4g}"}, refresh=False
+                            )
                             if stopped:
                                 tracker.close_epoch(step=step, epoch=epoch)
                             if improved and ckpt is not None:
