@@ -148,6 +148,17 @@ def _global_np_state():
     return np.random.get_state()[1].copy()  # noqa: NPY002 (the legacy RNG mnist1d reseeds)
 
 
+def test_concurrent_first_use_prepares_once(tmp_path):
+    # Without the lock, the later of two preparers fails on TFDS's final directory rename.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(3) as pool:
+        sets = list(pool.map(lambda _: load("digits", data_dir=str(tmp_path)), range(3)))
+    for ds in sets[1:]:
+        np.testing.assert_array_equal(ds.train.x, sets[0].train.x)
+    assert sorted(os.listdir(tmp_path / "digits")) == ["1.0.0"]
+
+
 def test_mnist1d_generation_leaves_global_rng_alone():
     np_before, py_before = _global_np_state(), random.getstate()
     generate_mnist1d(num_samples=20, seed=3)

@@ -86,11 +86,31 @@ def _not_prepared(name: str, data_dir: str, path) -> FileNotFoundError:
     )
 
 
+@contextlib.contextmanager
+def _prepare_lock(data_dir: str, name: str):
+    """An exclusive lock per dataset and data dir, so that processes preparing the same dataset
+    at once (parallel test runs, several workers on one machine) wait for each other instead
+    of failing on TFDS's final rename. POSIX only; elsewhere there is no lock."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    os.makedirs(data_dir, exist_ok=True)
+    with open(os.path.join(data_dir, f".{name}.prepare.lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def prepare_offline(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
     """Prepare an offline builder (`mnist1d`, `mnist5k`, `digits`) once, then reuse it.
 
     Generation runs locally (a few seconds) and writes array_record files to
-    `data_dir/<name>/<version>`; later calls find them and only read metadata.
+    `data_dir/<name>/<version>`; later calls find them and only read metadata. Concurrent
+    callers on one machine wait for the first one rather than generating twice.
 
     Example:
       >>> import tempfile
@@ -101,21 +121,26 @@ def prepare_offline(name: str, data_dir: str | None = None) -> tfds.core.Dataset
     """
     if name not in OFFLINE_BUILDERS:
         raise ValueError(f"`name` must be one of {sorted(OFFLINE_BUILDERS)}, got {name!r}.")
-    builder = OFFLINE_BUILDERS[name](
-        data_dir=data_dir or default_data_dir(), file_format="array_record"
-    )
-    if not builder.is_prepared():
-        _log.info("Preparing offline dataset %r into %s", name, builder.data_path)
-        # TFDS prints its progress to stdout; keep it in the log instead.
-        printed = io.StringIO()
-        with contextlib.redirect_stdout(printed):
-            builder.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(
-                    # Statistics for TFDS's catalogue pages; `build_dataset` computes its own.
-                    compute_stats=tfds.download.ComputeStatsMode.SKIP
+    data_dir = data_dir or default_data_dir()
+    builder = OFFLINE_BUILDERS[name](data_dir=data_dir, file_format="array_record")
+    if builder.is_prepared():
+        return builder
+    with _prepare_lock(data_dir, name):
+        # Built again: another process may have prepared it while we waited, and a builder
+        # reads the prepared metadata (its splits) only when constructed.
+        builder = OFFLINE_BUILDERS[name](data_dir=data_dir, file_format="array_record")
+        if not builder.is_prepared():
+            _log.info("Preparing offline dataset %r into %s", name, builder.data_path)
+            # TFDS prints its progress to stdout; keep it in the log instead.
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                builder.download_and_prepare(
+                    download_config=tfds.download.DownloadConfig(
+                        # Statistics for TFDS's catalogue; `build_dataset` computes its own.
+                        compute_stats=tfds.download.ComputeStatsMode.SKIP
+                    )
                 )
-            )
-        _log.info("%s", printed.getvalue().strip())
+            _log.info("%s", printed.getvalue().strip())
     return builder
 
 
