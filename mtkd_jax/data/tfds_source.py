@@ -267,6 +267,11 @@ def load_tfds(
                 f"{_prepare_command(name, data_dir)}"
             ) from e
         raw[ours] = _read_split(source, x_key, y_key, resize)
+    if "train" not in raw:
+        raise ValueError(
+            f"TFDS dataset {name!r} has no 'train' split (it has {list(info.splits)}); "
+            "load needs one to compute the normalisation statistics."
+        )
     is_images = len(raw["train"][0].shape) == 4
     return build_dataset(
         base,
