@@ -17,6 +17,7 @@ Batches are dicts of arrays with the batch axis first, except ``"teacher_logits"
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -286,7 +287,9 @@ def data_parallel_step(
 ) -> Callable:
     """Compile `step(state, batch, key, **kw) -> (state, metrics)` data-parallel on `mesh`.
 
-    The returned function takes the same arguments. It places `state`, `key` and the keyword
+    The returned function takes the same arguments. Keywords bound with
+    `functools.partial(step, teacher_params=tp)` become replicated arguments of the compiled
+    program rather than constants baked into it. It places `state`, `key` and the keyword
     arguments (e.g. `teacher_params`) replicated on every device and splits `batch` over the
     data axis (host arrays are transferred; arrays already placed so are left alone), then
     runs one compiled program; new state and metrics come back replicated. It compiles once
@@ -335,6 +338,13 @@ def data_parallel_step(
     else:
         raise ValueError(f"`mode` must be 'jit' or 'shard_map', got {mode!r}.")
 
+    bound = {}
+    if isinstance(step, functools.partial) and not step.args:
+        # `functools.partial(step, teacher_params=tp)` (the library's binding convention):
+        # closed over, the teachers would be baked into the program as constants; passed as
+        # replicated arguments they are transferred once and not copied into the executable.
+        step, bound = step.func, replicate(dict(step.keywords), mesh)
+
     def call(state, batch, key, kwargs):
         return step(state, batch, key, **kwargs)
 
@@ -356,7 +366,7 @@ def data_parallel_step(
 
     def parallel_step(state, batch, key, **kwargs):
         batch = shard_batch(batch, mesh)
-        state, key, kwargs = replicate((state, key, kwargs), mesh)
+        state, key, kwargs = replicate((state, key, {**bound, **kwargs}), mesh)
         return get_compiled(tuple(batch))(state, batch, key, kwargs)
 
     return parallel_step

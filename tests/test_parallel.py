@@ -1,5 +1,7 @@
 """Data parallelism on the 8 fake CPU devices that conftest sets up."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -240,3 +242,15 @@ def test_eval_stats_psum_over_devices(problem):
     for a, b in zip(jax.tree.leaves(summed), jax.tree.leaves(whole), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
     assert int(summed["student"].n) == int(batch["label_mask"].sum())
+
+
+def test_partial_bound_teachers_become_arguments(problem, reference):
+    """functools.partial(step, teacher_params=tp), the binding convention, gives the same run."""
+    params, tp, batches = problem
+    step = data_parallel_step(functools.partial(_step(), teacher_params=tp), data_mesh())
+    state = init_train_state(params, _tx())
+    ms = []
+    for batch in batches:
+        state, m = step(state, batch, KEY)
+        ms.append(m)
+    _assert_same((state, ms), reference)
