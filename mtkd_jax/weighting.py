@@ -286,7 +286,7 @@ def get_weighting(name_or_fn, **kwargs) -> Callable[..., jax.Array]:
                 f"{sorted(kwargs)}."
             )
         return name_or_fn
-    names = sorted([*WEIGHTINGS, *_HYPERPARAMETERS])
+    names = sorted({*WEIGHTINGS, *_HYPERPARAMETERS})
     if not isinstance(name_or_fn, str) or name_or_fn not in names:
         raise ValueError(f"Unknown weighting {name_or_fn!r}; valid names: {names}.")
     required, optional = _HYPERPARAMETERS.get(name_or_fn, (frozenset(), frozenset()))

@@ -5,8 +5,6 @@ random inputs, eagerly and under `jax.jit`, with extra leading batch dims `[K, B
 Gradients are checked in float64 (`jax.enable_x64`) so that finite differences are accurate.
 """
 
-import functools
-
 import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
@@ -83,24 +81,17 @@ def probs_with_zeros():
 
 
 # ---------------------------------------------------------------- softmax_t / log_softmax_t
-@pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0])
-def test_softmax_t_matches_reference(rng, temperature):
+def test_softmax_t_matches_reference(rng):
     z = (3.0 * rng.standard_normal(SHAPE)).astype(np.float32)
-    ref = np_softmax(z, temperature)
-    ref_log = np_log_softmax(z, temperature)
-    for fn, expected in ((softmax_t, ref), (log_softmax_t, ref_log)):
-        eager = fn(z, temperature=temperature)
-        jitted = jax.jit(functools.partial(fn, temperature=temperature))(z)
-        assert eager.shape == SHAPE and eager.dtype == jnp.float32
-        np.testing.assert_allclose(eager, expected, **TOL)
-        np.testing.assert_allclose(jitted, expected, **TOL)
-
-
-def test_softmax_t_traced_temperature(rng):
-    z = rng.standard_normal(SHAPE).astype(np.float32)
-    fn = jax.jit(lambda z, t: softmax_t(z, temperature=t))
-    for t in (0.7, 3.0):
-        np.testing.assert_allclose(fn(z, jnp.float32(t)), np_softmax(z, t), **TOL)
+    both = jax.jit(lambda z, t: (softmax_t(z, temperature=t), log_softmax_t(z, temperature=t)))
+    for t in (0.5, 1.0, 4.0):  # a traced temperature: one trace for all
+        p, log_p = both(z, t)
+        assert p.shape == SHAPE and p.dtype == jnp.float32
+        np.testing.assert_allclose(p, np_softmax(z, t), **TOL)
+        np.testing.assert_allclose(log_p, np_log_softmax(z, t), **TOL)
+    # Eagerly, with a Python-number temperature.
+    np.testing.assert_allclose(softmax_t(z, temperature=2.0), np_softmax(z, 2.0), **TOL)
+    np.testing.assert_allclose(log_softmax_t(z, temperature=2.0), np_log_softmax(z, 2.0), **TOL)
 
 
 def test_softmax_t_sums_to_one_and_flattens_with_temperature(rng):
@@ -122,50 +113,58 @@ def test_softmax_t_grads(rng):
         check_grads(jax.jit(f), (z, 1.7), order=2, modes=["rev"], eps=1e-6)
 
 
-@pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0])
-def test_softmax_t_finite_grads_at_extreme_logits(rng, temperature):
+def test_softmax_t_finite_grads_at_extreme_logits(rng):
     z = rng.choice([-50.0, 50.0], size=SHAPE).astype(np.float32)
     z[..., 0] = 50.0  # ties at the top as well as huge gaps
-    r = rng.standard_normal(SHAPE).astype(np.float32)
-    for fn in (softmax_t, log_softmax_t):
-        out = fn(z, temperature=temperature)
-        g = jax.grad(lambda z, fn=fn: jnp.sum(r * fn(z, temperature=temperature)))(z)
-        assert np.all(np.isfinite(out)) and np.all(np.isfinite(g))
+    r1, r2 = rng.standard_normal((2,) + SHAPE).astype(np.float32)
+    f = lambda z, t: jnp.sum(r1 * softmax_t(z, temperature=t) + r2 * log_softmax_t(
+        z, temperature=t))
+    value_and_grad = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+    for t in (0.5, 1.0, 4.0):
+        value, (g_z, g_t) = value_and_grad(z, t)
+        assert np.isfinite(value) and np.all(np.isfinite(g_z)) and np.isfinite(g_t)
 
 
 # ---------------------------------------------------------------- pairwise_divergence
 def test_article_worked_example():
     p = np.array([[0.2, 0.3, 0.5], [0.1, 0.4, 0.5]], np.float32)
-    d = pairwise_divergence(p, kind="squared")
+    d = pairwise_divergence(p, kind="squared")  # eagerly, as in the doctest
     np.testing.assert_allclose(d, [[0.0, 0.02], [0.02, 0.0]], rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(pairwise_divergence(p, kind="euclidean")[0, 1], np.sqrt(0.02),
-                               rtol=1e-5)
-    np.testing.assert_allclose(pairwise_divergence(p, kind="kl"), np_pairwise(p, "kl"), **TOL)
+    d = _all_kinds_jit(p)
+    np.testing.assert_allclose(d["squared"][0, 1], 0.02, rtol=1e-5)
+    np.testing.assert_allclose(d["euclidean"][0, 1], np.sqrt(0.02), rtol=1e-5)
+    np.testing.assert_allclose(d["kl"], np_pairwise(p, "kl"), **TOL)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_pairwise_matches_reference(rng, kind):
+def _all_kinds(p):
+    return {kind: pairwise_divergence(p, kind=kind) for kind in KINDS}
+
+
+_all_kinds_jit = jax.jit(_all_kinds)
+
+
+def test_pairwise_matches_reference(rng):
     p = random_probs(rng)
-    ref = np_pairwise(p.astype(np.float64), kind)
-    eager = pairwise_divergence(p, kind=kind)
-    jitted = jax.jit(functools.partial(pairwise_divergence, kind=kind))(p)
-    assert eager.shape == SHAPE[1:-1] + (SHAPE[0], SHAPE[0])  # [B1, B2, K, K]
-    np.testing.assert_allclose(eager, ref, **TOL)
-    np.testing.assert_allclose(jitted, ref, **TOL)
+    for kind, d in _all_kinds_jit(p).items():
+        assert d.shape == SHAPE[1:-1] + (SHAPE[0], SHAPE[0])  # [B1, B2, K, K]
+        np.testing.assert_allclose(d, np_pairwise(p, kind), **TOL, err_msg=kind)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_pairwise_minimal_shape_and_registry(rng, kind):
+def test_pairwise_minimal_shape_and_registry(rng):
     p = random_probs(rng, (2, 4))  # [K, C]: no batch dims at all
-    np.testing.assert_allclose(pairwise_divergence(p, kind=kind), np_pairwise(p, kind), **TOL)
-    q = random_probs(rng, (4,)), random_probs(rng, (4,))
-    np.testing.assert_allclose(DIVERGENCES[kind](*q), np_divergence(*q, kind), **TOL)
+    for kind, d in _all_kinds_jit(p).items():
+        np.testing.assert_allclose(d, np_pairwise(p, kind), **TOL, err_msg=kind)
+    # The registry's functions take one pair `[..., C], [..., C] -> [...]`.
+    assert sorted(DIVERGENCES) == sorted(KINDS)
+    pairs = jax.jit(lambda a, b: {kind: fn(a, b) for kind, fn in DIVERGENCES.items()})
+    for kind, d in pairs(p[0], p[1]).items():
+        np.testing.assert_allclose(d, np_divergence(p[0], p[1], kind), **TOL, err_msg=kind)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_pairwise_exact_zeros_are_finite(kind):
     p = probs_with_zeros()
-    d = np.asarray(pairwise_divergence(p, kind=kind))
+    d = np.asarray(_all_kinds_jit(p)[kind])
     assert np.all(np.isfinite(d))
     assert np.all(d >= 0)
     if kind == "kl":
@@ -178,27 +177,29 @@ def test_pairwise_exact_zeros_are_finite(kind):
     np.testing.assert_allclose(d[1, 0, 1], 0.0, atol=1e-7)  # teachers 0, 1 agree on example 1
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_pairwise_grads(rng, kind):
+def _weighted_sum_of_kinds(p, r):
+    """All kinds in one scalar, each with its own random cotangent `r[kind] [..., K, K]`."""
+    return sum(jnp.sum(r[i] * d) for i, d in enumerate(_all_kinds(p).values()))
+
+
+def test_pairwise_grads(rng):
     with jax.enable_x64(True):
         # Strictly positive probabilities, distinct teachers: the smooth region.
         p = rng.dirichlet(np.full(4, 3.0), size=(3, 2))
-        r = rng.standard_normal((2, 3, 3))
-        f = jax.jit(lambda p: jnp.sum(r * pairwise_divergence(p, kind=kind)))
+        r = rng.standard_normal((len(KINDS), 2, 3, 3))
+        f = jax.jit(lambda p: _weighted_sum_of_kinds(p, r))
         check_grads(f, (p,), order=1, modes=["rev"], eps=1e-6)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_pairwise_finite_grads_at_zeros_and_extreme_logits(rng, kind):
-    r = rng.standard_normal((2, 3, 3)).astype(np.float32)
+def test_pairwise_finite_grads_at_zeros_and_extreme_logits(rng):
+    r = rng.standard_normal((len(KINDS), 2, 3, 3)).astype(np.float32)
     p = probs_with_zeros()
-    g = jax.grad(lambda p: jnp.sum(r * pairwise_divergence(p, kind=kind)))(p)
-    assert np.all(np.isfinite(g))
     z = rng.choice([-50.0, 50.0], size=(3, 2, 3)).astype(np.float32)
     z[1] = z[0]  # two teachers that agree exactly: euclidean's sqrt at 0 off the diagonal
-    loss = lambda z: jnp.sum(r * pairwise_divergence(softmax_t(z), kind=kind))
-    value, g = jax.jit(jax.value_and_grad(loss))(z)
-    assert np.isfinite(value) and np.all(np.isfinite(g))
+    # One scalar, one compile: a sum of gradients is finite only if every term is.
+    f = lambda p, z: _weighted_sum_of_kinds(p, r) + _weighted_sum_of_kinds(softmax_t(z), r)
+    value, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(p, z)
+    assert np.isfinite(value) and all(np.all(np.isfinite(g)) for g in grads)
 
 
 # ---------------------------------------------------------------- properties (hypothesis)
