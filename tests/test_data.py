@@ -45,6 +45,28 @@ def _rows(x):
     return np.sort(np.array([r.tobytes() for r in x], dtype=object))
 
 
+def _check_epochs(split, batch_size):
+    """The pipeline properties every source must show on its train split."""
+    n = len(split)
+    kw = dict(batch_size=batch_size, seed=5)
+
+    def order(epoch, **more):
+        got = list(batches(split, epoch=epoch, **kw, **more))
+        for b in got:
+            np.testing.assert_array_equal(b["x"], split.x[b["index"]])
+            np.testing.assert_array_equal(b["y"], split.y[b["index"]])
+        return np.concatenate([b["index"] for b in got])
+
+    first = order(0, drop_remainder=False)
+    np.testing.assert_array_equal(np.sort(first), np.arange(n))  # each example once
+    np.testing.assert_array_equal(order(0, drop_remainder=False), first)  # same seed, same order
+    assert not np.array_equal(order(1, drop_remainder=False), first)  # next epoch, new order
+    whole = order(2, process_index=0, process_count=1)
+    hosts = [order(2, process_index=p, process_count=2) for p in range(2)]
+    assert not set(hosts[0].tolist()) & set(hosts[1].tolist())
+    assert sorted(np.concatenate(hosts).tolist()) == sorted(whole.tolist())
+
+
 # ----------------------------------------------------------------------------- offline sources
 
 
@@ -65,6 +87,7 @@ def test_offline_shapes_dtypes_ranges(raw_sets, name):
     if name != "mnist1d":  # images scaled to [0, 1]
         xs = np.concatenate([s.x.ravel() for s in ds.splits.values()])
         assert xs.min() == 0.0 and xs.max() == 1.0
+    _check_epochs(ds.train, batch_size=64)
 
 
 def test_mnist1d_matches_package(raw_sets):
@@ -298,6 +321,15 @@ def test_tfds_by_name_on_mock_data(tmp_path, name, shape, flip):
         assert split.y.dtype == np.int32 and 0 <= split.y.min() and split.y.max() < 10
     out = list(batches(ds.train, batch_size=12, seed=0, epoch=0))
     assert len(out) == 3 and out[0]["x"].shape == (12, *shape)
+    _check_epochs(ds.train, batch_size=6)
+
+
+def test_tfds_without_train_split(tmp_path):
+    _write_metadata(str(tmp_path), "mnist", {"test": 10})
+    with tfds.testing.mock_data(num_examples=10, data_dir=str(tmp_path),
+                                policy=tfds.testing.MockPolicy.USE_FILES):
+        with pytest.raises(ValueError, match="'mnist' has no 'train' split .it has \\['test'\\]"):
+            load("mnist", data_dir=str(tmp_path))
 
 
 def test_tfrecord_only_dataset_is_explained(tmp_path):
@@ -348,6 +380,7 @@ def test_tfds_array_record_read_by_name(tmp_path):
         ref = _Shapes.images(n)
         np.testing.assert_array_equal(_rows(ds[split].x), _rows([im / 255.0 for im, _ in ref]))
         np.testing.assert_array_equal(np.bincount(ds[split].y), np.bincount([y for _, y in ref]))
+    _check_epochs(ds.train, batch_size=4)
 
 
 def test_tfds_varying_image_sizes_need_image_size(tmp_path):
@@ -407,6 +440,7 @@ def test_image_folder(tmp_path):
         np.testing.assert_allclose(split.x, np.broadcast_to(
             expected[:, None, None, :], split.x.shape), atol=1e-6)
     assert np.array_equal(np.bincount(ds.validation.y), [2, 2, 2])
+    _check_epochs(ds.train, batch_size=4)
 
 
 def test_image_folder_grayscale_jpeg(tmp_path):
