@@ -19,6 +19,7 @@ for a state whose floating leaves are all finite, so a non-finite loss never rea
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
@@ -266,13 +267,7 @@ def fit(
         raise ValueError("`patience` needs an `eval_fn` to measure `best_metric` on.")
     if not hasattr(state, "step"):
         raise TypeError(f"`state` must have a `step` field (e.g. TrainState), got {type(state)}.")
-    eval_every = eval_every or steps_per_epoch
-    save_every = save_every or steps_per_epoch
-    total = num_epochs * steps_per_epoch
     is_main = jax.process_index() == 0
-    log = log_fn if is_main else None
-    tracker = _Tracker(best_metric=best_metric, best_mode=best_mode, min_delta=min_delta)
-
     ckpt = None
     if checkpoint_dir is not None:
         ckpt = Checkpointer(
@@ -283,148 +278,200 @@ def fit(
             fingerprint=fingerprint,
             async_save=async_save,
         )
+    run = _Run(
+        state=state,
+        step_fn=step_fn,
+        batches_fn=batches_fn,
+        key=key,
+        eval_fn=eval_fn,
+        steps_per_epoch=steps_per_epoch,
+        total=num_epochs * steps_per_epoch,
+        eval_every=eval_every or steps_per_epoch,
+        save_every=save_every or steps_per_epoch,
+        check_every=check_every,
+        loss_key=loss_key,
+        patience=patience,
+        tracker=_Tracker(best_metric=best_metric, best_mode=best_mode, min_delta=min_delta),
+        ckpt=ckpt,
+        log=log_fn if is_main else None,
+    )
     try:
-        step, resumed_from, last_saved = int(jax.device_get(state.step)), None, None
-        if ckpt is not None:
-            restored = ckpt.restore(state)
-            if restored is not None:
-                loop_meta = restored.metadata["extra"].get("loop", {})
-                saved_spe = loop_meta.get("steps_per_epoch")
-                if saved_spe != steps_per_epoch:
-                    raise ValueError(
-                        f"checkpoint {ckpt.directory}/latest/{restored.step} was made with "
-                        f"steps_per_epoch={saved_spe}, not {steps_per_epoch}: the data order "
-                        "would differ. Use the same value or a new checkpoint directory."
-                    )
-                tracker.load(loop_meta["tracker"])
-                state, step = restored.state, restored.step
-                resumed_from = last_saved = step
-                # Best checkpoints after the resumed step belong to the lost part of the run,
-                # which is about to be replayed; orbax would also refuse to save them again.
-                ckpt.discard_best_after(step)
-        stopped = patience is not None and tracker.bad_evals >= patience
-        pending: list[tuple[int, Any]] = []
-
-        def flush():
-            host = jax.device_get([m for _, m in pending])
-            for (n, _), metrics in zip(pending, host, strict=True):
-                if loss_key not in metrics:
-                    raise ValueError(
-                        f"`step_fn` metrics must hold {loss_key!r} (the `loss_key`); "
-                        f"got {sorted(metrics)}."
-                    )
-                loss = np.asarray(metrics[loss_key])
-                if not np.all(np.isfinite(loss)):
-                    epoch, batch = divmod(n, steps_per_epoch)
-                    kept = (
-                        f"the last good checkpoint is step {last_saved} in {ckpt.directory}/latest"
-                        if last_saved is not None
-                        else "no checkpoint was written"
-                    )
-                    raise NonFiniteLossError(
-                        f"non-finite {loss_key} ({loss.tolist()}) at step {n} (the update "
-                        f"from state.step={n}: epoch {epoch}, batch {batch}); {kept}.",
-                        step=n,
-                        last_checkpoint_step=last_saved,
-                    )
-                tracker.add_train(metrics)
-                if log is not None:
-                    log(n + 1, {f"train/{k}": _host(v) for k, v in metrics.items()})
-            if pending:
-                bar.set_postfix(
-                    {loss_key: f"{float(np.mean(host[-1][loss_key])):.4g}"}, refresh=False
-                )
-            pending.clear()
-
-        def save():
-            if not bool(_all_finite(state)):
-                raise NonFiniteLossError(
-                    f"the state after step {step} holds NaN/inf although every {loss_key} "
-                    f"so far was finite; not saved. The last good checkpoint is step "
-                    f"{last_saved} in {ckpt.directory}/latest.",
-                    step=step - 1,
-                    last_checkpoint_step=last_saved,
-                )
-            if int(jax.device_get(state.step)) != step:
-                raise ValueError(
-                    f"`step_fn` must add 1 to `state.step` per call: after {step} updates "
-                    f"state.step is {int(jax.device_get(state.step))}."
-                )
-            extra = {"loop": {"steps_per_epoch": steps_per_epoch, "tracker": tracker.to_json()}}
-            last_train = tracker.history["train"][-1:] or [None]
-            last_eval = tracker.history["eval"][-1:] or [None]
-            ckpt.save(
-                step, state, metrics={"train": last_train[0], "eval": last_eval[0]}, extra=extra
-            )
-
-        bar = tqdm.tqdm(
-            total=total,
-            initial=min(step, total),
+        resumed_from = run.resume()
+        with tqdm.tqdm(
+            total=run.total,
+            initial=min(run.step, run.total),
             unit="step",
             dynamic_ncols=True,
             disable=not (progress and is_main),
-        )
-        with bar:
-            while step < total and not stopped:
-                epoch, start = divmod(step, steps_per_epoch)
-                batches = iter(batches_fn(epoch, start))
-                try:
-                    for index in range(start, steps_per_epoch):
-                        try:
-                            batch = next(batches)
-                        except StopIteration:
-                            raise ValueError(
-                                f"`batches_fn({epoch}, {start})` ran out after "
-                                f"{index - start} batches; it must yield at least "
-                                f"steps_per_epoch - start = {steps_per_epoch - start}."
-                            ) from None
-                        state, metrics = step_fn(state, batch, jax.random.fold_in(key, step))
-                        pending.append((step, metrics))
-                        step += 1
-                        bar.update(1)
-                        end_of_epoch = index == steps_per_epoch - 1
-                        at_eval = eval_fn is not None and step % eval_every == 0
-                        at_save = ckpt is not None and (step % save_every == 0 or step == total)
-                        if len(pending) >= check_every or end_of_epoch or at_eval or at_save:
-                            flush()
-                        if end_of_epoch:
-                            tracker.close_epoch(step=step, epoch=epoch)
-                        if at_eval:
-                            record = {"step": step, "epoch": epoch}
-                            record.update(
-                                {
-                                    k: _host(v)
-                                    for k, v in jax.device_get(dict(eval_fn(state))).items()
-                                }
-                            )
-                            improved = tracker.add_eval(record)
-                            stopped = patience is not None and tracker.bad_evals >= patience
-                            if log is not None:
-                                log(
-                                    step,
-                                    {
-                                        f"eval/{k}": v
-                                        for k, v in record.items()
-                                        if k not in ("step", "epoch")
-                                    },
-                                )
-                            bar.set_postfix(
-                                {best_metric: f"{record[best_metric]:.4g}"}, refresh=False
-                            )
-                            if stopped:
-                                tracker.close_epoch(step=step, epoch=epoch)
-                            if improved and ckpt is not None:
-                                ckpt.save_best(step, state, metrics=record)
-                        if ckpt is not None and (at_save or stopped):
-                            save()
-                            last_saved = step
-                        if stopped:
-                            break
-                finally:
-                    close = getattr(batches, "close", None)
-                    if close is not None:
-                        close()
+        ) as run.bar:
+            run.train()
     finally:
         if ckpt is not None:
             ckpt.close()
-    return FitResult(state, tracker.history, tracker.best, stopped, step, resumed_from)
+    tracker = run.tracker
+    return FitResult(run.state, tracker.history, tracker.best, run.stopped, run.step, resumed_from)
+
+
+@dataclasses.dataclass
+class _Run:
+    """The mutable side of one `fit` call: the state, the step counter, pending metrics."""
+
+    state: Any
+    step_fn: Callable
+    batches_fn: Callable
+    key: jax.Array
+    eval_fn: Callable | None
+    steps_per_epoch: int
+    total: int
+    eval_every: int
+    save_every: int
+    check_every: int
+    loss_key: str
+    patience: int | None
+    tracker: _Tracker
+    ckpt: Checkpointer | None
+    log: Callable | None
+    bar: Any = None
+    step: int = 0
+    last_saved: int | None = None
+    stopped: bool = False
+    pending: list = dataclasses.field(default_factory=list)
+
+    def resume(self) -> int | None:
+        """Restore the newest checkpoint, if any; return its step."""
+        self.step = int(jax.device_get(self.state.step))
+        restored = None if self.ckpt is None else self.ckpt.restore(self.state)
+        if restored is not None:
+            loop_meta = restored.metadata["extra"].get("loop", {})
+            saved = loop_meta.get("steps_per_epoch")
+            if saved != self.steps_per_epoch:
+                raise ValueError(
+                    f"checkpoint {self.ckpt.directory}/latest/{restored.step} was made with "
+                    f"steps_per_epoch={saved}, not {self.steps_per_epoch}: the data order "
+                    "would differ. Use the same value or a new checkpoint directory."
+                )
+            self.tracker.load(loop_meta["tracker"])
+            self.state, self.step = restored.state, restored.step
+            self.last_saved = restored.step
+            # Best checkpoints after the resumed step belong to the lost part of the run,
+            # which is about to be replayed (and orbax would not save those steps again).
+            self.ckpt.discard_best_after(restored.step)
+        self.stopped = self.patience is not None and self.tracker.bad_evals >= self.patience
+        return None if restored is None else restored.step
+
+    def train(self) -> None:
+        while self.step < self.total and not self.stopped:
+            epoch, start = divmod(self.step, self.steps_per_epoch)
+            batches = iter(self.batches_fn(epoch, start))
+            try:
+                self._epoch(batches, epoch, start)
+            finally:
+                # Release a generator's resources (files, threads) when stopping early.
+                close = getattr(batches, "close", None)
+                if close is not None:
+                    close()
+
+    def _epoch(self, batches, epoch: int, start: int) -> None:
+        for index in range(start, self.steps_per_epoch):
+            try:
+                batch = next(batches)
+            except StopIteration:
+                raise ValueError(
+                    f"`batches_fn({epoch}, {start})` ran out after {index - start} batches; "
+                    f"it must yield at least steps_per_epoch - start = "
+                    f"{self.steps_per_epoch - start}."
+                ) from None
+            key = jax.random.fold_in(self.key, self.step)
+            self.state, metrics = self.step_fn(self.state, batch, key)
+            self.pending.append((self.step, metrics))
+            self.step += 1
+            self.bar.update(1)
+
+            end_of_epoch = index == self.steps_per_epoch - 1
+            at_eval = self.eval_fn is not None and self.step % self.eval_every == 0
+            at_save = self.ckpt is not None and (
+                self.step % self.save_every == 0 or self.step == self.total
+            )
+            if len(self.pending) >= self.check_every or end_of_epoch or at_eval or at_save:
+                self._flush()
+            if end_of_epoch:
+                self.tracker.close_epoch(step=self.step, epoch=epoch)
+            if at_eval:
+                self._evaluate(epoch)
+            if self.ckpt is not None and (at_save or self.stopped):
+                self._save()
+            if self.stopped:
+                return
+
+    def _flush(self) -> None:
+        """Fetch the pending metrics in one transfer; check the losses; log them."""
+        host = jax.device_get([metrics for _, metrics in self.pending])
+        for (n, _), metrics in zip(self.pending, host, strict=True):
+            if self.loss_key not in metrics:
+                raise ValueError(
+                    f"`step_fn` metrics must hold {self.loss_key!r} (the `loss_key`); "
+                    f"got {sorted(metrics)}."
+                )
+            loss = np.asarray(metrics[self.loss_key])
+            if not np.all(np.isfinite(loss)):
+                epoch, batch = divmod(n, self.steps_per_epoch)
+                raise NonFiniteLossError(
+                    f"non-finite {self.loss_key} ({loss.tolist()}) at step {n} (the update "
+                    f"from state.step={n}: epoch {epoch}, batch {batch}); {self._kept()}.",
+                    step=n,
+                    last_checkpoint_step=self.last_saved,
+                )
+            self.tracker.add_train(metrics)
+            if self.log is not None:
+                self.log(n + 1, {f"train/{k}": _host(v) for k, v in metrics.items()})
+        if host:
+            last = float(np.mean(host[-1][self.loss_key]))
+            self.bar.set_postfix({self.loss_key: f"{last:.4g}"}, refresh=False)
+        self.pending.clear()
+
+    def _kept(self) -> str:
+        if self.last_saved is None:
+            return "no checkpoint was written"
+        return f"the last good checkpoint is step {self.last_saved} in {self.ckpt.directory}/latest"
+
+    def _evaluate(self, epoch: int) -> None:
+        record = {"step": self.step, "epoch": epoch}
+        metrics = jax.device_get(dict(self.eval_fn(self.state)))
+        record.update({k: _host(v) for k, v in metrics.items()})
+        improved = self.tracker.add_eval(record)
+        self.stopped = self.patience is not None and self.tracker.bad_evals >= self.patience
+        if self.log is not None:
+            self.log(self.step, {f"eval/{k}": _host(v) for k, v in metrics.items()})
+        metric = self.tracker.best_metric
+        self.bar.set_postfix({metric: f"{record[metric]:.4g}"}, refresh=False)
+        if self.stopped:
+            # The stopped epoch's train record covers the steps it ran.
+            self.tracker.close_epoch(step=self.step, epoch=epoch)
+        if improved and self.ckpt is not None:
+            self.ckpt.save_best(self.step, self.state, metrics=record)
+
+    def _save(self) -> None:
+        """Write the latest checkpoint, after the caller flushed (so all losses were finite)."""
+        if not bool(_all_finite(self.state)):
+            raise NonFiniteLossError(
+                f"the state after step {self.step} holds NaN/inf although every "
+                f"{self.loss_key} so far was finite; not saved ({self._kept()}).",
+                step=self.step - 1,
+                last_checkpoint_step=self.last_saved,
+            )
+        counted = int(jax.device_get(self.state.step))
+        if counted != self.step:
+            raise ValueError(
+                f"`step_fn` must add 1 to `state.step` per call: after {self.step} updates "
+                f"state.step is {counted}."
+            )
+        history = self.tracker.history
+        metrics = {
+            "train": history["train"][-1] if history["train"] else None,
+            "eval": history["eval"][-1] if history["eval"] else None,
+        }
+        extra = {
+            "loop": {"steps_per_epoch": self.steps_per_epoch, "tracker": self.tracker.to_json()}
+        }
+        self.ckpt.save(self.step, self.state, metrics=metrics, extra=extra)
+        self.last_saved = self.step
