@@ -342,13 +342,19 @@ class _Run:
         self.step = int(jax.device_get(self.state.step))
         restored = None if self.ckpt is None else self.ckpt.restore(self.state)
         if restored is not None:
-            loop_meta = restored.metadata["extra"].get("loop", {})
-            saved = loop_meta.get("steps_per_epoch")
+            where = f"checkpoint {self.ckpt.directory}/latest/{restored.step}"
+            loop_meta = restored.metadata["extra"].get("loop")
+            if loop_meta is None:
+                raise ValueError(
+                    f"{where} holds no loop state (was it written by `fit`?); use a new "
+                    "checkpoint directory, or restore it with `Checkpointer.restore`."
+                )
+            saved = loop_meta["steps_per_epoch"]
             if saved != self.steps_per_epoch:
                 raise ValueError(
-                    f"checkpoint {self.ckpt.directory}/latest/{restored.step} was made with "
-                    f"steps_per_epoch={saved}, not {self.steps_per_epoch}: the data order "
-                    "would differ. Use the same value or a new checkpoint directory."
+                    f"{where} was made with steps_per_epoch={saved}, not "
+                    f"{self.steps_per_epoch}: the data order would differ. Use the same value "
+                    "or a new checkpoint directory."
                 )
             self.tracker.load(loop_meta["tracker"])
             self.state, self.step = restored.state, restored.step

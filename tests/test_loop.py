@@ -307,6 +307,13 @@ def test_fingerprint_mismatch_and_changed_epoch_length_are_refused(tmp_path):
         _fit(tx, num_epochs=1, checkpoint_dir=tmp_path, fingerprint=fp, steps_per_epoch=3)
 
 
+def test_checkpoint_not_written_by_fit_is_refused(tmp_path):
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(2, _init(SGD))
+    with pytest.raises(ValueError, match="holds no loop state"):
+        _fit(SGD, num_epochs=1, checkpoint_dir=tmp_path)
+
+
 def test_log_fn_sees_every_step_in_order_and_each_eval():
     tx = SGD
     calls = []
