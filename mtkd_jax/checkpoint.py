@@ -296,13 +296,16 @@ class Checkpointer:
 
     def best_step(self) -> int | None:
         """The best checkpoint's step, or None when none was saved."""
-        steps = self.all_steps("best")
-        return steps[-1] if steps else None
+        # orbax ranks by the stored metrics: right after a worse candidate was offered, and
+        # before its deletion completes, two steps can be listed.
+        return self._manager("best").best_step()
 
     def _step(self, which, step):
-        steps = self.all_steps(which)
+        if which not in _WHICH:
+            raise ValueError(f"`which` must be one of {_WHICH}, got {which!r}.")
         if step is None:
-            return steps[-1] if steps else None
+            return self.latest_step() if which == "latest" else self.best_step()
+        steps = self.all_steps(which)
         if step not in steps:
             raise ValueError(
                 f"no checkpoint at step {step} in {self.directory}/{which}; steps there: {steps}."

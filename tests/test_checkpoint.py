@@ -108,6 +108,7 @@ def test_latest_and_best_are_kept_apart(tmp_path, rng):
             assert ckpt.all_steps() == list(range(max(1, s - 1), s + 1))
         # A worse candidate offered as best is dropped, the better one stays.
         ckpt.save_best(6, states[6], metrics={"accuracy": accuracy[6]})
+        assert ckpt.best_step() == 2  # ranked by metric, even while step 6 is in flight
         ckpt.wait()
         assert ckpt.all_steps("best") == [2]
         assert ckpt.best_step() == 2
