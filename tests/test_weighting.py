@@ -225,10 +225,11 @@ def test_grads(rng):
 
         def f(p, z, lam, scores, t, s):
             # Every differentiable input of every strategy, in one scalar with independent
-            # random cotangents.
+            # random cotangents (the gradients of each divergence kind are checked in
+            # test_divergence.py).
             ws = (weighting.static(lam, p), weighting.from_scores(scores, p, temperature=t),
                   weighting.confidence(z, y), weighting.entropy(p),
-                  weighting.agreement(p, kind="js", sharpness=s))
+                  weighting.agreement(p, kind="squared", sharpness=s))
             return sum(jnp.sum(ri * w) for ri, w in zip(r, ws, strict=True))
 
         check_grads(jax.jit(f), (p, z, lam, scores, 0.5, 2.0), order=1, modes=["rev"], eps=1e-6)
