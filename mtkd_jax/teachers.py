@@ -654,6 +654,15 @@ def _num_teachers(params: Any) -> tuple[str, int]:
     return "stacked", _num_stacked(params, "params")
 
 
+def _checkpointer() -> ocp.Checkpointer:
+    # Handlers named up front, so reading metadata knows how to interpret each item.
+    return ocp.Checkpointer(
+        ocp.CompositeCheckpointHandler(
+            params=ocp.StandardCheckpointHandler(), record=ocp.JsonCheckpointHandler()
+        )
+    )
+
+
 def save_teachers(
     directory: str | os.PathLike,
     params: Any,
@@ -706,7 +715,7 @@ def save_teachers(
     path = os.path.abspath(os.fspath(directory))
     if os.path.exists(path) and not overwrite:
         raise ValueError(f"`directory` {path} already exists; pass overwrite=True to replace it.")
-    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    checkpointer = _checkpointer()
     checkpointer.save(
         path,
         ocp.args.Composite(
@@ -740,12 +749,13 @@ def load_teachers(
     path = os.path.abspath(os.fspath(directory))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"`directory` {path} holds no teachers checkpoint.")
-    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    checkpointer = _checkpointer()
     items = checkpointer.metadata(path).item_metadata
     if items is None or "params" not in items or "record" not in items:
         raise ValueError(f"`directory` {path} is not a checkpoint written by `save_teachers`.")
     tree = getattr(items["params"], "tree", items["params"])
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), tree
     )
