@@ -73,8 +73,7 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     """
     if x.ndim not in (3, 4):
         raise ValueError(
-            f"`x` must be [B, L, F] or [B, H, W, F] (one or two spatial axes), got shape "
-            f"{x.shape}."
+            f"`x` must be [B, L, F] or [B, H, W, F] (one or two spatial axes), got shape {x.shape}."
         )
     spatial = x.shape[1:-1]
     if any(s < 2 for s in spatial):
@@ -283,8 +282,14 @@ class _BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         s = (self.stride, self.stride)
-        y = nn.Conv(self.width, (3, 3), strides=s, padding="SAME", use_bias=self.norm is None,
-                    dtype=self.dtype)(x)
+        y = nn.Conv(
+            self.width,
+            (3, 3),
+            strides=s,
+            padding="SAME",
+            use_bias=self.norm is None,
+            dtype=self.dtype,
+        )(x)
         if self.norm == "group":
             y = nn.GroupNorm(num_groups=self.num_groups, dtype=self.dtype)(y)
         y = nn.relu(y)
@@ -293,11 +298,17 @@ class _BasicBlock(nn.Module):
         # norm still trains (Goyal et al. 2017; De & Smith 2020, SkipInit).
         if self.norm == "group":
             y = nn.Conv(self.width, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype)(y)
-            y = nn.GroupNorm(num_groups=self.num_groups, scale_init=nn.initializers.zeros,
-                             dtype=self.dtype)(y)
+            y = nn.GroupNorm(
+                num_groups=self.num_groups, scale_init=nn.initializers.zeros, dtype=self.dtype
+            )(y)
         else:
-            y = nn.Conv(self.width, (3, 3), padding="SAME", kernel_init=nn.initializers.zeros,
-                        dtype=self.dtype)(y)
+            y = nn.Conv(
+                self.width,
+                (3, 3),
+                padding="SAME",
+                kernel_init=nn.initializers.zeros,
+                dtype=self.dtype,
+            )(y)
         if self.stride != 1 or x.shape[-1] != self.width:
             x = nn.Conv(self.width, (1, 1), strides=s, use_bias=False, dtype=self.dtype)(x)
         return nn.relu(x + y)
@@ -354,8 +365,9 @@ class ResNet(nn.Module):
                 f"`widths`={tuple(self.widths)}."
             )
         x = _as_images(x)
-        x = nn.Conv(self.widths[0], (3, 3), padding="SAME", use_bias=self.norm is None,
-                    dtype=self.dtype)(x)
+        x = nn.Conv(
+            self.widths[0], (3, 3), padding="SAME", use_bias=self.norm is None, dtype=self.dtype
+        )(x)
         if self.norm == "group":
             x = nn.GroupNorm(num_groups=self.num_groups, dtype=self.dtype)(x)
         x = nn.relu(x)

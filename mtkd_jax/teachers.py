@@ -81,9 +81,7 @@ def _num_stacked(stacked: Any, name: str) -> int:
         sizes.setdefault(shape[0], jax.tree_util.keystr(path))
     if len(sizes) > 1:
         found = ", ".join(f"{k} at {p}" for k, p in sizes.items())
-        raise ValueError(
-            f"`{name}` leaves disagree on the leading teacher axis K: {found}."
-        )
+        raise ValueError(f"`{name}` leaves disagree on the leading teacher axis K: {found}.")
     return next(iter(sizes))
 
 
@@ -155,8 +153,7 @@ def _loop_runner(apply_fn: ApplyFn) -> ApplyFn:
         k = _num_stacked(stacked_params, "stacked_params")
         # Unrolled at trace time: K ordinary (ungrouped) forward passes in one program.
         return jnp.stack(
-            [apply_fn(jax.tree.map(lambda leaf, i=i: leaf[i], stacked_params), x)
-             for i in range(k)]
+            [apply_fn(jax.tree.map(lambda leaf, i=i: leaf[i], stacked_params), x) for i in range(k)]
         )
 
     return run
@@ -492,9 +489,7 @@ def set_hyperparams(state: TeacherState, values: Mapping[str, Any]) -> TeacherSt
         )
     missing = sorted(set(values) - found)
     if missing:
-        raise ValueError(
-            f"`values` names {missing}, which the optimizer does not inject."
-        )
+        raise ValueError(f"`values` names {missing}, which the optimizer does not inject.")
     return state._replace(opt_state=opt_state)
 
 
@@ -718,9 +713,7 @@ def save_teachers(
     checkpointer = _checkpointer()
     checkpointer.save(
         path,
-        ocp.args.Composite(
-            params=ocp.args.StandardSave(params), record=ocp.args.JsonSave(record)
-        ),
+        ocp.args.Composite(params=ocp.args.StandardSave(params), record=ocp.args.JsonSave(record)),
         force=overwrite,
     )
     return record
@@ -768,8 +761,7 @@ def load_teachers(
     params, record = restored["params"], restored["record"]
     if record.get("format") != _FORMAT:
         raise ValueError(
-            f"`directory` {path} has record format {record.get('format')!r}, expected "
-            f"{_FORMAT!r}."
+            f"`directory` {path} has record format {record.get('format')!r}, expected {_FORMAT!r}."
         )
     if record["kind"] == "tuple":
         params = tuple(params)

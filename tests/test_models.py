@@ -216,8 +216,9 @@ def test_nnx_model_as_plain_apply_fn(rng):
     grads = jax.grad(loss)(params)
     nnx_loss = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
     nnx_grads = nnx.grad(nnx_loss)(module)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                 grads, nnx_grads)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, nnx_grads
+    )
     new_params = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
     assert loss(new_params) < loss(params)
     np.testing.assert_allclose(

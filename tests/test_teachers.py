@@ -115,9 +115,12 @@ def test_choose_strategy_picks_the_faster_of_the_timings(monkeypatch, mlp_setup)
     for timings, want in cases:
         monkeypatch.setattr(teachers, "time_strategies", lambda *a, t=timings, **k: t)
         assert choose_strategy(apply_fn, stacked, x) == want
-        assert make_stacked_apply(
-            apply_fn, strategy="auto", example_params=stacked, example_x=x
-        ).strategy == want
+        assert (
+            make_stacked_apply(
+                apply_fn, strategy="auto", example_params=stacked, example_x=x
+            ).strategy
+            == want
+        )
 
 
 @pytest.mark.parametrize("strategy", ["vmap", "loop"])
@@ -193,8 +196,9 @@ def test_vmapped_ensemble_training_equals_separate_runs(rng):
         for k in range(K)
     ]
     for k in range(K):
-        jax.tree.map(np.testing.assert_array_equal, unstack_params(state.params)[k],
-                     separate[k].params)
+        jax.tree.map(
+            np.testing.assert_array_equal, unstack_params(state.params)[k], separate[k].params
+        )
 
     ens_step = make_ensemble_train_step(apply_fn, tx, augment_fn=_noise)
     single_step = make_teacher_train_step(apply_fn, tx, augment_fn=_noise)
@@ -210,7 +214,8 @@ def test_vmapped_ensemble_training_equals_separate_runs(rng):
     for k in range(K):
         jax.tree.map(
             functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
-            unstack_params(state.params)[k], separate[k].params,
+            unstack_params(state.params)[k],
+            separate[k].params,
         )
     # Different seeds and learning rates gave different teachers.
     w = state.params["Dense_0"]["kernel"]
@@ -224,12 +229,18 @@ def test_train_step_loss_matches_numpy_with_label_mask(rng):
     y = rng.integers(0, 3, size=6)
     mask = np.array([1, 0, 1, 1, 0, 1], np.float32)
     step = make_teacher_train_step(lambda w, x: x @ w, optax.sgd(0.1))
-    batch = {"x": jnp.asarray(x, jnp.float32), "y": jnp.asarray(y, jnp.int32),
-             "label_mask": jnp.asarray(mask)}
+    batch = {
+        "x": jnp.asarray(x, jnp.float32),
+        "y": jnp.asarray(y, jnp.int32),
+        "label_mask": jnp.asarray(mask),
+    }
     _, m = step(init_teacher_state(w, optax.sgd(0.1)), batch, jax.random.key(0))
     z = x @ np.asarray(w, np.float64)
-    logp = z - np.log(np.sum(np.exp(z - z.max(1, keepdims=True)), 1, keepdims=True)) - z.max(
-        1, keepdims=True)
+    logp = (
+        z
+        - np.log(np.sum(np.exp(z - z.max(1, keepdims=True)), 1, keepdims=True))
+        - z.max(1, keepdims=True)
+    )
     ce = -logp[np.arange(6), y]
     np.testing.assert_allclose(m["loss"], np.sum(ce * mask) / mask.sum(), rtol=1e-5)
     acc = np.sum((z.argmax(1) == y) * mask) / mask.sum()
@@ -259,8 +270,9 @@ def test_heterogeneous_teachers_train_one_after_another(rng, conv_setup):
 
 def test_hyperparam_and_state_errors():
     params = {"w": jnp.zeros((K, 2))}
-    plain = init_ensemble(lambda key: {"w": jnp.zeros(2)}, jax.random.split(_rbg(0), K),
-                          optax.sgd(0.1))
+    plain = init_ensemble(
+        lambda key: {"w": jnp.zeros(2)}, jax.random.split(_rbg(0), K), optax.sgd(0.1)
+    )
     with pytest.raises(ValueError, match="no injected hyperparameters"):
         set_hyperparams(plain, {"learning_rate": 0.1})
     tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
