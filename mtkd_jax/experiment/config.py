@@ -1,0 +1,358 @@
+"""The experiment's configuration: defaults, the strategy registry, and checks before training.
+
+A run is described by one `ml_collections.ConfigDict` (see `default_config`); the files in
+`experiments/configs/` start from it and change what they need. The dict is locked, so a
+command-line override of an unknown field, or with a value of the wrong type
+(``--config.teachers.num=three``), is refused by `ml_collections` while the flags are parsed,
+before anything is trained. `validate_config` checks the values (names, ranges, how they fit
+together) with messages that list the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+import ml_collections
+
+from mtkd_jax.losses import SOFT_LOSSES
+from mtkd_jax.models import MODELS
+
+__all__ = [
+    "Strategy",
+    "STRATEGIES",
+    "DIVERGENCE_KINDS",
+    "default_config",
+    "parse_strategy",
+    "strategy_names",
+    "validate_config",
+]
+
+DIVERGENCE_KINDS = ("squared", "euclidean", "kl", "js")
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """How one row of the comparison is trained.
+
+    Attributes:
+      name: the row's name, as given in `config.distill.strategies`.
+      kind: ``"supervised"`` (the student alone, hard labels only), ``"distill"`` (the
+        student from the teachers' fused target) or ``"codistill"`` (the K teachers refine
+        each other toward their leave-one-out targets: the article's worked project).
+      weighting: for "distill", a name of `mtkd_jax.weighting.get_weighting` (``"uniform"``,
+        ``"scores"``, ``"confidence"``, ``"entropy"``, ``"agreement"``).
+      teachers: ``"all"``, or ``"best"`` for the single teacher with the best validation
+        accuracy (single-teacher distillation, the baseline multi-teacher KD must beat).
+      soft_loss: ``"kl"``, ``"mse"`` (the article's squared error), or None for the config's.
+      description: one line for the report.
+    """
+
+    name: str
+    kind: str
+    weighting: str = "uniform"
+    teachers: str = "all"
+    soft_loss: str | None = None
+    description: str = ""
+
+
+_BASE = (
+    Strategy("alone", "supervised", description="student trained alone on the labels"),
+    Strategy("best_teacher", "distill", teachers="best",
+             description="student distilled from the best single teacher (by validation)"),
+    Strategy("mean", "distill", "uniform",
+             description="mean of the teachers' probabilities (the article's target)"),
+    Strategy("scores", "distill", "scores",
+             description="performance-weighted mean, lambda = softmax(val. accuracy / tau)"),
+    Strategy("confidence", "distill", "confidence",
+             description="per-example weights from each teacher's CE on the label (CA-MKD)"),
+    Strategy("entropy", "distill", "entropy",
+             description="per-example weights favouring low-entropy teachers (EBKD)"),
+    Strategy("agreement", "distill", "agreement",
+             description="per-example weights favouring teachers that agree with the rest"),
+    Strategy("codistill", "codistill",
+             description="the K teachers refine each other toward leave-one-out targets"),
+)
+
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in _BASE}
+"""Base strategies by name. Any "distill" strategy also exists with an ``_mse`` (the
+article's squared-error objective) or ``_kl`` suffix that fixes its soft loss."""
+
+
+def strategy_names() -> list[str]:
+    """Every valid strategy name: the base ones and the ``_kl``/``_mse`` variants.
+
+    Example:
+      >>> from mtkd_jax.experiment.config import strategy_names
+      >>> "mean_mse" in strategy_names(), "alone_mse" in strategy_names()
+      (True, False)
+    """
+    names = list(STRATEGIES)
+    for s in _BASE:
+        if s.kind == "distill":
+            names += [f"{s.name}_{loss}" for loss in sorted(SOFT_LOSSES)]
+    return names
+
+
+def parse_strategy(name: str) -> Strategy:
+    """The `Strategy` for a name; an unknown name raises a ValueError listing the valid ones.
+
+    Example:
+      >>> from mtkd_jax.experiment.config import parse_strategy
+      >>> s = parse_strategy("mean_mse")
+      >>> s.kind, s.weighting, s.soft_loss
+      ('distill', 'uniform', 'mse')
+    """
+    if name in STRATEGIES:
+        return STRATEGIES[name]
+    base, _, loss = name.rpartition("_")
+    if base in STRATEGIES and STRATEGIES[base].kind == "distill" and loss in SOFT_LOSSES:
+        return dataclasses.replace(
+            STRATEGIES[base], name=name, soft_loss=loss,
+            description=f"{STRATEGIES[base].description}; {loss.upper()} objective",
+        )
+    raise ValueError(f"Unknown strategy {name!r}; valid strategies: {strategy_names()}.")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The default experiment: MNIST-1D, 3 CNN teachers, an MLP student, a transfer set.
+
+    Fields (all overridable as ``--config.<path>=value``):
+
+    * `dataset`, `data_dir` (empty: `$TFDS_DATA_DIR` or `~/tensorflow_datasets`).
+    * `seeds`: how many times the whole pipeline is repeated (seeds `first_seed`, ...),
+      for the mean +- std of every row.
+    * `teachers`: `num` K, `model` and `model_kwargs` (a name of `mtkd_jax.models.MODELS`),
+      `epochs`, `learning_rate` (or `learning_rates`, one per teacher: "different
+      optimizers"), `weight_decay`, `batch_size`.
+    * `student`: `model`, `model_kwargs`, `steps` (updates, the same for every row),
+      `learning_rate`, `weight_decay`, `batch_size`.
+    * `distill`: `strategies` (rows, see `strategy_names`), `temperature`, `alpha` (hard-label
+      weight), `soft_loss`, `scores_temperature` (tau of the performance weights),
+      `train_only` (strategies also run without the transfer set, to show what it adds).
+    * `codistill`: `epochs`, `learning_rate`, `soft_loss`, `temperature`, `alpha`.
+    * `transfer`: `size` extra unlabeled MNIST-1D inputs labeled only by the teachers (0 for
+      none), generator `seed`.
+    * `analysis.divergence_kinds`; `compression` (`enabled`, `repeats`).
+    * `output_dir`, `checkpoints`, `tensorboard`, `plots`, `progress`, `log_every`,
+      `distributed` (call `jax.distributed.initialize()` first).
+
+    Example:
+      >>> from mtkd_jax.experiment.config import default_config
+      >>> c = default_config()
+      >>> c.teachers.num, c.dataset
+      (3, 'mnist1d')
+    """
+    c = ml_collections.ConfigDict()
+    c.dataset = "mnist1d"
+    c.data_dir = ""
+    c.seeds = 3
+    c.first_seed = 0
+    c.output_dir = "runs/seed"
+    c.checkpoints = True
+    c.tensorboard = True
+    c.plots = True
+    c.progress = True
+    c.log_every = 10
+    c.distributed = False
+
+    c.teachers = ml_collections.ConfigDict()
+    c.teachers.num = 3
+    c.teachers.model = "cnn1d"
+    c.teachers.model_kwargs = ml_collections.ConfigDict(
+        {"features": (32, 32, 64), "hidden": 128}
+    )
+    c.teachers.epochs = 30
+    c.teachers.batch_size = 128
+    c.teachers.learning_rate = 1e-2
+    c.teachers.learning_rates = ()
+    c.teachers.weight_decay = 1e-4
+
+    c.student = ml_collections.ConfigDict()
+    c.student.model = "mlp"
+    c.student.model_kwargs = ml_collections.ConfigDict({"features": (256, 256)})
+    c.student.steps = 3000
+    c.student.batch_size = 128
+    c.student.learning_rate = 3e-3
+    c.student.weight_decay = 1e-4
+
+    c.distill = ml_collections.ConfigDict()
+    c.distill.strategies = (
+        "alone", "best_teacher", "mean", "mean_mse", "scores", "confidence", "entropy",
+        "agreement", "codistill",
+    )
+    c.distill.temperature = 2.0
+    c.distill.alpha = 0.0
+    c.distill.soft_loss = "kl"
+    c.distill.scores_temperature = 0.01
+    c.distill.train_only = ("mean",)
+
+    c.codistill = ml_collections.ConfigDict()
+    c.codistill.epochs = 2
+    c.codistill.learning_rate = 1e-3
+    c.codistill.soft_loss = "mse"
+    c.codistill.temperature = 1.0
+    c.codistill.alpha = 0.5
+
+    c.transfer = ml_collections.ConfigDict()
+    c.transfer.size = 20000
+    c.transfer.seed = 1
+
+    c.analysis = ml_collections.ConfigDict()
+    c.analysis.divergence_kinds = DIVERGENCE_KINDS
+
+    c.compression = ml_collections.ConfigDict()
+    c.compression.enabled = True
+    c.compression.repeats = 20
+
+    c.lock()
+    return c
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _positive_int(value, path: str, *, minimum: int = 1) -> None:
+    _require(_is_int(value) and value >= minimum,
+             f"`config.{path}` must be an int >= {minimum}, got {value!r}.")
+
+
+def _positive_float(value, path: str, *, allow_zero: bool = False) -> None:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    _require(ok, f"`config.{path}` must be a number {'>=' if allow_zero else '>'} 0, "
+                 f"got {value!r}.")
+
+
+def _unit(value, path: str) -> None:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= value <= 1
+    _require(ok, f"`config.{path}` must be a number in [0, 1], got {value!r}.")
+
+
+def _soft_loss(value, path: str) -> None:
+    _require(value in SOFT_LOSSES,
+             f"`config.{path}` must be one of {sorted(SOFT_LOSSES)}, got {value!r}.")
+
+
+def _model(section, path: str) -> None:
+    _require(section.model in MODELS,
+             f"`config.{path}.model` must be one of {sorted(MODELS)}, got {section.model!r}.")
+
+
+def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> list:
+    """Check a config before anything is trained; return the parsed `Strategy` rows.
+
+    Names (strategies, models, losses, divergence kinds) are checked against their
+    registries and the message lists the valid ones; numbers against their ranges; and the
+    fields against each other (K >= 2 where teachers are compared, a transfer set only for
+    MNIST-1D, batch sizes that divide over `num_devices`). The dataset name itself is checked
+    by `mtkd_jax.data.load`, the first thing a run does.
+
+    Args:
+      config: a config built from `default_config`.
+      num_devices: devices the data-parallel steps split each batch over.
+
+    Returns:
+      The `Strategy` of each entry of `config.distill.strategies`, in order.
+
+    Raises:
+      ValueError: naming the field and what it accepts.
+
+    Example:
+      >>> from mtkd_jax.experiment.config import default_config, validate_config
+      >>> c = default_config()
+      >>> [s.kind for s in validate_config(c)][:3]
+      ['supervised', 'distill', 'distill']
+      >>> c.distill.strategies = ("mean", "median")
+      >>> validate_config(c)
+      Traceback (most recent call last):
+      ...
+      ValueError: Unknown strategy 'median'; valid strategies: [...].
+    """
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise TypeError(f"`config` must be an ml_collections.ConfigDict, got {type(config)}.")
+    _require(isinstance(config.dataset, str) and bool(config.dataset),
+             f"`config.dataset` must be a dataset name, got {config.dataset!r}.")
+    _positive_int(config.seeds, "seeds")
+    _positive_int(config.first_seed, "first_seed", minimum=0)
+    _positive_int(config.log_every, "log_every")
+    _require(isinstance(config.output_dir, str) and bool(config.output_dir),
+             f"`config.output_dir` must be a directory path, got {config.output_dir!r}.")
+
+    t = config.teachers
+    _positive_int(t.num, "teachers.num")
+    _model(t, "teachers")
+    _positive_int(t.epochs, "teachers.epochs")
+    _positive_int(t.batch_size, "teachers.batch_size")
+    _positive_float(t.learning_rate, "teachers.learning_rate")
+    _positive_float(t.weight_decay, "teachers.weight_decay", allow_zero=True)
+    lrs = tuple(t.learning_rates)
+    _require(len(lrs) in (0, t.num),
+             f"`config.teachers.learning_rates` must be empty or hold one rate per teacher "
+             f"({t.num}), got {lrs!r}.")
+    for i, lr in enumerate(lrs):
+        _positive_float(lr, f"teachers.learning_rates[{i}]")
+
+    s = config.student
+    _model(s, "student")
+    _positive_int(s.steps, "student.steps")
+    _positive_int(s.batch_size, "student.batch_size")
+    _positive_float(s.learning_rate, "student.learning_rate")
+    _positive_float(s.weight_decay, "student.weight_decay", allow_zero=True)
+
+    d = config.distill
+    _require(len(d.strategies) > 0, "`config.distill.strategies` must name at least one row.")
+    strategies = [parse_strategy(name) for name in d.strategies]
+    _require(len(set(d.strategies)) == len(d.strategies),
+             f"`config.distill.strategies` has duplicates: {tuple(d.strategies)}.")
+    for name in d.train_only:
+        strategy = parse_strategy(name)
+        _require(strategy.kind == "distill",
+                 f"`config.distill.train_only` lists {name!r}, but only distillation "
+                 "strategies use the transfer set.")
+    _positive_float(d.temperature, "distill.temperature")
+    _unit(d.alpha, "distill.alpha")
+    _soft_loss(d.soft_loss, "distill.soft_loss")
+    _positive_float(d.scores_temperature, "distill.scores_temperature")
+    needs_pairs = [x.name for x in strategies if x.kind == "codistill" or x.weighting
+                   == "agreement"]
+    _require(t.num >= 2 or not needs_pairs,
+             f"Strategies {needs_pairs} compare teachers with each other and need "
+             f"`config.teachers.num` >= 2, got {t.num}.")
+    _require(t.num >= 2 or not config.analysis.divergence_kinds,
+             "Pairwise divergences need `config.teachers.num` >= 2; set "
+             "`config.analysis.divergence_kinds=()` for a single teacher.")
+
+    co = config.codistill
+    _positive_int(co.epochs, "codistill.epochs")
+    _positive_float(co.learning_rate, "codistill.learning_rate")
+    _soft_loss(co.soft_loss, "codistill.soft_loss")
+    _positive_float(co.temperature, "codistill.temperature")
+    _unit(co.alpha, "codistill.alpha")
+
+    _positive_int(config.transfer.size, "transfer.size", minimum=0)
+    _positive_int(config.transfer.seed, "transfer.seed", minimum=0)
+    _require(config.transfer.size == 0 or config.dataset == "mnist1d",
+             f"`config.transfer.size` > 0 needs the 'mnist1d' dataset (it generates the "
+             f"extra inputs); got dataset {config.dataset!r}. Set transfer.size=0.")
+    _require(config.transfer.size > 0 or not d.train_only,
+             "`config.distill.train_only` compares with and without a transfer set; it needs "
+             "`config.transfer.size` > 0 (or set it to ()).")
+    for kind in config.analysis.divergence_kinds:
+        _require(kind in DIVERGENCE_KINDS,
+                 f"`config.analysis.divergence_kinds` must hold names from "
+                 f"{list(DIVERGENCE_KINDS)}, got {kind!r}.")
+    _positive_int(config.compression.repeats, "compression.repeats")
+
+    for path, size in (("teachers.batch_size", t.batch_size),
+                       ("student.batch_size", s.batch_size)):
+        _require(size % num_devices == 0,
+                 f"`config.{path}` = {size} does not divide over the {num_devices} devices; "
+                 f"use a multiple of {num_devices}.")
+    return strategies

@@ -1,0 +1,380 @@
+"""Tables of a run: mean +- std over seeds, what helps and what doesn't, the run folder files.
+
+`aggregate` turns per-seed rows into mean and sample standard deviation (ddof = 1) over
+seeds; `verdicts` compares every student row with the student trained alone and with the
+student distilled from the best single teacher, by the paired per-seed difference (all rows
+of a seed share its teachers and the student's initialisation); `write_report` writes
+`results.md`, `results.csv`, `results_per_seed.csv`, `analysis.json`, `histories.json` and
+the plots; `summary` is the one-screen text printed at the end of a run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "TABLE_METRICS",
+    "aggregate",
+    "verdicts",
+    "markdown_table",
+    "write_report",
+    "summary",
+]
+
+TABLE_METRICS = ("accuracy", "recall", "f1", "nll", "ece", "agreement")
+_PERCENT = {"accuracy", "recall", "f1", "precision", "agreement"}
+_HEADERS = {"accuracy": "accuracy %", "recall": "macro recall %", "f1": "macro F1 %",
+            "precision": "macro precision %", "nll": "NLL", "ece": "ECE",
+            "agreement": "agreement w/ ensemble %"}
+
+
+def _group(row: str) -> str:
+    if row.startswith("teacher") or row == "ensemble":
+        return "teachers"
+    if row.startswith("codistill"):
+        return "codistillation"
+    return "students"
+
+
+def _std(values: Sequence[float]) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def _mean(values: Sequence[float]) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def aggregate(seed_rows: Sequence[dict[str, dict[str, float]]]) -> list[dict[str, Any]]:
+    """Mean and sample std over seeds of every row and metric.
+
+    Args:
+      seed_rows: one `{row: {metric: value}}` per seed (`SeedResult.rows`).
+
+    Returns:
+      A list (rows in order of first appearance) of `{"row", "group", "n_seeds",
+      "<metric>_mean", "<metric>_std", ...}`.
+
+    Example:
+      >>> from mtkd_jax.experiment.report import aggregate
+      >>> rows = aggregate([{"alone": {"accuracy": 0.6}}, {"alone": {"accuracy": 0.7}}])
+      >>> rows[0]["row"], round(rows[0]["accuracy_mean"], 3), round(rows[0]["accuracy_std"], 4)
+      ('alone', 0.65, 0.0707)
+    """
+    order: list[str] = []
+    for rows in seed_rows:
+        order += [r for r in rows if r not in order]
+    out = []
+    for row in order:
+        present = [rows[row] for rows in seed_rows if row in rows]
+        rec: dict[str, Any] = {"row": row, "group": _group(row), "n_seeds": len(present)}
+        for metric in present[0]:
+            if metric == "n":
+                continue
+            values = [float(p[metric]) for p in present]
+            rec[f"{metric}_mean"] = _mean(values)
+            rec[f"{metric}_std"] = _std(values)
+        out.append(rec)
+    return out
+
+
+_CODISTILL_BASELINES = {"codistill (each)": "teachers (mean)", "codistill (ensemble)": "ensemble"}
+
+
+def _compare(seed_rows, row: str, baseline: str, metric: str) -> dict[str, Any]:
+    pairs = [(s[row][metric], s[baseline][metric]) for s in seed_rows
+             if row in s and baseline in s]
+    diffs = [a - b for a, b in pairs]
+    spread = max(_std([a for a, _ in pairs]), _std([b for _, b in pairs]), _std(diffs))
+    gain = _mean(diffs)
+    if len(pairs) < 2:
+        verdict = "undecided (1 seed)"
+    elif gain > spread:
+        verdict = "helps"
+    elif gain < -spread:
+        verdict = "hurts"
+    else:
+        verdict = "within noise"
+    return {"row": row, "baseline": baseline, "gain_mean": gain, "gain_std": _std(diffs),
+            "spread": spread, "verdict": verdict}
+
+
+def verdicts(seed_rows: Sequence[dict[str, dict[str, float]]], *, metric: str = "accuracy",
+             baselines: Sequence[str] = ("alone", "best_teacher")) -> list[dict[str, Any]]:
+    """Rows against their baselines: paired per-seed differences of `metric`.
+
+    Student rows are compared with each of `baselines` (the student alone, the student from
+    the best single teacher); the codistilled teachers with the teachers before
+    codistillation (`codistill (each)` with `teachers (mean)`, `codistill (ensemble)` with
+    `ensemble`). A row "helps" when its mean gain exceeds the spread over seeds: the larger
+    of the two rows' standard deviations and that of the paired differences ("hurts" for a
+    loss beyond it, else "within noise"). With one seed there is no spread: "undecided".
+
+    Returns:
+      `[{"row", "baseline", "gain_mean", "gain_std", "spread", "verdict"}]`, as fractions.
+
+    Example:
+      >>> from mtkd_jax.experiment.report import verdicts
+      >>> seeds = [{"alone": {"accuracy": a}, "mean": {"accuracy": m}}
+      ...          for a, m in [(0.60, 0.80), (0.62, 0.81), (0.61, 0.83)]]
+      >>> v = verdicts(seeds, baselines=("alone",))[0]
+      >>> v["row"], round(v["gain_mean"], 3), v["verdict"]
+      ('mean', 0.203, 'helps')
+    """
+    table = aggregate(seed_rows)
+    present = {r["row"] for r in table}
+    students = [r["row"] for r in table if r["group"] == "students"]
+    out = [_compare(seed_rows, row, base, metric)
+           for base in baselines if base in present
+           for row in students if row not in baselines]
+    out += [_compare(seed_rows, row, base, metric)
+            for row, base in _CODISTILL_BASELINES.items()
+            if row in present and base in present]
+    return out
+
+
+def _cell(rec: dict, metric: str) -> str:
+    mean, std = rec.get(f"{metric}_mean"), rec.get(f"{metric}_std")
+    if mean is None or math.isnan(mean):
+        return "-"
+    if metric in _PERCENT:
+        return f"{100 * mean:.1f} ± {100 * std:.1f}"
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def markdown_table(rows: Sequence[dict[str, Any]],
+                   metrics: Sequence[str] = TABLE_METRICS) -> str:
+    """A markdown table of `aggregate` rows: `mean ± std` cells, percentages for rates.
+
+    Example:
+      >>> from mtkd_jax.experiment.report import aggregate, markdown_table
+      >>> print(markdown_table(aggregate([{"alone": {"accuracy": 0.5}}]), ("accuracy",)))
+      | row | accuracy % |
+      |---|---|
+      | alone | 50.0 ± 0.0 |
+    """
+    lines = ["| row | " + " | ".join(_HEADERS.get(m, m) for m in metrics) + " |",
+             "|---|" + "---|" * len(metrics)]
+    for rec in rows:
+        lines.append(f"| {rec['row']} | " + " | ".join(_cell(rec, m) for m in metrics) + " |")
+    return "\n".join(lines)
+
+
+def _compression_table(rows) -> str:
+    if not rows:
+        return "(compression not measured)"
+    lat = sorted(k for k in rows[0] if k.startswith("latency_ms_b"))
+    head = ["model", "params", "FLOPs / example"] + [
+        f"latency batch {k.removeprefix('latency_ms_b')} (ms)" for k in lat]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in rows:
+        cells = [r["model"], f"{r['params']:,}", f"{r['flops_per_example']:,.0f}"]
+        cells += [f"{r[k]:.3f}" for k in lat]
+        if "x_smaller" in r and r["x_smaller"] != 1.0:
+            cells[1] += f" ({r['x_smaller']:.1f}x fewer than ensemble)"
+            cells[2] += f" ({r['x_fewer_flops']:.1f}x)"
+            for i, k in enumerate(lat):
+                b = k.removeprefix("latency_ms_b")
+                cells[3 + i] += f" ({r[f'x_faster_b{b}']:.1f}x faster)"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _matrix_table(matrix) -> str:
+    k = len(matrix)
+    lines = ["| | " + " | ".join(f"t{j}" for j in range(k)) + " |", "|---" * (k + 1) + "|"]
+    for i, row in enumerate(matrix):
+        lines.append(f"| t{i} | " + " | ".join(f"{v:.4f}" for v in row) + " |")
+    return "\n".join(lines)
+
+
+def _verdict_lines(vs) -> list[str]:
+    lines = []
+    for v in vs:
+        lines.append(
+            f"- `{v['row']}` vs `{v['baseline']}`: {100 * v['gain_mean']:+.1f} ± "
+            f"{100 * v['gain_std']:.1f} points (spread {100 * v['spread']:.1f}): "
+            f"**{v['verdict']}**"
+        )
+    return lines
+
+
+def _write_csv(path: str, records: Sequence[dict[str, Any]]) -> None:
+    fields: list[str] = []
+    for r in records:
+        fields += [k for k in r if k not in fields]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(records)
+
+
+def _targets_mean(seeds) -> dict[str, dict[str, float]]:
+    names: list[str] = []
+    for s in seeds:
+        names += [n for n in s.targets if n not in names]
+    out = {}
+    for n in names:
+        present = [s.targets[n] for s in seeds if n in s.targets]
+        out[n] = {m: _mean([p[m] for p in present]) for m in present[0]}
+    return out
+
+
+def write_report(result, strategies) -> list[str]:
+    """Write the run folder's tables, analysis, histories and plots; return the paths.
+
+    Args:
+      result: an `ExperimentResult` (its `seeds`, `compression`, `environment`, `config`).
+      strategies: the parsed `Strategy` rows (for the legend).
+    """
+    from mtkd_jax.experiment import plots
+
+    run_dir = result.run_dir
+    seed_rows = [s.rows for s in result.seeds]
+    table = aggregate(seed_rows)
+    files = []
+
+    path = os.path.join(run_dir, "results.csv")
+    _write_csv(path, table)
+    files.append(path)
+    path = os.path.join(run_dir, "results_per_seed.csv")
+    _write_csv(path, [{"seed": s.seed, "row": row, **metrics}
+                      for s in result.seeds for row, metrics in s.rows.items()])
+    files.append(path)
+    if result.compression:
+        path = os.path.join(run_dir, "compression.csv")
+        _write_csv(path, result.compression)
+        files.append(path)
+
+    analysis = {
+        "teacher_val_accuracy": {s.seed: s.teacher_val_accuracy for s in result.seeds},
+        "divergence": {s.seed: s.divergence for s in result.seeds},
+        "targets": {s.seed: s.targets for s in result.seeds},
+        "mean_teacher_weights": {
+            s.seed: {n: np.mean(w, axis=1).tolist() for n, w in s.weights.items()}
+            for s in result.seeds
+        },
+        "steps": {s.seed: s.steps for s in result.seeds},
+        "seconds": {s.seed: s.seconds for s in result.seeds},
+        "verdicts": verdicts(seed_rows),
+        "environment": result.environment,
+        "wall_seconds": result.wall_seconds,
+    }
+    path = os.path.join(run_dir, "analysis.json")
+    with open(path, "w") as f:
+        json.dump(analysis, f, indent=1, default=float, allow_nan=True)
+    files.append(path)
+    path = os.path.join(run_dir, "histories.json")
+    with open(path, "w") as f:
+        json.dump({s.seed: s.histories for s in result.seeds}, f, default=float)
+    files.append(path)
+
+    if result.config.plots:
+        files += plots.write_plots(result, run_dir)
+
+    path = os.path.join(run_dir, "results.md")
+    with open(path, "w") as f:
+        f.write(_markdown(result, strategies, table, files))
+    files.append(path)
+    return files
+
+
+def _markdown(result, strategies, table, files) -> str:
+    env, config = result.environment, result.config
+    first = result.seeds[0]
+    n = len(result.seeds)
+    out = [
+        "# Multi-teacher distillation: results",
+        "",
+        f"- measured {env['date']} on {env['machine']} ({env['cpus']} CPUs), "
+        f"{env['devices']} ({env['backend']}), {env['processes']} process(es), "
+        f"JAX {env['jax']}; wall time {result.wall_seconds:.0f} s",
+        f"- command: `{env['command']}`",
+        f"- dataset `{config.dataset}`; {config.teachers.num} teachers "
+        f"`{config.teachers.model}`; student `{config.student.model}`; transfer set "
+        f"{config.transfer.size} unlabeled inputs; T = {config.distill.temperature}, "
+        f"alpha = {config.distill.alpha}, soft loss `{config.distill.soft_loss}`",
+        f"- test-set metrics, mean ± sample std over {n} seed(s) "
+        f"({', '.join(str(s.seed) for s in result.seeds)}); "
+        "agreement is with the original teacher ensemble",
+        "",
+        "## Comparison",
+        "",
+        markdown_table(table),
+        "",
+        "## Does distillation pay? (paired per-seed differences in test accuracy)",
+        "",
+        *_verdict_lines(verdicts([s.rows for s in result.seeds])),
+        "",
+        "## Rows",
+        "",
+        "- `teacher_k`: teacher k alone; `ensemble`: mean of the teachers' probabilities",
+        *[f"- `{s.name}`: {s.description}" for s in strategies],
+        "- `<row> (no transfer)`: the same row trained on the labeled train split only",
+        "- `codistill (each)`: mean over the K codistilled teachers; `codistill (ensemble)`: "
+        "their ensemble",
+        "",
+        "## Compression",
+        "",
+        _compression_table(result.compression),
+        "",
+        "## Teachers on the validation set",
+        "",
+        "Validation accuracy per teacher, by seed: "
+        + "; ".join(f"seed {s.seed}: "
+                    + ", ".join(f"{100 * a:.1f}%" for a in s.teacher_val_accuracy)
+                    for s in result.seeds),
+        "",
+    ]
+    for kind, matrix in first.divergence.items():
+        out += [f"Pairwise divergence `{kind}` (seed {first.seed}, mean over examples):", "",
+                _matrix_table(matrix), ""]
+    targets = _targets_mean(result.seeds)
+    if targets:
+        out += ["## Distillation targets on the validation set (mean over seeds, T = 1)", "",
+                "| target | accuracy % | NLL | ECE | entropy | mean max weight (at T) |",
+                "|---|---|---|---|---|---|"]
+        for name, t in targets.items():
+            out.append(f"| {name} | {100 * t['accuracy']:.1f} | {t['nll']:.3f} | "
+                       f"{t['ece']:.3f} | {t['entropy']:.3f} | {t['max_weight']:.3f} |")
+        out.append("")
+    pngs = [os.path.basename(p) for p in files if p.endswith(".png")]
+    if pngs:
+        out += ["## Plots", ""] + [f"![{p}]({p})" for p in pngs] + [""]
+    return "\n".join(out)
+
+
+def summary(result, strategies) -> str:
+    """The one-screen text printed at the end of a run: the table, verdicts, wall time."""
+    table = aggregate([s.rows for s in result.seeds])
+    lines = [
+        "",
+        f"== {len(result.seeds)} seed(s), wall time {result.wall_seconds:.0f} s; "
+        f"run folder {result.run_dir}",
+        f"{'row':<28}{'accuracy %':>16}{'macro F1 %':>16}{'NLL':>16}{'ECE':>16}",
+    ]
+    for rec in table:
+        lines.append(f"{rec['row']:<28}" + "".join(
+            f"{_cell(rec, m):>16}" for m in ("accuracy", "f1", "nll", "ece")))
+    vs = verdicts([s.rows for s in result.seeds])
+    if vs:
+        lines += ["", "vs baselines (paired test-accuracy gain, points):"]
+        lines += [f"  {v['row']} vs {v['baseline']}: {100 * v['gain_mean']:+.1f} ± "
+                  f"{100 * v['gain_std']:.1f} -> {v['verdict']}" for v in vs]
+    if result.compression:
+        s = result.compression[0]
+        if "x_smaller" in s:
+            lines += ["", f"{s['model']}: {s['x_smaller']:.1f}x fewer params, "
+                          f"{s['x_fewer_flops']:.1f}x fewer FLOPs, "
+                          f"{s.get('x_faster_b1', float('nan')):.1f}x faster at batch 1 "
+                          "than the ensemble"]
+    lines.append(f"results: {os.path.join(result.run_dir, 'results.md')}")
+    return "\n".join(lines)

@@ -1,0 +1,356 @@
+"""Experiments: the entry points end to end (tiny configs), their outputs, bad input, reports.
+
+The tiny runs go through the real scripts in a subprocess (with the 8 fake CPU devices that
+conftest sets in the environment, so the data-parallel steps split every batch over them).
+The full default run, which shows the method paying on MNIST-1D, is marked slow.
+"""
+
+import csv
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from mtkd_jax.experiment import config as config_lib
+from mtkd_jax.experiment import pipeline, report, summaries
+from mtkd_jax.teachers import load_teachers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "experiments", "configs")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _run_script(script, config, out_dir, *extra, env=None, timeout=300):
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", script),
+           f"--config={os.path.join(CONFIGS, config)}", f"--config.output_dir={out_dir}",
+           "--config.progress=False", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=env)
+
+
+def _read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _tiny(name="tiny.py"):
+    spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(CONFIGS, name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points, tiny configs
+
+
+@pytest.fixture(scope="module")
+def seed_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("seed") / "run"
+    start = time.perf_counter()
+    proc = _run_script("seed.py", "tiny.py", out)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, proc, time.perf_counter() - start
+
+
+def test_seed_entry_point_writes_every_output(seed_run):
+    out, proc, _ = seed_run
+    for name in ("results.md", "results.csv", "results_per_seed.csv", "compression.csv",
+                 "analysis.json", "histories.json", "config.json", "teacher_divergence.png",
+                 "teacher_weights.png", "learning_curves.png", "accuracy.png"):
+        assert (out / name).is_file(), name
+        assert (out / name).stat().st_size > 0, name
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == PNG_MAGIC, png
+    # The one-screen summary is printed at the end.
+    assert "vs baselines" in proc.stdout and "results.md" in proc.stdout
+
+
+def test_seed_results_tables_are_well_formed(seed_run):
+    out, _, _ = seed_run
+    rows = {r["row"]: r for r in _read_csv(out / "results.csv")}
+    expected = {"teacher_0", "teacher_1", "teachers (mean)", "ensemble", "alone", "mean",
+                "mean (no transfer)", "codistill (each)", "codistill (ensemble)"}
+    assert set(rows) == expected
+    for name, r in rows.items():
+        assert r["n_seeds"] == "1"
+        for m in ("accuracy", "recall", "f1", "precision", "ece"):
+            assert 0.0 <= float(r[f"{m}_mean"]) <= 1.0, (name, m)
+            assert float(r[f"{m}_std"]) == 0.0  # one seed: no spread
+        assert float(r["nll_mean"]) > 0.0
+        assert 0.0 <= float(r["agreement_mean"]) <= 1.0
+    # The ensemble agrees with itself; a teacher's agreement is its own measurement.
+    assert float(rows["ensemble"]["agreement_mean"]) == 1.0
+    per_seed = _read_csv(out / "results_per_seed.csv")
+    assert {r["row"] for r in per_seed} == expected and {r["seed"] for r in per_seed} == {"0"}
+    assert all(float(r["n"]) == 1000 for r in per_seed)  # the MNIST-1D test split
+    md = (out / "results.md").read_text()
+    for name in expected:
+        assert f"| {name} |" in md
+    assert "## Compression" in md and "## Does distillation pay?" in md
+    assert "undecided (1 seed)" in md
+
+
+def test_seed_analysis_divergences_targets_weights(seed_run):
+    out, _, _ = seed_run
+    analysis = json.loads((out / "analysis.json").read_text())
+    div = analysis["divergence"]["0"]
+    assert set(div) == {"squared", "js"}
+    for m in div.values():
+        m = np.asarray(m)
+        assert m.shape == (2, 2)
+        np.testing.assert_allclose(np.diag(m), 0.0, atol=1e-7)
+        np.testing.assert_allclose(m, m.T, rtol=1e-5, atol=1e-7)  # both kinds are symmetric
+        assert (m >= 0).all()
+    assert np.asarray(div["js"]).max() <= math.log(2) + 1e-6
+    targets = analysis["targets"]["0"]
+    assert {"mean", "leave_one_out[0]", "leave_one_out[1]"} <= set(targets)
+    weights = analysis["mean_teacher_weights"]["0"]["mean"]
+    np.testing.assert_allclose(weights, [0.5, 0.5], rtol=1e-6)
+    histories = json.loads((out / "histories.json").read_text())["0"]
+    assert {"teachers", "alone", "mean", "mean (no transfer)", "codistill"} <= set(histories)
+    assert len(histories["teachers"]["eval"][-1]["accuracy_per_teacher"]) == 2
+
+
+def test_seed_run_tensorboard_config_and_checkpoints(seed_run):
+    out, _, _ = seed_run
+    tb = out / "tensorboard" / "seed0"
+    assert {p.name for p in tb.iterdir()} >= {"teachers", "alone", "mean", "codistill"}
+    scalars = summaries.read_scalars(tb / "mean")
+    assert {"train/loss", "train/teacher_weights/0", "eval/accuracy"} <= set(scalars)
+    assert all(math.isfinite(v) for _, v in scalars["train/loss"])
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["teachers"]["num"] == 2 and saved["output_dir"] == str(out)
+    params, record = load_teachers(out / "checkpoints" / "seed0" / "teachers_final")
+    assert record["num_teachers"] == 2 and record["meta"]["model"] == "cnn1d"
+    ck = out / "checkpoints" / "seed0"
+    assert {"teachers", "alone", "mean", "codistill"} <= {p.name for p in ck.iterdir()}
+    assert (ck / "mean" / "latest").is_dir() and (ck / "mean" / "best").is_dir()
+
+
+def test_rerun_with_another_config_is_refused(seed_run):
+    out, _, _ = seed_run
+    config = _tiny()
+    config.output_dir = str(out)
+    config.distill.temperature = 3.0
+    with pytest.raises(ValueError, match=r"another config \(differs in \['distill'\]\)"):
+        pipeline.prepare_run_dir(config)
+
+
+def test_compare_entry_point_two_seeds(tmp_path):
+    out = tmp_path / "cmp"
+    proc = _run_script("compare.py", "tiny_compare.py", out)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {r["row"]: r for r in _read_csv(out / "results.csv")}
+    assert set(rows) == {"teacher_0", "teacher_1", "teachers (mean)", "ensemble", "alone",
+                         "best_teacher", "confidence_mse"}
+    assert all(r["n_seeds"] == "2" for r in rows.values())
+    per_seed = _read_csv(out / "results_per_seed.csv")
+    for name, r in rows.items():
+        values = [float(p["accuracy"]) for p in per_seed if p["row"] == name]
+        assert len(values) == 2
+        np.testing.assert_allclose(float(r["accuracy_mean"]), np.mean(values), rtol=1e-6)
+        np.testing.assert_allclose(float(r["accuracy_std"]), np.std(values, ddof=1),
+                                   rtol=1e-6, atol=1e-9)
+    comp = _read_csv(out / "compression.csv")
+    assert [c["model"].split(" (")[0] for c in comp] == ["student", "one teacher", "ensemble"]
+    for c in comp:
+        assert int(c["params"]) > 0 and float(c["flops_per_example"]) > 0
+        assert float(c["latency_ms_b1"]) > 0 and float(c["latency_ms_b256"]) > 0
+    assert int(comp[2]["params"]) == 2 * int(comp[1]["params"])  # the ensemble is 2 teachers
+    # Checkpoints and TensorBoard were switched off.
+    assert not (out / "checkpoints").exists() and not (out / "tensorboard").exists()
+    # Different learning rates per teacher ("different optimizers"), recorded in config.json.
+    assert json.loads((out / "config.json").read_text())["teachers"]["learning_rates"] == [
+        0.01, 0.003]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input, refused before any training
+
+
+# ml_collections loads config files with the deprecated `load_module`.
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
+def test_wrong_type_override_is_refused_at_parse_time():
+    for arg, match in (("--config.teachers.num=three", "teachers.num"),
+                       ("--config.distill.temperature=hot", "distill.temperature")):
+        fv = flags.FlagValues()
+        path = os.path.join(CONFIGS, "tiny.py")
+        argv = ["prog", f"--config={path}", arg]
+        config_flags.DEFINE_config_file("config", path, flag_values=fv, sys_argv=argv)
+        with pytest.raises(flags.IllegalFlagValueError, match=match):
+            fv(argv)
+
+
+def test_wrong_type_override_fails_the_script_before_training(tmp_path):
+    out = tmp_path / "bad"
+    proc = _run_script("seed.py", "tiny.py", out, "--config.teachers.num=2.5", timeout=120)
+    assert proc.returncode != 0
+    assert "config.teachers.num" in proc.stderr
+    assert not out.exists()  # nothing was written, let alone trained
+
+
+def test_unknown_strategy_lists_the_valid_ones(tmp_path):
+    config = _tiny()
+    config.output_dir = str(tmp_path / "x")
+    config.distill.strategies = ("mean", "median")
+    with pytest.raises(ValueError, match=r"Unknown strategy 'median'; valid strategies: "
+                                         r"\[.*'confidence_mse'.*\]"):
+        pipeline.run(config)
+    assert not (tmp_path / "x").exists()
+
+
+def test_unknown_dataset_lists_the_known_ones(tmp_path):
+    config = _tiny()
+    config.output_dir = str(tmp_path / "x")
+    config.dataset = "no_such_data"
+    config.transfer.size = 0
+    config.distill.train_only = ()
+    with pytest.raises(ValueError, match=r"Unknown dataset 'no_such_data'.*mnist1d"):
+        pipeline.run(config)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda c: setattr(c.student, "model", "transformer"),
+         r"config.student.model` must be one of \[.*'mlp'.*\]"),
+        (lambda c: setattr(c.teachers, "num", 1), r"need `config.teachers.num` >= 2"),
+        (lambda c: setattr(c.teachers, "learning_rates", (1e-3,)),
+         r"one rate per teacher \(2\)"),
+        (lambda c: setattr(c.distill, "alpha", 1.5), r"config.distill.alpha` must be .* \[0, 1\]"),
+        (lambda c: setattr(c.distill, "soft_loss", "l1"), r"must be one of \['kl', 'mse'\]"),
+        (lambda c: setattr(c.distill, "train_only", ("alone",)),
+         r"only distillation strategies use the transfer set"),
+        (lambda c: setattr(c.analysis, "divergence_kinds", ("cosine",)),
+         r"divergence_kinds` must hold names from \['squared', 'euclidean', 'kl', 'js'\]"),
+        (lambda c: setattr(c, "dataset", "digits"), r"transfer.size` > 0 needs the 'mnist1d'"),
+        (lambda c: setattr(c.distill, "strategies", ("mean", "mean")), r"duplicates"),
+    ],
+)
+def test_validate_config_refuses_bad_values(change, match):
+    config = _tiny()
+    change(config)
+    with pytest.raises(ValueError, match=match):
+        config_lib.validate_config(config)
+
+
+def test_batch_that_does_not_divide_over_devices_is_refused():
+    config = _tiny()
+    config.student.batch_size = 60
+    with pytest.raises(ValueError, match=r"student.batch_size` = 60 does not divide over the 8"):
+        config_lib.validate_config(config, num_devices=8)
+
+
+def test_strategy_registry():
+    assert config_lib.parse_strategy("entropy_mse").soft_loss == "mse"
+    assert config_lib.parse_strategy("entropy").soft_loss is None
+    assert config_lib.parse_strategy("best_teacher").teachers == "best"
+    for bad in ("codistill_mse", "alone_kl", "mean_l1", ""):
+        with pytest.raises(ValueError, match="valid strategies"):
+            config_lib.parse_strategy(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports: reference values
+
+
+def test_aggregate_matches_numpy(rng):
+    seeds = [{row: {"accuracy": float(rng.uniform()), "nll": float(rng.uniform(0, 3))}
+              for row in ("teacher_0", "alone", "mean")} for _ in range(4)]
+    table = {r["row"]: r for r in report.aggregate(seeds)}
+    for row in ("teacher_0", "alone", "mean"):
+        for m in ("accuracy", "nll"):
+            values = np.array([s[row][m] for s in seeds], np.float64)
+            np.testing.assert_allclose(table[row][f"{m}_mean"], values.mean(), rtol=1e-12)
+            np.testing.assert_allclose(table[row][f"{m}_std"], values.std(ddof=1), rtol=1e-12)
+    assert table["teacher_0"]["group"] == "teachers" and table["mean"]["group"] == "students"
+
+
+def test_verdicts_helps_hurts_noise():
+    def seeds(alone, mean, entropy):
+        return [{"alone": {"accuracy": a}, "mean": {"accuracy": m}, "entropy": {"accuracy": e}}
+                for a, m, e in zip(alone, mean, entropy, strict=True)]
+
+    v = {x["row"]: x for x in report.verdicts(
+        seeds([0.60, 0.61, 0.62], [0.70, 0.71, 0.73], [0.59, 0.63, 0.61]),
+        baselines=("alone",))}
+    assert v["mean"]["verdict"] == "helps"
+    np.testing.assert_allclose(v["mean"]["gain_mean"], np.mean([0.10, 0.10, 0.11]))
+    np.testing.assert_allclose(v["mean"]["gain_std"], np.std([0.10, 0.10, 0.11], ddof=1))
+    assert v["entropy"]["verdict"] == "within noise"
+    v = {x["row"]: x for x in report.verdicts(
+        seeds([0.70, 0.71, 0.72], [0.50, 0.52, 0.51], [0.70, 0.71, 0.72]),
+        baselines=("alone",))}
+    assert v["mean"]["verdict"] == "hurts"
+    one = report.verdicts(seeds([0.6], [0.9], [0.6]), baselines=("alone",))
+    assert {x["verdict"] for x in one} == {"undecided (1 seed)"}
+
+
+def test_codistill_rows_are_compared_with_the_teachers_not_the_student():
+    seeds = [{"teachers (mean)": {"accuracy": t}, "ensemble": {"accuracy": e},
+              "alone": {"accuracy": 0.6}, "codistill (each)": {"accuracy": c},
+              "codistill (ensemble)": {"accuracy": ce}}
+             for t, e, c, ce in [(0.90, 0.93, 0.92, 0.93), (0.91, 0.94, 0.93, 0.94)]]
+    pairs = {(v["row"], v["baseline"]) for v in report.verdicts(seeds)}
+    assert pairs == {("codistill (each)", "teachers (mean)"),
+                     ("codistill (ensemble)", "ensemble")}
+
+
+def test_evaluate_logits_against_numpy(rng):
+    n, c = 200, 5
+    logits = rng.normal(size=(n, c)) * 2
+    labels = rng.integers(0, c, n)
+    ref = rng.dirichlet(np.ones(c), n)
+    m = pipeline.evaluate_logits(jnp.asarray(logits, jnp.float32), jnp.asarray(labels),
+                                 jnp.asarray(ref, jnp.float32))
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    pred = logits.argmax(-1)
+    np.testing.assert_allclose(m["accuracy"], np.mean(pred == labels), rtol=1e-6)
+    np.testing.assert_allclose(m["nll"], -np.mean(logp[np.arange(n), labels]), rtol=1e-5)
+    np.testing.assert_allclose(m["agreement"], np.mean(pred == ref.argmax(-1)), rtol=1e-6)
+    recall = np.mean([np.mean(pred[labels == k] == k) for k in range(c)])
+    np.testing.assert_allclose(m["recall"], recall, rtol=1e-5)
+    f1 = np.mean([2 * np.sum((pred == k) & (labels == k))
+                  / (np.sum(pred == k) + np.sum(labels == k)) for k in range(c)])
+    np.testing.assert_allclose(m["f1"], f1, rtol=1e-5)
+    assert math.isnan(pipeline.evaluate_logits(jnp.asarray(logits, jnp.float32),
+                                               jnp.asarray(labels))["agreement"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The full default run (the README's command)
+
+
+@pytest.mark.slow
+def test_default_seed_run_pays_within_ten_minutes(tmp_path):
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # the real command, on this machine's devices
+    out = tmp_path / "default"
+    start = time.perf_counter()
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "seed.py"),
+           f"--config.output_dir={out}", "--config.progress=False"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    wall = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert wall < 600, f"the default run took {wall:.0f} s"
+    rows = {r["row"]: r for r in _read_csv(out / "results.csv")}
+    assert all(r["n_seeds"] == "3" for r in rows.values())
+    verdicts = json.loads((out / "analysis.json").read_text())["verdicts"]
+    multi = [v for v in verdicts if v["baseline"] == "alone"
+             and v["row"] in ("mean", "mean_mse", "scores", "confidence", "entropy",
+                              "agreement")]
+    assert multi and all(v["verdict"] == "helps" for v in multi), multi
+    # A multi-teacher student beats the same student trained alone by more than the spread.
+    best = max(multi, key=lambda v: v["gain_mean"])
+    assert best["gain_mean"] > best["spread"]
