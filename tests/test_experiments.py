@@ -29,12 +29,15 @@ CONFIGS = os.path.join(ROOT, "experiments", "configs")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _run_script(script, config, out_dir, *extra, env=None, timeout=300):
-    cmd = [sys.executable, os.path.join(ROOT, "experiments", script),
-           f"--config={os.path.join(CONFIGS, config)}", f"--config.output_dir={out_dir}",
-           "--config.progress=False", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env=env)
+def _command(script, config, out_dir, *extra):
+    return [sys.executable, os.path.join(ROOT, "experiments", script),
+            f"--config={os.path.join(CONFIGS, config)}", f"--config.output_dir={out_dir}",
+            "--config.progress=False", *extra]
+
+
+def _run_script(script, config, out_dir, *extra, timeout=300):
+    return subprocess.run(_command(script, config, out_dir, *extra), capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
 
 
 def _read_csv(path):
@@ -54,16 +57,41 @@ def _tiny(name="tiny.py"):
 
 
 @pytest.fixture(scope="module")
-def seed_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("seed") / "run"
-    start = time.perf_counter()
-    proc = _run_script("seed.py", "tiny.py", out)
+def entry_points(tmp_path_factory):
+    """Run both entry points on their tiny configs, side by side (each is mostly compile
+    time on one core), and return `{script: (output dir, completed process)}`."""
+    root = tmp_path_factory.mktemp("entry_points")
+    jobs = {"seed": ("seed.py", "tiny.py"), "compare": ("compare.py", "tiny_compare.py")}
+    procs = {}
+    for name, (script, config) in jobs.items():
+        procs[name] = subprocess.Popen(
+            _command(script, config, root / name), cwd=ROOT, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+    out = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        out[name] = (root / name, subprocess.CompletedProcess(proc.args, proc.returncode,
+                                                              stdout, stderr))
+    return out
+
+
+@pytest.fixture(scope="module")
+def seed_run(entry_points):
+    out, proc = entry_points["seed"]
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return out, proc, time.perf_counter() - start
+    return out, proc
+
+
+@pytest.fixture(scope="module")
+def compare_run(entry_points):
+    out, proc = entry_points["compare"]
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, proc
 
 
 def test_seed_entry_point_writes_every_output(seed_run):
-    out, proc, _ = seed_run
+    out, proc = seed_run
     for name in ("results.md", "results.csv", "results_per_seed.csv", "compression.csv",
                  "analysis.json", "histories.json", "config.json", "teacher_divergence.png",
                  "teacher_weights.png", "learning_curves.png", "accuracy.png"):
@@ -76,7 +104,7 @@ def test_seed_entry_point_writes_every_output(seed_run):
 
 
 def test_seed_results_tables_are_well_formed(seed_run):
-    out, _, _ = seed_run
+    out, _ = seed_run
     rows = {r["row"]: r for r in _read_csv(out / "results.csv")}
     expected = {"teacher_0", "teacher_1", "teachers (mean)", "ensemble", "alone", "mean",
                 "mean (no transfer)", "codistill (each)", "codistill (ensemble)"}
@@ -101,7 +129,7 @@ def test_seed_results_tables_are_well_formed(seed_run):
 
 
 def test_seed_analysis_divergences_targets_weights(seed_run):
-    out, _, _ = seed_run
+    out, _ = seed_run
     analysis = json.loads((out / "analysis.json").read_text())
     div = analysis["divergence"]["0"]
     assert set(div) == {"squared", "js"}
@@ -122,7 +150,7 @@ def test_seed_analysis_divergences_targets_weights(seed_run):
 
 
 def test_seed_run_tensorboard_config_and_checkpoints(seed_run):
-    out, _, _ = seed_run
+    out, _ = seed_run
     tb = out / "tensorboard" / "seed0"
     assert {p.name for p in tb.iterdir()} >= {"teachers", "alone", "mean", "codistill"}
     scalars = summaries.read_scalars(tb / "mean")
@@ -138,7 +166,7 @@ def test_seed_run_tensorboard_config_and_checkpoints(seed_run):
 
 
 def test_rerun_with_another_config_is_refused(seed_run):
-    out, _, _ = seed_run
+    out, _ = seed_run
     config = _tiny()
     config.output_dir = str(out)
     config.distill.temperature = 3.0
@@ -146,10 +174,8 @@ def test_rerun_with_another_config_is_refused(seed_run):
         pipeline.prepare_run_dir(config)
 
 
-def test_compare_entry_point_two_seeds(tmp_path):
-    out = tmp_path / "cmp"
-    proc = _run_script("compare.py", "tiny_compare.py", out)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def test_compare_entry_point_two_seeds(compare_run):
+    out, _ = compare_run
     rows = {r["row"]: r for r in _read_csv(out / "results.csv")}
     assert set(rows) == {"teacher_0", "teacher_1", "teachers (mean)", "ensemble", "alone",
                          "best_teacher", "confidence_mse"}
@@ -340,7 +366,8 @@ def test_default_seed_run_pays_within_ten_minutes(tmp_path):
     start = time.perf_counter()
     cmd = [sys.executable, os.path.join(ROOT, "experiments", "seed.py"),
            f"--config.output_dir={out}", "--config.progress=False"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT,
+                          env=env)
     wall = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert wall < 600, f"the default run took {wall:.0f} s"

@@ -68,8 +68,10 @@ __all__ = [
     "METRICS",
     "SeedResult",
     "ExperimentResult",
+    "analyse_teachers",
     "evaluate_logits",
     "prepare_run_dir",
+    "target_name",
     "run_seed",
     "run",
 ]
@@ -89,14 +91,17 @@ class SeedResult:
     Attributes:
       seed: the seed.
       rows: row name -> test metrics (`METRICS` and `n`, Python floats). Rows are
-        ``teacher_<k>``, ``ensemble``, each strategy's name, ``<name> (no transfer)`` for
-        `config.distill.train_only`, and ``codistill (each)`` / ``codistill (ensemble)``.
+        ``teacher_<k>``, ``teachers (mean)`` (their mean), ``ensemble``, each strategy's
+        name, ``<name> (no transfer)`` for `config.distill.train_only`, and
+        ``codistill (each)`` (mean over the K codistilled teachers) / ``codistill
+        (ensemble)``.
       teacher_val_accuracy: `[K]` validation accuracies (the performance weights' scores).
       divergence: kind -> `[K, K]` mean pairwise divergence of the teachers' validation
         predictions (T = 1).
-      targets: strategy -> quality of its fused target on the validation set: accuracy and
-        NLL of the target as a prediction, mean entropy, mean largest teacher weight.
-      weights: strategy -> `[K, N_val]` per-example teacher weights at the distillation
+      targets: target (see `target_name`) -> quality of the fused target on the validation
+        set: accuracy, NLL and ECE of the target as a prediction, mean entropy, mean largest
+        teacher weight; and ``leave_one_out[k]``, the target of teacher k in codistillation.
+      weights: target -> `[K, N_val]` per-example teacher weights at the distillation
         temperature.
       histories: model name -> `fit` history (`{"train": [...], "eval": [...]}`).
       steps: model name -> number of updates it was trained for.
@@ -329,8 +334,23 @@ def train_teachers(ctx: _Context):
 # 2-4. Predictions, divergences and targets on the validation set
 
 
+def target_name(strategy: Strategy) -> str:
+    """The name of a distillation strategy's target: rows that differ only in their loss
+    (``mean`` and ``mean_mse``) share one.
+
+    Example:
+      >>> from mtkd_jax.experiment.config import parse_strategy
+      >>> from mtkd_jax.experiment.pipeline import target_name
+      >>> target_name(parse_strategy("mean_mse")), target_name(parse_strategy("best_teacher"))
+      ('mean', 'best_teacher')
+    """
+    if strategy.teachers == "best":
+        return "best_teacher"
+    return "mean" if strategy.weighting == "uniform" else strategy.weighting
+
+
 def analyse_teachers(val_logits: np.ndarray, val_y: np.ndarray, strategies, *, kinds,
-                     temperature: float, weightings: dict[str, Callable]):
+                     temperature: float, weightings: dict[str, Callable], best: int):
     """Divergence matrices, target quality and teacher weights on the validation set.
 
     Args:
@@ -340,12 +360,15 @@ def analyse_teachers(val_logits: np.ndarray, val_y: np.ndarray, strategies, *, k
       kinds: divergence kinds to compute.
       temperature: the distillation temperature (weights are those the student gets).
       weightings: strategy name -> weighting function.
+      best: index of the best teacher (by validation accuracy).
 
     Returns:
-      `(divergence {kind: [K, K]}, targets {name: {...}}, weights {name: [K, N]})`.
+      `(divergence {kind: [K, K]}, targets {target: {...}}, weights {target: [K, N]})`, the
+      last two keyed by `target_name`; leave-one-out targets as ``leave_one_out[k]``.
     """
     z = jnp.asarray(val_logits)
     y = jnp.asarray(val_y)
+    k = z.shape[0]
     probs = softmax_t(z)  # the article's predictions, T = 1
     divergence = {
         kind: np.asarray(jnp.mean(pairwise_divergence(probs, kind=kind), axis=0)).tolist()
@@ -353,26 +376,32 @@ def analyse_teachers(val_logits: np.ndarray, val_y: np.ndarray, strategies, *, k
     }
     targets, weights = {}, {}
     for s in strategies:
-        if s.kind != "distill" or s.name in targets:
+        name = target_name(s)
+        if s.kind != "distill" or name in targets:
             continue
-        fn = weightings[s.name]
-        fused = distill_targets(z, y, temperature=1.0, weighting=fn).targets
-        at_t = distill_targets(z, y, temperature=temperature, weighting=fn)
-        weights[s.name] = np.asarray(at_t.weights)
+        if s.teachers == "best":
+            fused = probs[best]
+            w = np.zeros((k, z.shape[1]), np.float32)
+            w[best] = 1.0
+        else:
+            fn = weightings[s.name]
+            fused = distill_targets(z, y, temperature=1.0, weighting=fn).targets
+            w = np.asarray(distill_targets(z, y, temperature=temperature, weighting=fn).weights)
+        weights[name] = w
         m = evaluate_logits(_log_probs(np.asarray(fused)), y)
         ent = -jnp.sum(jnp.where(fused > 0, fused * jnp.log(jnp.maximum(fused, 1e-30)), 0), -1)
-        targets[s.name] = {
+        targets[name] = {
             "accuracy": m["accuracy"],
             "nll": m["nll"],
             "ece": m["ece"],
             "entropy": float(jnp.mean(ent)),
-            "max_weight": float(jnp.mean(jnp.max(at_t.weights, axis=0))),
+            "max_weight": float(np.mean(np.max(w, axis=0))),
         }
-    if z.shape[0] >= 2:
+    if k >= 2:
         loo = leave_one_out_targets(probs)  # [K, N, C]
-        for k in range(z.shape[0]):
-            m = evaluate_logits(_log_probs(np.asarray(loo[k])), y)
-            targets[f"leave_one_out[{k}]"] = {
+        for i in range(k):
+            m = evaluate_logits(_log_probs(np.asarray(loo[i])), y)
+            targets[f"leave_one_out[{i}]"] = {
                 "accuracy": m["accuracy"], "nll": m["nll"], "ece": m["ece"],
                 "entropy": float("nan"), "max_weight": float("nan"),
             }
@@ -551,6 +580,7 @@ def run_seed(config, seed: int, dataset, transfer_x, mesh, run_dir: str, strateg
         val_logits, dataset.validation.y, strategies,
         kinds=tuple(config.analysis.divergence_kinds) if k >= 2 else (),
         temperature=config.distill.temperature, weightings=weightings,
+        best=int(np.argmax(val_acc)),
     )
     seconds["analysis"] = time.perf_counter() - t0
 

@@ -53,9 +53,11 @@ def plot_divergence(divergence: dict[str, list[list[float]]], path: str) -> str:
         ax.set_yticks(range(k))
         ax.set_xticklabels([f"t{j}" for j in range(k)])
         ax.set_yticklabels([f"t{j}" for j in range(k)])
+        mid = 0.5 * (m.min() + m.max())
         for a in range(k):
             for b in range(k):
-                ax.text(b, a, f"{m[a, b]:.3g}", ha="center", va="center", color="w", fontsize=8)
+                ax.text(b, a, f"{m[a, b]:.3g}", ha="center", va="center", fontsize=8,
+                        color="k" if m[a, b] > mid else "w")
         ax.set_title(f"divergence: {kind}")
         fig.colorbar(im, ax=ax, fraction=0.046)
     return _save(fig, path)
