@@ -49,7 +49,7 @@ from mtkd_jax import teachers as teachers_lib
 from mtkd_jax.checkpoint import params_fingerprint
 from mtkd_jax.divergence import pairwise_divergence, softmax_t
 from mtkd_jax.experiment import summaries
-from mtkd_jax.experiment.config import Strategy, validate_config
+from mtkd_jax.experiment.config import Strategy, parse_strategy, validate_config
 from mtkd_jax.loop import fit
 from mtkd_jax.metrics import batch_stats, compute_metrics
 from mtkd_jax.targets import leave_one_out_targets
@@ -234,7 +234,7 @@ class _Context:
         return os.path.join(self.run_dir, "checkpoints", f"seed{self.seed}", _slug(name))
 
     def log_fn(self, name: str):
-        if not self.config.tensorboard:
+        if not self.config.tensorboard or jax.process_index() != 0:
             return None, None
         writer = summaries.make_writer(
             os.path.join(self.run_dir, "tensorboard", f"seed{self.seed}", _slug(name))
@@ -540,7 +540,7 @@ def run_seed(config, seed: int, dataset, transfer_x, mesh, run_dir: str, strateg
     histories["teachers"] = t_result.history
     steps["teachers"] = t_result.step
     fingerprint = params_fingerprint(teacher_params, names=names)
-    if config.checkpoints and jax.process_index() == 0:
+    if config.checkpoints:  # every process: orbax saves are collective across hosts
         teachers_lib.save_teachers(
             os.path.join(run_dir, "checkpoints", f"seed{seed}", "teachers_final"),
             jax.device_get(teacher_params), names=names,
@@ -565,8 +565,9 @@ def run_seed(config, seed: int, dataset, transfer_x, mesh, run_dir: str, strateg
     rows["ensemble"] = evaluate_logits(_log_probs(ens), test_y, ens)
 
     # 3-4. Divergences, weights and targets.
+    no_transfer = [parse_strategy(n) for n in config.distill.train_only]
     weightings = {}
-    for s in strategies:
+    for s in [*strategies, *no_transfer]:
         if s.kind != "distill":
             continue
         if s.weighting == "scores":
@@ -593,8 +594,8 @@ def run_seed(config, seed: int, dataset, transfer_x, mesh, run_dir: str, strateg
     seconds["cache"] = time.perf_counter() - t0
 
     jobs = [(s.name, s, True) for s in strategies if s.kind != "codistill"]
-    jobs += [(f"{n} (no transfer)", s, False) for n in config.distill.train_only
-             for s in strategies if s.name == n] if use_transfer else []
+    if use_transfer:
+        jobs += [(f"{s.name} (no transfer)", s, False) for s in no_transfer]
     student = None
     for row, s, with_transfer in jobs:
         t0 = time.perf_counter()
