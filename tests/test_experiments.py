@@ -159,7 +159,7 @@ def test_seed_run_tensorboard_config_and_checkpoints(seed_run):
     saved = json.loads((out / "config.json").read_text())
     assert saved["teachers"]["num"] == 2 and saved["output_dir"] == str(out)
     params, record = load_teachers(out / "checkpoints" / "seed0" / "teachers_final")
-    assert record["num_teachers"] == 2 and record["meta"]["model"] == "cnn1d"
+    assert record["num_teachers"] == 2 and record["meta"]["models"] == ["cnn1d", "cnn1d"]
     ck = out / "checkpoints" / "seed0"
     assert {"teachers", "alone", "mean", "codistill"} <= {p.name for p in ck.iterdir()}
     assert (ck / "mean" / "latest").is_dir() and (ck / "mean" / "best").is_dir()
@@ -192,7 +192,11 @@ def test_compare_entry_point_two_seeds(compare_run):
     for c in comp:
         assert int(c["params"]) > 0 and float(c["flops_per_example"]) > 0
         assert float(c["latency_ms_b1"]) > 0 and float(c["latency_ms_b256"]) > 0
-    assert int(comp[2]["params"]) == 2 * int(comp[1]["params"])  # the ensemble is 2 teachers
+    # Mixed architectures: a CNN1D and an MLP teacher, trained one after the other.
+    assert comp[2]["model"] == "ensemble (cnn1d + mlp)"
+    assert int(comp[2]["params"]) > int(comp[1]["params"])
+    histories = json.loads((out / "histories.json").read_text())["0"]
+    assert {"teacher_0", "teacher_1"} <= set(histories)
     # Checkpoints and TensorBoard were switched off.
     assert not (out / "checkpoints").exists() and not (out / "tensorboard").exists()
     # Different learning rates per teacher ("different optimizers"), recorded in config.json.

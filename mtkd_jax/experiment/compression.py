@@ -76,38 +76,43 @@ def profile(apply_fn: Callable, params: Any, example_x, *, batch_sizes: Sequence
     return out
 
 
-def measure(trained: Mapping[str, tuple[Callable, Any]], *, example_x, num_teachers: int,
-            teacher_name: str, student_name: str, repeats: int = 20,
+def measure(trained: Mapping[str, tuple[Callable, Any]], *, example_x,
+            labels: Mapping[str, str] | None = None, repeats: int = 20,
             batch_sizes: Sequence[int] = (1, 256)) -> list[dict[str, Any]]:
     """The compression table: the student vs one teacher vs the K-teacher ensemble.
 
     Args:
       trained: `{"student": (apply, params), "teacher": (apply, params),
-        "ensemble": (stacked apply -> [K, B, C], stacked params)}` (missing keys are skipped).
+        "ensemble": (apply -> [K, B, C], params)}` (missing keys are skipped).
       example_x: `[N, ...]` inputs to time on.
-      num_teachers: K, for the ensemble's label.
-      teacher_name, student_name: model names for the labels.
+      labels: display name per key (default: the key).
       repeats, batch_sizes: see `profile`.
 
     Returns:
       One dict per model: `model`, `params`, `flops_per_example`, `latency_ms_b<B>`, and
       `x_smaller`/`x_fewer_flops`/`x_faster_b<B>`: the ensemble's figure over this model's.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtkd_jax.experiment.compression import measure
+      >>> small = (lambda w, x: x @ w, jnp.ones((4, 2)))
+      >>> big = (lambda p, x: jnp.stack([x @ p[0], x @ p[1]]), (jnp.ones((4, 2)),) * 2)
+      >>> rows = measure({"student": small, "ensemble": big}, example_x=jnp.ones((3, 4)),
+      ...                repeats=1, batch_sizes=(1,))
+      >>> [r["model"] for r in rows], rows[0]["x_smaller"]
+      (['student', 'ensemble'], 2.0)
     """
-    labels = {
-        "student": f"student ({student_name})",
-        "teacher": f"one teacher ({teacher_name})",
-        "ensemble": f"ensemble ({num_teachers} x {teacher_name})",
-    }
+    labels = dict(labels or {})
     rows = []
     for key in ("student", "teacher", "ensemble"):
         if key not in trained:
             continue
         apply_fn, params = trained[key]
-        row = {"model": labels[key]}
+        row = {"model": labels.get(key, key)}
         row.update(profile(apply_fn, params, example_x, batch_sizes=batch_sizes,
                            repeats=repeats))
         rows.append(row)
-    ensemble = next((r for r in rows if r["model"] == labels["ensemble"]), None)
+    ensemble = rows[-1] if "ensemble" in trained else None
     if ensemble is not None:
         for row in rows:
             row["x_smaller"] = ensemble["params"] / row["params"]

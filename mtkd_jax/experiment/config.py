@@ -124,9 +124,12 @@ def default_config() -> ml_collections.ConfigDict:
       for the mean +- std of every row.
     * `teachers`: `num` K, `model` and `model_kwargs` (a name of `mtkd_jax.models.MODELS`),
       `epochs`, `learning_rate` (or `learning_rates`, one per teacher: "different
-      optimizers"), `weight_decay`, `batch_size`.
-    * `student`: `model`, `model_kwargs`, `steps` (updates, the same for every row),
-      `learning_rate`, `weight_decay`, `batch_size`.
+      optimizers"), `weight_decay`, `batch_size`; `models`, one name per teacher for mixed
+      architectures (trained one after another; names other than `model` use their
+      defaults).
+    * `student`: `model`, `model_kwargs`, `steps` (updates, about the same for every row:
+      rounded to whole epochs of the row's data, at least one), `learning_rate`,
+      `weight_decay`, `batch_size`.
     * `distill`: `strategies` (rows, see `strategy_names`), `temperature`, `alpha` (hard-label
       weight), `soft_loss`, `scores_temperature` (tau of the performance weights),
       `train_only` (strategies also run without the transfer set, to show what it adds).
@@ -166,6 +169,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.teachers.batch_size = 128
     c.teachers.learning_rate = 1e-2
     c.teachers.learning_rates = ()
+    c.teachers.models = ()
     c.teachers.weight_decay = 1e-4
 
     c.student = ml_collections.ConfigDict()
@@ -298,6 +302,14 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1) 
              f"({t.num}), got {lrs!r}.")
     for i, lr in enumerate(lrs):
         _positive_float(lr, f"teachers.learning_rates[{i}]")
+    archs = tuple(t.models)
+    _require(len(archs) in (0, t.num),
+             f"`config.teachers.models` must be empty or name one model per teacher "
+             f"({t.num}), got {archs!r}.")
+    for name in archs:
+        _require(name in MODELS,
+                 f"`config.teachers.models` must hold names from {sorted(MODELS)}, got "
+                 f"{name!r}.")
 
     s = config.student
     _model(s, "student")
@@ -320,6 +332,10 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1) 
     _unit(d.alpha, "distill.alpha")
     _soft_loss(d.soft_loss, "distill.soft_loss")
     _positive_float(d.scores_temperature, "distill.scores_temperature")
+    _require(len(set(archs)) <= 1 or all(x.kind != "codistill" for x in strategies),
+             f"Codistillation trains the K teachers as one stacked program and needs one "
+             f"architecture; `config.teachers.models` mixes {sorted(set(archs))}. Drop "
+             "'codistill' from `config.distill.strategies`.")
     needs_pairs = [x.name for x in strategies if x.kind == "codistill" or x.weighting
                    == "agreement"]
     _require(t.num >= 2 or not needs_pairs,

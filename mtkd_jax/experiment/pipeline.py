@@ -35,7 +35,7 @@ import sys
 import time
 import zlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -292,10 +292,45 @@ def _ensemble_fit_step(ensemble_step: Callable) -> Callable:
     return step
 
 
-def train_teachers(ctx: _Context):
-    """Train the K teachers as one vmapped program; return (stacked params, apply, fit result)."""
+class Teachers(NamedTuple):
+    """The trained teachers of one seed.
+
+    Attributes:
+      params: stacked params (leaves `[K, ...]`, one architecture) or a tuple of K params.
+      apply: frozen `apply(params, x [B, ...]) -> logits [K, B, C]`.
+      members: K `(apply_fn, params)` pairs, one per teacher.
+      labels: K model names, e.g. ``("cnn1d", "cnn1d", "cnn1d")``.
+      histories: fit histories, ``{"teachers": ...}`` for stacked training or
+        ``{"teacher_k": ...}`` for one-after-another training.
+      steps: updates each teacher got.
+    """
+
+    params: Any
+    apply: Callable
+    members: list
+    labels: tuple
+    histories: dict
+    steps: int
+
+
+def _teacher_models(ctx: _Context) -> list[tuple[str, Any, Callable]]:
+    """(name, model, apply) per teacher: K of `teachers.model`, or `teachers.models`."""
     cfg = ctx.config.teachers
-    model, apply_fn = _model_and_apply(cfg, ctx.num_classes)
+    names = tuple(cfg.models) or (cfg.model,) * cfg.num
+    out = []
+    for name in names:
+        if name == cfg.model:
+            model, apply_fn = _model_and_apply(cfg, ctx.num_classes)
+        else:  # another architecture, with its own defaults
+            model = models.make_model(name, num_classes=ctx.num_classes)
+            apply_fn = models.apply_fn_of(model)
+        out.append((name, model, apply_fn))
+    return out
+
+
+def train_teachers(ctx: _Context) -> Teachers:
+    """Train the K teachers: one vmapped program for one architecture, else one by one."""
+    cfg = ctx.config.teachers
     train = ctx.ds.train
     spe = data_lib.num_batches(train, batch_size=cfg.batch_size)
     total = spe * cfg.epochs
@@ -306,28 +341,53 @@ def train_teachers(ctx: _Context):
     tx = optax.inject_hyperparams(make_tx)(learning_rate=cfg.learning_rate)
     example = jnp.asarray(train.x[:1])
     keys = jax.random.split(jax.random.fold_in(ctx.key, 1), cfg.num)
-    hyper = {"learning_rate": jnp.asarray(cfg.learning_rates, jnp.float32)} if len(
-        cfg.learning_rates) else None
-    stacked = teachers_lib.init_ensemble(
-        lambda key: models.init_params(model, key, example), keys, tx, hyperparams=hyper
-    )
-    state = TrainState(jnp.zeros((), jnp.int32), stacked.params, stacked.opt_state)
-    step = _ensemble_fit_step(teachers_lib.make_ensemble_train_step(apply_fn, tx))
-    infer = jax.jit(jax.vmap(apply_fn, in_axes=(0, None)))
-
-    def eval_fn(state):
-        z = infer(state.params, ctx.val_x)
-        acc = jnp.mean(jnp.argmax(z, -1) == ctx.val_y[None], axis=-1)
-        return {"accuracy": jnp.mean(acc), "accuracy_per_teacher": acc}
+    lrs = tuple(cfg.learning_rates)
 
     def batches_fn(epoch, start):
         for b in data_lib.batches(train, batch_size=cfg.batch_size, seed=ctx.seed, epoch=epoch,
                                   start=start):
             yield _to_global({"x": b["x"], "y": b["y"]}, ctx.mesh)
 
-    result = _fit(ctx, "teachers", state, step, batches_fn, steps_per_epoch=spe,
-                  epochs=cfg.epochs, eval_fn=eval_fn)
-    return result.state.params, apply_fn, model, result
+    specs = _teacher_models(ctx)
+    labels = tuple(name for name, _, _ in specs)
+    if len(set(labels)) == 1:
+        _, model, apply_fn = specs[0]
+        hyper = {"learning_rate": jnp.asarray(lrs, jnp.float32)} if lrs else None
+        stacked = teachers_lib.init_ensemble(
+            lambda key: models.init_params(model, key, example), keys, tx, hyperparams=hyper
+        )
+        state = TrainState(jnp.zeros((), jnp.int32), stacked.params, stacked.opt_state)
+        step = _ensemble_fit_step(teachers_lib.make_ensemble_train_step(apply_fn, tx))
+        infer = jax.jit(jax.vmap(apply_fn, in_axes=(0, None)))
+
+        def eval_fn(state):
+            z = infer(state.params, ctx.val_x)
+            acc = jnp.mean(jnp.argmax(z, -1) == ctx.val_y[None], axis=-1)
+            return {"accuracy": jnp.mean(acc), "accuracy_per_teacher": acc}
+
+        result = _fit(ctx, "teachers", state, step, batches_fn, steps_per_epoch=spe,
+                      epochs=cfg.epochs, eval_fn=eval_fn)
+        params = result.state.params
+        members = [(apply_fn, jax.tree.map(lambda a, i=i: a[i], params))
+                   for i in range(cfg.num)]
+        return Teachers(params, teachers_lib.make_stacked_apply(apply_fn, strategy="vmap"),
+                        members, labels, {"teachers": result.history}, result.step)
+
+    # Mixed architectures: the same loop, one teacher after another.
+    members, histories = [], {}
+    for i, (_, model, apply_fn) in enumerate(specs):
+        state = teachers_lib.init_teacher_state(models.init_params(model, keys[i], example), tx)
+        if lrs:
+            state = teachers_lib.set_hyperparams(state, {"learning_rate": lrs[i]})
+        result = _fit(ctx, f"teacher_{i}", state,
+                      teachers_lib.make_teacher_train_step(apply_fn, tx), batches_fn,
+                      steps_per_epoch=spe, epochs=cfg.epochs,
+                      eval_fn=_accuracy_eval(ctx, apply_fn))
+        members.append((apply_fn, result.state.params))
+        histories[f"teacher_{i}"] = result.history
+    params = tuple(p for _, p in members)
+    apply = teachers_lib.make_heterogeneous_apply([a for a, _ in members], names=labels)
+    return Teachers(params, apply, members, labels, histories, spe * cfg.epochs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,21 +594,21 @@ def run_seed(config, seed: int, dataset, transfer_x, mesh, run_dir: str, strateg
 
     # 1. Teachers.
     t0 = time.perf_counter()
-    teacher_params, teacher_apply, _, t_result = train_teachers(ctx)
+    trained_teachers = train_teachers(ctx)
+    teacher_params, stacked_apply = trained_teachers.params, trained_teachers.apply
     k = config.teachers.num
     names = [f"teacher_{i}" for i in range(k)]
-    histories["teachers"] = t_result.history
-    steps["teachers"] = t_result.step
+    histories.update(trained_teachers.histories)
+    steps["teachers"] = trained_teachers.steps
     fingerprint = params_fingerprint(teacher_params, names=names)
     if config.checkpoints:  # every process: orbax saves are collective across hosts
         teachers_lib.save_teachers(
             os.path.join(run_dir, "checkpoints", f"seed{seed}", "teachers_final"),
             jax.device_get(teacher_params), names=names,
-            meta={"model": config.teachers.model,
+            meta={"models": list(trained_teachers.labels),
                   "model_kwargs": config.teachers.model_kwargs.to_dict(), "seed": seed},
             overwrite=True,
         )
-    stacked_apply = teachers_lib.make_stacked_apply(teacher_apply, strategy="vmap")
     seconds["teachers"] = time.perf_counter() - t0
 
     # 2. Predictions on the validation and test sets.
@@ -621,7 +681,8 @@ def run_seed(config, seed: int, dataset, transfer_x, mesh, run_dir: str, strateg
         t0 = time.perf_counter()
         co_split, co_labeled = _distill_split(ctx, use_transfer)
         co_params, co_result, total = codistill(
-            ctx, teacher_params, teacher_apply, split=co_split, n_labeled=co_labeled,
+            ctx, teacher_params, trained_teachers.members[0][0], split=co_split,
+            n_labeled=co_labeled,
             fingerprint=fingerprint,
         )
         co_logits = _predict(stacked_apply, co_params, dataset.test.x)
@@ -637,8 +698,7 @@ def run_seed(config, seed: int, dataset, transfer_x, mesh, run_dir: str, strateg
         divergence=divergence, targets=targets, weights=weights, histories=histories,
         steps=steps, seconds=seconds,
     )
-    trained = {"teacher": (teacher_apply, jax.tree.map(lambda a: a[0], teacher_params)),
-               "ensemble": (stacked_apply, teacher_params)}
+    trained = {"teacher": trained_teachers.members[0], "ensemble": (stacked_apply, teacher_params)}
     if student is not None:
         trained["student"] = student
     return result, trained
@@ -683,6 +743,14 @@ def prepare_run_dir(config) -> str:
         with open(path, "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     return run_dir
+
+
+def _compression_labels(config) -> dict[str, str]:
+    t = config.teachers
+    names = tuple(t.models) or (t.model,) * t.num
+    ensemble = f"{t.num} x {names[0]}" if len(set(names)) == 1 else " + ".join(names)
+    return {"student": f"student ({config.student.model})",
+            "teacher": f"one teacher ({names[0]})", "ensemble": f"ensemble ({ensemble})"}
 
 
 def _environment() -> dict[str, Any]:
@@ -744,8 +812,7 @@ def run(config: ml_collections.ConfigDict) -> ExperimentResult:
     comp = []
     if config.compression.enabled:
         comp = compression.measure(
-            trained, example_x=dataset.test.x, num_teachers=config.teachers.num,
-            teacher_name=config.teachers.model, student_name=config.student.model,
+            trained, example_x=dataset.test.x, labels=_compression_labels(config),
             repeats=config.compression.repeats,
         )
     result = ExperimentResult(

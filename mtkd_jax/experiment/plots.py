@@ -117,9 +117,13 @@ def plot_learning_curves(histories: dict[str, dict], path: str) -> str:
             for k in range(per.shape[1]):
                 ax_t.plot(steps, 100 * per[:, k], ls="-" if name == "teachers" else "--",
                           label=f"{name} {k}")
+    for name, hist in histories.items():
+        if name.startswith("teacher_"):  # teachers of mixed architectures, trained one by one
+            steps, acc = _eval_curve(hist)
+            ax_t.plot(steps, 100 * acc, label=name)
     ax_t.set_title("teachers: validation accuracy")
     for name, hist in histories.items():
-        if name in ("teachers", "codistill"):
+        if name in ("teachers", "codistill") or name.startswith("teacher_"):
             continue
         steps, acc = _eval_curve(hist)
         ax_s.plot(steps, 100 * acc, marker=".", label=name)
