@@ -1,0 +1,290 @@
+"""Tests for mtkd_jax.cache: exact round trips, top-k reconstruction against a float64
+reference, the cached distill step against the online one, streaming, and refusals."""
+
+import functools
+import os
+import weakref
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mtkd_jax import cache as mc
+from mtkd_jax.divergence import softmax_t
+from mtkd_jax.teachers import teacher_fingerprint
+from mtkd_jax.train import init_train_state, make_distill_step
+
+K, D, C = 3, 6, 10
+
+
+def linear_teachers(tp, x):
+    """K linear teachers `[K, C, D]` -> logits `[K, B, C]`."""
+    return jnp.einsum("kcd,bd->kbc", tp, x)
+
+
+@pytest.fixture
+def setup(rng):
+    n = 50
+    tp = jnp.asarray(rng.normal(size=(K, C, D)) * 3, jnp.float32)
+    x = rng.normal(size=(n, D)).astype(np.float32)
+    y = rng.integers(0, C, size=n).astype(np.int32)
+    return tp, x, y
+
+
+def split_batches(x, y, *, batch_size, rng, views=None):
+    """Shuffled batches covering every example once (the last one partial)."""
+    order = rng.permutation(len(x))
+    for s in range(0, len(x), batch_size):
+        i = order[s : s + batch_size]
+        batch = {"x": x[i], "y": y[i], "index": i.astype(np.int64)}
+        if views is not None:
+            batch["view"] = np.full(len(i), views)
+        yield batch
+
+
+def build(path, tp, x, y, rng, **kwargs):
+    kwargs.setdefault("progress", False)
+    batches = split_batches(x, y, batch_size=16, rng=rng)
+    return mc.build_cache(path, linear_teachers, tp, batches, num_examples=len(x), **kwargs)
+
+
+def test_full_logits_round_trip_exact(tmp_path, setup, rng):
+    tp, x, y = setup
+    cache = build(tmp_path / "f32", tp, x, y, rng, dtype=np.float32)
+    index = rng.permutation(len(x))[:20]
+    want = np.asarray(linear_teachers(tp, jnp.asarray(x[index])))
+    got = mc.open_cache(tmp_path / "f32").lookup(index)
+    assert got.dtype == np.float32 and got.shape == (K, 20, C)
+    np.testing.assert_array_equal(got, want)
+    assert cache.num_written == len(x) and cache.header["num_examples"] == len(x)
+    assert cache.bytes_per_example == K * C * 4 + 1
+
+    half = build(tmp_path / "f16", tp, x, y, rng)  # default float16
+    np.testing.assert_array_equal(half.lookup(index), want.astype(np.float16).astype(np.float32))
+    assert half.bytes_per_example == K * C * 2 + 1
+
+
+def _topk_reference(z, k, temperature, fill):
+    """float64: the teacher distribution at T restricted to its top-k (module docstring)."""
+    z = np.asarray(z, np.float64)
+    top = np.argsort(-z, axis=-1)[..., :k]
+    in_top = np.zeros(z.shape, bool)
+    np.put_along_axis(in_top, top, True, axis=-1)
+    p1 = np.exp(z - z.max(-1, keepdims=True))
+    p1 /= p1.sum(-1, keepdims=True)
+    if fill == "renormalize":
+        q = np.where(in_top, p1 ** (1.0 / temperature), 0.0)
+    else:
+        rest = 1.0 - np.sum(np.where(in_top, p1, 0.0), -1, keepdims=True)
+        base = np.where(in_top, p1, rest / (z.shape[-1] - k))
+        q = base ** (1.0 / temperature)
+    return q / q.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 2e-6), (np.float16, 3e-3)])
+@pytest.mark.parametrize("fill", mc.FILLS)
+def test_top_k_reconstruction_matches_float64(tmp_path, setup, rng, dtype, tol, fill):
+    tp, x, y = setup
+    k = 4
+    build(tmp_path, tp, x, y, rng, top_k=k, dtype=dtype)
+    cache = mc.open_cache(tmp_path, fill=fill)
+    index = np.arange(len(x))
+    z = np.asarray(linear_teachers(tp, jnp.asarray(x)), np.float64)
+    logits = cache.lookup(index)
+    for temperature in (1.0, 4.0):
+        got = np.asarray(softmax_t(jnp.asarray(logits), temperature=temperature))
+        want = _topk_reference(z, k, temperature, fill)
+        np.testing.assert_allclose(got, want, atol=tol, rtol=tol)
+        if fill == "renormalize":  # exactly zero outside the top-k
+            assert np.all((got > 0).sum(-1) == k)
+    # The compact entries, expanded on the device, give the same logits as the host lookup.
+    top = cache.lookup_top_k(index)
+    assert top.log_probs.shape == top.classes.shape == (K, len(x), k)
+    assert top.classes.dtype == np.int16 and top.log_rest.shape == (K, len(x))
+    on_device = jax.jit(functools.partial(mc.expand_top_k, num_classes=C, fill=fill))(*top)
+    np.testing.assert_allclose(np.asarray(on_device), logits, rtol=1e-6, atol=1e-6)
+    itemsize = np.dtype(dtype).itemsize
+    assert cache.bytes_per_example == K * k * (itemsize + 2) + K * itemsize + 1
+
+
+def test_cached_step_equals_online_step(tmp_path, setup, rng):
+    tp, x, y = setup
+    cache = build(tmp_path, tp, x, y, rng, dtype=np.float32)
+    student = lambda p, xb: xb @ p
+    tx = optax.sgd(0.05, momentum=0.9)
+    kw = dict(weighting="confidence", temperature=4.0, alpha=0.5)
+    online = jax.jit(make_distill_step(student, linear_teachers, tx, **kw))
+    cached = jax.jit(make_distill_step(student, None, tx, **kw))
+    s_on = s_ca = init_train_state(jnp.asarray(rng.normal(size=(D, C)), jnp.float32), tx)
+    key = jax.random.key(0)
+    batches = list(split_batches(x, y, batch_size=16, rng=rng))[:3]
+    for batch, fed in zip(batches, mc.with_cached_logits(batches, cache), strict=True):
+        xy = {"x": batch["x"], "y": batch["y"]}
+        s_on, m_on = online(s_on, xy, key, teacher_params=tp)
+        s_ca, m_ca = cached(s_ca, {**xy, "teacher_logits": fed["teacher_logits"]}, key)
+        for name in m_on:
+            np.testing.assert_allclose(m_ca[name], m_on[name], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(s_ca.params, s_on.params, rtol=1e-6, atol=1e-7)
+
+
+def test_top_k_equal_to_c_is_the_full_distribution(tmp_path, setup, rng):
+    tp, x, y = setup
+    cache = build(tmp_path, tp, x, y, rng, top_k=C, dtype=np.float32)
+    z = linear_teachers(tp, jnp.asarray(x))
+    got = softmax_t(jnp.asarray(cache.lookup(np.arange(len(x)))), temperature=2.0)
+    np.testing.assert_allclose(got, softmax_t(z, temperature=2.0), rtol=1e-5, atol=1e-7)
+
+
+def test_views_are_cached_separately(tmp_path, setup, rng):
+    tp, x, y = setup
+    noisy = x + 1.0  # the second "augmented view" of every example
+
+    def both_views():
+        yield from split_batches(x, y, batch_size=16, rng=rng, views=0)
+        yield from split_batches(noisy, y, batch_size=16, rng=rng, views=1)
+
+    cache = mc.build_cache(
+        tmp_path,
+        linear_teachers,
+        tp,
+        both_views(),
+        num_examples=len(x),
+        num_views=2,
+        dtype=np.float32,
+        progress=False,
+    )
+    index, view = np.array([3, 3, 7]), np.array([0, 1, 1])
+    want = np.stack(
+        [
+            linear_teachers(tp, jnp.asarray(x[3:4]))[:, 0],
+            linear_teachers(tp, jnp.asarray(noisy[3:4]))[:, 0],
+            linear_teachers(tp, jnp.asarray(noisy[7:8]))[:, 0],
+        ],
+        axis=1,
+    )
+    np.testing.assert_array_equal(cache.lookup(index, view), want)
+    with pytest.raises(ValueError, match="pass `view`"):
+        cache.lookup(index)
+    with pytest.raises(ValueError, match=r"`view` must be integers in \[0, 2\)"):
+        cache.lookup(index, 2)
+
+
+def test_shards_are_read_together(tmp_path, setup, rng):
+    tp, x, y = setup
+    n = len(x)
+    for p, rows in enumerate((np.arange(0, n, 2), np.arange(1, n, 2))):
+        batch = {"x": x[rows], "index": rows}
+        mc.build_cache(
+            tmp_path,
+            linear_teachers,
+            tp,
+            [batch],
+            num_examples=n,
+            shard=f"p{p}",
+            dtype=np.float32,
+            progress=False,
+        )
+    cache = mc.open_cache(tmp_path)
+    assert cache.shards == ["p0", "p1"] and cache.num_written == n
+    index = rng.permutation(n)[:17]
+    np.testing.assert_array_equal(
+        cache.lookup(index), np.asarray(linear_teachers(tp, jnp.asarray(x[index])))
+    )
+    only = mc.open_cache(tmp_path, shards=["p0"])
+    with pytest.raises(ValueError, match="not in the cache"):
+        only.lookup(np.array([0, 1]))
+
+
+def test_builder_streams(tmp_path, rng):
+    """The builder holds at most two batches, and resident memory does not track the file."""
+    n, b, c = 60_000, 2_000, 100
+    tp = jnp.asarray(rng.normal(size=(K, c, D)), jnp.float32)
+    x = rng.normal(size=(b, D)).astype(np.float32)
+    alive = []
+
+    def batches():
+        for s in range(0, n, b):
+            batch = {"x": x + s, "index": np.arange(s, s + b)}
+            alive.append(weakref.ref(batch["index"]))
+            held = sum(r() is not None for r in alive[:-1])
+            assert held <= 2, f"the builder holds {held} earlier batches"
+            yield batch
+
+    def rss_bytes():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    # Warm up (compile) on the same shapes, so the measurement sees only the writing.
+    mc.build_cache(
+        tmp_path / "warm",
+        linear_teachers,
+        tp,
+        [{"x": x, "index": np.arange(b)}],
+        num_examples=b,
+        dtype=np.float32,
+        progress=False,
+    )
+    before = rss_bytes()
+    cache = mc.build_cache(
+        tmp_path / "big",
+        linear_teachers,
+        tp,
+        batches(),
+        num_examples=n,
+        dtype=np.float32,
+        progress=False,
+    )
+    grown = rss_bytes() - before
+    file_bytes = os.path.getsize(tmp_path / "big" / "values.npy")
+    assert file_bytes > n * K * c * 4
+    assert grown < file_bytes / 4, (grown, file_bytes)
+    assert cache.num_written == n and len(alive) == n // b
+
+
+def test_refusals(tmp_path, setup, rng):
+    tp, x, y = setup
+    build(tmp_path / "a", tp, x, y, rng, top_k=2)
+    fp = teacher_fingerprint(tp)
+    assert mc.open_cache(tmp_path / "a", expect_fingerprint=fp).top_k == 2
+    assert mc.open_cache(tmp_path / "a", expect_fingerprint=fp["sha256"]).top_k == 2
+    with pytest.raises(ValueError, match="built from other teachers"):
+        mc.open_cache(tmp_path / "a", expect_fingerprint=teacher_fingerprint(tp + 1))
+    with pytest.raises(ValueError, match="already exists"):
+        build(tmp_path / "a", tp, x, y, rng)
+    for bad in (0, C + 1, True, 2.5):
+        with pytest.raises(ValueError, match=r"`top_k` must be"):
+            build(tmp_path / f"k{bad}", tp, x, y, rng, top_k=bad)
+    with pytest.raises(ValueError, match=r"`fill` must be one of"):
+        mc.open_cache(tmp_path / "a", fill="zeros")
+    with pytest.raises(FileNotFoundError, match="No teacher cache"):
+        mc.open_cache(tmp_path / "nothing")
+    with pytest.raises(
+        ValueError, match=r"batch\['index'\] values must be in \[0, num_examples=5\)"
+    ):
+        mc.build_cache(
+            tmp_path / "b",
+            linear_teachers,
+            tp,
+            [{"x": x, "index": np.arange(50)}],
+            num_examples=5,
+            progress=False,
+        )
+    with pytest.raises(ValueError, match=r"'index'"):
+        mc.build_cache(
+            tmp_path / "c", linear_teachers, tp, [{"x": x}], num_examples=50, progress=False
+        )
+    # Built over part of the split only: the rest is refused, not read as zeros.
+    part = mc.build_cache(
+        tmp_path / "d",
+        linear_teachers,
+        tp,
+        [{"x": x[:10], "index": np.arange(10)}],
+        num_examples=50,
+        progress=False,
+    )
+    with pytest.raises(ValueError, match=r"1 of the requested examples are not in the cache"):
+        part.lookup(np.array([3, 10]))
+    with pytest.raises(ValueError, match=r"`index` values must be in \[0, 50\)"):
+        part.lookup(np.array([50]))
