@@ -82,7 +82,23 @@ def replicate(tree, mesh: Mesh):
       >>> replicate({"w": jnp.ones(3)}, data_mesh(jax.devices()[:1]))["w"].sharding.spec
       P()
     """
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    sharding = NamedSharding(mesh, P())
+    if sharding.is_fully_addressable:
+        return jax.device_put(tree, sharding)
+
+    def put_key(x):
+        # Several processes: `device_put` of a typed PRNG key onto other processes' devices
+        # raises (jax 0.10 handles only plain arrays there), so move its raw data instead.
+        if (
+            isinstance(x, jax.Array)
+            and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+            and x.sharding != sharding
+        ):
+            data = jax.device_put(jax.random.key_data(x), sharding)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return x
+
+    return jax.device_put(jax.tree.map(put_key, tree), sharding)
 
 
 def batch_specs(batch: dict, axis_name: str = "data") -> dict:

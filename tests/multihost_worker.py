@@ -1,0 +1,174 @@
+"""Worker for tests/test_multihost.py: one process of a multi-process distillation run.
+
+    MTKD_COORDINATOR=127.0.0.1:PORT MTKD_NUM_PROCESSES=P MTKD_PROCESS_ID=p \\
+    XLA_FLAGS=--xla_force_host_platform_device_count=N JAX_PLATFORMS=cpu \\
+    python tests/multihost_worker.py --out DIR [--checkpoint-dir DIR] [--delay SECONDS]
+
+Each process joins the job through `mtkd_jax.distributed.initialize_distributed` (settings
+from the environment, CPU collectives over gloo), builds a mesh over the devices of all
+processes, reads only its rows of each global batch (`mtkd_jax.data.batches`), makes global
+arrays of them (`global_batches`) and trains a student on three frozen teachers with the
+library's data-parallel distillation step, driven by `mtkd_jax.loop.fit` (with orbax
+checkpoints when `--checkpoint-dir` is given). Process 0 prints `step <n>` after each update,
+flushed, so a test can kill a process mid-run. Every process writes `DIR/process<p>.json`:
+its final parameters, the run's step and resume point, the example indices it loaded and
+the job's shape. `train` is importable, so a test can run the same training in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import time
+
+import numpy as np
+
+N, D, H, C, K = 96, 6, 8, 4, 3  # examples, input size, hidden units, classes, teachers
+BATCH, EPOCHS = 16, 2
+STEPS_PER_EPOCH = N // BATCH  # 6, so 12 updates in all
+SAVE_EVERY = 2
+
+
+def _problem():
+    """The data split, the teachers' stacked params and the student's initial params."""
+    from mtkd_jax.data import Split
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(N, D)).astype(np.float32)
+    y = np.argmax(x @ rng.normal(size=(D, C)), -1).astype(np.int32)
+    teachers = {
+        "w": rng.normal(size=(K, D, C)).astype(np.float32),
+        "b": rng.normal(size=(K, C)).astype(np.float32),
+    }
+    student = {
+        "w1": (0.5 * rng.normal(size=(D, H))).astype(np.float32),
+        "b1": np.zeros(H, np.float32),
+        "w2": (0.5 * rng.normal(size=(H, C))).astype(np.float32),
+        "b2": np.zeros(C, np.float32),
+    }
+    return Split("train", x, y), teachers, student
+
+
+def _student_apply(params, x):
+    import jax.numpy as jnp
+
+    return jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
+
+
+def _teacher_apply(params, x):
+    return x @ params["w"] + params["b"]
+
+
+def train(mesh, *, process_index, process_count, checkpoint_dir=None, delay=0.0, log_fn=None):
+    """Distil the student for EPOCHS epochs on `mesh`; return `(FitResult, loaded indices)`.
+
+    With `process_count` 1 and a mesh of the same number of devices this is the
+    single-process run that a P-process run must reproduce.
+    """
+    import jax
+    import optax
+
+    from mtkd_jax.data import batches
+    from mtkd_jax.distributed import global_batches
+    from mtkd_jax.loop import fit
+    from mtkd_jax.parallel import data_parallel_step, replicate
+    from mtkd_jax.teachers import make_stacked_apply
+    from mtkd_jax.train import init_train_state, make_distill_step
+
+    split, teacher_params, student_params = _problem()
+    tx = optax.adam(0.05)
+    # A fixed strategy: "auto" times both on each process and could pick differently.
+    teacher_apply = make_stacked_apply(_teacher_apply, strategy="vmap")
+    step = make_distill_step(
+        _student_apply, teacher_apply, tx, weighting="confidence", temperature=2.0, alpha=0.3
+    )
+    step = data_parallel_step(functools.partial(step, teacher_params=teacher_params), mesh)
+    state = replicate(init_train_state(student_params, tx), mesh)
+    loaded = []
+
+    def local_batches(epoch, start):
+        for batch in batches(
+            split,
+            batch_size=BATCH,
+            seed=0,
+            epoch=epoch,
+            start=start,
+            process_index=process_index,
+            process_count=process_count,
+        ):
+            time.sleep(delay)  # like slow data loading, so that a kill lands mid-run
+            loaded.append(batch["index"].tolist())
+            yield batch
+
+    result = fit(
+        state,
+        step,
+        lambda epoch, start: global_batches(local_batches(epoch, start), mesh),
+        num_epochs=EPOCHS,
+        steps_per_epoch=STEPS_PER_EPOCH,
+        key=jax.random.key(7),
+        checkpoint_dir=checkpoint_dir,
+        save_every=SAVE_EVERY,
+        check_every=1,
+        progress=False,
+        log_fn=log_fn,
+    )
+    return result, loaded
+
+
+def host_params(params) -> dict:
+    """Parameters as nested lists (float32 values are exact in JSON)."""
+    import jax
+
+    return jax.tree.map(lambda a: np.asarray(a).tolist(), params)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--checkpoint-dir")
+    parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--heartbeat", type=int, default=10)
+    args = parser.parse_args(argv)
+
+    from mtkd_jax.distributed import initialize_distributed, is_main_process
+
+    info = initialize_distributed(
+        heartbeat_timeout_seconds=args.heartbeat,
+        initialization_timeout=60,
+        shutdown_timeout_seconds=30,
+    )
+    from mtkd_jax.parallel import data_mesh
+
+    def log_fn(step, metrics):
+        if "train/loss" in metrics:
+            print(f"step {step}", flush=True)
+
+    result, loaded = train(
+        data_mesh(),
+        process_index=info.process_index,
+        process_count=info.process_count,
+        checkpoint_dir=args.checkpoint_dir,
+        delay=args.delay,
+        log_fn=log_fn,
+    )
+    record = {
+        "info": info._asdict(),
+        "main": is_main_process(),
+        "step": result.step,
+        "resumed_from": result.resumed_from,
+        "params": host_params(result.state.params),
+        "loss": [r["loss"] for r in result.history["train"]],
+        "loaded": loaded,
+    }
+    path = os.path.join(args.out, f"process{info.process_index}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f)
+    os.replace(path + ".tmp", path)
+    print("done", flush=True)
+
+
+if __name__ == "__main__":
+    main()
