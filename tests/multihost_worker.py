@@ -2,17 +2,20 @@
 
     MTKD_COORDINATOR=127.0.0.1:PORT MTKD_NUM_PROCESSES=P MTKD_PROCESS_ID=p \\
     XLA_FLAGS=--xla_force_host_platform_device_count=N JAX_PLATFORMS=cpu \\
-    python tests/multihost_worker.py --out DIR [--checkpoint-dir DIR] [--delay SECONDS]
+    python tests/multihost_worker.py --out DIR [--checkpoint-dir DIR] [--cache-dir DIR]
+        [--delay SECONDS] [--heartbeat SECONDS]
 
 Each process joins the job through `mtkd_jax.distributed.initialize_distributed` (settings
 from the environment, CPU collectives over gloo), builds a mesh over the devices of all
 processes, reads only its rows of each global batch (`mtkd_jax.data.batches`), makes global
 arrays of them (`global_batches`) and trains a student on three frozen teachers with the
 library's data-parallel distillation step, driven by `mtkd_jax.loop.fit` (with orbax
-checkpoints when `--checkpoint-dir` is given). Process 0 prints `step <n>` after each update,
-flushed, so a test can kill a process mid-run. Every process writes `DIR/process<p>.json`:
-its final parameters, the run's step and resume point, the example indices it loaded and
-the job's shape. `train` is importable, so a test can run the same training in one process.
+checkpoints when `--checkpoint-dir` is given). With `--cache-dir` it then builds a
+teacher-output cache, each process caching its own rows, and trains again from the cache.
+Process 0 prints `step <n>` after each update, flushed, so a test can kill a process mid-run.
+Every process writes `DIR/process<p>.json`: its final parameters, the run's step and resume
+point, the example indices it loaded and the job's shape. `train` is importable, so a test
+can run the same training in one process.
 """
 
 from __future__ import annotations
@@ -61,30 +64,69 @@ def _teacher_apply(params, x):
     return x @ params["w"] + params["b"]
 
 
-def train(mesh, *, process_index, process_count, checkpoint_dir=None, delay=0.0, log_fn=None):
+def _teachers():
+    """The frozen teachers: `(teacher_apply, stacked params)`."""
+    from mtkd_jax.teachers import make_stacked_apply
+
+    # A fixed strategy: "auto" times both on each process and could pick differently.
+    return make_stacked_apply(_teacher_apply, strategy="vmap"), _problem()[1]
+
+
+def build_cache(path, *, process_index, process_count):
+    """Each process caches the teachers' logits of its rows of one pass over the split."""
+    from mtkd_jax.data import batches
+    from mtkd_jax.distributed import build_cache_in_parallel
+
+    split = _problem()[0]
+    teacher_apply, teacher_params = _teachers()
+    local = batches(
+        split,
+        batch_size=BATCH,
+        seed=0,
+        epoch=0,
+        shuffle=False,
+        drop_remainder=False,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    return build_cache_in_parallel(
+        path, teacher_apply, teacher_params, local, num_examples=N, dtype=np.float32
+    )
+
+
+def train(
+    mesh, *, process_index, process_count, checkpoint_dir=None, cache=None, delay=0.0, log_fn=None
+):
     """Distil the student for EPOCHS epochs on `mesh`; return `(FitResult, loaded indices)`.
 
-    With `process_count` 1 and a mesh of the same number of devices this is the
-    single-process run that a P-process run must reproduce.
+    The teachers run in the step, or with a `cache` (`mtkd_jax.cache.TeacherCache`) their
+    logits are read from it. With `process_count` 1 and a mesh of the same number of
+    devices this is the single-process run that a P-process run must reproduce.
     """
     import jax
     import optax
 
+    from mtkd_jax.cache import with_cached_logits
     from mtkd_jax.data import batches
     from mtkd_jax.distributed import global_batches
     from mtkd_jax.loop import fit
     from mtkd_jax.parallel import data_parallel_step, replicate
-    from mtkd_jax.teachers import make_stacked_apply
     from mtkd_jax.train import init_train_state, make_distill_step
 
-    split, teacher_params, student_params = _problem()
+    split, _, student_params = _problem()
+    teacher_apply, teacher_params = _teachers()
     tx = optax.adam(0.05)
-    # A fixed strategy: "auto" times both on each process and could pick differently.
-    teacher_apply = make_stacked_apply(_teacher_apply, strategy="vmap")
     step = make_distill_step(
-        _student_apply, teacher_apply, tx, weighting="confidence", temperature=2.0, alpha=0.3
+        _student_apply,
+        None if cache is not None else teacher_apply,
+        tx,
+        weighting="confidence",
+        temperature=2.0,
+        alpha=0.3,
     )
-    step = data_parallel_step(functools.partial(step, teacher_params=teacher_params), mesh)
+    if cache is None:
+        step = functools.partial(step, teacher_params=teacher_params)
+    step = data_parallel_step(step, mesh)
     state = replicate(init_train_state(student_params, tx), mesh)
     loaded = []
 
@@ -102,10 +144,16 @@ def train(mesh, *, process_index, process_count, checkpoint_dir=None, delay=0.0,
             loaded.append(batch["index"].tolist())
             yield batch
 
+    def batches_fn(epoch, start):
+        local = local_batches(epoch, start)
+        if cache is not None:
+            local = with_cached_logits(local, cache)
+        return global_batches(local, mesh)
+
     result = fit(
         state,
         step,
-        lambda epoch, start: global_batches(local_batches(epoch, start), mesh),
+        batches_fn,
         num_epochs=EPOCHS,
         steps_per_epoch=STEPS_PER_EPOCH,
         key=jax.random.key(7),
@@ -129,6 +177,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--checkpoint-dir")
+    parser.add_argument("--cache-dir")
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--heartbeat", type=int, default=10)
     args = parser.parse_args(argv)
@@ -146,8 +195,9 @@ def main(argv=None):
         if "train/loss" in metrics:
             print(f"step {step}", flush=True)
 
+    mesh = data_mesh()
     result, loaded = train(
-        data_mesh(),
+        mesh,
         process_index=info.process_index,
         process_count=info.process_count,
         checkpoint_dir=args.checkpoint_dir,
@@ -163,6 +213,16 @@ def main(argv=None):
         "loss": [r["loss"] for r in result.history["train"]],
         "loaded": loaded,
     }
+    if args.cache_dir:
+        # Teachers run once, each process over its own rows; then distil from the cache.
+        cache = build_cache(
+            args.cache_dir, process_index=info.process_index, process_count=info.process_count
+        )
+        cached, _ = train(
+            mesh, process_index=info.process_index, process_count=info.process_count, cache=cache
+        )
+        record["cache_shards"] = cache.shards
+        record["cached_params"] = host_params(cached.state.params)
     path = os.path.join(args.out, f"process{info.process_index}.json")
     with open(path + ".tmp", "w") as f:
         json.dump(record, f)

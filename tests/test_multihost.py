@@ -22,14 +22,16 @@ import numpy as np
 import pytest
 
 from mtkd_jax import distributed
+from mtkd_jax.cache import open_cache
 from mtkd_jax.parallel import data_mesh, shard_batch
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
 TOTAL_DEVICES = 4  # 2 processes x 2 devices, or 4 x 1: the reference runs on 4 devices
 HEARTBEAT = 10  # seconds after which the others count a silent process as dead
+KILL_HEARTBEAT = 5  # the same in the job whose process is killed, to keep the test short
 RUN_TIMEOUT = 150  # seconds for one job (start, compile, 12 steps, exit) on a busy 2-core CPU
 # The others' abort on a dead peer: at most the heartbeat timeout, plus slack for a busy CPU.
-FAIL_FAST = HEARTBEAT + 20
+FAIL_FAST = KILL_HEARTBEAT + 20
 ABORT = re.compile(r"JAX distributed service detected fatal errors")
 # Environment that would make JAX detect a cluster or route local RPCs through a proxy.
 _FOREIGN_ENV = re.compile(r"(SLURM_|OMPI_|PMI_|KUBERNETES_|TPU_|JAX_|XLA_|MTKD_)|.*_proxy$", re.I)
@@ -68,12 +70,14 @@ def _quiet(text: str, lines: int = 30) -> str:
 class Job:
     """P worker processes of one distributed run, each in its own process group."""
 
-    def __init__(self, tmp_path, name, *, processes, devices, cache_dir, **worker_args):
+    def __init__(
+        self, tmp_path, name, *, processes, devices, jax_cache, heartbeat=HEARTBEAT, **worker_args
+    ):
         self.dir = tmp_path / name
         self.dir.mkdir()
         port = _free_port()
         args = [f"--{k.replace('_', '-')}={v}" for k, v in worker_args.items()]
-        args.append(f"--heartbeat={HEARTBEAT}")
+        args.append(f"--heartbeat={heartbeat}")
         self.procs = []
         for p in range(processes):
             env = _child_env(
@@ -83,7 +87,7 @@ class Job:
                     "MTKD_NUM_PROCESSES": str(processes),
                     "MTKD_PROCESS_ID": str(p),
                     # Later jobs of the module load the step from here instead of compiling.
-                    "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+                    "JAX_COMPILATION_CACHE_DIR": str(jax_cache),
                     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
                 }
             )
@@ -144,10 +148,10 @@ class Job:
 @pytest.fixture
 def start_job(tmp_path_factory, tmp_path):
     jobs = []
-    cache_dir = tmp_path_factory.getbasetemp() / "multihost-jax-cache"
+    jax_cache = tmp_path_factory.getbasetemp() / "multihost-jax-cache"
 
     def start(name, **kwargs):
-        jobs.append(Job(tmp_path, name, cache_dir=cache_dir, **kwargs))
+        jobs.append(Job(tmp_path, name, jax_cache=jax_cache, **kwargs))
         return jobs[-1]
 
     yield start
@@ -163,7 +167,7 @@ def reference():
     return multihost_worker.host_params(result.state.params), loaded
 
 
-def _check_matches_reference(results, reference, *, start_step=0):
+def _check_matches_reference(results, reference, *, start_step=0, params_key="params", loaded=True):
     params, global_loaded = reference
     count = len(results)
     for p, record in enumerate(results):
@@ -177,28 +181,49 @@ def _check_matches_reference(results, reference, *, start_step=0):
         # Each process read only its rows of each global batch (from the resume point on).
         local = multihost_worker.BATCH // count
         expected = [g[p * local : (p + 1) * local] for g in global_loaded[start_step:]]
-        assert record["loaded"] == expected
+        if loaded:
+            assert record["loaded"] == expected
         jax.tree.map(
             lambda got, want, p=p: np.testing.assert_allclose(
                 np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6, err_msg=f"process {p}"
             ),
-            record["params"],
+            record[params_key],
             params,
         )
         # The replicated parameters are the same bits on every process.
-        assert record["params"] == results[0]["params"]
+        assert record[params_key] == results[0][params_key]
 
 
 @needs_gloo
 @pytest.mark.timeout(2 * RUN_TIMEOUT)
-def test_two_processes_train_like_one(start_job, reference):
-    job = start_job("run", processes=2, devices=2)
+def test_two_processes_train_like_one(start_job, reference, tmp_path):
+    cache_dir = tmp_path / "teacher-cache"
+    job = start_job("run", processes=2, devices=2, cache_dir=cache_dir)
     codes = job.wait(RUN_TIMEOUT)
     assert codes == [0, 0], job.logs()
-    _check_matches_reference(job.results(), reference)
+    results = job.results()
+    _check_matches_reference(results, reference)
     # Only process 0 logs.
     assert "step 12" in job.stdout(0)
     assert "step" not in job.stdout(1)
+
+    # The teacher cache was built in parallel: each process cached its own rows of the
+    # unshuffled pass (rows [16 b + 8 p, 16 b + 8 p + 8) of batch b), and the student
+    # distilled from it matches the run with the teachers in the step.
+    assert all(r["cache_shards"] == ["p0", "p1"] for r in results)
+    split, teachers, _ = multihost_worker._problem()
+    want = (
+        np.einsum("nd,kdc->knc", split.x.astype(np.float64), teachers["w"]) + teachers["b"][:, None]
+    )
+    rows = np.arange(multihost_worker.N).reshape(-1, 2, multihost_worker.BATCH // 2)
+    for p in range(2):
+        shard = open_cache(cache_dir, shards=[f"p{p}"])
+        assert shard.num_written == multihost_worker.N // 2
+        mine, other = rows[:, p].ravel(), rows[:, 1 - p].ravel()
+        np.testing.assert_allclose(shard.lookup(mine), want[:, mine], rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="not in the cache"):
+            shard.lookup(other[:1])
+    _check_matches_reference(results, reference, params_key="cached_params", loaded=False)
 
 
 @needs_gloo
@@ -223,7 +248,14 @@ def _complete_checkpoints(directory: Path) -> list[int]:
 def test_killed_process_stops_the_job_and_a_restart_resumes(start_job, reference, tmp_path):
     ckpt = tmp_path / "ckpt"
     # Slow batches (0.3 s each) so that the kill lands mid-run.
-    job = start_job("killed", processes=2, devices=2, checkpoint_dir=ckpt, delay=0.3)
+    job = start_job(
+        "killed",
+        processes=2,
+        devices=2,
+        checkpoint_dir=ckpt,
+        delay=0.3,
+        heartbeat=KILL_HEARTBEAT,
+    )
     deadline = time.monotonic() + RUN_TIMEOUT
     while not any(s >= 4 for s in _complete_checkpoints(ckpt)):
         if time.monotonic() > deadline or any(p.poll() is not None for p in job.procs):
@@ -301,7 +333,18 @@ def test_initialize_distributed_after_jax_started_says_so():
     assert not jax.distributed.is_initialized()
 
 
-def test_initialize_distributed_without_any_cluster_explains_the_settings():
+def test_initialize_distributed_without_any_cluster_explains_the_settings(monkeypatch):
+    def no_cluster(**kwargs):
+        assert kwargs["coordinator_address"] is None  # left to JAX's detection
+        raise ValueError("coordinator_address should be defined.")  # what JAX 0.10 raises
+
+    monkeypatch.setattr(jax.distributed, "initialize", no_cluster)
+    with pytest.raises(ValueError, match="JAX detected no cluster; set MTKD_COORDINATOR"):
+        distributed.initialize_distributed(environ={})
+
+
+@pytest.mark.slow
+def test_initialize_distributed_without_any_cluster_in_a_fresh_process():
     code = "from mtkd_jax.distributed import initialize_distributed; initialize_distributed()"
     out = subprocess.run(
         [sys.executable, "-c", code],
