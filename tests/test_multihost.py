@@ -37,17 +37,29 @@ ABORT = re.compile(r"JAX distributed service detected fatal errors")
 _FOREIGN_ENV = re.compile(r"(SLURM_|OMPI_|PMI_|KUBERNETES_|TPU_|JAX_|XLA_|MTKD_)|.*_proxy$", re.I)
 
 
-def _gloo_missing() -> str | None:
+def _cannot_run_here() -> str | None:
+    """Why the processes could not talk over gloo on 127.0.0.1 only, or None when they can."""
     try:
         from jax._src.lib import _jax
 
         _jax.make_gloo_tcp_collectives  # noqa: B018
     except (ImportError, AttributeError) as error:
         return f"this jaxlib cannot run CPU collectives across processes (no gloo): {error!r}"
+    # JAX builds gloo's TCP transport without an address, so gloo listens on the address this
+    # machine's host name resolves to: the processes must stay on the loopback interface.
+    try:
+        address = socket.gethostbyname(socket.gethostname())
+    except OSError as error:
+        return f"the host name does not resolve, so gloo has no address to listen on: {error}"
+    if not address.startswith("127."):
+        return (
+            f"gloo would listen on {address} (what the host name resolves to), not on the "
+            "loopback interface that these tests keep to"
+        )
     return None
 
 
-needs_gloo = pytest.mark.skipif(_gloo_missing() is not None, reason=str(_gloo_missing()))
+needs_gloo = pytest.mark.skipif(_cannot_run_here() is not None, reason=str(_cannot_run_here()))
 
 
 def _free_port() -> int:
