@@ -215,8 +215,9 @@ def initialize_distributed(
       num_processes: P.
       process_id: this process's id in `[0, P)`.
       local_device_ids: the local accelerators this process may use (GPU/TPU).
-      cpu_collectives: `"gloo"` (TCP, works anywhere), `"mpi"`, or None (CPU computations
-        then cannot span processes). Only matters on the CPU backend.
+      cpu_collectives: how CPU devices of different processes exchange data: `"gloo"`
+        (TCP, works anywhere), `"mpi"`, or None to keep JAX's
+        `jax_cpu_collectives_implementation` setting. Only matters on the CPU backend.
       coordinator_bind_address: where process 0 listens. Default: the coordinator's own
         address when it is a loopback one (a local run stays on 127.0.0.1), else all
         interfaces on its port (JAX's default).
