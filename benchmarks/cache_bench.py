@@ -6,11 +6,12 @@ Run:  python benchmarks/cache_bench.py [--json FILE] [--quick] [--seeds 3] [--ep
 2. Build caches over the training split (`mtkd_jax.cache.build_cache`): full float16 logits
    and top-k float16 log-probabilities for several k; report bytes per example, build time
    and the peak-RSS growth of each build.
-3. Distill a small `CNN1D` student with the standard recipe (T = 4, CA-MKD confidence
-   weights, `0.5 CE + 0.5 T^2 KL`) from online teachers, from each cache (top-k with both
-   reconstructions, "renormalize" and "uniform") and, as the floor, alone (CE only), with
-   the same student seeds and batch order; report test accuracy (mean and spread over
-   seeds) and the difference to online distillation, plus each run's training time.
+3. Distill a small `CNN1D` student with the standard loss (T = 4, CA-MKD confidence
+   weights, `0.5 CE + 0.5 T^2 KL`; Adam 1e-3, batch 128) from online teachers, from each
+   cache (top-k with both reconstructions, "renormalize" and "uniform") and, as the
+   floor, alone (CE only), with the same student seeds and batch order; report test
+   accuracy (mean and spread over seeds) and the difference to online distillation, plus
+   each run's training time.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from mtkd_jax import cache as mcache
 from mtkd_jax import data, models, teachers, train
 
 K, TEMPERATURE, ALPHA, BATCH = 3, 4.0, 0.5, 128
+# Adam, not the speed benchmark's SGD(0.05, momentum 0.9): with the T^2-scaled soft loss
+# that SGD setting diverged for some student seeds on MNIST-1D (test accuracy 0.10).
+STUDENT_LR = 1e-3
 
 
 def peak_rss_mb() -> float:
@@ -112,7 +116,7 @@ def build_caches(ds, teacher_apply, tp, ks, root, log):
 def distill_run(ds, mode, seed, epochs, teacher_apply, tp, cache):
     student = models.CNN1D(num_classes=ds.info.num_classes, features=(8, 8, 16), hidden=32)
     s_apply = models.apply_fn_of(student)
-    tx = optax.sgd(0.05, momentum=0.9)
+    tx = optax.adam(STUDENT_LR)
     params = models.init_params(student, jax.random.key(seed), jnp.zeros((1, 40)))
     state = train.init_train_state(params, tx)
     kw = dict(weighting="confidence", temperature=TEMPERATURE, alpha=ALPHA)
