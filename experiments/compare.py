@@ -11,7 +11,7 @@ transfer set); see the config file's header for its command and expected result.
 
 import os
 
-from absl import app
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mtkd_jax.experiment import run
@@ -25,6 +25,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
     run(_CONFIG.value)
 
 

@@ -12,7 +12,7 @@ plots, TensorBoard events, config.json, checkpoints).
 
 import os
 
-from absl import app
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mtkd_jax.experiment import run
@@ -26,6 +26,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
     run(_CONFIG.value)
 
 

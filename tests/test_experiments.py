@@ -358,6 +358,19 @@ def test_evaluate_logits_against_numpy(rng):
                                                jnp.asarray(labels))["agreement"])
 
 
+@pytest.mark.slow
+def test_rerun_in_the_same_folder_resumes_to_the_same_results(seed_run, tmp_path):
+    out, _ = seed_run
+    first = _read_csv(out / "results_per_seed.csv")
+    proc = _run_script("seed.py", "tiny.py", out)  # every training restores its checkpoint
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    again = _read_csv(out / "results_per_seed.csv")
+    assert [r["row"] for r in again] == [r["row"] for r in first]
+    for a, b in zip(first, again, strict=True):
+        for m in ("accuracy", "f1", "nll", "ece"):
+            np.testing.assert_allclose(float(b[m]), float(a[m]), rtol=1e-5, err_msg=a["row"])
+
+
 # ---------------------------------------------------------------------------------------------
 # The full default run (the README's command)
 

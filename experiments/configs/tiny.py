@@ -21,10 +21,10 @@ def get_config():
     config.teachers.model_kwargs.features = (4, 4)
     config.teachers.model_kwargs.hidden = 8
     config.teachers.epochs = 1
-    config.teachers.batch_size = 128
+    config.teachers.batch_size = 256
     config.student.model_kwargs.features = (8,)
     config.student.steps = 8
-    config.student.batch_size = 64
+    config.student.batch_size = 256
     config.distill.strategies = ("alone", "mean", "codistill")
     config.distill.train_only = ("mean",)
     config.codistill.epochs = 1

@@ -21,12 +21,12 @@ def get_config():
     config.teachers.model_kwargs.features = (4, 4)
     config.teachers.model_kwargs.hidden = 8
     config.teachers.epochs = 1
-    config.teachers.batch_size = 128
+    config.teachers.batch_size = 256
     config.teachers.learning_rates = (1e-2, 3e-3)
     config.teachers.models = ("cnn1d", "mlp")  # mixed architectures, trained one by one
     config.student.model_kwargs.features = (8,)
     config.student.steps = 8
-    config.student.batch_size = 64
+    config.student.batch_size = 256
     config.distill.strategies = ("alone", "best_teacher", "confidence_mse")
     config.distill.train_only = ()
     config.transfer.size = 0

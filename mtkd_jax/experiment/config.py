@@ -185,21 +185,21 @@ def default_config() -> ml_collections.ConfigDict:
         "alone", "best_teacher", "mean", "mean_mse", "scores", "confidence", "entropy",
         "agreement", "codistill",
     )
-    c.distill.temperature = 2.0
+    c.distill.temperature = 1.0
     c.distill.alpha = 0.0
     c.distill.soft_loss = "kl"
     c.distill.scores_temperature = 0.01
     c.distill.train_only = ("mean",)
 
     c.codistill = ml_collections.ConfigDict()
-    c.codistill.epochs = 2
+    c.codistill.epochs = 1
     c.codistill.learning_rate = 1e-3
     c.codistill.soft_loss = "mse"
     c.codistill.temperature = 1.0
     c.codistill.alpha = 0.5
 
     c.transfer = ml_collections.ConfigDict()
-    c.transfer.size = 20000
+    c.transfer.size = 40000
     c.transfer.seed = 1
 
     c.analysis = ml_collections.ConfigDict()

@@ -199,11 +199,9 @@ def _optimizer(learning_rate: float, total_steps: int, weight_decay: float):
                        weight_decay=weight_decay)
 
 
-def _model_and_apply(section, num_classes: int) -> tuple[Any, Callable]:
-    kwargs = {k: tuple(v) if isinstance(v, list) else v
-              for k, v in section.model_kwargs.to_dict().items()}
-    model = models.make_model(section.model, num_classes=num_classes, **kwargs)
-    return model, models.apply_fn_of(model)
+def _model_kwargs(section) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v
+            for k, v in section.model_kwargs.to_dict().items()}
 
 
 def _to_global(batch: dict, mesh) -> dict:
@@ -218,15 +216,42 @@ def _evals(total: int) -> int:
 
 
 class _Context:
-    """What every phase of one seed needs: config, data, devices, output paths."""
+    """What every phase of one seed needs: config, data, devices, output paths, and the
+    models and compiled steps shared by all seeds."""
 
-    def __init__(self, config, dataset, transfer_x, mesh, run_dir, seed):
+    def __init__(self, config, dataset, transfer_x, mesh, run_dir, seed, shared: dict):
         self.config, self.ds, self.transfer_x = config, dataset, transfer_x
         self.mesh, self.run_dir, self.seed = mesh, run_dir, seed
+        self.shared = shared
         self.key = jax.random.key(seed)
         self.num_classes = dataset.info.num_classes
         self.val_x = jnp.asarray(dataset.validation.x)
         self.val_y = jnp.asarray(dataset.validation.y)
+
+    def cached(self, key, build: Callable):
+        """`build()` once per run for `key`: the same apply function and step objects in
+        every seed, so JAX compiles them once (its caches are keyed by function identity)."""
+        if key not in self.shared:
+            self.shared[key] = build()
+        return self.shared[key]
+
+    def model(self, name: str, kwargs: dict[str, Any]) -> tuple[Any, Callable]:
+        """(Linen model, apply_fn) of a model name and its kwargs, one per run."""
+
+        def build():
+            model = models.make_model(name, num_classes=self.num_classes, **kwargs)
+            return model, models.apply_fn_of(model)
+
+        return self.cached(("model", name, json.dumps(kwargs, sort_keys=True)), build)
+
+    def parallel(self, key, build_step: Callable):
+        """(tx, data-parallel step) from `build_step() -> (tx, step)`, one per run and key."""
+
+        def build():
+            tx, step = build_step()
+            return tx, parallel.data_parallel_step(step, self.mesh)
+
+        return self.cached(("step", *key), build)
 
     def checkpoint_dir(self, name: str) -> str | None:
         if not self.config.checkpoints:
@@ -254,7 +279,7 @@ def _fit(ctx: _Context, name: str, state, step, batches_fn, *, steps_per_epoch, 
     try:
         result = fit(
             state,
-            parallel.data_parallel_step(step, ctx.mesh),
+            step,
             batches_fn,
             num_epochs=epochs,
             steps_per_epoch=steps_per_epoch,
@@ -319,11 +344,8 @@ def _teacher_models(ctx: _Context) -> list[tuple[str, Any, Callable]]:
     names = tuple(cfg.models) or (cfg.model,) * cfg.num
     out = []
     for name in names:
-        if name == cfg.model:
-            model, apply_fn = _model_and_apply(cfg, ctx.num_classes)
-        else:  # another architecture, with its own defaults
-            model = models.make_model(name, num_classes=ctx.num_classes)
-            apply_fn = models.apply_fn_of(model)
+        # Another architecture than `teachers.model` gets its own defaults.
+        model, apply_fn = ctx.model(name, _model_kwargs(cfg) if name == cfg.model else {})
         out.append((name, model, apply_fn))
     return out
 
@@ -338,7 +360,18 @@ def train_teachers(ctx: _Context) -> Teachers:
     def make_tx(learning_rate):
         return _optimizer(learning_rate, total, cfg.weight_decay)
 
-    tx = optax.inject_hyperparams(make_tx)(learning_rate=cfg.learning_rate)
+    def teacher_tx():
+        # Learning rate injected: one per teacher when `teachers.learning_rates` is set.
+        return optax.inject_hyperparams(make_tx)(learning_rate=cfg.learning_rate)
+
+    def build_stacked(apply_fn):
+        tx = teacher_tx()
+        return tx, _ensemble_fit_step(teachers_lib.make_ensemble_train_step(apply_fn, tx))
+
+    def build_single(apply_fn):
+        tx = teacher_tx()
+        return tx, teachers_lib.make_teacher_train_step(apply_fn, tx)
+
     example = jnp.asarray(train.x[:1])
     keys = jax.random.split(jax.random.fold_in(ctx.key, 1), cfg.num)
     lrs = tuple(cfg.learning_rates)
@@ -353,12 +386,12 @@ def train_teachers(ctx: _Context) -> Teachers:
     if len(set(labels)) == 1:
         _, model, apply_fn = specs[0]
         hyper = {"learning_rate": jnp.asarray(lrs, jnp.float32)} if lrs else None
+        tx, step = ctx.parallel(("teachers", apply_fn, total), lambda: build_stacked(apply_fn))
         stacked = teachers_lib.init_ensemble(
             lambda key: models.init_params(model, key, example), keys, tx, hyperparams=hyper
         )
         state = TrainState(jnp.zeros((), jnp.int32), stacked.params, stacked.opt_state)
-        step = _ensemble_fit_step(teachers_lib.make_ensemble_train_step(apply_fn, tx))
-        infer = jax.jit(jax.vmap(apply_fn, in_axes=(0, None)))
+        infer = ctx.cached(("vmapped", apply_fn), lambda: jax.jit(jax.vmap(apply_fn, (0, None))))
 
         def eval_fn(state):
             z = infer(state.params, ctx.val_x)
@@ -370,28 +403,43 @@ def train_teachers(ctx: _Context) -> Teachers:
         params = result.state.params
         members = [(apply_fn, jax.tree.map(lambda a, i=i: a[i], params))
                    for i in range(cfg.num)]
-        return Teachers(params, teachers_lib.make_stacked_apply(apply_fn, strategy="vmap"),
-                        members, labels, {"teachers": result.history}, result.step)
+        stacked_apply = ctx.cached(("stacked", apply_fn), lambda: teachers_lib.make_stacked_apply(
+            apply_fn, strategy="vmap"))
+        return Teachers(params, stacked_apply, members, labels, {"teachers": result.history},
+                        result.step)
 
     # Mixed architectures: the same loop, one teacher after another.
     members, histories = [], {}
     for i, (_, model, apply_fn) in enumerate(specs):
+        tx, step = ctx.parallel(("teacher", apply_fn, total),
+                                lambda apply_fn=apply_fn: build_single(apply_fn))
         state = teachers_lib.init_teacher_state(models.init_params(model, keys[i], example), tx)
         if lrs:
             state = teachers_lib.set_hyperparams(state, {"learning_rate": lrs[i]})
-        result = _fit(ctx, f"teacher_{i}", state,
-                      teachers_lib.make_teacher_train_step(apply_fn, tx), batches_fn,
-                      steps_per_epoch=spe, epochs=cfg.epochs,
-                      eval_fn=_accuracy_eval(ctx, apply_fn))
+        result = _fit(ctx, f"teacher_{i}", state, step, batches_fn, steps_per_epoch=spe,
+                      epochs=cfg.epochs, eval_fn=_accuracy_eval(ctx, apply_fn))
         members.append((apply_fn, result.state.params))
         histories[f"teacher_{i}"] = result.history
     params = tuple(p for _, p in members)
-    apply = teachers_lib.make_heterogeneous_apply([a for a, _ in members], names=labels)
+    apply = ctx.cached(("heterogeneous", labels), lambda: teachers_lib.make_heterogeneous_apply(
+        [a for a, _ in members], names=labels))
     return Teachers(params, apply, members, labels, histories, spe * cfg.epochs)
 
 
 # ---------------------------------------------------------------------------------------------
 # 2-4. Predictions, divergences and targets on the validation set
+
+
+# Jitted once each: run eagerly, every primitive would be compiled on its own.
+_targets = jax.jit(distill_targets, static_argnames=("temperature", "weighting"))
+_mean_divergence = jax.jit(lambda probs, kind: jnp.mean(pairwise_divergence(probs, kind=kind), 0),
+                           static_argnames=("kind",))
+
+
+@jax.jit
+def _mean_entropy(probs):
+    return -jnp.mean(jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1)),
+                                       0.0), axis=-1))
 
 
 def target_name(strategy: Strategy) -> str:
@@ -430,10 +478,8 @@ def analyse_teachers(val_logits: np.ndarray, val_y: np.ndarray, strategies, *, k
     y = jnp.asarray(val_y)
     k = z.shape[0]
     probs = softmax_t(z)  # the article's predictions, T = 1
-    divergence = {
-        kind: np.asarray(jnp.mean(pairwise_divergence(probs, kind=kind), axis=0)).tolist()
-        for kind in kinds
-    }
+    divergence = {kind: np.asarray(_mean_divergence(probs, kind=kind)).tolist()
+                  for kind in kinds}
     targets, weights = {}, {}
     for s in strategies:
         name = target_name(s)
@@ -445,16 +491,15 @@ def analyse_teachers(val_logits: np.ndarray, val_y: np.ndarray, strategies, *, k
             w[best] = 1.0
         else:
             fn = weightings[s.name]
-            fused = distill_targets(z, y, temperature=1.0, weighting=fn).targets
-            w = np.asarray(distill_targets(z, y, temperature=temperature, weighting=fn).weights)
+            fused = _targets(z, y, temperature=1.0, weighting=fn).targets
+            w = np.asarray(_targets(z, y, temperature=temperature, weighting=fn).weights)
         weights[name] = w
         m = evaluate_logits(_log_probs(np.asarray(fused)), y)
-        ent = -jnp.sum(jnp.where(fused > 0, fused * jnp.log(jnp.maximum(fused, 1e-30)), 0), -1)
         targets[name] = {
             "accuracy": m["accuracy"],
             "nll": m["nll"],
             "ece": m["ece"],
-            "entropy": float(jnp.mean(ent)),
+            "entropy": float(_mean_entropy(fused)),
             "max_weight": float(np.mean(np.max(w, axis=0))),
         }
     if k >= 2:
@@ -502,7 +547,7 @@ def _student_batches(ctx, split, n_labeled, cache, batch_size):
 
 
 def _accuracy_eval(ctx: _Context, apply_fn: Callable) -> Callable:
-    infer = jax.jit(apply_fn)
+    infer = ctx.cached(("jit", apply_fn), lambda: jax.jit(apply_fn))
 
     def eval_fn(state):
         z = infer(state.params, ctx.val_x)
@@ -517,29 +562,34 @@ def _accuracy_eval(ctx: _Context, apply_fn: Callable) -> Callable:
 
 def train_student(ctx: _Context, name: str, strategy: Strategy, *, cache, split, n_labeled,
                   weighting, fingerprint):
-    """Train one student row; return (params, fit result, number of updates)."""
+    """Train one student row; return (params, apply_fn, fit result, number of updates)."""
     cfg, dcfg = ctx.config.student, ctx.config.distill
-    model, apply_fn = _model_and_apply(cfg, ctx.num_classes)
+    model, apply_fn = ctx.model(cfg.model, _model_kwargs(cfg))
     spe = data_lib.num_batches(split, batch_size=cfg.batch_size)
     epochs = max(1, round(cfg.steps / spe))
     total = spe * epochs
-    tx = _optimizer(cfg.learning_rate, total, cfg.weight_decay)
-    key = jax.random.fold_in(ctx.key, 2)  # every row starts from the same initial student
-    params = models.init_params(model, key, jnp.asarray(split.x[:1]))
-    if strategy.kind == "supervised":
-        step = make_supervised_step(apply_fn, tx)
-        cache = None
-    else:
-        step = make_distill_step(
+
+    def build():
+        tx = _optimizer(cfg.learning_rate, total, cfg.weight_decay)
+        if strategy.kind == "supervised":
+            return tx, make_supervised_step(apply_fn, tx)
+        return tx, make_distill_step(
             apply_fn, None, tx, weighting=weighting,
             soft_loss=strategy.soft_loss or dcfg.soft_loss,
             temperature=dcfg.temperature, alpha=dcfg.alpha,
         )
+
+    # Keyed by the weighting object too: the performance weights change with the seed.
+    tx, step = ctx.parallel(("student", name, total, weighting), build)
+    key = jax.random.fold_in(ctx.key, 2)  # every row starts from the same initial student
+    params = models.init_params(model, key, jnp.asarray(split.x[:1]))
+    if strategy.kind == "supervised":
+        cache = None
     result = _fit(ctx, name, init_train_state(params, tx), step,
                   _student_batches(ctx, split, n_labeled, cache, cfg.batch_size),
                   steps_per_epoch=spe, epochs=epochs, eval_fn=_accuracy_eval(ctx, apply_fn),
                   fingerprint=fingerprint)
-    return result.state.params, apply_fn, model, result, total
+    return result.state.params, apply_fn, result, total
 
 
 def codistill(ctx: _Context, teacher_params, apply_fn, *, split, n_labeled, fingerprint):
@@ -547,11 +597,15 @@ def codistill(ctx: _Context, teacher_params, apply_fn, *, split, n_labeled, fing
     cfg = ctx.config.codistill
     spe = data_lib.num_batches(split, batch_size=ctx.config.teachers.batch_size)
     total = spe * cfg.epochs
-    tx = _optimizer(cfg.learning_rate, total, 0.0)
+
+    def build():
+        tx = _optimizer(cfg.learning_rate, total, 0.0)
+        return tx, make_codistill_step(apply_fn, tx, soft_loss=cfg.soft_loss,
+                                       temperature=cfg.temperature, alpha=cfg.alpha)
+
+    tx, step = ctx.parallel(("codistill", apply_fn, total), build)
     state = init_stacked_train_state(jax.tree.map(jnp.array, teacher_params), tx)
-    step = make_codistill_step(apply_fn, tx, soft_loss=cfg.soft_loss,
-                               temperature=cfg.temperature, alpha=cfg.alpha)
-    infer = jax.jit(jax.vmap(apply_fn, in_axes=(0, None)))
+    infer = ctx.cached(("vmapped", apply_fn), lambda: jax.jit(jax.vmap(apply_fn, (0, None))))
 
     def eval_fn(state):
         z = infer(state.params, ctx.val_x)
@@ -570,7 +624,8 @@ def codistill(ctx: _Context, teacher_params, apply_fn, *, split, n_labeled, fing
 # One seed
 
 
-def run_seed(config, seed: int, dataset, transfer_x, mesh, run_dir: str, strategies):
+def run_seed(config, seed: int, dataset, transfer_x, mesh, run_dir: str, strategies,
+             shared: dict | None = None):
     """Run the whole pipeline once with `seed`; return a `SeedResult` and the trained models.
 
     Args:
@@ -581,12 +636,14 @@ def run_seed(config, seed: int, dataset, transfer_x, mesh, run_dir: str, strateg
       mesh: the data-parallel mesh.
       run_dir: the run folder (checkpoints, TensorBoard).
       strategies: the parsed `Strategy` rows.
+      shared: a dict kept across the seeds of a run: models and compiled steps built once.
 
     Returns:
       `(SeedResult, models)` where `models` maps "teacher", "student", "ensemble" to
       `(apply_fn, params)` for the compression measurements.
     """
-    ctx = _Context(config, dataset, transfer_x, mesh, run_dir, seed)
+    ctx = _Context(config, dataset, transfer_x, mesh, run_dir, seed,
+                   {} if shared is None else shared)
     seconds: dict[str, float] = {}
     histories: dict[str, dict] = {}
     steps: dict[str, int] = {}
@@ -625,6 +682,7 @@ def run_seed(config, seed: int, dataset, transfer_x, mesh, run_dir: str, strateg
     rows["ensemble"] = evaluate_logits(_log_probs(ens), test_y, ens)
 
     # 3-4. Divergences, weights and targets.
+    best = int(np.argmax(val_acc))
     no_transfer = [parse_strategy(n) for n in config.distill.train_only]
     weightings = {}
     for s in [*strategies, *no_transfer]:
@@ -641,7 +699,7 @@ def run_seed(config, seed: int, dataset, transfer_x, mesh, run_dir: str, strateg
         val_logits, dataset.validation.y, strategies,
         kinds=tuple(config.analysis.divergence_kinds) if k >= 2 else (),
         temperature=config.distill.temperature, weightings=weightings,
-        best=int(np.argmax(val_acc)),
+        best=best,
     )
     seconds["analysis"] = time.perf_counter() - t0
 
@@ -650,8 +708,17 @@ def run_seed(config, seed: int, dataset, transfer_x, mesh, run_dir: str, strateg
     use_transfer = transfer_x is not None
     split, n_labeled = _distill_split(ctx, use_transfer)
     cache = _predict(stacked_apply, teacher_params, split.x)  # [K, N, C]
-    best = int(np.argmax(val_acc))
     seconds["cache"] = time.perf_counter() - t0
+
+    def row_data(s: Strategy, with_transfer: bool):
+        """(split, labeled count, teacher logits or None) a student row learns from."""
+        if s.kind == "supervised":
+            return dataset.train, len(dataset.train), None
+        if with_transfer:
+            sp, nl, ch = split, n_labeled, cache
+        else:  # the train split is the first rows of the distillation split
+            sp, nl, ch = dataset.train, len(dataset.train), cache[:, :len(dataset.train)]
+        return sp, nl, (ch[best:best + 1] if s.teachers == "best" else ch)
 
     jobs = [(s.name, s, True) for s in strategies if s.kind != "codistill"]
     if use_transfer:
@@ -659,20 +726,13 @@ def run_seed(config, seed: int, dataset, transfer_x, mesh, run_dir: str, strateg
     student = None
     for row, s, with_transfer in jobs:
         t0 = time.perf_counter()
-        if with_transfer or s.kind == "supervised":
-            sp, nl, ch = (split, n_labeled, cache) if s.kind == "distill" else (
-                dataset.train, len(dataset.train), None)
-        else:
-            sp, nl = dataset.train, len(dataset.train)
-            ch = cache[:, :len(dataset.train)]
-        if ch is not None and s.teachers == "best":
-            ch = ch[best:best + 1]
-        params, s_apply, s_model, result, total = train_student(
+        sp, nl, ch = row_data(s, with_transfer)
+        params, s_apply, result, total = train_student(
             ctx, row, s, cache=ch, split=sp, n_labeled=nl,
             weighting=weightings.get(s.name, "uniform"), fingerprint=fingerprint,
         )
-        rows[row] = evaluate_logits(_predict(jax.jit(s_apply), params, dataset.test.x),
-                                    test_y, ens)
+        infer = ctx.cached(("jit", s_apply), lambda s_apply=s_apply: jax.jit(s_apply))
+        rows[row] = evaluate_logits(_predict(infer, params, dataset.test.x), test_y, ens)
         histories[row], steps[row] = result.history, total
         seconds[row] = time.perf_counter() - t0
         student = (s_apply, params)
@@ -682,8 +742,7 @@ def run_seed(config, seed: int, dataset, transfer_x, mesh, run_dir: str, strateg
         co_split, co_labeled = _distill_split(ctx, use_transfer)
         co_params, co_result, total = codistill(
             ctx, teacher_params, trained_teachers.members[0][0], split=co_split,
-            n_labeled=co_labeled,
-            fingerprint=fingerprint,
+            n_labeled=co_labeled, fingerprint=fingerprint,
         )
         co_logits = _predict(stacked_apply, co_params, dataset.test.x)
         each = [evaluate_logits(co_logits[i], test_y, ens) for i in range(k)]
@@ -803,10 +862,10 @@ def run(config: ml_collections.ConfigDict) -> ExperimentResult:
     mesh = parallel.data_mesh()
     _log(f"devices: {jax.device_count()} ({jax.default_backend()}), processes: "
          f"{jax.process_count()}; run folder: {run_dir}")
-    seeds, trained = [], None
+    seeds, trained, shared = [], None, {}
     for seed in range(config.first_seed, config.first_seed + config.seeds):
         result, models_of_seed = run_seed(config, seed, dataset, transfer_x, mesh, run_dir,
-                                          strategies)
+                                          strategies, shared)
         seeds.append(result)
         trained = trained or models_of_seed
     comp = []
