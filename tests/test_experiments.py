@@ -327,6 +327,22 @@ def test_verdicts_helps_hurts_noise():
     assert {x["verdict"] for x in one} == {"undecided (1 seed)"}
 
 
+def test_rows_without_transfer_set_meet_baselines_without_it():
+    rows = ("alone", "best_teacher", "mean", "mean (no transfer)", "best_teacher (no transfer)")
+    seeds = [{r: {"accuracy": 0.5 + 0.01 * i + 0.001 * j} for j, r in enumerate(rows)}
+             for i in range(3)]
+    pairs = {(v["row"], v["baseline"]) for v in report.verdicts(seeds)}
+    assert pairs == {
+        ("best_teacher", "alone"), ("mean", "alone"), ("mean (no transfer)", "alone"),
+        ("best_teacher (no transfer)", "alone"), ("mean", "best_teacher"),
+        ("mean (no transfer)", "best_teacher (no transfer)"),
+    }
+    # Without a no-transfer baseline, the no-transfer row only meets `alone`.
+    seeds = [{r: v for r, v in s.items() if r != "best_teacher (no transfer)"} for s in seeds]
+    pairs = {(v["row"], v["baseline"]) for v in report.verdicts(seeds)}
+    assert ("mean (no transfer)", "best_teacher") not in pairs
+
+
 def test_codistill_rows_are_compared_with_the_teachers_not_the_student():
     seeds = [{"teachers (mean)": {"accuracy": t}, "ensemble": {"accuracy": e},
               "alone": {"accuracy": 0.6}, "codistill (each)": {"accuracy": c},

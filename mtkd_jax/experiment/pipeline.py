@@ -823,7 +823,7 @@ def _environment() -> dict[str, Any]:
         "processes": jax.process_count(),
         "jax": jax.__version__,
         "python": sys.version.split()[0],
-        "command": " ".join(sys.argv),
+        "command": " ".join(["python", *sys.argv]),
     }
 
 
