@@ -10,19 +10,21 @@
 #   standard_f32, standard_bf16  benchmarks/run.py --workload standard (batch 256, ConvNets)
 #   strategy_f32              benchmarks/strategy_bench.py --preset gpu: vmap vs loop vs auto
 # then prints one table (run.py --summarize) and writes OUT_DIR/summary.json next to each
-# run's JSON, stdout and log. The PyTorch unit is CPU-only and is left out here.
+# run's JSON, stdout and log. The PyTorch unit is CPU-only and is left out here. Needs a
+# CUDA build of jaxlib (pip install -U "jax[cuda12]") and `pip install -e .` of this repo.
 #
 # --quick runs the same script path with tiny sizes; it works on a CPU-only machine, which is
 # how this script was tested (no GPU was available when it was written).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-OUT=benchmarks/gpu_results
+# Results go to OUT_DIR, else $OUT (the folder a remote runner sends back), else /tmp.
+OUT=${OUT:-/tmp/mtkd_jax_gpu}
 QUICK=()
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK=(--quick) ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) OUT="$arg" ;;
   esac
 done
