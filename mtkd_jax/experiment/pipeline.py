@@ -831,8 +831,10 @@ def run(config: ml_collections.ConfigDict) -> ExperimentResult:
     """Run the pipeline over `config.seeds` seeds and write the run folder.
 
     The config is checked first (`validate_config`), before any data is loaded or model
-    trained. With `config.distributed`, `jax.distributed.initialize()` is called before any
-    other JAX work, and every host feeds its slice of each global batch.
+    trained. With `config.distributed` (or `MTKD_*` variables that ask for it, see
+    `mtkd_jax.distributed`), `initialize_distributed()` is called before any other JAX work,
+    taking the coordinator, process count and id from `MTKD_*` variables or JAX's cluster
+    detection, and every host feeds its slice of each global batch.
 
     Args:
       config: see `mtkd_jax.experiment.config.default_config`.
@@ -845,8 +847,10 @@ def run(config: ml_collections.ConfigDict) -> ExperimentResult:
     from mtkd_jax.experiment import compression, report
 
     strategies = validate_config(config)
-    if config.distributed:
-        jax.distributed.initialize()
+    from mtkd_jax import distributed
+
+    if config.distributed or distributed.distributed_requested():
+        distributed.initialize_distributed()
     validate_config(config, num_devices=jax.device_count())
     start = time.perf_counter()
     dataset = data_lib.load(config.dataset, data_dir=config.data_dir or None)
