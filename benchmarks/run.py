@@ -10,7 +10,8 @@ T = 4 softmaxes, the pairwise squared-difference matrix, CA-MKD confidence weigh
 target, `0.5 CE + 0.5 T^2 KL`, SGD momentum 0.9, lr 0.05, student only. `--workload gpu`:
 batch 1024, ResNet-14-like teachers (GroupNorm), a small ResNet student.
 
-Units, in images/s (median over timed repeats after warm-up; compile time apart):
+Units, in images/s (median over timed repeats after warm-up; compile time apart, as JAX
+reports it for the first call: tracing, lowering and XLA compilation):
   teachers              the K teachers' frozen inference (`make_stacked_apply`)
   distill               the library's online distillation step (`make_distill_step`)
   student               a student-only CE step (`make_supervised_step`): the floor
@@ -177,6 +178,19 @@ def copy_tree(tree):
     return jax.tree.map(jnp.copy, tree)
 
 
+def xla_cost(jitted, *args, **kwargs) -> dict:
+    """FLOPs and bytes accessed of one compiled step, from XLA's cost analysis."""
+    spec = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
+    args, kwargs = jax.tree.map(spec, (args, kwargs))
+    cost = jitted.lower(*args, **kwargs).compile().cost_analysis()
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else {}
+    return {
+        "gflops": round(float(cost.get("flops", 0.0)) / 1e9, 3),
+        "gbytes_accessed": round(float(cost.get("bytes accessed", 0.0)) / 1e9, 3),
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # Units: each is `call()` (one step, dispatched), `block()`, and the images one call sees.
 
@@ -184,7 +198,8 @@ def copy_tree(tree):
 class Unit:
     def __init__(self, name: str, images: int, call, block):
         self.name, self.images, self.call, self.block = name, images, call, block
-        self.first_call_s = None
+        self.first_call_s = self.compile_s = None
+        self.cost = None  # optional: () -> XLA cost analysis of the compiled step
         self.img_s: list[float] = []
         self.steps = 1
 
@@ -243,6 +258,7 @@ def library_units(cfg, dtype, batches, strategy, cache_dir, results):
         st["i"] += 1
 
     units.append(Unit("distill", b, distill_call, lambda: jax.block_until_ready(st["s"])))
+    units[-1].cost = lambda: xla_cost(distill, st["s"], dev[0], key, teacher_params=tp)
 
     # (c) student only
     sup = jax.jit(train.make_supervised_step(s_apply, tx), donate_argnums=0)
@@ -324,10 +340,12 @@ def bare_units(cfg, dtype, batches, teacher_list, student_params):
         out["z"] = teach(tps, dev[ti["i"] % NUM_BATCHES][0])
         ti["i"] += 1
 
-    return [
+    units = [
         Unit("bare_jax_teachers", b, teachers_call, lambda: jax.block_until_ready(out["z"])),
         Unit("bare_jax_distill", b, call, lambda: jax.block_until_ready(st["p"])),
-    ], first
+    ]
+    units[-1].cost = lambda: xla_cost(step, st["p"], st["o"], tps, *dev[0])
+    return units, first
 
 
 def torch_units(cfg, batches, teacher_list, student_params):
@@ -355,17 +373,30 @@ def torch_units(cfg, batches, teacher_list, student_params):
 # Timing
 
 
+_COMPILE_S = [0.0]
+
+
+def _on_event(name: str, seconds: float, **_) -> None:
+    # Tracing, lowering and XLA compilation, as JAX itself reports them.
+    if name.startswith("/jax/core/compile/"):
+        _COMPILE_S[0] += seconds
+
+
 def measure(units: list[Unit], *, repeats: int, target_s: float, log) -> None:
-    """Warm up (the first call includes compiling), calibrate, then interleaved repeats."""
+    """Warm up (the first call compiles), calibrate, then interleaved repeats."""
+    jax.monitoring.register_event_duration_secs_listener(_on_event)
     for u in units:
+        c0 = _COMPILE_S[0]
         t0 = time.perf_counter()
         u.call()
         u.block()
         u.first_call_s = time.perf_counter() - t0
+        u.compile_s = _COMPILE_S[0] - c0
         one = u.run(1)  # a second, compiled call: the calibration
         u.steps = max(1, int(round(target_s / max(one, 1e-6))))
         log(
-            f"  {u.name:<22} first call {u.first_call_s:7.2f} s, step {one * 1e3:8.1f} ms, "
+            f"  {u.name:<22} first call {u.first_call_s:7.2f} s (compile {u.compile_s:.2f} s), "
+            f"step {one * 1e3:8.1f} ms, "
             f"{u.steps} step(s)/repeat"
         )
     for r in range(repeats):
@@ -383,7 +414,8 @@ def summarize(units: list[Unit]) -> dict:
             "img_s_min": round(min(u.img_s), 2),
             "img_s_max": round(max(u.img_s), 2),
             "step_ms": round(1e3 * u.images / med, 2),
-            "compile_s": round(max(u.first_call_s - u.images / med, 0.0), 2),
+            "compile_s": round(u.compile_s, 2),
+            "first_call_s": round(u.first_call_s, 2),
             "steps_per_repeat": u.steps,
             "repeats": len(u.img_s),
         }
@@ -445,7 +477,7 @@ def parse(argv=None):
     p.add_argument("--workload", choices=sorted(WORKLOADS), default="standard")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--strategy", choices=teachers.STRATEGIES, default="auto")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 9)")
     p.add_argument(
         "--target-seconds",
         type=float,
@@ -532,7 +564,7 @@ def main(argv=None) -> dict:
         cfg.update(QUICK[args.workload])
     if args.batch_size:
         cfg["batch_size"] = args.batch_size
-    repeats = args.repeats or (2 if args.quick else 5)
+    repeats = args.repeats or (2 if args.quick else 9)
     target_s = args.target_seconds or (0.05 if args.quick else 1.0)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     env = environment()
@@ -579,6 +611,8 @@ def main(argv=None) -> dict:
     result["checks"] = {
         "first_loss": losses,
         "max_rel_diff_vs_library": max(abs(v - ref) / abs(ref) for v in same.values()),
+        # The same work, counted by XLA: a library overhead would show as extra FLOPs/bytes.
+        "xla_cost": {u.name: u.cost() for u in units if u.cost is not None},
     }
     result["units"] = summarize(units)
     result["ratios"] = ratios(units)
