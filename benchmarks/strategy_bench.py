@@ -77,8 +77,11 @@ def bench_one(name, kwargs, shape, classes, batch, rounds, dtype):
     # Short calls are repeated within a measurement (>= ~50 ms), to rise above timer noise.
     calls = max(1, round(0.05 / min(single)))
     times = {s: [] for s in fns}
-    for _ in range(rounds):
-        for s, fn in fns.items():
+    names = list(fns)
+    for r in range(rounds):
+        # A different order each round, so no strategy always runs right after another.
+        for s in names[r % 3 :] + names[: r % 3]:
+            fn = fns[s]
             t = time.perf_counter()
             for _ in range(calls):
                 out = fn(tp, x)
