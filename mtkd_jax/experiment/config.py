@@ -165,7 +165,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.teachers.model_kwargs = ml_collections.ConfigDict(
         {"features": (32, 32, 64), "hidden": 128}
     )
-    c.teachers.epochs = 30
+    c.teachers.epochs = 20
     c.teachers.batch_size = 128
     c.teachers.learning_rate = 1e-2
     c.teachers.learning_rates = ()
@@ -175,9 +175,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.student = ml_collections.ConfigDict()
     c.student.model = "mlp"
     c.student.model_kwargs = ml_collections.ConfigDict({"features": (256, 256)})
-    c.student.steps = 3000
-    c.student.batch_size = 128
-    c.student.learning_rate = 3e-3
+    c.student.steps = 1500
+    c.student.batch_size = 256
+    c.student.learning_rate = 5e-3
     c.student.weight_decay = 1e-4
 
     c.distill = ml_collections.ConfigDict()

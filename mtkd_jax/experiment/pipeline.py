@@ -79,7 +79,7 @@ __all__ = [
 METRICS = ("accuracy", "recall", "f1", "precision", "nll", "ece", "agreement")
 """Test metrics of every row (macro recall, F1 and precision; agreement with the ensemble)."""
 
-_EVALS_PER_RUN = 8  # validation points per training run: learning curves, best checkpoint
+_EVALS_PER_RUN = 5  # validation points per training run: learning curves, best checkpoint
 _INFER_CHUNK = 4096  # examples per teacher inference call when filling the logit cache
 _IGNORED_KEYS = ("progress", "log_every")  # may change between a run and its resume
 
