@@ -402,7 +402,9 @@ def measure(units: list[Unit], *, repeats: int, target_s: float, log) -> None:
             f"{u.steps} step(s)/repeat"
         )
     for r in range(repeats):
-        for u in units:
+        # Reversing the order every other repeat cancels position effects (a unit that
+        # always follows the PyTorch loop would inherit its spinning OpenMP threads).
+        for u in units if r % 2 == 0 else units[::-1]:
             u.img_s.append(u.steps * u.images / u.run(u.steps))
         log(f"  repeat {r + 1}/{repeats}: load {os.getloadavg()[0]:.2f}")
 

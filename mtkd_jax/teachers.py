@@ -217,11 +217,36 @@ def time_strategies(
 
 
 def choose_strategy(
-    apply_fn: ApplyFn, stacked_params: Any, example_x: jax.Array, *, num_repeats: int = 5
+    apply_fn: ApplyFn,
+    stacked_params: Any,
+    example_x: jax.Array,
+    *,
+    num_repeats: int = 5,
+    probe_fraction: float = 0.25,
+    decisive_ratio: float = 2.0,
 ) -> str:
     """The faster of "vmap" and "loop" for this model, backend and batch, by `time_strategies`.
 
-    A static Python decision, made once outside `jax.jit`.
+    A static Python decision, made once outside `jax.jit`. Both strategies are first timed
+    on a probe, the first `probe_fraction` of the batch; when one is at least
+    `decisive_ratio` times slower there it is not run at full size. The slow strategy is
+    usually vmapped convolutions (grouped convolutions on CPU: several times slower and
+    several GB of scratch at batch 256), so the probe saves most of the choice's time and
+    peak memory exactly where it would be largest. Closer calls are timed on the whole
+    `example_x`, since the ranking can change with the batch size.
+
+    Args:
+      apply_fn: `(params, x) -> logits [B, C]` of one teacher.
+      stacked_params: params stacked on a leading K axis.
+      example_x: `[B, ...]` a representative input batch.
+      num_repeats: timed calls per strategy (>= 1), on the probe and at full size.
+      probe_fraction: probe size as a fraction of B, in (0, 1]; 1 (or a probe of fewer than
+        one example) skips the probe.
+      decisive_ratio: slowdown on the probe (> 1) that settles the choice without a
+        full-size run.
+
+    Returns:
+      "vmap" or "loop".
 
     Example:
       >>> import jax.numpy as jnp
@@ -230,6 +255,19 @@ def choose_strategy(
       ...                 num_repeats=1) in ("vmap", "loop")
       True
     """
+    if not 0.0 < probe_fraction <= 1.0:
+        raise ValueError(f"`probe_fraction` must be in (0, 1], got {probe_fraction!r}.")
+    if not decisive_ratio > 1.0:
+        raise ValueError(f"`decisive_ratio` must be > 1, got {decisive_ratio!r}.")
+    batch = jnp.shape(example_x)[0] if jnp.ndim(example_x) else 0
+    probe = int(batch * probe_fraction)
+    if 1 <= probe < batch:
+        timings = time_strategies(
+            apply_fn, stacked_params, example_x[:probe], num_repeats=num_repeats
+        )
+        fast, slow = sorted(timings, key=timings.get)
+        if timings[slow] >= decisive_ratio * timings[fast]:
+            return fast
     timings = time_strategies(apply_fn, stacked_params, example_x, num_repeats=num_repeats)
     return min(timings, key=timings.get)
 

@@ -109,6 +109,44 @@ def test_stacked_apply_inside_jit_and_argument_errors(mlp_setup):
         choose_strategy(apply_fn, stacked, x, num_repeats=0)
 
 
+def test_choose_strategy_probes_a_sub_batch_first(monkeypatch, mlp_setup):
+    apply_fn, x, _, stacked = mlp_setup
+    full = x.shape[0]
+
+    def fake_timer(probe_timings, full_timings, full=full):
+        sizes = []
+
+        def fake(apply_fn, params, example_x, *, num_repeats):
+            sizes.append(example_x.shape[0])
+            return probe_timings if example_x.shape[0] < full else full_timings
+
+        return fake, sizes
+
+    # A decisive gap on the probe settles it: the slow strategy never runs at full size.
+    fake, sizes = fake_timer({"vmap": 5.0, "loop": 1.0}, {"vmap": 0.1, "loop": 9.0})
+    monkeypatch.setattr(teachers, "time_strategies", fake)
+    assert choose_strategy(apply_fn, stacked, x) == "loop"
+    assert sizes == [full // 4]
+    # A close call on the probe is re-timed on the whole batch, whose ranking wins.
+    fake, sizes = fake_timer({"vmap": 1.5, "loop": 1.0}, {"vmap": 1.0, "loop": 1.2})
+    monkeypatch.setattr(teachers, "time_strategies", fake)
+    assert choose_strategy(apply_fn, stacked, x) == "vmap"
+    assert sizes == [full // 4, full]
+    # probe_fraction=1 (or a probe below one example) times the full batch only.
+    fake, sizes = fake_timer({"vmap": 5.0, "loop": 1.0}, {"vmap": 1.0, "loop": 2.0})
+    monkeypatch.setattr(teachers, "time_strategies", fake)
+    assert choose_strategy(apply_fn, stacked, x, probe_fraction=1.0) == "vmap"
+    assert sizes == [full]
+    fake, sizes = fake_timer({"vmap": 5.0, "loop": 1.0}, {"vmap": 1.0, "loop": 2.0}, full=3)
+    monkeypatch.setattr(teachers, "time_strategies", fake)
+    assert choose_strategy(apply_fn, stacked, x[:3]) == "vmap"
+    assert sizes == [3]
+    with pytest.raises(ValueError, match=r"`probe_fraction` must be in \(0, 1\]"):
+        choose_strategy(apply_fn, stacked, x, probe_fraction=0.0)
+    with pytest.raises(ValueError, match="`decisive_ratio` must be > 1"):
+        choose_strategy(apply_fn, stacked, x, decisive_ratio=1.0)
+
+
 def test_choose_strategy_picks_the_faster_of_the_timings(monkeypatch, mlp_setup):
     apply_fn, x, _, stacked = mlp_setup
     cases = [({"vmap": 1.0, "loop": 2.0}, "vmap"), ({"vmap": 3.0, "loop": 2.0}, "loop")]
