@@ -22,6 +22,7 @@ as one vmapped program (different seeds, and optionally different hyperparameter
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -174,22 +175,31 @@ def _check_concrete(x: Any, name: str) -> None:
 
 
 def time_strategies(
-    apply_fn: ApplyFn, stacked_params: Any, example_x: jax.Array, *, num_repeats: int = 5
+    apply_fn: ApplyFn,
+    stacked_params: Any,
+    example_x: jax.Array,
+    *,
+    num_repeats: int = 5,
+    min_seconds: float = 0.02,
 ) -> dict[str, float]:
     """Seconds per call of each concrete strategy ("vmap", "loop") on an example batch.
 
     Each is compiled and run once untimed, then the two are timed alternately `num_repeats`
-    times each (alternation spreads background load over both); the minimum is kept, the
-    least noisy estimate of the intrinsic cost. Call outside `jax.jit`.
+    times each, in alternating order (spreading background load and any after-effect of
+    one on the next over both); the minimum is kept, the least noisy estimate of the
+    intrinsic cost. A measurement repeats the call until it lasts about `min_seconds`, the
+    same number of calls for both: sub-millisecond calls are otherwise ranked by timer and
+    dispatch jitter. Call outside `jax.jit`.
 
     Args:
       apply_fn: `(params, x) -> logits [B, C]` of one teacher.
       stacked_params: params stacked on a leading K axis.
       example_x: `[B, ...]` a representative input batch (same shape as in training).
-      num_repeats: timed calls per strategy (>= 1).
+      num_repeats: timed measurements per strategy (>= 1).
+      min_seconds: target length of one measurement (>= 0).
 
     Returns:
-      `{"vmap": seconds, "loop": seconds}`.
+      `{"vmap": seconds, "loop": seconds}`, per call.
 
     Example:
       >>> import jax.numpy as jnp
@@ -201,18 +211,29 @@ def time_strategies(
     """
     if not isinstance(num_repeats, int) or num_repeats < 1:
         raise ValueError(f"`num_repeats` must be an integer >= 1, got {num_repeats!r}.")
+    if not min_seconds >= 0:
+        raise ValueError(f"`min_seconds` must be >= 0, got {min_seconds!r}.")
     _check_concrete(stacked_params, "stacked_params")
     _check_concrete(example_x, "example_x")
     _num_stacked(stacked_params, "stacked_params")
     fns = {name: jax.jit(runner(apply_fn)) for name, runner in _RUNNERS.items()}
+
+    def seconds(fn, calls: int) -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            out = fn(stacked_params, example_x)
+        jax.block_until_ready(out)
+        return (time.perf_counter() - start) / calls
+
     for fn in fns.values():
         jax.block_until_ready(fn(stacked_params, example_x))
+    one_call = min(seconds(fn, 1) for fn in fns.values())
+    calls = max(1, math.ceil(min_seconds / max(one_call, 1e-9)))
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(num_repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn(stacked_params, example_x))
-            times[name].append(time.perf_counter() - start)
+    order = list(fns)
+    for r in range(num_repeats):
+        for name in order if r % 2 == 0 else order[::-1]:
+            times[name].append(seconds(fns[name], calls))
     return {name: min(ts) for name, ts in times.items()}
 
 

@@ -107,6 +107,8 @@ def test_stacked_apply_inside_jit_and_argument_errors(mlp_setup):
         jax.jit(lambda p, x: choose_strategy(apply_fn, p, x))(stacked, x)
     with pytest.raises(ValueError, match="`num_repeats` must be an integer >= 1"):
         choose_strategy(apply_fn, stacked, x, num_repeats=0)
+    with pytest.raises(ValueError, match="`min_seconds` must be >= 0"):
+        teachers.time_strategies(apply_fn, stacked, x, min_seconds=-1.0)
 
 
 def test_choose_strategy_probes_a_sub_batch_first(monkeypatch, mlp_setup):
