@@ -92,6 +92,9 @@ def test_strategies_give_the_same_logits(setup, request):
     )
     assert auto.strategy in ("vmap", "loop")
     np.testing.assert_allclose(auto(stacked, x), expected, rtol=1e-5, atol=1e-6)
+    # "auto" costs nothing per call: it runs the very program of the strategy it chose.
+    chosen = make_stacked_apply(apply_fn, strategy=auto.strategy)
+    assert str(jax.make_jaxpr(auto)(stacked, x)) == str(jax.make_jaxpr(chosen)(stacked, x))
 
 
 def test_stacked_apply_inside_jit_and_argument_errors(mlp_setup):
