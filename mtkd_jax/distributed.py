@@ -371,8 +371,9 @@ def global_batches(local_batches: Iterable[dict], mesh) -> Iterator[dict]:
 def broadcast_from_main(tree: Any) -> Any:
     """Process 0's values of `tree` (numpy arrays or scalars), on every process.
 
-    For a decision each process would otherwise take on its own, e.g. a strategy chosen by
-    timing (`mtkd_jax.teachers.choose_strategy`): the processes must compile the same program.
+    For a decision each process would otherwise take on its own, e.g. anything chosen by
+    timing or by local data (`mtkd_jax.teachers.choose_strategy` does this for its choice):
+    the processes must compile the same program.
     On a single process, `tree` comes back as numpy arrays.
 
     Example:

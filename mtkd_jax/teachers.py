@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from mtkd_jax.checkpoint import params_fingerprint
 from mtkd_jax.losses import cross_entropy
@@ -248,7 +249,9 @@ def choose_strategy(
 ) -> str:
     """The faster of "vmap" and "loop" for this model, backend and batch, by `time_strategies`.
 
-    A static Python decision, made once outside `jax.jit`. Both strategies are first timed
+    A static Python decision, made once outside `jax.jit`; in a multi-process run each
+    process times on its own data and process 0's choice is broadcast to all (they must
+    compile the same program). Both strategies are first timed
     on a probe, the first `probe_fraction` of the batch; when one is at least
     `decisive_ratio` times slower there it is not run at full size. The slow strategy is
     usually vmapped convolutions (grouped convolutions on CPU: several times slower and
@@ -280,6 +283,37 @@ def choose_strategy(
         raise ValueError(f"`probe_fraction` must be in (0, 1], got {probe_fraction!r}.")
     if not decisive_ratio > 1.0:
         raise ValueError(f"`decisive_ratio` must be > 1, got {decisive_ratio!r}.")
+    _check_concrete(stacked_params, "stacked_params")
+    _check_concrete(example_x, "example_x")
+    if jax.process_count() > 1:
+        # Time on this process's own data: timing programs over global arrays would need
+        # every process to run the same ones in the same order, and the timings differ.
+        stacked_params, example_x = _process_local((stacked_params, example_x))
+    choice = _choose_locally(
+        apply_fn, stacked_params, example_x, num_repeats, probe_fraction, decisive_ratio
+    )
+    if jax.process_count() > 1:
+        # Every process must compile the same step: process 0's choice wins.
+        index = multihost_utils.broadcast_one_to_all(np.int32(_CONCRETE.index(choice)))
+        choice = _CONCRETE[int(index)]
+    return choice
+
+
+_CONCRETE = ("vmap", "loop")
+
+
+def _process_local(tree: Any) -> Any:
+    """Global arrays that span processes -> this process's first shard (a local array)."""
+
+    def local(leaf):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return leaf.addressable_shards[0].data
+        return leaf
+
+    return jax.tree.map(local, tree)
+
+
+def _choose_locally(apply_fn, stacked_params, example_x, num_repeats, probe_fraction, ratio):
     batch = jnp.shape(example_x)[0] if jnp.ndim(example_x) else 0
     probe = int(batch * probe_fraction)
     if 1 <= probe < batch:
@@ -287,7 +321,7 @@ def choose_strategy(
             apply_fn, stacked_params, example_x[:probe], num_repeats=num_repeats
         )
         fast, slow = sorted(timings, key=timings.get)
-        if timings[slow] >= decisive_ratio * timings[fast]:
+        if timings[slow] >= ratio * timings[fast]:
             return fast
     timings = time_strategies(apply_fn, stacked_params, example_x, num_repeats=num_repeats)
     return min(timings, key=timings.get)

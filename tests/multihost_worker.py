@@ -3,7 +3,7 @@
     MTKD_COORDINATOR=127.0.0.1:PORT MTKD_NUM_PROCESSES=P MTKD_PROCESS_ID=p \\
     XLA_FLAGS=--xla_force_host_platform_device_count=N JAX_PLATFORMS=cpu \\
     python tests/multihost_worker.py --out DIR [--checkpoint-dir DIR] [--cache-dir DIR]
-        [--delay SECONDS] [--heartbeat SECONDS]
+        [--delay SECONDS] [--heartbeat SECONDS] [--strategy vmap|auto|auto-split]
 
 Each process joins the job through `mtkd_jax.distributed.initialize_distributed` (settings
 from the environment, CPU collectives over gloo), builds a mesh over the devices of all
@@ -64,12 +64,26 @@ def _teacher_apply(params, x):
     return x @ params["w"] + params["b"]
 
 
-def _teachers():
-    """The frozen teachers: `(teacher_apply, stacked params)`."""
+def _teachers(strategy="vmap"):
+    """The frozen teachers: `(teacher_apply, stacked params)`.
+
+    With "auto" each process times both strategies on its own and process 0's choice is
+    broadcast (`choose_strategy`); the reference run uses "vmap".
+    """
     from mtkd_jax.teachers import make_stacked_apply
 
-    # A fixed strategy: "auto" times both on each process and could pick differently.
-    return make_stacked_apply(_teacher_apply, strategy="vmap"), _problem()[1]
+    split, params, _ = _problem()
+    example = dict(example_params=params, example_x=split.x[:BATCH], num_repeats=1)
+    kwargs = example if strategy == "auto" else {}
+    return make_stacked_apply(_teacher_apply, strategy=strategy, **kwargs), params
+
+
+def _split_timings(process_index):
+    """Make the processes' timings disagree: process 0 finds vmap faster, the others loop."""
+    from mtkd_jax import teachers
+
+    fast, slow = ("vmap", "loop") if process_index == 0 else ("loop", "vmap")
+    teachers.time_strategies = lambda *a, **k: {fast: 1.0, slow: 9.0}
 
 
 def build_cache(path, *, process_index, process_count):
@@ -95,7 +109,15 @@ def build_cache(path, *, process_index, process_count):
 
 
 def train(
-    mesh, *, process_index, process_count, checkpoint_dir=None, cache=None, delay=0.0, log_fn=None
+    mesh,
+    *,
+    process_index,
+    process_count,
+    checkpoint_dir=None,
+    cache=None,
+    delay=0.0,
+    log_fn=None,
+    teachers=None,
 ):
     """Distil the student for EPOCHS epochs on `mesh`; return `(FitResult, loaded indices)`.
 
@@ -114,7 +136,7 @@ def train(
     from mtkd_jax.train import init_train_state, make_distill_step
 
     split, _, student_params = _problem()
-    teacher_apply, teacher_params = _teachers()
+    teacher_apply, teacher_params = teachers or _teachers()
     tx = optax.adam(0.05)
     step = make_distill_step(
         _student_apply,
@@ -180,6 +202,7 @@ def main(argv=None):
     parser.add_argument("--cache-dir")
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--heartbeat", type=int, default=10)
+    parser.add_argument("--strategy", choices=("vmap", "auto", "auto-split"), default="vmap")
     args = parser.parse_args(argv)
 
     from mtkd_jax.distributed import initialize_distributed, is_main_process
@@ -196,6 +219,9 @@ def main(argv=None):
             print(f"step {step}", flush=True)
 
     mesh = data_mesh()
+    if args.strategy == "auto-split":
+        _split_timings(info.process_index)
+    teachers = _teachers("vmap" if args.strategy == "vmap" else "auto")
     result, loaded = train(
         mesh,
         process_index=info.process_index,
@@ -203,6 +229,7 @@ def main(argv=None):
         checkpoint_dir=args.checkpoint_dir,
         delay=args.delay,
         log_fn=log_fn,
+        teachers=teachers,
     )
     record = {
         "info": info._asdict(),
@@ -212,6 +239,7 @@ def main(argv=None):
         "params": host_params(result.state.params),
         "loss": [r["loss"] for r in result.history["train"]],
         "loaded": loaded,
+        "teacher_strategy": teachers[0].strategy,
     }
     if args.cache_dir:
         # Teachers run once, each process over its own rows; then distil from the cache.

@@ -210,10 +210,13 @@ def _check_matches_reference(results, reference, *, start_step=0, params_key="pa
 @pytest.mark.timeout(2 * RUN_TIMEOUT)
 def test_two_processes_train_like_one(start_job, reference, tmp_path):
     cache_dir = tmp_path / "teacher-cache"
-    job = start_job("run", processes=2, devices=2, cache_dir=cache_dir)
+    # "auto-split": strategy "auto" with timings that disagree (process 0 finds vmap faster,
+    # process 1 loop); process 0's choice must reach both, or their programs would differ.
+    job = start_job("run", processes=2, devices=2, cache_dir=cache_dir, strategy="auto-split")
     codes = job.wait(RUN_TIMEOUT)
     assert codes == [0, 0], job.logs()
     results = job.results()
+    assert [r["teacher_strategy"] for r in results] == ["vmap", "vmap"]
     _check_matches_reference(results, reference)
     # Only process 0 logs.
     assert "step 12" in job.stdout(0)
@@ -242,10 +245,13 @@ def test_two_processes_train_like_one(start_job, reference, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(2 * RUN_TIMEOUT)
 def test_four_processes_train_like_one(start_job, reference):
-    job = start_job("run", processes=4, devices=1)
+    # Real "auto" timings on four processes: one choice (process 0's) on all of them.
+    job = start_job("run", processes=4, devices=1, strategy="auto")
     codes = job.wait(RUN_TIMEOUT)
     assert codes == [0] * 4, job.logs()
-    _check_matches_reference(job.results(), reference)
+    results = job.results()
+    assert len({r["teacher_strategy"] for r in results}) == 1
+    _check_matches_reference(results, reference)
 
 
 def _complete_checkpoints(directory: Path) -> list[int]:
