@@ -249,9 +249,7 @@ def choose_strategy(
 ) -> str:
     """The faster of "vmap" and "loop" for this model, backend and batch, by `time_strategies`.
 
-    A static Python decision, made once outside `jax.jit`; in a multi-process run each
-    process times on its own data and process 0's choice is broadcast to all (they must
-    compile the same program). Both strategies are first timed
+    A static Python decision, made once outside `jax.jit`. Both strategies are first timed
     on a probe, the first `probe_fraction` of the batch; when one is at least
     `decisive_ratio` times slower there it is not run at full size. The slow strategy is
     usually vmapped convolutions (grouped convolutions on CPU: several times slower and
@@ -259,11 +257,14 @@ def choose_strategy(
     peak memory exactly where it would be largest. Closer calls are timed on the whole
     `example_x`, since the ranking can change with the batch size.
 
+    In a multi-process run each process times on its own data (its first shard of a global
+    array) and process 0's choice is broadcast to all: they must compile the same program.
+
     Args:
       apply_fn: `(params, x) -> logits [B, C]` of one teacher.
       stacked_params: params stacked on a leading K axis.
       example_x: `[B, ...]` a representative input batch.
-      num_repeats: timed calls per strategy (>= 1), on the probe and at full size.
+      num_repeats: timed measurements per strategy (>= 1), on the probe and at full size.
       probe_fraction: probe size as a fraction of B, in (0, 1]; 1 (or a probe of fewer than
         one example) skips the probe.
       decisive_ratio: slowdown on the probe (> 1) that settles the choice without a
@@ -344,7 +345,7 @@ def make_stacked_apply(
         `choose_strategy`). All three compute the same logits.
       example_params: stacked params, needed for "auto".
       example_x: `[B, ...]` representative batch, needed for "auto".
-      num_repeats: timed calls per strategy for "auto".
+      num_repeats: timed measurements per strategy for "auto" (see `choose_strategy`).
 
     Returns:
       A jitted `teacher_apply(stacked_params, x [B, ...]) -> logits [K, B, C]` whose output
