@@ -620,7 +620,7 @@ def main(argv=None) -> dict:
             first.update(torch_first)
 
     # Every implementation starts from the same weights and batch: their first losses must
-    # agree (the top-k cache excepted: its target is the renormalised top-k by design).
+    # agree (the top-k cache excepted: its target keeps only the top k classes exactly).
     losses = {k: float(v) for k, v in first.items()}
     ref = losses.get("distill")
     same = [v for k, v in losses.items() if not k.endswith("top5")]

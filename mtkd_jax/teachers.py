@@ -295,12 +295,10 @@ def choose_strategy(
     )
     if jax.process_count() > 1:
         # Every process must compile the same step: process 0's choice wins.
-        index = multihost_utils.broadcast_one_to_all(np.int32(_CONCRETE.index(choice)))
-        choice = _CONCRETE[int(index)]
+        names = tuple(_RUNNERS)
+        index = multihost_utils.broadcast_one_to_all(np.int32(names.index(choice)))
+        choice = names[int(index)]
     return choice
-
-
-_CONCRETE = ("vmap", "loop")
 
 
 def _process_local(tree: Any) -> Any:
