@@ -3,74 +3,76 @@
 The functional core (pure functions over arrays, teacher axis first `[K, ..., C]`):
 
 * `softmax_t`, `pairwise_divergence`: teacher predictions and their differences;
-* `mtkd_jax.weighting`: teacher weights (uniform, static, from scores, confidence, entropy,
-  agreement);
-* `fuse_targets`, `leave_one_out_targets`, `fuse_logits`: distillation targets;
-* `mtkd_jax.losses`: per-example soft losses (`soft_kl`, `soft_mse`), CE, their mix.
+* `mtkd_jax.weighting`: teacher weights, one protocol and one registry (`WEIGHTINGS`);
+* `fuse_targets`, `leave_one_out_targets`, `fuse_logits`, `distill_targets`: targets;
+* `mtkd_jax.losses`: per-example soft losses (`soft_kl`, `soft_mse`), CE, their mix and
+  its masked batch mean.
 
-The engine built on it:
+The engine built on it (see docs/architecture.md):
 
-* `mtkd_jax.teachers`: stacked (vmap/loop/auto) and heterogeneous frozen teacher ensembles,
-  K teachers trained at once, orbax save/load;
-* `mtkd_jax.train`: distill / codistill / supervised / eval steps; `mtkd_jax.parallel`: the same
-  steps data-parallel over a `("data",)` mesh; `mtkd_jax.metrics`;
+* `mtkd_jax.state.TrainState`, one state for students and teachers (one or K stacked);
+* `mtkd_jax.steps`: supervised / distill / codistill step factories, `stacked_step` for K
+  models at once; `mtkd_jax.evaluation`: eval step and `evaluate`;
+* `mtkd_jax.teachers`: stacked (vmap/loop/auto) and heterogeneous frozen ensembles, orbax
+  save/load; `mtkd_jax.parallel`: the same steps data-parallel over a `("data",)` mesh;
 * `mtkd_jax.loop.fit` with `mtkd_jax.checkpoint.Checkpointer`: kill-safe training;
 * `mtkd_jax.models`: small XLA-friendly reference models.
 
-`mtkd_jax.data` (TFDS and offline datasets) and `mtkd_jax.experiment` are imported on first
-access, since TFDS is slow to import and the functional core does not need it.
+Every `make_*` factory returns an un-jitted function. `mtkd_jax.data` (TFDS and offline
+datasets), `mtkd_jax.experiment`, `mtkd_jax.cache` and `mtkd_jax.distributed` are imported on
+first access, since TFDS is slow to import and the functional core does not need them.
 """
 
 import importlib
 
 from mtkd_jax import (
     checkpoint,
+    evaluation,
     losses,
     metrics,
     models,
     parallel,
+    state,
+    steps,
     teachers,
-    train,
     weighting,
 )
+from mtkd_jax.batch import check_batch
 from mtkd_jax.checkpoint import Checkpointer, params_fingerprint
 from mtkd_jax.divergence import DIVERGENCES, log_softmax_t, pairwise_divergence, softmax_t
+from mtkd_jax.evaluation import evaluate, make_eval_step
 from mtkd_jax.loop import FitResult, NonFiniteLossError, fit
 from mtkd_jax.losses import (
+    SOFT_LOSSES,
     cross_entropy,
     distillation_loss,
+    mean_distillation_loss,
     per_teacher_soft_kl,
     soft_kl,
     soft_mse,
 )
-from mtkd_jax.models import apply_fn_of, init_params, make_model, nnx_apply_fn
+from mtkd_jax.models import MODELS, apply_fn_of, init_params, make_model, nnx_apply_fn
 from mtkd_jax.parallel import data_mesh, data_parallel_step, replicate, shard_batch
-from mtkd_jax.targets import fuse_logits, fuse_targets, leave_one_out_targets
+from mtkd_jax.reduce import global_mean
+from mtkd_jax.state import TrainState, init_stacked_train_state, init_train_state, set_hyperparams
+from mtkd_jax.steps import make_codistill_step, make_distill_step, make_supervised_step, stacked_step
+from mtkd_jax.targets import (
+    DistillTargets,
+    distill_targets,
+    fuse_logits,
+    fuse_targets,
+    leave_one_out_targets,
+)
 from mtkd_jax.teachers import (
     choose_strategy,
-    init_ensemble,
     load_teachers,
-    make_ensemble_train_step,
     make_heterogeneous_apply,
     make_stacked_apply,
-    make_teacher_train_step,
     save_teachers,
     stack_params,
-    teacher_fingerprint,
     unstack_params,
 )
-from mtkd_jax.train import (
-    TrainState,
-    check_batch,
-    distill_targets,
-    evaluate,
-    init_stacked_train_state,
-    init_train_state,
-    make_codistill_step,
-    make_distill_step,
-    make_eval_step,
-    make_supervised_step,
-)
+from mtkd_jax.weighting import WEIGHTINGS, get_weighting, register_weighting
 
 __version__ = "0.1.0"
 
@@ -85,7 +87,11 @@ def __getattr__(name):
 
 __all__ = [
     "DIVERGENCES",
+    "MODELS",
+    "SOFT_LOSSES",
+    "WEIGHTINGS",
     "Checkpointer",
+    "DistillTargets",
     "FitResult",
     "NonFiniteLossError",
     "TrainState",
@@ -99,10 +105,12 @@ __all__ = [
     "distill_targets",
     "distillation_loss",
     "evaluate",
+    "evaluation",
     "fit",
     "fuse_logits",
     "fuse_targets",
-    "init_ensemble",
+    "get_weighting",
+    "global_mean",
     "init_params",
     "init_stacked_train_state",
     "init_train_state",
@@ -112,13 +120,12 @@ __all__ = [
     "losses",
     "make_codistill_step",
     "make_distill_step",
-    "make_ensemble_train_step",
     "make_eval_step",
     "make_heterogeneous_apply",
     "make_model",
     "make_stacked_apply",
     "make_supervised_step",
-    "make_teacher_train_step",
+    "mean_distillation_loss",
     "metrics",
     "models",
     "nnx_apply_fn",
@@ -126,16 +133,19 @@ __all__ = [
     "parallel",
     "params_fingerprint",
     "per_teacher_soft_kl",
+    "register_weighting",
     "replicate",
     "save_teachers",
+    "set_hyperparams",
     "shard_batch",
     "soft_kl",
     "soft_mse",
     "softmax_t",
     "stack_params",
-    "teacher_fingerprint",
+    "stacked_step",
+    "state",
+    "steps",
     "teachers",
-    "train",
     "unstack_params",
     "weighting",
 ]

@@ -27,7 +27,7 @@ def is_traced(x) -> bool:
 
 
 def check_temperature(temperature, name: str = "temperature") -> None:
-    """Raise ValueError for a concrete temperature <= 0 (or NaN); traced values pass through.
+    """Raise for a concrete temperature that is not a finite number > 0; traced ones pass.
 
     Concrete means a Python number, a NumPy value or an array outside a trace; a traced
     temperature cannot be read without a host sync, so it is the caller's responsibility.
@@ -37,8 +37,58 @@ def check_temperature(temperature, name: str = "temperature") -> None:
     t = np.asarray(temperature)
     if not (np.issubdtype(t.dtype, np.floating) or np.issubdtype(t.dtype, np.integer)):
         raise TypeError(f"`{name}` must be a real number > 0, got {temperature!r}.")
-    if not np.all(t > 0):
-        raise ValueError(f"`{name}` must be > 0, got {temperature}.")
+    if not np.all((t > 0) & np.isfinite(t)):
+        raise ValueError(f"`{name}` must be a finite number > 0, got {temperature}.")
+
+
+def check_unit_interval(value, name: str) -> None:
+    """Raise ValueError for a concrete value outside [0, 1] (or NaN); traced values pass."""
+    if is_traced(value):
+        return
+    v = np.asarray(value, dtype=np.float64)
+    if not np.all((v >= 0) & (v <= 1)):
+        raise ValueError(f"`{name}` must be in [0, 1], got {value}.")
+
+
+def is_concrete_zero(value) -> bool:
+    """True for a concrete value that is exactly 0 everywhere (e.g. `alpha=0`: no hard term)."""
+    return not is_traced(value) and not np.any(np.asarray(value))
+
+
+def check_int(value, name: str, *, minimum: int = 1, allow_none: bool = False) -> None:
+    """Raise ValueError unless `value` is an int >= `minimum` (or None when allowed).
+
+    Example:
+      >>> from mtkd_jax._checks import check_int
+      >>> check_int(3, "num_epochs")
+      >>> check_int(0, "num_epochs")
+      Traceback (most recent call last):
+      ...
+      ValueError: `num_epochs` must be an int >= 1, got 0.
+    """
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+
+
+def check_weight_values(weights, name: str) -> None:
+    """Concrete teacher weights `[K, ...]`: finite, >= 0 and summing to 1 over K (tolerance
+    1e-3); traced weights (computed inside `jax.jit`) pass through unchecked."""
+    if is_traced(weights):
+        return
+    w = np.asarray(weights, dtype=np.float64)
+    if not np.all(np.isfinite(w)):
+        raise ValueError(f"`{name}` must be finite; it holds NaN or inf: {w.ravel()[:8]}...")
+    if np.any(w < 0):
+        raise ValueError(f"`{name}` must be non-negative; its minimum is {w.min()}.")
+    total = w.sum(axis=0)
+    if not np.allclose(total, 1.0, atol=1e-3):
+        worst = total.ravel()[np.argmax(np.abs(total.ravel() - 1.0))]
+        raise ValueError(
+            f"`{name}` must sum to 1 over the teacher axis (axis 0, shape {w.shape}); a sum is "
+            f"{worst}. Normalise them (e.g. with `mtkd_jax.weighting.static`)."
+        )
 
 
 def check_ndim(x, name: str, min_ndim: int, layout: str) -> None:

@@ -1,11 +1,13 @@
 """A resumable training loop: any step function, deterministic data, kill-safe checkpoints.
 
 `fit` drives `step_fn(state, batch, key) -> (state, metrics)` over `batches_fn(epoch, start)`,
-with per-step keys `fold_in(key, step)`, periodic evaluation, early stopping, the latest and
-best checkpoints (`mtkd_jax.checkpoint.Checkpointer`), a progress bar and a logging hook.
+with periodic evaluation, early stopping, the latest and best checkpoints
+(`mtkd_jax.checkpoint.Checkpointer`), host-side batch checks, a progress bar and a logging
+hook. The key is passed to every step unchanged: the library's steps fold `state.step` into
+it themselves (the one place a per-step key is made, see `mtkd_jax.steps`).
 
 Steps count completed updates: the update that takes `state.step` from n to n + 1 uses
-`fold_in(key, n)` and batch `n % steps_per_epoch` of epoch `n // steps_per_epoch`, and its
+batch `n % steps_per_epoch` of epoch `n // steps_per_epoch`, and its
 metrics, like the evaluation and checkpoint made after it, are reported at step n + 1. A run
 restarted on the same `checkpoint_dir` restores the newest checkpoint (state, early-stopping
 counters, history) and continues where it left off, so with a deterministic `batches_fn` and
@@ -29,6 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from mtkd_jax import _checks
+from mtkd_jax._tracking import Tracker, all_finite, host_value
+from mtkd_jax.batch import check_batch
 from mtkd_jax.checkpoint import Checkpointer
 
 __all__ = ["FitResult", "NonFiniteLossError", "fit"]
@@ -40,7 +45,7 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN/inf loss (or state); the last good checkpoint is kept.
 
     Attributes:
-      step: `state.step` going into the failing update (its key is `fold_in(key, step)`).
+      step: `state.step` going into the failing update.
       last_checkpoint_step: step of the newest checkpoint written (all finite), or None.
     """
 
@@ -72,98 +77,6 @@ class FitResult(NamedTuple):
     resumed_from: int | None
 
 
-def _host(value: Any) -> float | list:
-    array = np.asarray(value, dtype=np.float64)
-    return float(array) if array.ndim == 0 else array.tolist()
-
-
-@jax.jit
-def _all_finite(tree):
-    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves] or [True]))
-
-
-class _Tracker:
-    """Everything besides the state that a resumed run needs to carry on bit for bit.
-
-    It round-trips through checkpoint metadata as JSON (Python floats keep all their bits).
-    """
-
-    def __init__(self, *, best_metric, best_mode, min_delta):
-        self.best_metric, self.best_mode, self.min_delta = best_metric, best_mode, min_delta
-        self.history: dict[str, list] = {"train": [], "eval": []}
-        self.best: dict | None = None
-        self.bad_evals = 0
-        self.sums: dict[str, Any] = {}
-        self.count = 0
-
-    def to_json(self) -> dict:
-        sums = {k: _host(v) for k, v in self.sums.items()}
-        return {
-            "history": self.history,
-            "best": self.best,
-            "bad_evals": self.bad_evals,
-            "sums": sums,
-            "count": self.count,
-        }
-
-    def load(self, data: Mapping) -> None:
-        self.history = {
-            "train": list(data["history"]["train"]),
-            "eval": list(data["history"]["eval"]),
-        }
-        self.best, self.bad_evals = data["best"], data["bad_evals"]
-        self.sums = {k: np.asarray(v, np.float64) for k, v in data["sums"].items()}
-        self.count = data["count"]
-
-    def add_train(self, metrics: Mapping) -> None:
-        for name, value in metrics.items():
-            value = np.asarray(value, np.float64)
-            self.sums[name] = self.sums[name] + value if name in self.sums else value
-        self.count += 1
-
-    def close_epoch(self, *, step: int, epoch: int) -> dict | None:
-        if not self.count:
-            return None
-        record = {"step": step, "epoch": epoch, "steps": self.count}
-        record.update({k: _host(v / self.count) for k, v in self.sums.items()})
-        self.history["train"].append(record)
-        self.sums, self.count = {}, 0
-        return record
-
-    def add_eval(self, record: dict) -> bool:
-        """Append an eval record; return whether it improved on the best."""
-        if self.best_metric not in record:
-            raise ValueError(
-                f"`eval_fn` returned no {self.best_metric!r} (the `best_metric`); "
-                f"it returned {sorted(k for k in record if k not in ('step', 'epoch'))}."
-            )
-        self.history["eval"].append(record)
-        value = record[self.best_metric]
-        if not isinstance(value, float):
-            raise ValueError(
-                f"`eval_fn`'s {self.best_metric!r} must be a scalar, got {np.shape(value)}."
-            )
-        if self.best is None:
-            improved = np.isfinite(value)
-        elif self.best_mode == "max":
-            improved = value > self.best[self.best_metric] + self.min_delta
-        else:
-            improved = value < self.best[self.best_metric] - self.min_delta
-        if improved:
-            self.best, self.bad_evals = record, 0
-        else:
-            self.bad_evals += 1
-        return bool(improved)
-
-
-def _check_positive_int(value, name, *, allow_none=False):
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
-
-
 def fit(
     state: Any,
     step_fn: Callable[[Any, Any, jax.Array], tuple[Any, Mapping[str, Any]]],
@@ -184,6 +97,7 @@ def fit(
     fingerprint: Mapping[str, Any] | None = None,
     check_every: int = 10,
     loss_key: str = "loss",
+    num_classes: int | None = None,
     progress: bool = True,
     log_fn: Callable[[int, dict[str, Any]], None] | None = None,
     async_save: bool = True,
@@ -200,7 +114,8 @@ def fit(
         `lambda e, s: mtkd_jax.data.batches(split, batch_size=64, seed=0, epoch=e, start=s)`.
       num_epochs: epochs to train in total, counting those done before a resume.
       steps_per_epoch: updates per epoch (the iterable may be longer; it must not be shorter).
-      key: PRNG key; update n gets `jax.random.fold_in(key, n)`.
+      key: PRNG key, passed to every `step_fn` call unchanged (the library's steps fold in
+        `state.step`; a custom step that wants per-step randomness must do the same).
       eval_fn: `state -> dict` of validation metrics (scalars, or arrays for the history).
       eval_every: evaluate every this many steps (default `steps_per_epoch`).
       checkpoint_dir: where to keep checkpoints (`latest/`, `best/`); None keeps none.
@@ -217,6 +132,9 @@ def fit(
       check_every: fetch metrics to the host and check the loss every this many steps (also
         at every evaluation, checkpoint and epoch end).
       loss_key: the metric checked for NaN/inf.
+      num_classes: C, to check on the host that every batch's labels are in `[0, C)`. Dict
+        batches with an ``"x"`` entry are always checked for shapes, emptiness and negative
+        labels (`mtkd_jax.batch.check_batch`); the check runs on the host, not in the step.
       progress: show a tqdm bar with rate and ETA (only on JAX process 0).
       log_fn: `log_fn(step, metrics)` with host metrics named `"train/<name>"` for each update
         (called at each check, in step order) and `"eval/<name>"` for each evaluation; only
@@ -254,17 +172,18 @@ def fit(
         (keep, "keep"),
         (check_every, "check_every"),
     ):
-        _check_positive_int(value, name)
+        _checks.check_int(value, name)
     for value, name in (
         (eval_every, "eval_every"),
         (save_every, "save_every"),
         (patience, "patience"),
     ):
-        _check_positive_int(value, name, allow_none=True)
+        _checks.check_int(value, name, allow_none=True)
     if best_mode not in _MODES:
         raise ValueError(f"`best_mode` must be one of {_MODES}, got {best_mode!r}.")
     if patience is not None and eval_fn is None:
         raise ValueError("`patience` needs an `eval_fn` to measure `best_metric` on.")
+    _checks.check_int(num_classes, "num_classes", allow_none=True)
     if not hasattr(state, "step"):
         raise TypeError(f"`state` must have a `step` field (e.g. TrainState), got {type(state)}.")
     is_main = jax.process_index() == 0
@@ -291,9 +210,10 @@ def fit(
         check_every=check_every,
         loss_key=loss_key,
         patience=patience,
-        tracker=_Tracker(best_metric=best_metric, best_mode=best_mode, min_delta=min_delta),
+        tracker=Tracker(best_metric=best_metric, best_mode=best_mode, min_delta=min_delta),
         ckpt=ckpt,
         log=log_fn if is_main else None,
+        num_classes=num_classes,
     )
     try:
         resumed_from = run.resume()
@@ -312,6 +232,18 @@ def fit(
     return FitResult(run.state, tracker.history, tracker.best, run.stopped, run.step, resumed_from)
 
 
+def _cause(metrics: Mapping[str, Any]) -> str:
+    """What the step's metrics tell about a non-finite loss (the distill step reports whether
+    its teachers' logits were finite)."""
+    finite = metrics.get("teacher_logits_finite")
+    if finite is not None and not np.all(np.asarray(finite) >= 1):
+        return (
+            ": the teachers' logits were NaN/inf in this batch (the teachers or the cache they "
+            "were read from, not the student)"
+        )
+    return ""
+
+
 @dataclasses.dataclass
 class _Run:
     """The mutable side of one `fit` call: the state, the step counter, pending metrics."""
@@ -328,9 +260,10 @@ class _Run:
     check_every: int
     loss_key: str
     patience: int | None
-    tracker: _Tracker
+    tracker: Tracker
     ckpt: Checkpointer | None
     log: Callable | None
+    num_classes: int | None = None
     bar: Any = None
     step: int = 0
     last_saved: int | None = None
@@ -387,8 +320,9 @@ class _Run:
                     f"it must yield at least steps_per_epoch - start = "
                     f"{self.steps_per_epoch - start}."
                 ) from None
-            key = jax.random.fold_in(self.key, self.step)
-            self.state, metrics = self.step_fn(self.state, batch, key)
+            if isinstance(batch, dict) and "x" in batch:
+                check_batch(batch, num_classes=self.num_classes)
+            self.state, metrics = self.step_fn(self.state, batch, self.key)
             self.pending.append((self.step, metrics))
             self.step += 1
             self.bar.update(1)
@@ -423,13 +357,14 @@ class _Run:
                 epoch, batch = divmod(n, self.steps_per_epoch)
                 raise NonFiniteLossError(
                     f"non-finite {self.loss_key} ({loss.tolist()}) at step {n} (the update "
-                    f"from state.step={n}: epoch {epoch}, batch {batch}); {self._kept()}.",
+                    f"from state.step={n}: epoch {epoch}, batch {batch}){_cause(metrics)}; "
+                    f"{self._kept()}.",
                     step=n,
                     last_checkpoint_step=self.last_saved,
                 )
             self.tracker.add_train(metrics)
             if self.log is not None:
-                self.log(n + 1, {f"train/{k}": _host(v) for k, v in metrics.items()})
+                self.log(n + 1, {f"train/{k}": host_value(v) for k, v in metrics.items()})
         if host:
             last = float(np.mean(host[-1][self.loss_key]))
             self.bar.set_postfix({self.loss_key: f"{last:.4g}"}, refresh=False)
@@ -443,11 +378,11 @@ class _Run:
     def _evaluate(self, epoch: int) -> None:
         record = {"step": self.step, "epoch": epoch}
         metrics = jax.device_get(dict(self.eval_fn(self.state)))
-        record.update({k: _host(v) for k, v in metrics.items()})
+        record.update({k: host_value(v) for k, v in metrics.items()})
         improved = self.tracker.add_eval(record)
         self.stopped = self.patience is not None and self.tracker.bad_evals >= self.patience
         if self.log is not None:
-            self.log(self.step, {f"eval/{k}": _host(v) for k, v in metrics.items()})
+            self.log(self.step, {f"eval/{k}": host_value(v) for k, v in metrics.items()})
         metric = self.tracker.best_metric
         self.bar.set_postfix({metric: f"{record[metric]:.4g}"}, refresh=False)
         if self.stopped:
@@ -458,7 +393,7 @@ class _Run:
 
     def _save(self) -> None:
         """Write the latest checkpoint, after the caller flushed (so all losses were finite)."""
-        if not bool(_all_finite(self.state)):
+        if not bool(all_finite(self.state)):
             raise NonFiniteLossError(
                 f"the state after step {self.step} holds NaN/inf although every "
                 f"{self.loss_key} so far was finite; not saved ({self._kept()}).",

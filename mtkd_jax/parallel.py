@@ -11,14 +11,14 @@ parameters (and teachers) are replicated, `P()`, and the batch is split over the
   ``axis_name="data"`` and does its own `jax.lax.pmean`. The same per-device step also runs
   inside a user's own ``jax.pmap(step, axis_name="data")``.
 
-Batches are dicts of arrays with the batch axis first, except ``"teacher_logits"``
-(`[K, B, C]`, teacher axis first), split on its second axis.
+Batches are dicts of arrays with the batch axis first, except the entries named in
+`batch_axes` (default `BATCH_AXES`: ``"teacher_logits"`` `[K, B, C]`, teacher axis first,
+split on its second axis). What is split how is always an argument, never read off the step.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -26,18 +26,20 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mtkd_jax.batch import check_batch
+
 __all__ = [
+    "BATCH_AXES",
     "data_mesh",
     "replicate",
     "shard_batch",
     "global_batch_from_local",
     "batch_specs",
     "data_parallel_step",
-    "global_mean",
 ]
 
-# Batch entries whose batch axis is not the leading one: key -> position of the batch axis.
-_BATCH_AXIS = {"teacher_logits": 1}
+BATCH_AXES: Mapping[str, int] = {"teacher_logits": 1}
+"""Batch entries whose batch axis is not the leading one: key -> position of the batch axis."""
 
 
 def data_mesh(devices=None, *, axis_name: str = "data") -> Mesh:
@@ -101,12 +103,15 @@ def replicate(tree, mesh: Mesh):
     return jax.device_put(jax.tree.map(put_key, tree), sharding)
 
 
-def batch_specs(batch: dict, axis_name: str = "data") -> dict:
+def batch_specs(
+    batch: dict, axis_name: str = "data", *, batch_axes: Mapping[str, int] = BATCH_AXES
+) -> dict:
     """PartitionSpecs that split each batch entry on its batch axis.
 
     Args:
-      batch: dict of arrays; the batch axis is the first, except `"teacher_logits"` `[K, B, C]`.
+      batch: dict of arrays; the batch axis is the first, except for the keys in `batch_axes`.
       axis_name: mesh axis to split over.
+      batch_axes: key -> position of that entry's batch axis (default `BATCH_AXES`).
 
     Returns:
       dict of `PartitionSpec`, same keys as `batch`.
@@ -119,13 +124,13 @@ def batch_specs(batch: dict, axis_name: str = "data") -> dict:
     """
     if not isinstance(batch, dict):
         raise TypeError(f"`batch` must be a dict of arrays, got {type(batch).__name__}.")
-    return {k: P(*([None] * _BATCH_AXIS.get(k, 0)), axis_name) for k in batch}
+    return {k: P(*([None] * batch_axes.get(k, 0)), axis_name) for k in batch}
 
 
-def _batch_size(batch: dict) -> int:
+def _batch_size(batch: dict, batch_axes: Mapping[str, int]) -> int:
     sizes = {}
     for k, v in batch.items():
-        ax = _BATCH_AXIS.get(k, 0)
+        ax = batch_axes.get(k, 0)
         if np.ndim(v) <= ax:
             raise ValueError(
                 f"`batch[{k!r}]` has shape {np.shape(v)}: no batch axis at position {ax}."
@@ -145,12 +150,13 @@ def _check_divisible(b: int, d: int, what: str) -> None:
         )
 
 
-def shard_batch(batch: dict, mesh: Mesh) -> dict:
+def shard_batch(batch: dict, mesh: Mesh, *, batch_axes: Mapping[str, int] = BATCH_AXES) -> dict:
     """Split a global batch (held by this process) over the mesh's data axis.
 
     Args:
       batch: dict of arrays, global batch size B on the batch axis (see `batch_specs`).
       mesh: a one-axis mesh (`data_mesh`).
+      batch_axes: key -> position of that entry's batch axis (default `BATCH_AXES`).
 
     Returns:
       dict of `jax.Array`, each split over the devices.
@@ -166,12 +172,14 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
       (P('data',), (4, 3))
     """
     axis = _axis(mesh)
-    _check_divisible(_batch_size(batch), mesh.shape[axis], "Global batch size")
-    specs = batch_specs(batch, axis)
+    _check_divisible(_batch_size(batch, batch_axes), mesh.shape[axis], "Global batch size")
+    specs = batch_specs(batch, axis, batch_axes=batch_axes)
     return {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in batch.items()}
 
 
-def global_batch_from_local(local_batch: dict, mesh: Mesh) -> dict:
+def global_batch_from_local(
+    local_batch: dict, mesh: Mesh, *, batch_axes: Mapping[str, int] = BATCH_AXES
+) -> dict:
     """Assemble a global batch from each process's local slice (multi-host data loading).
 
     Each process calls this with its own slice of the batch (the same batch size on every
@@ -182,6 +190,7 @@ def global_batch_from_local(local_batch: dict, mesh: Mesh) -> dict:
     Args:
       local_batch: dict of host arrays, local batch size B_local on the batch axis.
       mesh: a one-axis mesh over the devices of all processes.
+      batch_axes: key -> position of that entry's batch axis (default `BATCH_AXES`).
 
     Returns:
       dict of global `jax.Array`, batch size B_local * process_count.
@@ -198,100 +207,14 @@ def global_batch_from_local(local_batch: dict, mesh: Mesh) -> dict:
     """
     axis = _axis(mesh)
     n_local = len(mesh.local_devices)
-    _check_divisible(_batch_size(local_batch), n_local, "Local (per-process) batch size")
-    specs = batch_specs(local_batch, axis)
+    _check_divisible(
+        _batch_size(local_batch, batch_axes), n_local, "Local (per-process) batch size"
+    )
+    specs = batch_specs(local_batch, axis, batch_axes=batch_axes)
     return {
         k: jax.make_array_from_process_local_data(NamedSharding(mesh, specs[k]), np.asarray(v))
         for k, v in local_batch.items()
     }
-
-
-def global_mean(values: jax.Array, weights: jax.Array | None = None, *, axis_name=None):
-    r"""Weighted mean over the batch axis of the global batch, written to be pmean'd.
-
-    Without `axis_name`: :math:`\sum_b w_b v_b / \sum_b w_b` over the leading axis. With
-    `axis_name` (inside `shard_map`/`pmap` over D devices), each device returns
-    :math:`D \sum_{b \in \text{device}} w_b v_b / \sum_{\text{all } b} w_b`, so that
-    `jax.lax.pmean` of the per-device values, and of their gradients, is the global weighted
-    mean even when devices hold different numbers of weighted (e.g. labeled) examples.
-    A zero total weight gives 0.
-
-    Args:
-      values: `[B, ...]`.
-      weights: optional `[B]` non-negative weights (e.g. a label mask), None for all ones.
-      axis_name: the mapped data axis, or None.
-
-    Returns:
-      `[...]`.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from mtkd_jax.parallel import global_mean
-      >>> global_mean(jnp.array([1.0, 2.0, 6.0]), jnp.array([1.0, 1.0, 0.0]))
-      Array(1.5, dtype=float32)
-    """
-    values = jnp.asarray(values)
-    if not jnp.issubdtype(values.dtype, jnp.floating):
-        values = values.astype(jnp.float32)  # e.g. boolean "correct" flags
-    if weights is None:
-        weights = jnp.ones(values.shape[:1], values.dtype)
-    w = jnp.asarray(weights, values.dtype)
-    local_sum = jnp.tensordot(w, values, axes=(0, 0))
-    count = jnp.sum(w)
-    scale = 1.0
-    if axis_name is not None:
-        count = jax.lax.psum(count, axis_name)
-        scale = jax.lax.axis_size(axis_name)
-    # The count carries no gradient (it is a mask sum), so dividing by it keeps the gradient
-    # of the pmean equal to the gradient of the global mean.
-    count = jax.lax.stop_gradient(count)
-    return scale * local_sum / jnp.maximum(count, jnp.finfo(values.dtype).tiny)
-
-
-def as_varying(tree, axis_name):
-    """Mark replicated params as varying over `axis_name` before differentiating them.
-
-    Inside `jax.shard_map` (with its default `check_vma=True`) a replicated input is typed
-    invariant, and the transpose of its implicit broadcast is a psum: the gradient comes back
-    already summed over devices, and a following pmean would leave it D times too large.
-    Cast to varying, the gradient stays per-device and one pmean gives the global mean. Under
-    `jax.pmap`, `jax.vmap(axis_name=...)` or `check_vma=False` nothing is tracked and the
-    tree is returned unchanged, as are leaves that are varying already.
-
-    Args:
-      tree: a pytree of arrays.
-      axis_name: the mapped data axis, or None (no-op).
-
-    Returns:
-      The same values, typed varying over `axis_name` where that applies.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from mtkd_jax.parallel import as_varying
-      >>> as_varying({"w": jnp.ones(2)}, None)["w"]
-      Array([1., 1.], dtype=float32)
-    """
-    if axis_name is None:
-        return tree
-
-    def cast(x):
-        try:
-            return jax.lax.pcast(x, axis_name, to="varying")
-        except ValueError:
-            # "from=varying" (already per-device) or "should be called under shard_map"
-            # (vmap); in both the gradient is per-device already.
-            return x
-
-    return jax.tree.map(cast, tree)
-
-
-def _step_axis_name(step) -> str | None:
-    """The `axis_name` a step factory recorded on the step (through functools.partial)."""
-    while step is not None:
-        if hasattr(step, "axis_name"):
-            return step.axis_name
-        step = getattr(step, "func", None)
-    return None
 
 
 def data_parallel_step(
@@ -299,34 +222,41 @@ def data_parallel_step(
     mesh: Mesh,
     *,
     mode: str = "jit",
+    batch_axes: Mapping[str, int] = BATCH_AXES,
+    num_classes: int | None = None,
     donate_state: bool = False,
 ) -> Callable:
     """Compile `step(state, batch, key, **kw) -> (state, metrics)` data-parallel on `mesh`.
 
-    The returned function takes the same arguments. Keywords bound with
-    `functools.partial(step, teacher_params=tp)` become replicated arguments of the compiled
-    program rather than constants baked into it. It places `state`, `key` and the keyword
-    arguments (e.g. `teacher_params`) replicated on every device and splits `batch` over the
-    data axis (host arrays are transferred; arrays already placed so are left alone), then
-    runs one compiled program; new state and metrics come back replicated. It compiles once
-    per batch structure and shape: no retracing across steps.
+    The returned function takes the same arguments. It places `state`, `key` and the keyword
+    arguments (e.g. `teacher_params`: replicated arguments of the compiled program, not
+    constants baked into it) on every device, `P()`, splits `batch` over the data axis
+    (host arrays are transferred; arrays already placed so are left alone), then runs one
+    compiled program; new state and metrics come back replicated. It compiles once per batch
+    structure and shape: no retracing across steps. Every host batch is first checked on the
+    host (`mtkd_jax.batch.check_batch`: not empty, labels in range when `num_classes` is
+    given), which costs the compiled step nothing.
 
     Args:
-      step: a train step from `mtkd_jax.train`. For ``mode="jit"`` built with
+      step: a train step from `mtkd_jax.steps`. For ``mode="jit"`` built with
         ``axis_name=None``; for ``mode="shard_map"`` with ``axis_name`` equal to the mesh's
-        axis name.
+        axis name (a mismatch is reported when the step is first traced).
       mesh: a one-axis mesh (`data_mesh`).
       mode: ``"jit"`` (global view, GSPMD) or ``"shard_map"`` (per-device view, explicit
         pmean in the step).
+      batch_axes: key -> position of the batch axis of entries where it is not the first
+        (default `BATCH_AXES`, ``{"teacher_logits": 1}``).
+      num_classes: C, to check labels in `[0, C)` on the host.
       donate_state: donate the input state's buffers to the output (saves memory; the old
         state must not be used afterwards).
 
     Returns:
-      `parallel_step(state, batch, key, **kw) -> (state, metrics)`.
+      `parallel_step(state, batch, key, **kw) -> (state, metrics)`, which runs one compiled
+      program per batch structure.
 
     Raises:
-      ValueError: for an unknown mode, a step whose recorded `axis_name` does not fit the
-        mode, or (when called) a batch size that does not divide over the devices.
+      ValueError: for an unknown mode, a step built for the other mode (at the first call),
+        or (when called) a bad batch or a batch size that does not divide over the devices.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -338,28 +268,8 @@ def data_parallel_step(
       Array(1.5, dtype=float32)
     """
     axis = _axis(mesh)
-    recorded = _step_axis_name(step)
-    if mode == "jit":
-        if recorded is not None:
-            raise ValueError(
-                f"mode='jit' needs a step built with axis_name=None (the partitioner averages "
-                f"gradients over the global batch); this step has axis_name={recorded!r}."
-            )
-    elif mode == "shard_map":
-        if recorded is not None and recorded != axis:
-            raise ValueError(
-                f"mode='shard_map' needs a step built with axis_name={axis!r} (the mesh axis); "
-                f"this step has axis_name={recorded!r}."
-            )
-    else:
+    if mode not in ("jit", "shard_map"):
         raise ValueError(f"`mode` must be 'jit' or 'shard_map', got {mode!r}.")
-
-    bound = {}
-    if isinstance(step, functools.partial) and not step.args:
-        # `functools.partial(step, teacher_params=tp)` (the library's binding convention):
-        # closed over, the teachers would be baked into the program as constants; passed as
-        # replicated arguments they are transferred once and not copied into the executable.
-        step, bound = step.func, replicate(dict(step.keywords), mesh)
 
     def call(state, batch, key, kwargs):
         return step(state, batch, key, **kwargs)
@@ -373,16 +283,29 @@ def data_parallel_step(
             if mode == "jit":
                 fn = call
             else:
-                specs = batch_specs(dict.fromkeys(keys), axis)
+                specs = batch_specs(dict.fromkeys(keys), axis, batch_axes=batch_axes)
                 fn = jax.shard_map(
                     call, mesh=mesh, in_specs=(P(), specs, P(), P()), out_specs=(P(), P())
                 )
             compiled[keys] = jax.jit(fn, out_shardings=replicated, donate_argnums=donate)
         return compiled[keys]
 
+    def run(fn, args):
+        try:
+            return fn(*args)
+        except NameError as err:  # `lax.pmean` over an axis that jit does not bind
+            if mode == "jit" and axis in str(err):
+                raise ValueError(
+                    f"mode='jit' needs a step built with axis_name=None (the partitioner "
+                    f"averages over the global batch); this step reduces over {axis!r}: build "
+                    f"it with axis_name=None, or use mode='shard_map'. ({err})"
+                ) from None
+            raise
+
     def parallel_step(state, batch, key, **kwargs):
-        batch = shard_batch(batch, mesh)
-        state, key, kwargs = replicate((state, key, {**bound, **kwargs}), mesh)
-        return get_compiled(tuple(batch))(state, batch, key, kwargs)
+        check_batch(batch, num_classes=num_classes)
+        batch = shard_batch(batch, mesh, batch_axes=batch_axes)
+        state, key, kwargs = replicate((state, key, kwargs), mesh)
+        return run(get_compiled(tuple(batch)), (state, batch, key, kwargs))
 
     return parallel_step

@@ -11,17 +11,31 @@ Which fusion each function does, since tools mix these silently:
 
 A third way, the weighted mean of **per-teacher losses**, lives in `mtkd_jax.losses`
 (`per_teacher_soft_kl`).
+
+`distill_targets` is the whole way from teacher logits to what a student learns from:
+softmax at T, teacher weights (`mtkd_jax.weighting`), fused target. The steps call it, so
+precomputed teacher logits (a cache) give the same targets as teachers run online.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from mtkd_jax import _checks
 from mtkd_jax.divergence import softmax_t
+from mtkd_jax.weighting import get_weighting
 
-__all__ = ["fuse_targets", "leave_one_out_targets", "fuse_logits"]
+__all__ = [
+    "fuse_targets",
+    "leave_one_out_targets",
+    "fuse_logits",
+    "DistillTargets",
+    "distill_targets",
+]
 
 
 def _expand_weights(weights: jax.Array, probs: jax.Array) -> jax.Array:
@@ -36,7 +50,9 @@ def fuse_targets(probs: jax.Array, weights: jax.Array) -> jax.Array:
     Args:
       probs: `[K, ..., C]` teacher probabilities.
       weights: `[K]` or `[K, ...]`, non-negative and summing to 1 over K (as returned by
-        `mtkd_jax.weighting`); they are used as given, not renormalised.
+        `mtkd_jax.weighting`); they are used as given, not renormalised. Concrete weights
+        that are negative, NaN or do not sum to 1 are refused (ValueError); weights computed
+        inside `jax.jit` cannot be inspected and are the caller's responsibility.
 
     Returns:
       `[..., C]` fused target distribution.
@@ -48,6 +64,7 @@ def fuse_targets(probs: jax.Array, weights: jax.Array) -> jax.Array:
       >>> [round(x, 4) for x in fuse_targets(p, jnp.array([0.5, 0.5])).tolist()]
       [0.15, 0.35, 0.5]
     """
+    _checks.check_weight_values(weights, "weights")
     probs, weights = jnp.asarray(probs), jnp.asarray(weights)
     _checks.check_teachers(probs, "probs")
     _checks.check_weights(weights, "weights", probs.shape, "probs")
@@ -134,3 +151,76 @@ def fuse_logits(
     _checks.check_weights(weights, "weights", teacher_logits.shape, "teacher_logits")
     mean = jnp.sum(_expand_weights(weights, teacher_logits) * teacher_logits, axis=0)
     return softmax_t(mean, temperature=temperature)
+
+
+class DistillTargets(NamedTuple):
+    """What the teachers give the student for one batch.
+
+    Attributes:
+      targets: `[..., C]` fused target distribution (at the distillation temperature).
+      weights: `[K, ...]` per-example teacher weights, summing to 1 over K.
+      probs: `[K, ..., C]` teacher probabilities at the distillation temperature.
+    """
+
+    targets: jax.Array
+    weights: jax.Array
+    probs: jax.Array
+
+
+def distill_targets(
+    teacher_logits: jax.Array,
+    labels: jax.Array | None = None,
+    *,
+    label_mask: jax.Array | None = None,
+    temperature: float | jax.Array = 1.0,
+    weighting: str | Callable = "uniform",
+) -> DistillTargets:
+    r"""Teacher logits -> fused target, per-example teacher weights, teacher probabilities.
+
+    :math:`p_k = \mathrm{softmax}(z_k / T)`,
+    :math:`w = \mathrm{weighting}(p, \text{logits}=z, \text{labels}=y, \text{label\_mask}=m)`
+    and :math:`t = \sum_k w_k p_k` (a mean of **probabilities**, see `fuse_targets`). What a
+    strategy does with unlabeled examples (`label_mask` 0, or no `labels`) is said in its
+    docstring (`mtkd_jax.weighting`).
+
+    Args:
+      teacher_logits: `[K, ..., C]` (`[K, B, C]` for classification).
+      labels: optional `[...]` int labels.
+      label_mask: optional `[...]`, 1 for labeled examples.
+      temperature: T > 0.
+      weighting: a name in `mtkd_jax.weighting.WEIGHTINGS` or a strategy function (see
+        `mtkd_jax.weighting.get_weighting` to bind hyperparameters).
+
+    Returns:
+      `DistillTargets(targets [..., C], weights [K, ...], probs [K, ..., C])`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtkd_jax.targets import distill_targets
+      >>> z = jnp.log(jnp.array([[[0.2, 0.3, 0.5]], [[0.1, 0.4, 0.5]]]))   # [K=2, B=1, C=3]
+      >>> [round(v, 4) for v in distill_targets(z).targets[0].tolist()]
+      [0.15, 0.35, 0.5]
+    """
+    teacher_logits = jnp.asarray(teacher_logits)
+    _checks.check_teachers(teacher_logits, "teacher_logits")
+    lead = teacher_logits.shape[1:-1]
+    if labels is not None:
+        _checks.check_labels(labels, "labels", lead)
+    if label_mask is not None and tuple(jnp.shape(label_mask)) != tuple(lead):
+        raise ValueError(
+            f"`label_mask` must have shape {tuple(lead)} (the batch dims of `teacher_logits` "
+            f"{teacher_logits.shape}), got {jnp.shape(label_mask)}."
+        )
+    fn = get_weighting(weighting)
+    probs = softmax_t(teacher_logits, temperature=temperature)
+    w = jnp.asarray(
+        fn(probs, logits=teacher_logits, labels=labels, label_mask=label_mask), probs.dtype
+    )
+    if w.shape == probs.shape[:1]:
+        w = jnp.broadcast_to(w.reshape(w.shape + (1,) * len(lead)), probs.shape[:-1])
+    if w.shape != probs.shape[:-1]:
+        raise ValueError(
+            f"the weighting returned shape {w.shape}; expected [K]={probs.shape[:1]} or "
+            f"[K, ...]={probs.shape[:-1]}."
+        )
+    return DistillTargets(fuse_targets(probs, w), w, probs)

@@ -1,16 +1,30 @@
-"""Teacher weights: how much each teacher counts, overall or per example.
+r"""Teacher weights: how much each teacher counts, overall or per example.
 
-Every strategy returns weights `[K, ...]` (or `[K]` for per-teacher strategies) that are
-non-negative and sum to 1 over the leading teacher axis, ready for `fuse_targets`.
-Strategies that depend on the data (confidence, entropy, agreement) are per example; the
-others broadcast the same `[K]` vector to every example.
+One protocol for every strategy::
 
-Strategies are registered in `WEIGHTINGS` under a name, with the uniform signature
-`fn(probs, *, logits, labels) -> [K, ...]`, so training steps can pick one by name.
+    fn(probs [K, ..., C], *, logits=None, labels=None, label_mask=None, **hyperparameters)
+        -> weights [K, ...] (or [K], broadcast over the examples)
+
+`probs` are the teacher probabilities at the distillation temperature T, `logits` the raw
+teacher logits `[K, ..., C]` (T = 1), `labels` `[...]` integer labels and `label_mask`
+`[...]` (1 = labeled; examples with 0 have no label). The weights are non-negative and sum
+to 1 over the leading teacher axis, ready for `mtkd_jax.fuse_targets`. Hyperparameters are
+keyword-only. Strategies are registered by name in `WEIGHTINGS`; `register_weighting` adds
+one (a new strategy is one function and one test: the property tests run over the registry),
+and `get_weighting(name, **hyperparameters)` binds hyperparameters, checked against the
+function's signature.
+
+Scale conventions of other implementations (the formulas match; the scale does not):
+CA-MKD and big_vision **sum** per-teacher losses (K times a weighted mean: multiply the
+learning rate, or `1 - alpha`, by K to match); EBKD's entropy weights are not divided by
+K - 1 (a factor K - 1 on the soft loss); TextBrewer has no T^2 factor on its KL (divide the
+soft loss by T^2, see `mtkd_jax.losses.soft_kl`).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 
 import jax
@@ -28,12 +42,23 @@ __all__ = [
     "entropy",
     "agreement",
     "WEIGHTINGS",
+    "PROTOCOL_KEYWORDS",
+    "register_weighting",
     "get_weighting",
 ]
 
+PROTOCOL_KEYWORDS = ("logits", "labels", "label_mask")
+"""Keywords every strategy accepts besides its hyperparameters (they may be None)."""
 
-def uniform(probs: jax.Array) -> jax.Array:
-    """Equal weights `1/K` for every teacher and example.
+
+def _per_teacher(w: jax.Array, probs: jax.Array) -> jax.Array:
+    """`[K]` weights broadcast to `[K, ...]`, the leading dims of probs `[K, ..., C]`."""
+    k = probs.shape[0]
+    return jnp.broadcast_to(w.reshape((k,) + (1,) * (probs.ndim - 2)), probs.shape[:-1])
+
+
+def uniform(probs: jax.Array, *, logits=None, labels=None, label_mask=None) -> jax.Array:
+    """Equal weights `1/K` for every teacher and example (the plain mean target).
 
     Args:
       probs: `[K, ..., C]` teacher probabilities (only the shape is used).
@@ -48,35 +73,33 @@ def uniform(probs: jax.Array) -> jax.Array:
       Array([0.25, 0.25, 0.25, 0.25], dtype=float32)
     """
     probs = jnp.asarray(probs)
-    _checks.check_teachers(probs, "probs")
-    k = probs.shape[0]
+    k = _checks.check_teachers(probs, "probs")
     return jnp.full(probs.shape[:-1], 1.0 / k, dtype=probs.dtype)
 
 
-def _check_lambdas(lambdas, k: int, name: str) -> jax.Array:
-    lam = jnp.asarray(lambdas)
-    if lam.shape != (k,):
-        raise ValueError(f"`{name}` must have shape [K]=({k},), one per teacher; got {lam.shape}.")
-    if not jnp.issubdtype(lam.dtype, jnp.floating):
-        lam = lam.astype(jnp.float32)
-    if not _checks.is_traced(lam):
-        # Concrete values: refuse what cannot be normalised. Traced lambdas cannot be checked
-        # without a host sync, so they are the caller's responsibility.
-        if not bool(jnp.all(jnp.isfinite(lam))):
-            raise ValueError(f"`{name}` must be finite, got {lam}.")
-        if bool(jnp.any(lam < 0)):
-            raise ValueError(f"`{name}` must be non-negative, got {lam}.")
-        if not bool(jnp.sum(lam) > 0):
-            raise ValueError(f"`{name}` must not be all zero, got {lam}.")
-    return lam
+def _check_per_teacher(values, k: int, name: str) -> None:
+    """Host-side checks of a concrete `[K]` hyperparameter (NumPy, never jnp: jit-safe)."""
+    if jnp.shape(values) != (k,):
+        raise ValueError(
+            f"`{name}` must have shape [K]=({k},), one per teacher; got {jnp.shape(values)}."
+        )
+    if _checks.is_traced(values):
+        return
+    v = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(v)):
+        raise ValueError(f"`{name}` must be finite, got {v.tolist()}.")
 
 
-def static(lambdas: jax.Array, probs: jax.Array) -> jax.Array:
+def static(
+    probs: jax.Array, *, lambdas, logits=None, labels=None, label_mask=None
+) -> jax.Array:
     r"""User-given per-teacher weights, normalised: :math:`w_k = \lambda_k / \sum_j \lambda_j`.
 
+    The same for labeled and unlabeled examples.
+
     Args:
-      lambdas: `[K]` non-negative, not all zero.
       probs: `[K, ..., C]` teacher probabilities (only the shape is used).
+      lambdas: `[K]` non-negative, not all zero.
 
     Returns:
       `[K, ...]` weights, the normalised lambdas broadcast over the batch dims.
@@ -84,28 +107,40 @@ def static(lambdas: jax.Array, probs: jax.Array) -> jax.Array:
     Example:
       >>> import jax.numpy as jnp
       >>> from mtkd_jax import weighting
-      >>> weighting.static(jnp.array([1.0, 3.0]), jnp.ones((2, 5, 3)) / 3)[:, 0]
+      >>> weighting.static(jnp.ones((2, 5, 3)) / 3, lambdas=jnp.array([1.0, 3.0]))[:, 0]
       Array([0.25, 0.75], dtype=float32)
     """
     probs = jnp.asarray(probs)
     k = _checks.check_teachers(probs, "probs")
-    lam = _check_lambdas(lambdas, k, "lambdas")
-    w = (lam / jnp.sum(lam)).astype(probs.dtype)
-    return jnp.broadcast_to(w.reshape((k,) + (1,) * (probs.ndim - 2)), probs.shape[:-1])
+    _check_per_teacher(lambdas, k, "lambdas")
+    if not _checks.is_traced(lambdas):
+        lam = np.asarray(lambdas, dtype=np.float64)
+        if np.any(lam < 0):
+            raise ValueError(f"`lambdas` must be non-negative, got {lam.tolist()}.")
+        if not lam.sum() > 0:
+            raise ValueError(f"`lambdas` must not be all zero, got {lam.tolist()}.")
+    lam = jnp.asarray(lambdas, probs.dtype)
+    return _per_teacher(lam / jnp.sum(lam), probs)
 
 
 def from_scores(
-    scores: jax.Array, probs: jax.Array, *, temperature: float | jax.Array = 1.0
+    probs: jax.Array,
+    *,
+    scores,
+    temperature: float | jax.Array = 1.0,
+    logits=None,
+    labels=None,
+    label_mask=None,
 ) -> jax.Array:
     r"""Performance-based weights (the article's :math:`\lambda_i`): softmax of scores.
 
     :math:`w_k = \exp(s_k / \tau) / \sum_j \exp(s_j / \tau)`, with scores such as validation
     accuracies. A small :math:`\tau` concentrates weight on the best teacher; a large one tends
-    to uniform.
+    to uniform. The same for labeled and unlabeled examples.
 
     Args:
-      scores: `[K]` per-teacher scores, higher is better.
       probs: `[K, ..., C]` teacher probabilities (only the shape is used).
+      scores: `[K]` per-teacher scores, higher is better.
       temperature: :math:`\tau > 0`.
 
     Returns:
@@ -114,7 +149,7 @@ def from_scores(
     Example:
       >>> import jax.numpy as jnp
       >>> from mtkd_jax import weighting
-      >>> w = weighting.from_scores(jnp.array([0.9, 0.9, 0.8]), jnp.ones((3, 1, 2)) / 2,
+      >>> w = weighting.from_scores(jnp.ones((3, 1, 2)) / 2, scores=jnp.array([0.9, 0.9, 0.8]),
       ...                           temperature=0.1)
       >>> [round(x, 3) for x in w[:, 0].tolist()]
       [0.422, 0.422, 0.155]
@@ -122,40 +157,72 @@ def from_scores(
     probs = jnp.asarray(probs)
     k = _checks.check_teachers(probs, "probs")
     _checks.check_temperature(temperature)
-    s = jnp.asarray(scores)
-    if s.shape != (k,):
-        raise ValueError(f"`scores` must have shape [K]=({k},), one per teacher; got {s.shape}.")
-    w = jax.nn.softmax(s.astype(probs.dtype) / temperature)
-    return jnp.broadcast_to(w.reshape((k,) + (1,) * (probs.ndim - 2)), probs.shape[:-1])
+    _check_per_teacher(scores, k, "scores")
+    w = jax.nn.softmax(jnp.asarray(scores, probs.dtype) / temperature)
+    return _per_teacher(w, probs)
 
 
-def confidence(teacher_logits: jax.Array, labels: jax.Array) -> jax.Array:
+def _known_labels(logits, labels, label_mask):
+    """True labels where known; the ensemble's argmax (mean of softmax(logits)) elsewhere."""
+    ensemble = jnp.argmax(jnp.mean(jax.nn.softmax(logits, axis=-1), axis=0), axis=-1)
+    if labels is None:
+        return ensemble.astype(jnp.int32)
+    _checks.check_labels(labels, "labels", logits.shape[1:-1])
+    if label_mask is None:
+        return labels
+    if jnp.shape(label_mask) != jnp.shape(labels):
+        raise ValueError(
+            f"`label_mask` must have the shape of `labels` {jnp.shape(labels)}, got "
+            f"{jnp.shape(label_mask)}."
+        )
+    return jnp.where(jnp.asarray(label_mask) > 0, labels, ensemble.astype(labels.dtype))
+
+
+def confidence(
+    probs: jax.Array, *, logits: jax.Array | None = None, labels=None, label_mask=None
+) -> jax.Array:
     r"""Confidence-aware weights of CA-MKD (Zhang, Chen & Wang, ICASSP 2022).
 
-    With :math:`ce_k` the cross-entropy of teacher k's logits against the true label,
-    :math:`w_k = (1 - \mathrm{softmax}_k(ce)) / (K - 1)`: a teacher that is more right about
-    this example counts more. For K = 1 the single teacher gets weight 1.
+    With :math:`ce_k` the cross-entropy of teacher k's raw logits (T = 1, as in CA-MKD)
+    against the label, :math:`w_k = (1 - \mathrm{softmax}_k(ce)) / (K - 1)`: a teacher that is
+    more right about this example counts more. For K = 1 the single teacher gets weight 1.
+
+    Unlabeled examples (no `labels`, or `label_mask` 0) use the teacher ensemble's argmax
+    (mean of the T = 1 probabilities) as their label, so their weights favour the teachers
+    that agree with the ensemble, and their fused target has the ensemble's argmax.
+
+    Bound: no teacher ever gets more than :math:`1/(K-1)` (at K = 3, 0.5), however sure it is.
 
     Args:
-      teacher_logits: `[K, ..., C]` raw teacher logits (temperature 1, as in CA-MKD).
-      labels: `[...]` integer labels in `[0, C)`.
+      probs: `[K, ..., C]` teacher probabilities (only the shape is checked).
+      logits: `[K, ..., C]` raw teacher logits (required).
+      labels: optional `[...]` integer labels in `[0, C)`.
+      label_mask: optional `[...]`, 1 where `labels` hold a label.
 
     Returns:
       `[K, ...]` per-example weights.
 
     Example:
-      >>> import jax.numpy as jnp
+      >>> import jax, jax.numpy as jnp
       >>> from mtkd_jax import weighting
       >>> z = jnp.array([[[4.0, 0.0]], [[0.0, 0.0]]])   # teacher 0 is sure of class 0
-      >>> w = weighting.confidence(z, jnp.array([0]))
+      >>> w = weighting.confidence(jax.nn.softmax(z), logits=z, labels=jnp.array([0]))
       >>> [round(x, 3) for x in w[:, 0].tolist()]
       [0.663, 0.337]
     """
-    teacher_logits, labels = jnp.asarray(teacher_logits), jnp.asarray(labels)
-    k = _checks.check_teachers(teacher_logits, "teacher_logits")
-    _checks.check_labels(labels, "labels", teacher_logits.shape[1:-1])
-    logp = jax.nn.log_softmax(teacher_logits, axis=-1)
-    ce = -jnp.take_along_axis(logp, labels[None, ..., None], axis=-1)[..., 0]
+    if logits is None:
+        raise ValueError(
+            "weighting 'confidence' needs `logits`, the raw teacher logits [K, ..., C]."
+        )
+    probs, logits = jnp.asarray(probs), jnp.asarray(logits)
+    k = _checks.check_teachers(logits, "logits")
+    if probs.shape != logits.shape:
+        raise ValueError(
+            f"`probs` {probs.shape} and `logits` {logits.shape} must have the same shape."
+        )
+    y = _known_labels(logits, labels, label_mask)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    ce = -jnp.take_along_axis(logp, y[None, ..., None], axis=-1)[..., 0]
     if k == 1:
         return jnp.ones_like(ce)
     return (1.0 - jax.nn.softmax(ce, axis=0)) / (k - 1)
@@ -166,15 +233,22 @@ def _entropy(probs: jax.Array) -> jax.Array:
     return -jnp.sum(jnp.where(probs > 0, probs * jnp.log(safe), 0.0), axis=-1)
 
 
-def entropy(probs: jax.Array) -> jax.Array:
-    r"""Entropy-based weights (EBKD, as CA-MKD's code uses it).
+def entropy(
+    probs: jax.Array, *, logits: jax.Array | None = None, labels=None, label_mask=None
+) -> jax.Array:
+    r"""Entropy-based weights (EBKD, as CA-MKD's code computes them).
 
-    With :math:`H_k` the entropy of teacher k's prediction,
+    With :math:`H_k` the entropy of teacher k's prediction at T = 1 (`softmax(logits)`, as
+    EBKD does; from `probs` only when no `logits` are given),
     :math:`w_k = (1 - H_k / \sum_j H_j) / (K - 1)`: confident (low-entropy) teachers count
-    more. Where every teacher is one-hot (all H = 0) the weights fall back to uniform.
+    more. Where every teacher is one-hot (all H = 0) the weights fall back to uniform. Labels
+    are not used: labeled and unlabeled examples are weighted alike.
+
+    Bound: no teacher ever gets more than :math:`1/(K-1)`.
 
     Args:
       probs: `[K, ..., C]` teacher probabilities.
+      logits: optional `[K, ..., C]` raw teacher logits (then the entropy is taken at T = 1).
 
     Returns:
       `[K, ...]` per-example weights.
@@ -188,6 +262,13 @@ def entropy(probs: jax.Array) -> jax.Array:
     """
     probs = jnp.asarray(probs)
     k = _checks.check_teachers(probs, "probs")
+    if logits is not None:
+        logits = jnp.asarray(logits)
+        if logits.shape != probs.shape:
+            raise ValueError(
+                f"`probs` {probs.shape} and `logits` {logits.shape} must have the same shape."
+            )
+        probs = jax.nn.softmax(logits, axis=-1)
     h = _entropy(probs)
     if k == 1:
         return jnp.ones_like(h)
@@ -197,13 +278,21 @@ def entropy(probs: jax.Array) -> jax.Array:
     return jnp.where(total > 0, w, 1.0 / k)
 
 
-def agreement(probs: jax.Array, *, kind: str = "squared", sharpness: float = 1.0) -> jax.Array:
+def agreement(
+    probs: jax.Array,
+    *,
+    kind: str = "squared",
+    sharpness: float = 1.0,
+    logits=None,
+    labels=None,
+    label_mask=None,
+) -> jax.Array:
     r"""Weights from agreement with the other teachers (from the article's differences).
 
     :math:`w_k = \mathrm{softmax}_k(-s \cdot \bar D_k)` with
-    :math:`\bar D_k = \frac{1}{K-1} \sum_{j \ne k} D_{kj}` and D from `pairwise_divergence`,
-    so a teacher that disagrees with the rest counts less; `sharpness` s = 0 gives uniform.
-    Needs K >= 2.
+    :math:`\bar D_k = \frac{1}{K-1} \sum_{j \ne k} D_{kj}` and D from `pairwise_divergence`
+    of `probs`, so a teacher that disagrees with the rest counts less; `sharpness` s = 0 gives
+    uniform. Labels are not used. Needs K >= 2.
 
     Args:
       probs: `[K, ..., C]` teacher probabilities.
@@ -230,80 +319,123 @@ def agreement(probs: jax.Array, *, kind: str = "squared", sharpness: float = 1.0
     return jnp.moveaxis(w, -1, 0)
 
 
-def _confidence_by_name(probs, *, logits=None, labels=None):
-    if logits is None or labels is None:
-        raise ValueError(
-            "weighting 'confidence' needs `logits` ([K, ..., C] teacher logits) and `labels` "
-            "([...] integer labels)."
-        )
-    return confidence(logits, labels)
-
-
 WEIGHTINGS: dict[str, Callable[..., jax.Array]] = {
-    "uniform": lambda probs, *, logits=None, labels=None: uniform(probs),
-    "confidence": _confidence_by_name,
-    "entropy": lambda probs, *, logits=None, labels=None: entropy(probs),
-    "agreement": lambda probs, *, logits=None, labels=None: agreement(probs),
+    fn.__name__: fn for fn in (uniform, static, from_scores, confidence, entropy, agreement)
 }
-"""Name -> `fn(probs [K, ..., C], *, logits [K, ..., C], labels [...]) -> [K, ...]`.
+"""Name -> strategy `fn(probs, *, logits, labels, label_mask, **hyperparameters) -> [K, ...]`.
 
-`static` and `from_scores` need per-teacher numbers, so they are built with
-`get_weighting("static", lambdas=...)` or `get_weighting("scores", scores=...)`.
+Add one with `register_weighting`; bind hyperparameters with `get_weighting`.
 """
 
-# Hyperparameters each name accepts in `get_weighting`: (required, optional).
-_HYPERPARAMETERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
-    "static": (frozenset({"lambdas"}), frozenset()),
-    "scores": (frozenset({"scores"}), frozenset({"temperature"})),
-    "agreement": (frozenset(), frozenset({"kind", "sharpness"})),
-}
+
+def _hyperparameters(fn: Callable) -> tuple[set[str], set[str], bool]:
+    """(required, optional, takes **kwargs) keyword hyperparameters of a strategy."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # builtins, some C callables: nothing to check
+        return set(), set(), True
+    required, optional, var_kw = set(), set(), False
+    for p in params:
+        if p.kind is p.VAR_KEYWORD:
+            var_kw = True
+        elif p.kind is p.KEYWORD_ONLY and p.name not in PROTOCOL_KEYWORDS:
+            (required if p.default is p.empty else optional).add(p.name)
+    return required, optional, var_kw
 
 
-def get_weighting(name_or_fn, **kwargs) -> Callable[..., jax.Array]:
-    """Resolve a weighting strategy to `fn(probs, *, logits, labels) -> [K, ...]`.
+def _check_protocol(fn: Callable, name: str) -> None:
+    if not callable(fn):
+        raise TypeError(f"weighting {name!r} must be callable, got {type(fn).__name__}.")
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return
+    has_var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    missing = [kw for kw in PROTOCOL_KEYWORDS if kw not in params and not has_var_kw]
+    positional = [
+        p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if missing or not positional:
+        raise TypeError(
+            f"weighting {name!r} must have the signature fn(probs, *, logits=None, labels=None, "
+            f"label_mask=None, **hyperparameters); it lacks "
+            f"{missing or ['a positional `probs` argument']}."
+        )
+
+
+def register_weighting(name: str, fn: Callable, *, overwrite: bool = False) -> Callable:
+    """Add a strategy to `WEIGHTINGS` under `name`, so steps can pick it by name.
 
     Args:
-      name_or_fn: a name in `WEIGHTINGS`, ``"static"`` (needs `lambdas=[K]`), ``"scores"``
-        (needs `scores=[K]`, optional `temperature`), ``"agreement"`` (optional `kind`,
-        `sharpness`), or a callable with the uniform signature, returned as is.
-      **kwargs: the strategy's hyperparameters; any other keyword is an error, so a typo
-        cannot be silently ignored.
+      name: the registry name.
+      fn: `fn(probs [K, ..., C], *, logits=None, labels=None, label_mask=None,
+        **hyperparameters) -> [K, ...] or [K]`, non-negative and summing to 1 over K.
+      overwrite: replace a strategy already registered under `name`.
 
     Returns:
-      A function of `(probs, *, logits, labels)`.
+      `fn`, unchanged.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtkd_jax import weighting
+      >>> def first_only(probs, *, logits=None, labels=None, label_mask=None):
+      ...     return jnp.zeros(probs.shape[:-1]).at[0].set(1.0)
+      >>> _ = weighting.register_weighting("first_only", first_only)
+      >>> weighting.get_weighting("first_only")(jnp.ones((2, 1, 3)) / 3)[:, 0]
+      Array([1., 0.], dtype=float32)
+      >>> del weighting.WEIGHTINGS["first_only"]
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"`name` must be a non-empty str, got {name!r}.")
+    if name in WEIGHTINGS and not overwrite:
+        raise ValueError(
+            f"a weighting named {name!r} is already registered; pass overwrite=True to replace it."
+        )
+    _check_protocol(fn, name)
+    WEIGHTINGS[name] = fn
+    return fn
+
+
+def get_weighting(name_or_fn: str | Callable, **hyperparameters) -> Callable[..., jax.Array]:
+    """Resolve a strategy and bind its hyperparameters.
+
+    Args:
+      name_or_fn: a name in `WEIGHTINGS`, or a function with the protocol's signature.
+      **hyperparameters: the strategy's keyword-only hyperparameters (e.g. `lambdas=[K]` for
+        ``"static"``, `scores=[K]` and `temperature` for ``"from_scores"``, `kind` and
+        `sharpness` for ``"agreement"``). A missing required one or an unknown one is an
+        error, so a typo cannot be silently ignored.
+
+    Returns:
+      `fn(probs, *, logits=None, labels=None, label_mask=None) -> [K, ...]`.
 
     Example:
       >>> import jax.numpy as jnp
       >>> from mtkd_jax.weighting import get_weighting
       >>> fn = get_weighting("static", lambdas=jnp.array([1.0, 1.0, 2.0]))
-      >>> fn(jnp.ones((3, 1, 4)) / 4, logits=None, labels=None)[:, 0]
+      >>> fn(jnp.ones((3, 1, 4)) / 4)[:, 0]
       Array([0.25, 0.25, 0.5 ], dtype=float32)
     """
-    if callable(name_or_fn):
-        if kwargs:
+    if isinstance(name_or_fn, str):
+        if name_or_fn not in WEIGHTINGS:
             raise ValueError(
-                f"a callable weighting is returned as is and takes no hyperparameters; got "
-                f"{sorted(kwargs)}."
+                f"Unknown weighting {name_or_fn!r}; registered names: {sorted(WEIGHTINGS)}."
             )
-        return name_or_fn
-    names = sorted({*WEIGHTINGS, *_HYPERPARAMETERS})
-    if not isinstance(name_or_fn, str) or name_or_fn not in names:
-        raise ValueError(f"Unknown weighting {name_or_fn!r}; valid names: {names}.")
-    required, optional = _HYPERPARAMETERS.get(name_or_fn, (frozenset(), frozenset()))
-    missing, unknown = required - kwargs.keys(), kwargs.keys() - required - optional
-    if missing or unknown:
+        fn, label = WEIGHTINGS[name_or_fn], repr(name_or_fn)
+    elif callable(name_or_fn):
+        fn, label = name_or_fn, getattr(name_or_fn, "__name__", "the given function")
+        _check_protocol(fn, label)
+    else:
+        raise TypeError(
+            f"`name_or_fn` must be a weighting name or a function, got {type(name_or_fn)}."
+        )
+    required, optional, var_kw = _hyperparameters(fn)
+    missing = required - hyperparameters.keys()
+    unknown = set() if var_kw else hyperparameters.keys() - required - optional
+    clash = hyperparameters.keys() & set(PROTOCOL_KEYWORDS)
+    if missing or unknown or clash:
         raise ValueError(
-            f"weighting {name_or_fn!r} needs {sorted(required)} and accepts {sorted(optional)}; "
-            f"missing {sorted(missing)}, unknown {sorted(unknown)}."
+            f"weighting {label} needs {sorted(required)} and accepts {sorted(optional)}; "
+            f"missing {sorted(missing)}, unknown {sorted(unknown | clash)}."
         )
-    if name_or_fn == "static":
-        lambdas = kwargs["lambdas"]
-        return lambda probs, *, logits=None, labels=None: static(lambdas, probs)
-    if name_or_fn == "scores":
-        scores, temp = kwargs["scores"], kwargs.get("temperature", 1.0)
-        return lambda probs, *, logits=None, labels=None: from_scores(
-            scores, probs, temperature=temp
-        )
-    if name_or_fn == "agreement" and kwargs:
-        return lambda probs, *, logits=None, labels=None: agreement(probs, **kwargs)
-    return WEIGHTINGS[name_or_fn]
+    return functools.partial(fn, **hyperparameters) if hyperparameters else fn

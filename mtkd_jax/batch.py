@@ -1,0 +1,201 @@
+"""The batch a step reads, and its checks: shapes at trace time, values on the host.
+
+A batch is a dict::
+
+    {"x": [B, ...], "y": [B] int (optional), "label_mask": [B] (optional, 1 = labeled),
+     "teacher_logits": [K, B, C] (optional, precomputed), "index": [B], "view": [B]}
+
+`batch_parts` checks what is known while tracing (keys, shapes, dtypes, B >= 1); it runs
+inside every step. `check_batch` checks what only concrete values tell (labels in range,
+finite teacher logits, a valid mask); `loop.fit`, `evaluation.evaluate` and
+`parallel.data_parallel_step` call it on the host before a batch enters the compiled step,
+so the check costs the step nothing.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtkd_jax import _checks
+
+__all__ = ["BatchParts", "batch_parts", "check_batch", "teacher_logits_of"]
+
+_LAYOUT = (
+    "{'x': [B, ...], 'y': [B] int labels (optional), 'label_mask': [B] (optional), "
+    "'teacher_logits': [K, B, C] (optional)}"
+)
+
+
+class BatchParts(NamedTuple):
+    """The parts of a batch a step uses: `x` `[B, ...]`, `labels` `[B]` or None,
+    `label_mask` `[B]` or None, `size` B."""
+
+    x: jax.Array
+    labels: jax.Array | None
+    label_mask: jax.Array | None
+    size: int
+
+
+def batch_parts(batch) -> BatchParts:
+    """Check a batch's structure and shapes (trace-time facts only) and return its parts.
+
+    Example:
+      >>> import numpy as np
+      >>> from mtkd_jax.batch import batch_parts
+      >>> batch_parts({"x": np.zeros((2, 3)), "y": np.array([0, 1])}).size
+      2
+    """
+    if not isinstance(batch, dict) or "x" not in batch:
+        keys = f" with keys {sorted(batch)}" if isinstance(batch, dict) else ""
+        raise ValueError(f"`batch` must be a dict {_LAYOUT}; got {type(batch).__name__}{keys}.")
+    x = batch["x"]
+    if jnp.ndim(x) < 1:
+        raise ValueError(f"`batch['x']` must have a leading batch axis, got shape {jnp.shape(x)}.")
+    b = jnp.shape(x)[0]
+    if b == 0:
+        raise ValueError(
+            f"`batch['x']` is empty (shape {jnp.shape(x)}): a batch needs at least one example."
+        )
+    labels = batch.get("y")
+    if labels is not None:
+        _checks.check_labels(labels, "batch['y']", (b,))
+    mask = batch.get("label_mask")
+    if mask is not None:
+        if jnp.shape(mask) != (b,):
+            raise ValueError(
+                f"`batch['label_mask']` must have shape [B]=({b},), got {jnp.shape(mask)}."
+            )
+        if labels is None:
+            raise ValueError("`batch['label_mask']` is given but `batch['y']` (the labels) is not.")
+    tl = batch.get("teacher_logits")
+    if tl is not None:
+        if jnp.ndim(tl) != 3 or jnp.shape(tl)[1] != b:
+            raise ValueError(
+                f"`batch['teacher_logits']` must have shape [K, B, C] with B={b} (the batch "
+                f"size of 'x'), got {jnp.shape(tl)}."
+            )
+        _checks.check_float(tl, "batch['teacher_logits']")
+    return BatchParts(x, labels, mask, b)
+
+
+def teacher_logits_of(batch: dict, x, teacher_apply, teacher_params, *, required: bool = True):
+    """The teachers' logits `[K, B, C]` for a batch, frozen (`stop_gradient`).
+
+    Run online as `teacher_apply(teacher_params, x)`, or, when `teacher_apply` is None, read
+    from `batch["teacher_logits"]` (precomputed, e.g. from `mtkd_jax.cache`).
+
+    Args:
+      batch: the batch (for `"teacher_logits"`).
+      x: `[B, ...]` the inputs the teachers see (the batch's, possibly augmented).
+      teacher_apply: `(teacher_params, x) -> [K, B, C]`, or None.
+      teacher_params: the teachers' params (needed with `teacher_apply`).
+      required: raise when there are no teacher logits; otherwise return None.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtkd_jax.batch import teacher_logits_of
+      >>> x = jnp.ones((2, 3))
+      >>> teacher_logits_of({"x": x}, x, lambda tp, x: jnp.stack([x @ w for w in tp]),
+      ...                   (jnp.eye(3), jnp.eye(3))).shape
+      (2, 2, 3)
+    """
+    b = jnp.shape(x)[0]
+    if teacher_apply is None:
+        if "teacher_logits" not in batch:
+            if not required:
+                return None
+            raise ValueError(
+                "`teacher_apply` is None, so the batch must hold precomputed "
+                f"'teacher_logits' [K, B, C]; it has keys {sorted(batch)}."
+            )
+        z = batch["teacher_logits"]
+    else:
+        if teacher_params is None:
+            raise ValueError(
+                "the teachers run online, so `teacher_params` is needed (the stacked teacher "
+                "params [K, ...], or a tuple of K params): e.g. "
+                "`step(state, batch, key, teacher_params=tp)`."
+            )
+        z = teacher_apply(teacher_params, x)
+    if jnp.ndim(z) != 3 or jnp.shape(z)[1] != b:
+        raise ValueError(f"teacher logits must have shape [K, B, C] with B={b}, got {jnp.shape(z)}.")
+    _checks.check_float(z, "teacher logits")
+    return jax.lax.stop_gradient(jnp.asarray(z))
+
+
+def _host(value) -> np.ndarray | None:
+    """This process's values of an array as NumPy, or None for a traced value."""
+    if _checks.is_traced(value):
+        return None
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        return np.concatenate([np.asarray(s.data).ravel() for s in value.addressable_shards])
+    return np.asarray(value)
+
+
+def check_batch(batch: dict, *, num_classes: int | None = None) -> int:
+    """Check a concrete batch on the host before it enters a compiled step.
+
+    Shapes always (`batch_parts`); then, for concrete values: labels >= 0 (and < C when
+    `num_classes` is given) wherever `label_mask` is 1, `label_mask` finite and >= 0, and
+    `teacher_logits` finite with C classes. Inside `jax.jit` the values cannot be read, and an
+    out-of-range label would silently give a NaN or a wrong loss, so training loops call this
+    on the host batch. Arrays that span several processes are checked on this process's part.
+
+    Args:
+      batch: see the module docstring.
+      num_classes: C, to check labels in `[0, C)` and the class axis of teacher logits.
+
+    Returns:
+      The batch size B.
+
+    Example:
+      >>> import numpy as np
+      >>> from mtkd_jax.batch import check_batch
+      >>> check_batch({"x": np.zeros((2, 3)), "y": np.array([0, 1])}, num_classes=2)
+      2
+      >>> check_batch({"x": np.zeros((2, 3)), "y": np.array([0, 2])}, num_classes=2)
+      Traceback (most recent call last):
+      ...
+      ValueError: `batch['y']` labels must be in [0, 2) (num_classes); found [2]. ...
+    """
+    if num_classes is not None:
+        _checks.check_int(num_classes, "num_classes")
+    parts = batch_parts(batch)
+    mask = None if parts.label_mask is None else _host(parts.label_mask)
+    if mask is not None and not np.all(np.isfinite(mask) & (mask >= 0)):
+        raise ValueError(
+            "`batch['label_mask']` must be finite and >= 0 (1 = labeled, 0 = unlabeled); got "
+            f"values {np.unique(mask)[:8].tolist()}."
+        )
+    labels = None if parts.labels is None else _host(parts.labels)
+    if labels is not None:
+        if mask is not None and mask.shape == labels.shape:
+            labels = labels[mask > 0]
+        high = np.inf if num_classes is None else num_classes
+        bad = (labels < 0) | (labels >= high)
+        if bad.any():
+            span = "[0, C)" if num_classes is None else f"[0, {num_classes}) (num_classes)"
+            raise ValueError(
+                f"`batch['y']` labels must be in {span}; found "
+                f"{np.unique(labels[bad]).tolist()[:10]}. Mark examples without a label with "
+                "batch['label_mask'] = 0 instead."
+            )
+    tl = batch.get("teacher_logits")
+    if tl is not None:
+        if num_classes is not None and jnp.shape(tl)[-1] != num_classes:
+            raise ValueError(
+                f"`batch['teacher_logits']` has {jnp.shape(tl)[-1]} classes (shape "
+                f"{jnp.shape(tl)}) but num_classes={num_classes}."
+            )
+        values = _host(tl)
+        if values is not None and not np.all(np.isfinite(values)):
+            raise ValueError(
+                f"`batch['teacher_logits']` holds {int(np.sum(~np.isfinite(values)))} NaN/inf "
+                "values: the teachers (or the cache they were read from) produced non-finite "
+                "logits."
+            )
+    return parts.size
