@@ -56,7 +56,6 @@ from mtkd_jax.teachers import (
     make_teacher_train_step,
     save_teachers,
     stack_params,
-    teacher_fingerprint,
     unstack_params,
 )
 from mtkd_jax.train import (
@@ -133,7 +132,6 @@ __all__ = [
     "soft_mse",
     "softmax_t",
     "stack_params",
-    "teacher_fingerprint",
     "teachers",
     "train",
     "unstack_params",
