@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtkd_jax import _checks
 from mtkd_jax.distributed import broadcast_from_main, process_local
 from mtkd_jax.teachers._runners import RUNNERS, ApplyFn
 from mtkd_jax.teachers.stacking import num_stacked
@@ -24,7 +25,7 @@ __all__ = ["time_strategies", "choose_strategy"]
 
 
 def _check_concrete(x: Any, name: str) -> None:
-    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(x)):
+    if any(_checks.is_traced(leaf) for leaf in jax.tree.leaves(x)):
         raise ValueError(
             f"`{name}` is traced: the strategy is timed on concrete arrays, so call this "
             "outside `jax.jit` (e.g. when building the train step)."
