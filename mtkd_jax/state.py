@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mtkd_jax.teachers import _num_stacked as num_stacked  # MERGE: teachers.stacking
+from mtkd_jax.teachers.stacking import num_stacked
 
 __all__ = ["TrainState", "init_train_state", "init_stacked_train_state", "set_hyperparams"]
 

@@ -39,7 +39,7 @@ from mtkd_jax.losses import SOFT_LOSSES, mean_cross_entropy, mean_distillation_l
 from mtkd_jax.reduce import as_varying, global_mean, pmean
 from mtkd_jax.state import TrainState
 from mtkd_jax.targets import distill_targets, leave_one_out_targets
-from mtkd_jax.teachers import _num_stacked as num_stacked  # MERGE: teachers.stacking
+from mtkd_jax.teachers.stacking import num_stacked
 from mtkd_jax.weighting import get_weighting
 
 __all__ = ["make_supervised_step", "make_distill_step", "make_codistill_step", "stacked_step"]

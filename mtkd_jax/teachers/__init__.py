@@ -1,0 +1,31 @@
+"""Teacher ensembles: stacked pytrees, batched frozen inference, strategy choice, save and load.
+
+* `stacking`: `num_stacked` (K of a stacked pytree), `stack_params`, `unstack_params`;
+* `inference`: `make_stacked_apply` (vmap / loop / auto) and `make_heterogeneous_apply`,
+  un-jitted `teacher_apply(teacher_params, x) -> logits [K, B, C]`, frozen;
+* `autotune`: `time_strategies`, `choose_strategy` (the "auto" choice);
+* `io`: `save_teachers`, `load_teachers` (orbax, checked against
+  `mtkd_jax.checkpoint.params_fingerprint`).
+
+Teachers are trained like any model: `mtkd_jax.steps.make_supervised_step`, K of one
+architecture at once with `mtkd_jax.steps.stacked_step` over a stacked
+`mtkd_jax.state.TrainState`.
+"""
+
+from mtkd_jax.teachers.autotune import choose_strategy, time_strategies
+from mtkd_jax.teachers.inference import STRATEGIES, make_heterogeneous_apply, make_stacked_apply
+from mtkd_jax.teachers.io import load_teachers, save_teachers
+from mtkd_jax.teachers.stacking import num_stacked, stack_params, unstack_params
+
+__all__ = [
+    "STRATEGIES",
+    "choose_strategy",
+    "load_teachers",
+    "make_heterogeneous_apply",
+    "make_stacked_apply",
+    "num_stacked",
+    "save_teachers",
+    "stack_params",
+    "time_strategies",
+    "unstack_params",
+]
