@@ -1,8 +1,9 @@
 """Tests for mtkd_jax.weighting: every strategy against a float64 NumPy reference, jitted and
-with extra batch dims, gradients, properties (non-negative, sum to 1, permutation), bad input,
-and `get_weighting`."""
+with extra batch dims, gradients; properties over the whole registry (non-negative, sum to 1,
+permutation-equivariant, bounds); the protocol, `register_weighting` and `get_weighting`."""
 
 import functools
+import inspect
 
 import hypothesis.extra.numpy as hnp
 import jax
@@ -49,7 +50,10 @@ def np_from_scores(scores, probs, temperature=1.0):
     return np_per_teacher(np_softmax(np.asarray(scores, np.float64) / temperature), probs)
 
 
-def np_confidence(logits, labels):
+def np_confidence(logits, labels, label_mask=None):
+    if label_mask is not None:  # unlabeled: the ensemble's argmax stands in for the label
+        ensemble = np.argmax(np_softmax(logits).mean(0), axis=-1)
+        labels = np.where(np.asarray(label_mask) > 0, labels, ensemble)
     logp = np_log_softmax(logits)  # [K, ..., C]
     ce = -np.take_along_axis(logp, np.asarray(labels)[None, ..., None], axis=-1)[..., 0]
     k = logits.shape[0]
@@ -100,11 +104,10 @@ def random_logits(rng, shape=SHAPE, scale=2.0):
 def random_labels(rng, shape=SHAPE):
     return rng.integers(0, shape[-1], size=shape[1:-1]).astype(np.int32)
 
-
-# ---------------------------------------------------------------- values: eager, jit, batched
-def _check(fn, args, expected):
+# ---------------------------------------------------------------- values: jit, batched
+def _check(fn, args, expected, **kwargs):
     """Under `jax.jit` (eager calls are covered by `test_eager_float64_numpy_inputs`)."""
-    out = jax.jit(fn)(*args)
+    out = jax.jit(lambda *a: fn(*a, **kwargs))(*args)
     assert out.shape == expected.shape, (out.shape, expected.shape)
     np.testing.assert_allclose(out, expected, **TOL)
 
@@ -117,37 +120,51 @@ def test_uniform_matches_reference(rng):
 def test_static_matches_reference(rng):
     p = random_probs(rng)
     lam = rng.uniform(0.1, 3.0, size=K).astype(np.float32)
-    _check(weighting.static, (lam, p), np_static(lam, p))
-    # A zero lambda is allowed (that teacher is switched off), integers are accepted.
-    _check(weighting.static, (np.array([0, 1, 3]), p), np_static([0, 1, 3], p))
+    _check(lambda p, lam: weighting.static(p, lambdas=lam), (p, lam), np_static(lam, p))
+    # A zero lambda is allowed (that teacher is switched off), integers are accepted; closed
+    # over (concrete) lambdas are checked on the host inside jit without a tracer error.
+    _check(weighting.static, (p,), np_static([0, 1, 3], p), lambdas=np.array([0, 1, 3]))
+    _check(weighting.static, (p,), np_static([1, 2, 3], p), lambdas=jnp.array([1.0, 2.0, 3.0]))
 
 
 def test_from_scores_matches_reference(rng):
     p = random_probs(rng)
     scores = rng.uniform(0.6, 0.95, size=K).astype(np.float32)
-    fn = jax.jit(lambda s, p, t: weighting.from_scores(s, p, temperature=t))
+    fn = jax.jit(lambda p, s, t: weighting.from_scores(p, scores=s, temperature=t))
     for t in (0.05, 1.0, 10.0):  # traced temperature
-        np.testing.assert_allclose(fn(scores, p, t), np_from_scores(scores, p, t), **TOL)
+        np.testing.assert_allclose(fn(p, scores, t), np_from_scores(scores, p, t), **TOL)
 
 
 def test_from_scores_temperature_limits():
     p = np.full((3, 1, 2), 0.5, np.float32)
     scores = np.array([0.7, 0.9, 0.8], np.float32)
-    np.testing.assert_allclose(weighting.from_scores(scores, p, temperature=1e-3)[:, 0],
-                               [0.0, 1.0, 0.0], atol=1e-6)
-    np.testing.assert_allclose(weighting.from_scores(scores, p, temperature=1e4)[:, 0],
-                               1.0 / 3, atol=1e-4)
+    np.testing.assert_allclose(
+        weighting.from_scores(p, scores=scores, temperature=1e-3)[:, 0], [0.0, 1.0, 0.0],
+        atol=1e-6)
+    np.testing.assert_allclose(
+        weighting.from_scores(p, scores=scores, temperature=1e4)[:, 0], 1.0 / 3, atol=1e-4)
 
 
 def test_confidence_matches_reference(rng):
     z, y = random_logits(rng), random_labels(rng)
-    _check(weighting.confidence, (z, y), np_confidence(z, y))
+    _check(lambda z, y: weighting.confidence(jax.nn.softmax(z / 4.0), logits=z, labels=y),
+           (z, y), np_confidence(z, y))
+
+
+def test_confidence_unlabeled_examples_use_the_ensemble_argmax(rng):
+    z, y = random_logits(rng), random_labels(rng)
+    mask = rng.integers(0, 2, size=y.shape).astype(np.float32)
+    p = jax.nn.softmax(z)
+    _check(lambda z, y, m: weighting.confidence(p, logits=z, labels=y, label_mask=m),
+           (z, y, mask), np_confidence(z, y, mask))
+    # No labels at all: every example is unlabeled.
+    _check(lambda z: weighting.confidence(p, logits=z), (z,), np_confidence(z, y, 0 * mask))
 
 
 def test_confidence_prefers_the_teacher_that_is_right():
     # Teacher 0 is confidently right, teacher 1 unsure, teacher 2 confidently wrong.
     z = np.array([[[6.0, 0.0]], [[0.0, 0.0]], [[0.0, 6.0]]], np.float32)
-    w = np.asarray(weighting.confidence(z, np.array([0])))[:, 0]
+    w = np.asarray(weighting.confidence(jax.nn.softmax(z), logits=z, labels=np.array([0])))[:, 0]
     assert w[0] > w[1] > w[2]
     np.testing.assert_allclose(w, np_confidence(z, np.array([0]))[:, 0], **TOL)
 
@@ -155,6 +172,15 @@ def test_confidence_prefers_the_teacher_that_is_right():
 def test_entropy_matches_reference(rng):
     p = random_probs(rng)
     _check(weighting.entropy, (p,), np_entropy(p))
+
+
+def test_entropy_is_taken_at_temperature_one_from_the_logits(rng):
+    # EBKD (as CA-MKD codes it) takes the entropy of the T = 1 predictions, whatever T the
+    # distillation uses; `probs` at T = 4 must not change the weights when logits are given.
+    z = random_logits(rng)
+    p_t4 = np.asarray(jax.nn.softmax(z / 4.0))
+    _check(lambda p, z: weighting.entropy(p, logits=z), (p_t4, z), np_entropy(np_softmax(z)))
+    assert not np.allclose(np_entropy(p_t4), np_entropy(np_softmax(z)), atol=1e-3)
 
 
 def test_entropy_one_hot_teachers():
@@ -190,8 +216,10 @@ def test_single_teacher(rng):
     p = random_probs(rng, (1, 2, 3))
     z = random_logits(rng, (1, 2, 3))
     ws = jax.jit(lambda p, z: (
-        weighting.uniform(p), weighting.entropy(p), weighting.confidence(z, jnp.array([0, 2])),
-        weighting.static(jnp.array([2.0]), p), weighting.from_scores(jnp.array([0.3]), p)))(p, z)
+        weighting.uniform(p), weighting.entropy(p),
+        weighting.confidence(p, logits=z, labels=jnp.array([0, 2])),
+        weighting.static(p, lambdas=jnp.array([2.0])),
+        weighting.from_scores(p, scores=jnp.array([0.3]))))(p, z)
     for w in ws:
         np.testing.assert_allclose(w, np.ones((1, 2)))
 
@@ -204,10 +232,10 @@ def test_eager_float64_numpy_inputs(rng):
     lam, scores = np.array([1.0, 2.0, 3.0]), np.array([0.1, 0.2, 0.3])
     cases = [
         (weighting.uniform(p), np.full((3, 2), 1 / 3)),
-        (weighting.static(lam, p), np_static(lam, p)),
-        (weighting.from_scores(scores, p), np_from_scores(scores, p)),
+        (weighting.static(p, lambdas=lam), np_static(lam, p)),
+        (weighting.from_scores(p, scores=scores), np_from_scores(scores, p)),
         (weighting.entropy(p), np_entropy(p)),
-        (weighting.confidence(z, y), np_confidence(z, y)),
+        (weighting.confidence(p, logits=z, labels=y), np_confidence(z, y)),
         (weighting.agreement(p), np_agreement(p)),
     ]
     for w, ref in cases:
@@ -227,8 +255,9 @@ def test_grads(rng):
             # Every differentiable input of every strategy, in one scalar with independent
             # random cotangents (the gradients of each divergence kind are checked in
             # test_divergence.py).
-            ws = (weighting.static(lam, p), weighting.from_scores(scores, p, temperature=t),
-                  weighting.confidence(z, y), weighting.entropy(p),
+            ws = (weighting.static(p, lambdas=lam),
+                  weighting.from_scores(p, scores=scores, temperature=t),
+                  weighting.confidence(p, logits=z, labels=y), weighting.entropy(p),
                   weighting.agreement(p, kind="squared", sharpness=s))
             return sum(jnp.sum(ri * w) for ri, w in zip(r, ws, strict=True))
 
@@ -252,61 +281,79 @@ def test_finite_grads_at_extreme_logits_and_zero_probs(rng):
         p = jnp.concatenate([jax.nn.softmax(z), p], axis=1)  # [3, 3, 4]
         ws = [weighting.entropy(p)] + [weighting.agreement(p, kind=kind) for kind in KINDS]
         rr = jnp.concatenate([r, r[:, :1]], axis=1)
-        return sum(jnp.sum(rr * w) for w in ws) + jnp.sum(r * weighting.confidence(z, y))
+        conf = weighting.confidence(jax.nn.softmax(z), logits=z, labels=y)
+        return sum(jnp.sum(rr * w) for w in ws) + jnp.sum(r * conf) + jnp.sum(
+            r * weighting.entropy(jax.nn.softmax(z), logits=z))
 
     value, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(z, zero_probs)
     assert np.isfinite(value) and all(np.all(np.isfinite(g)) for g in grads)
 
 
-# ---------------------------------------------------------------- properties (hypothesis)
-def _all_strategies(z, y, lam, scores):
-    p = jax.nn.softmax(z)
-    out = {
-        "uniform": weighting.uniform(p),
-        "static": weighting.static(lam, p),
-        "from_scores": weighting.from_scores(scores, p, temperature=0.3),
-        "confidence": weighting.confidence(z, y),
-        "entropy": weighting.entropy(p),
-    }
-    out.update({f"agreement_{kind}": weighting.agreement(p, kind=kind, sharpness=5.0)
-                for kind in KINDS})
-    return out
-
-
-_all_strategies_jit = jax.jit(_all_strategies)
+# ---------------------------------------------------------------- properties over the registry
+def _hyperparameters(name, k, rng):
+    """Values for a strategy's required hyperparameters: positive `[K]` arrays."""
+    required = [
+        p.name for p in inspect.signature(weighting.WEIGHTINGS[name]).parameters.values()
+        if p.kind is p.KEYWORD_ONLY and p.default is p.empty
+        and p.name not in weighting.PROTOCOL_KEYWORDS
+    ]
+    return {h: rng.uniform(0.1, 2.0, size=k).astype(np.float32) for h in required}
 
 
 @st.composite
 def strategy_inputs(draw):
-    """Logits `[4, 3, 5]` (large magnitudes included), labels, lambdas (zeros allowed), scores."""
+    """Logits `[4, 3, 5]` (large magnitudes included), labels, a label mask, a temperature."""
     z = draw(hnp.arrays(np.float32, (4, 3, 5), elements=st.floats(-60, 60, width=32)))
     y = draw(hnp.arrays(np.int32, (3,), elements=st.integers(0, 4)))
-    lam = draw(hnp.arrays(np.float32, (4,), elements=st.floats(0, 10, width=32)))
-    lam[0] += lam.sum() == 0
-    scores = draw(hnp.arrays(np.float32, (4,), elements=st.floats(0, 1, width=32)))
-    return z, y, lam, scores
+    mask = draw(hnp.arrays(np.float32, (3,), elements=st.sampled_from([0.0, 1.0])))
+    t = draw(st.sampled_from([1.0, 4.0]))
+    return z, y, mask, t
 
 
-@settings(max_examples=15)
-@given(inputs=strategy_inputs())
-def test_property_nonnegative_and_sum_to_one(inputs):
-    for name, w in _all_strategies_jit(*inputs).items():
-        w = np.asarray(w)
-        assert w.shape == (4, 3), name
+@functools.partial(jax.jit, static_argnames=("name", "t"))
+def _weights_jit(z, y, mask, hyper, *, name, t):
+    fn = weighting.get_weighting(name, **hyper)
+    w = fn(jax.nn.softmax(z / t), logits=z, labels=y, label_mask=mask)
+    return jnp.broadcast_to(w.reshape(w.shape + (1,) * (2 - w.ndim)), (4, 3))
+
+
+def _weights(name, z, y, mask, t, hyper):
+    return np.asarray(_weights_jit(z, y, mask, hyper, name=name, t=t))
+
+
+@settings(max_examples=12)
+@given(inputs=strategy_inputs(), perm=st.permutations(range(4)))
+def test_registry_properties(inputs, perm):
+    """Every registered strategy: finite, >= 0, sums to 1 over K, permutes with the teachers."""
+    z, y, mask, t = inputs
+    perm = np.asarray(perm)
+    rng = np.random.default_rng(0)
+    for name in sorted(weighting.WEIGHTINGS):
+        hyper = _hyperparameters(name, 4, rng)
+        w = _weights(name, z, y, mask, t, hyper)
         assert np.all(np.isfinite(w)) and np.all(w >= 0), name
         np.testing.assert_allclose(w.sum(0), 1.0, rtol=1e-5, err_msg=name)
+        w_perm = _weights(name, z[perm], y, mask, t, {h: v[perm] for h, v in hyper.items()})
+        np.testing.assert_allclose(w_perm, w[perm], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 @settings(max_examples=10)
-@given(inputs=strategy_inputs(), perm=st.permutations(range(4)))
-def test_property_weights_permute_with_teachers(inputs, perm):
-    z, y, lam, scores = inputs
-    perm = np.asarray(perm)
-    w = _all_strategies_jit(z, y, lam, scores)
-    w_perm = _all_strategies_jit(z[perm], y, lam[perm], scores[perm])
-    for name in w:
-        np.testing.assert_allclose(w_perm[name], np.asarray(w[name])[perm], rtol=1e-5,
-                                   atol=1e-6, err_msg=name)
+@given(inputs=strategy_inputs())
+def test_confidence_and_entropy_never_exceed_one_over_k_minus_one(inputs):
+    z, y, mask, t = inputs
+    for name in ("confidence", "entropy"):
+        w = _weights(name, z, y, mask, t, {})
+        assert np.all(w <= 1.0 / 3 + 1e-6), name
+
+
+def test_every_registered_strategy_has_the_protocol_signature():
+    for name, fn in weighting.WEIGHTINGS.items():
+        params = inspect.signature(fn).parameters
+        first = next(iter(params.values()))
+        assert first.name == "probs", name
+        for kw in weighting.PROTOCOL_KEYWORDS:
+            assert params[kw].kind is inspect.Parameter.KEYWORD_ONLY, (name, kw)
+        assert fn.__name__ == name, "one name per strategy: registry key = function name"
 
 
 # ---------------------------------------------------------------- bad input
@@ -325,30 +372,38 @@ P = np.full((3, 2, 4), 0.25, np.float32)
 )
 def test_static_bad_lambdas(lambdas, match):
     with pytest.raises(ValueError, match=match):
-        weighting.static(lambdas, P)
+        weighting.static(P, lambdas=lambdas)
+    with pytest.raises(ValueError, match=match):  # closed over inside jit: checked too
+        jax.jit(weighting.get_weighting("static", lambdas=lambdas))(P)
 
 
 def test_traced_lambdas_are_not_checked_but_work():
-    w = jax.jit(weighting.static)(jnp.array([1.0, 1.0, 2.0]), P)
+    w = jax.jit(lambda lam, p: weighting.static(p, lambdas=lam))(jnp.array([1.0, 1.0, 2.0]), P)
     np.testing.assert_allclose(w[:, 0], [0.25, 0.25, 0.5])
 
 
 def test_from_scores_bad_input():
     with pytest.raises(ValueError, match=r"`scores` must have shape \[K\]=\(3,\)"):
-        weighting.from_scores(np.ones(4), P)
-    for t in (0.0, -1.0):
-        with pytest.raises(ValueError, match=r"`temperature` must be > 0"):
-            weighting.from_scores(np.ones(3), P, temperature=t)
+        weighting.from_scores(P, scores=np.ones(4))
+    with pytest.raises(ValueError, match=r"`scores` must be finite"):
+        weighting.from_scores(P, scores=np.array([0.5, np.nan, 0.5]))
+    for t in (0.0, -1.0, np.inf):
+        with pytest.raises(ValueError, match=r"`temperature` must be a finite number > 0"):
+            weighting.from_scores(P, scores=np.ones(3), temperature=t)
 
 
-def test_confidence_bad_labels():
+def test_confidence_bad_input():
     z = np.zeros((3, 2, 4), np.float32)
+    with pytest.raises(ValueError, match=r"'confidence' needs `logits`"):
+        weighting.confidence(P)
     with pytest.raises(TypeError, match=r"`labels` must be integer class indices"):
-        weighting.confidence(z, np.zeros(2, np.float32))
+        weighting.confidence(P, logits=z, labels=np.zeros(2, np.float32))
     with pytest.raises(ValueError, match=r"`labels` must have shape \(2,\)"):
-        weighting.confidence(z, np.zeros(3, np.int32))
-    with pytest.raises(TypeError, match=r"`teacher_logits` must be a floating-point array"):
-        weighting.confidence(z.astype(np.int32), np.zeros(2, np.int32))
+        weighting.confidence(P, logits=z, labels=np.zeros(3, np.int32))
+    with pytest.raises(TypeError, match=r"`logits` must be a floating-point array"):
+        weighting.confidence(P, logits=z.astype(np.int32), labels=np.zeros(2, np.int32))
+    with pytest.raises(ValueError, match=r"`label_mask` must have the shape of `labels`"):
+        weighting.confidence(P, logits=z, labels=np.zeros(2, np.int32), label_mask=np.ones(3))
 
 
 def test_agreement_bad_input():
@@ -360,66 +415,79 @@ def test_agreement_bad_input():
         weighting.agreement(P, kind="cosine")
 
 
-@pytest.mark.parametrize("fn", [weighting.uniform, weighting.entropy, weighting.agreement,
-                                functools.partial(weighting.static, np.ones(3))])
-def test_integer_or_flat_probs(fn):
+@pytest.mark.parametrize("name", ["uniform", "entropy", "agreement", "static"])
+def test_integer_or_flat_probs(name):
+    fn = weighting.get_weighting(name, **({"lambdas": np.ones(3)} if name == "static" else {}))
     with pytest.raises(TypeError, match=r"`probs` must be a floating-point array"):
         fn(np.ones((3, 2, 4), np.int32))
     with pytest.raises(ValueError, match=r"`probs` must have at least 2 dims"):
         fn(np.full(4, 0.25, np.float32))
 
 
-# ---------------------------------------------------------------- get_weighting
+# ---------------------------------------------------------------- get_weighting, register
 def test_get_weighting_each_name(rng):
     p = random_probs(rng, (3, 2, 4))
     z, y = random_logits(rng, (3, 2, 4)), random_labels(rng, (3, 2, 4))
     lam, scores = np.array([1.0, 2.0, 5.0], np.float32), np.array([0.5, 0.9, 0.7], np.float32)
-    expected = {
-        "uniform": np.full((3, 2), 1 / 3),
-        "confidence": np_confidence(z, y),
-        "entropy": np_entropy(p),
-        "agreement": np_agreement(p),
+    cases = {
+        "uniform": (weighting.get_weighting("uniform"), np.full((3, 2), 1 / 3)),
+        "confidence": (weighting.get_weighting("confidence"), np_confidence(z, y)),
+        "entropy": (weighting.get_weighting("entropy"), np_entropy(np_softmax(z))),
+        "agreement": (weighting.get_weighting("agreement"), np_agreement(p)),
+        "static": (weighting.get_weighting("static", lambdas=lam), np_static(lam, p)),
+        "from_scores": (weighting.get_weighting("from_scores", scores=scores),
+                        np_from_scores(scores, p)),
+        "from_scores T": (weighting.get_weighting("from_scores", scores=scores, temperature=0.1),
+                          np_from_scores(scores, p, 0.1)),
+        "agreement kl": (weighting.get_weighting("agreement", kind="kl", sharpness=4.0),
+                         np_agreement(p, "kl", 4.0)),
     }
-    assert sorted(weighting.WEIGHTINGS) == sorted(expected)
-    for name, ref in expected.items():
-        fn = weighting.get_weighting(name)
+    assert {n.split()[0] for n in cases} == set(weighting.WEIGHTINGS)
+    for name, (fn, ref) in cases.items():
         np.testing.assert_allclose(fn(p, logits=z, labels=y), ref, **TOL, err_msg=name)
-    cases = [
-        (weighting.get_weighting("static", lambdas=lam), np_static(lam, p)),
-        (weighting.get_weighting("scores", scores=scores), np_from_scores(scores, p)),
-        (weighting.get_weighting("scores", scores=scores, temperature=0.1),
-         np_from_scores(scores, p, 0.1)),
-        (weighting.get_weighting("agreement", kind="kl", sharpness=4.0),
-         np_agreement(p, "kl", 4.0)),
-    ]
-    for fn, ref in cases:
-        np.testing.assert_allclose(fn(p, logits=z, labels=y), ref, **TOL)
-        # Resolved strategies are jit-safe closures.
-        np.testing.assert_allclose(jax.jit(lambda p, z, y, fn=fn: fn(p, logits=z, labels=y))(
-            p, z, y), ref, **TOL)
+        # Resolved strategies are jit-safe.
+        out = jax.jit(lambda p, z, y, fn=fn: fn(p, logits=z, labels=y))(p, z, y)
+        np.testing.assert_allclose(out, ref, **TOL, err_msg=name)
 
 
-def test_get_weighting_passes_callables_through():
-    def mine(probs, *, logits=None, labels=None):
-        return weighting.uniform(probs)
+def test_get_weighting_binds_hyperparameters_of_callables():
+    def mine(probs, *, sharpness, logits=None, labels=None, label_mask=None):
+        return weighting.agreement(probs, sharpness=sharpness)
 
-    assert weighting.get_weighting(mine) is mine
-    with pytest.raises(ValueError, match=r"callable weighting .* takes no hyperparameters"):
-        weighting.get_weighting(mine, sharpness=2.0)
+    fn = weighting.get_weighting(mine, sharpness=0.0)
+    np.testing.assert_allclose(fn(P), 1.0 / 3)
+    with pytest.raises(ValueError, match=r"mine needs \['sharpness'\].*missing \['sharpness'\]"):
+        weighting.get_weighting(mine)
+    assert weighting.get_weighting(weighting.uniform) is weighting.uniform
 
 
 def test_get_weighting_bad_names_and_hyperparameters():
-    with pytest.raises(ValueError, match=r"Unknown weighting 'best'; valid names: \['agreement', "
-                                         r"'confidence', 'entropy', 'scores', 'static', "
-                                         r"'uniform'\]"):
+    with pytest.raises(ValueError, match=r"Unknown weighting 'best'; registered names: "
+                                         r"\['agreement', 'confidence', 'entropy', "
+                                         r"'from_scores', 'static', 'uniform'\]"):
         weighting.get_weighting("best")
     with pytest.raises(ValueError, match=r"'static' needs \['lambdas'\].*missing \['lambdas'\]"):
         weighting.get_weighting("static")
-    with pytest.raises(ValueError, match=r"'scores' needs \['scores'\].*missing \['scores'\]"):
-        weighting.get_weighting("scores", temperature=2.0)
+    with pytest.raises(ValueError, match=r"'from_scores' needs \['scores'\].*missing "):
+        weighting.get_weighting("from_scores", temperature=2.0)
     with pytest.raises(ValueError, match=r"'uniform'.*unknown \['sharpness'\]"):
         weighting.get_weighting("uniform", sharpness=1.0)
     with pytest.raises(ValueError, match=r"'static'.*unknown \['lambda'\]"):
         weighting.get_weighting("static", lambdas=np.ones(3), **{"lambda": 1})
-    with pytest.raises(ValueError, match=r"'confidence' needs `logits`.*and `labels`"):
-        weighting.get_weighting("confidence")(P, logits=None, labels=None)
+    with pytest.raises(ValueError, match=r"unknown \['logits'\]"):
+        weighting.get_weighting("uniform", logits=np.ones(3))
+    with pytest.raises(TypeError, match=r"`name_or_fn` must be a weighting name or a function"):
+        weighting.get_weighting(3)
+
+
+def test_register_checks_the_protocol_and_names():
+    def no_protocol(probs):
+        return weighting.uniform(probs)
+
+    with pytest.raises(TypeError, match=r"'bad' must have the signature fn\(probs, \*, logits"):
+        weighting.register_weighting("bad", no_protocol)
+    with pytest.raises(ValueError, match=r"'uniform' is already registered"):
+        weighting.register_weighting("uniform", weighting.uniform)
+    with pytest.raises(ValueError, match=r"`name` must be a non-empty str"):
+        weighting.register_weighting("", weighting.uniform)
+    assert "bad" not in weighting.WEIGHTINGS
