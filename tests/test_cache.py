@@ -484,3 +484,16 @@ def test_augment_view_refusals(index, view, error, match):
     noise = lambda k, x: x + jax.random.normal(k, x.shape)
     with pytest.raises(error, match=match):
         mc.augment_view(noise, jax.random.key(0), jnp.zeros((3, 2)), index, view)
+
+
+def test_jax_array_batches(tmp_path, setup):
+    """Batches of jax arrays (e.g. straight from an augmentation) cache like numpy ones."""
+    tp, x, y = setup
+    batches = [{"x": jnp.asarray(x[s : s + 20]), "index": jnp.arange(s, s + 20)} for s in (0, 20)]
+    batches.append({"x": jnp.asarray(x[40:]), "index": jnp.arange(40, 50)})
+    cache = mc.build_cache(
+        tmp_path, linear_teachers, tp, batches, num_examples=50, dtype=np.float32, progress=False
+    )
+    np.testing.assert_array_equal(
+        cache.lookup(np.arange(50)), np.asarray(linear_teachers(tp, jnp.asarray(x)))
+    )

@@ -72,15 +72,18 @@ DEFAULT_FILL = "uniform"
 class TopK(NamedTuple):
     """Compact top-k teacher outputs, teacher axis first.
 
+    Numpy arrays in the stored dtypes from `TeacherCache.lookup_top_k`; float32 / int32
+    arrays from `top_k_of_logits`.
+
     Attributes:
       log_probs: `[K, B, k]` log-probabilities at T = 1, descending (stored dtype).
       classes: `[K, B, k]` their class indices (int16 or int32).
       log_rest: `[K, B]` log of the probability outside the top-k (stored dtype).
     """
 
-    log_probs: np.ndarray
-    classes: np.ndarray
-    log_rest: np.ndarray
+    log_probs: np.ndarray | jax.Array
+    classes: np.ndarray | jax.Array
+    log_rest: np.ndarray | jax.Array
 
 
 # ---------------------------------------------------------------------------------------------

@@ -174,9 +174,10 @@ def build_cache(
 
     def check_logits(x) -> None:
         """The logits' shape for this batch's `x` (again whenever the shape of `x` changes)."""
-        if sizes["x"] == (np.shape(x), np.result_type(x)):
+        signature = (np.shape(x), jnp.result_type(x))
+        if sizes["x"] == signature:
             return
-        sizes["x"] = (np.shape(x), np.result_type(x))
+        sizes["x"] = signature
         shape = jax.eval_shape(teacher_apply, teacher_params, x).shape
         if len(shape) != 3 or shape[1] != np.shape(x)[0]:
             raise ValueError(
