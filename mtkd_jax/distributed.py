@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -40,7 +40,6 @@ __all__ = [
     "ProcessInfo",
     "barrier",
     "broadcast_from_main",
-    "build_cache_in_parallel",
     "distributed_requested",
     "global_batches",
     "initialize_distributed",
@@ -422,84 +421,3 @@ def process_local(tree: Any) -> Any:
         return leaf
 
     return jax.tree.map(local, tree)
-
-
-def build_cache_in_parallel(
-    path: str | os.PathLike,
-    teacher_apply: Callable[[Any, jax.Array], jax.Array],
-    teacher_params: Any,
-    local_batches: Iterable[dict],
-    *,
-    num_examples: int,
-    fill: str = "renormalize",
-    progress: bool = True,
-    **build_kwargs,
-):
-    """Build a teacher-output cache with every process caching its own batches, then open it.
-
-    Process p runs the teachers on its `local_batches` only (no communication) and writes
-    them as shard `"p<p>"` of the cache in `path` (`mtkd_jax.cache.build_cache`); all then
-    wait for each other and open the shards of this job together, so each can look up any
-    example, whichever process cached it. `path` must be on a file system all processes
-    share. For the cache to cover the split, the processes' batches together must visit
-    every example (and view), e.g. `mtkd_jax.data.batches(..., shuffle=False,
-    drop_remainder=False)` with its default per-process slicing.
-
-    Args:
-      path: the cache directory, the same on every process.
-      teacher_apply: `(teacher_params, x [B, ...]) -> logits [K, B, C]`.
-      teacher_params: host arrays, or arrays replicated over the devices of all processes
-        (each process then runs the teachers on its own copy).
-      local_batches: this process's `{"x", "index"(, "view")}` batches.
-      num_examples: N, the size of the split the indices refer to.
-      fill: reconstruction of top-k entries when reading (see `mtkd_jax.cache.open_cache`).
-      progress: show a progress bar, on process 0 only.
-      **build_kwargs: `num_views`, `top_k`, `dtype`, `fingerprint`, `meta`, `overwrite` of
-        `build_cache`.
-
-    Returns:
-      The `TeacherCache` over the shards `p0 ... p<P-1>`.
-
-    Raises:
-      ValueError: teacher params split over devices (not replicated); `shard` given (it is
-        this process's index); any error of `build_cache` or `open_cache`.
-
-    Example:
-      >>> import tempfile, numpy as np, jax.numpy as jnp
-      >>> from mtkd_jax.distributed import build_cache_in_parallel
-      >>> apply = lambda tp, x: jnp.stack([x @ tp, 2 * x @ tp])           # K=2 teachers
-      >>> batch = {"x": np.eye(3, dtype=np.float32), "index": np.arange(3)}
-      >>> cache = build_cache_in_parallel(tempfile.mkdtemp(), apply, np.eye(3), [batch],
-      ...                                 num_examples=3, dtype=np.float32, progress=False)
-      >>> cache.shards, cache.lookup(np.array([1]))[:, 0].tolist()
-      (['p0'], [[0.0, 1.0, 0.0], [0.0, 2.0, 0.0]])
-    """
-    from mtkd_jax.cache import build_cache, open_cache
-
-    if "shard" in build_kwargs:
-        raise ValueError("`shard` is set by build_cache_in_parallel: 'p<process index>'.")
-
-    def local_copy(leaf):
-        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            if not leaf.is_fully_replicated:
-                raise ValueError(
-                    "`teacher_params` must be host arrays or replicated over the mesh; got a "
-                    f"leaf split over devices with sharding {leaf.sharding}."
-                )
-            # This process's own copy: the teachers then run here, without collectives.
-            return leaf.addressable_data(0)
-        return leaf
-
-    count = jax.process_count()
-    build_cache(
-        path,
-        teacher_apply,
-        jax.tree.map(local_copy, teacher_params),
-        local_batches,
-        num_examples=num_examples,
-        shard=f"p{jax.process_index()}",
-        progress=progress and is_main_process(),
-        **build_kwargs,
-    )
-    barrier("mtkd_jax.distributed.build_cache_in_parallel")
-    return open_cache(path, fill=fill, shards=[f"p{p}" for p in range(count)])

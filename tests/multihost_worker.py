@@ -88,8 +88,8 @@ def _split_timings(process_index):
 
 def build_cache(path, *, process_index, process_count):
     """Each process caches the teachers' logits of its rows of one pass over the split."""
+    from mtkd_jax.cache import build_cache_in_parallel
     from mtkd_jax.data import batches
-    from mtkd_jax.distributed import build_cache_in_parallel
 
     split = _problem()[0]
     teacher_apply, teacher_params = _teachers()

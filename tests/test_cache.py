@@ -2,6 +2,7 @@
 reference, the cached distill step against the online one, streaming, and refusals."""
 
 import functools
+import inspect
 import os
 import weakref
 
@@ -12,8 +13,8 @@ import optax
 import pytest
 
 from mtkd_jax import cache as mc
+from mtkd_jax.checkpoint import params_fingerprint
 from mtkd_jax.divergence import softmax_t
-from mtkd_jax.teachers import teacher_fingerprint
 from mtkd_jax.train import init_train_state, make_distill_step
 
 K, D, C = 3, 6, 10
@@ -246,11 +247,11 @@ def test_builder_streams(tmp_path, rng):
 def test_refusals(tmp_path, setup, rng):
     tp, x, y = setup
     build(tmp_path / "a", tp, x, y, rng, top_k=2)
-    fp = teacher_fingerprint(tp)
+    fp = params_fingerprint(tp)
     assert mc.open_cache(tmp_path / "a", expect_fingerprint=fp).top_k == 2
     assert mc.open_cache(tmp_path / "a", expect_fingerprint=fp["sha256"]).top_k == 2
     with pytest.raises(ValueError, match="built from other teachers"):
-        mc.open_cache(tmp_path / "a", expect_fingerprint=teacher_fingerprint(tp + 1))
+        mc.open_cache(tmp_path / "a", expect_fingerprint=params_fingerprint(tp + 1))
     with pytest.raises(ValueError, match="already exists"):
         build(tmp_path / "a", tp, x, y, rng)
     for bad in (0, C + 1, True, 2.5):
@@ -288,3 +289,211 @@ def test_refusals(tmp_path, setup, rng):
         part.lookup(np.array([3, 10]))
     with pytest.raises(ValueError, match=r"`index` values must be in \[0, 50\)"):
         part.lookup(np.array([50]))
+
+
+def test_top_k_of_logits_matches_float64(rng):
+    z = rng.normal(size=(K, 7, C)) * 4
+    top = jax.jit(functools.partial(mc.top_k_of_logits, top_k=3))(jnp.asarray(z, jnp.float32))
+    log_p = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    want = -np.sort(-log_p, axis=-1)[..., :3]
+    np.testing.assert_allclose(top.log_probs, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(top.classes, np.argsort(-z, axis=-1)[..., :3])
+    rest = 1.0 - np.exp(want).sum(-1)
+    np.testing.assert_allclose(top.log_rest, np.log(rest), rtol=1e-4, atol=1e-5)
+
+
+def test_one_default_fill():
+    """`open_cache`, `expand_top_k` and `build_cache_in_parallel` read back alike by default."""
+    for fn in (mc.open_cache, mc.expand_top_k, mc.build_cache_in_parallel):
+        assert inspect.signature(fn).parameters["fill"].default == mc.DEFAULT_FILL
+    assert mc.DEFAULT_FILL in mc.FILLS
+
+
+def test_parallel_build_on_one_process(tmp_path, setup, rng):
+    tp, x, y = setup
+    batches = split_batches(x, y, batch_size=16, rng=rng)
+    cache = mc.build_cache_in_parallel(
+        tmp_path, linear_teachers, tp, batches, num_examples=len(x), top_k=3, progress=False
+    )
+    assert cache.shards == ["p0"] and cache.fill == mc.DEFAULT_FILL
+    assert cache.num_written == len(x)
+    with pytest.raises(ValueError, match="`shard` is set by build_cache_in_parallel"):
+        mc.build_cache_in_parallel(
+            tmp_path / "s", linear_teachers, tp, [], num_examples=len(x), shard="p1"
+        )
+    # A bad `fill` is refused before the teachers run, not after the build.
+    with pytest.raises(ValueError, match=r"`fill` must be one of"):
+        mc.build_cache_in_parallel(
+            tmp_path / "f", linear_teachers, tp, [], num_examples=len(x), fill="zeros"
+        )
+    assert not (tmp_path / "f").exists()
+
+
+def _nan_teachers(tp, x):
+    z = linear_teachers(tp, x)
+    return z.at[1, 0, 2].set(jnp.nan)
+
+
+BAD_BUILDS = {
+    "nan logits": (
+        dict(teacher_apply=_nan_teachers),
+        ValueError,
+        r"`teacher_apply` gave NaN or inf logits .* batch\['index'\]",
+    ),
+    "nan logits, top-k": (
+        dict(teacher_apply=_nan_teachers, top_k=2),
+        ValueError,
+        r"`teacher_apply` gave NaN or inf",
+    ),
+    "float16 overflow": (
+        dict(teacher_apply=lambda tp, x: 1e5 * linear_teachers(tp, x)),
+        ValueError,
+        r"overflow `dtype`=float16",
+    ),
+    "logits [B, K, C]": (
+        dict(teacher_apply=lambda tp, x: jnp.swapaxes(linear_teachers(tp, x), 0, 1)),
+        ValueError,
+        r"`teacher_apply` must return logits \[K, B, C\] with B=16",
+    ),
+    "classes change": (
+        dict(
+            teacher_apply=lambda tp, x: linear_teachers(tp, x)[..., : 5 + x.shape[0] % 2],
+            batches=lambda x: [
+                {"x": x[:16], "index": np.arange(16)},
+                {"x": x[16:33], "index": np.arange(16, 33)},
+            ],
+        ),
+        ValueError,
+        r"`teacher_apply` gave K=3 teachers and C=6 classes, earlier K=3 and C=5",
+    ),
+    "empty batch": (
+        dict(batches=lambda x: [{"x": x[:0], "index": np.arange(0)}]),
+        ValueError,
+        r"batch\['x'\] must be a non-empty batch",
+    ),
+    "no batches": (dict(batches=lambda x: []), ValueError, r"`batches` is empty"),
+    "one dict": (
+        dict(batches=lambda x: {"x": x, "index": np.arange(len(x))}),
+        TypeError,
+        r"`batches` must be an iterable of batch dicts",
+    ),
+    "float index": (
+        dict(batches=lambda x: [{"x": x, "index": np.arange(len(x), dtype=np.float32)}]),
+        ValueError,
+        r"batch\['index'\] must be \[B\]=\(50,\) integers",
+    ),
+    "view shape": (
+        dict(batches=lambda x: [{"x": x, "index": np.arange(50), "view": np.zeros(3, int)}]),
+        ValueError,
+        r"batch\['view'\] must be a scalar or \[B\]",
+    ),
+    "float view": (
+        dict(batches=lambda x: [{"x": x, "index": np.arange(50), "view": 0.0}]),
+        ValueError,
+        r"batch\['view'\] must be integers",
+    ),
+    "num_views": (dict(num_views=0), ValueError, r"`num_views` must be a positive integer"),
+    "num_examples": (dict(num_examples=2.0), ValueError, r"`num_examples` must be a positive"),
+    "dtype bfloat16": (dict(dtype="bfloat16"), ValueError, r"`dtype` must be float16 or"),
+    "dtype int": (dict(dtype=np.int32), ValueError, r"`dtype` must be float16 or float32"),
+    "meta": (dict(meta={"f": print}), TypeError, r"`meta` must be JSON-serialisable"),
+    "fingerprint": (
+        dict(fingerprint={"sha256": b"x"}),
+        TypeError,
+        r"`fingerprint` must be JSON-serialisable",
+    ),
+    "shard": (dict(shard="p/0"), ValueError, r"`shard` must be None or a non-empty name"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_BUILDS)
+def test_bad_builds_name_the_argument(tmp_path, setup, case):
+    tp, x, y = setup
+    kwargs, error, match = BAD_BUILDS[case]
+    kwargs = dict(kwargs)
+    teacher_apply = kwargs.pop("teacher_apply", linear_teachers)
+    batches = kwargs.pop("batches", lambda x: [{"x": x[:16], "index": np.arange(16)}])(x)
+    kwargs.setdefault("num_examples", len(x))
+    with pytest.raises(error, match=match):
+        mc.build_cache(tmp_path, teacher_apply, tp, batches, progress=False, **kwargs)
+    assert not list(tmp_path.glob("cache*.json")), "a refused build left a readable cache"
+
+
+def test_bad_reads_name_the_argument(tmp_path, setup, rng):
+    tp, x, y = setup
+    cache = build(tmp_path, tp, x, y, rng, top_k=2)
+    with pytest.raises(ValueError, match=r"`expect_fingerprint` must be a fingerprint dict"):
+        mc.open_cache(tmp_path, expect_fingerprint={"names": None})
+    with pytest.raises(TypeError, match=r"`expect_fingerprint` must be a fingerprint dict"):
+        mc.open_cache(tmp_path, expect_fingerprint=123)
+    with pytest.raises(TypeError, match=r"`shards` must be a list of shard names"):
+        mc.open_cache(tmp_path, shards="p0")
+    with pytest.raises(ValueError, match=r"`index` must be a 1-D integer array"):
+        cache.lookup(np.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"`view` must be integers in \[0, 1\)"):
+        cache.lookup(np.array([0, 1, 2]), np.zeros(2, int))
+    with pytest.raises(ValueError, match=r"`view` must be integers in \[0, 1\)"):
+        cache.lookup(np.array([0, 1]), 0.0)
+    with pytest.raises(ValueError, match=r"each batch of `batch_iter` must be a dict with 'index'"):
+        next(mc.with_cached_logits([{"x": x}], cache))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(classes=np.array([2.0, 0.0])), TypeError, r"`classes` must be integer"),
+        (dict(classes=np.array([2, 4])), ValueError, r"`classes` must be in \[0, num_classes=4\)"),
+        (dict(classes=np.array([-1, 0])), ValueError, r"`classes` must be in \[0, num_classes"),
+        (dict(classes=np.array([2, 2])), ValueError, r"`classes` must be distinct"),
+        (dict(num_classes=0), ValueError, r"`num_classes` must be a positive integer"),
+        (dict(num_classes=1), ValueError, r"`top_k` must be in \[1, C=1\]"),
+        (dict(log_rest=None), ValueError, r"needs `log_rest` of shape \(\)"),
+        (dict(fill="zeros"), ValueError, r"`fill` must be one of"),
+    ],
+)
+def test_expand_top_k_refusals(kwargs, error, match):
+    args = dict(
+        log_probs=np.log(np.array([0.6, 0.2], np.float32)),
+        classes=np.array([2, 0]),
+        log_rest=np.log(np.float32(0.2)),
+        num_classes=4,
+    )
+    with pytest.raises(error, match=match):
+        mc.expand_top_k(**{**args, **kwargs})
+
+
+def test_expand_top_k_under_jit_checks_the_dtype_only():
+    """Traced classes are not read (no host sync); their dtype is still checked."""
+    expand = jax.jit(functools.partial(mc.expand_top_k, num_classes=4, fill="renormalize"))
+    z = expand(jnp.log(jnp.array([0.6, 0.2])), jnp.array([2, 0]))
+    np.testing.assert_allclose(jax.nn.softmax(z), [0.25, 0.0, 0.75, 0.0], atol=1e-6)
+    with pytest.raises(TypeError, match=r"`classes` must be integer"):
+        expand(jnp.log(jnp.array([0.6, 0.2])), jnp.array([2.0, 0.0]))
+
+
+@pytest.mark.parametrize(
+    "index, view, error, match",
+    [
+        (np.array([0.0, 1.0, 2.0]), 0, TypeError, r"`index` must be integers"),
+        (np.array([0, 1]), 0, ValueError, r"`index` must be \[B\] with B=3"),
+        (np.arange(3), 0.5, TypeError, r"`view` must be integers"),
+        (np.arange(3), np.zeros(2, int), ValueError, r"`view` must be a scalar or \[B\]"),
+    ],
+)
+def test_augment_view_refusals(index, view, error, match):
+    noise = lambda k, x: x + jax.random.normal(k, x.shape)
+    with pytest.raises(error, match=match):
+        mc.augment_view(noise, jax.random.key(0), jnp.zeros((3, 2)), index, view)
+
+
+def test_jax_array_batches(tmp_path, setup):
+    """Batches of jax arrays (e.g. straight from an augmentation) cache like numpy ones."""
+    tp, x, y = setup
+    batches = [{"x": jnp.asarray(x[s : s + 20]), "index": jnp.arange(s, s + 20)} for s in (0, 20)]
+    batches.append({"x": jnp.asarray(x[40:]), "index": jnp.arange(40, 50)})
+    cache = mc.build_cache(
+        tmp_path, linear_teachers, tp, batches, num_examples=50, dtype=np.float32, progress=False
+    )
+    np.testing.assert_array_equal(
+        cache.lookup(np.arange(50)), np.asarray(linear_teachers(tp, jnp.asarray(x)))
+    )

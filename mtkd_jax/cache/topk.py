@@ -1,0 +1,257 @@
+r"""Top-k teacher outputs: what a top-k cache stores, and how full logits are rebuilt from it.
+
+A top-k entry holds, per teacher, the k largest **log-probabilities at T = 1**
+(`log_softmax(z)`), their class indices and the log of the mass outside the top-k,
+:math:`\log(1 - \sum_{top k} p)` (computed from the logits, so it stays accurate when that
+mass is tiny; `top_k_of_logits`). Log-probabilities rather than raw logits because the
+largest is close to 0, where float16 is most precise.
+
+An entry is turned back into logits `[K, B, C]` in one of two ways (`fill`,
+`expand_top_k`; `DEFAULT_FILL` is ``"uniform"``):
+
+* ``"uniform"``: the mass the teacher put outside its top-k at T = 1 is spread evenly over
+  the other C - k classes: each gets the logit :math:`\log((1 - \sum_{top k} p) / (C - k))`
+  (floored at `TOP_K_FILL`). At T = 1 this is the teacher's distribution with its tail
+  flattened (top-k probabilities exact); at T it is that distribution tempered,
+  :math:`\tilde p_c \propto p_c^{1/T}` in the top-k and
+  :math:`((1 - \sum_{top k} p)/(C-k))^{1/T}` elsewhere. It keeps the tail's total mass,
+  which tempering makes large (at T = 4, a teacher with 90% on one of 10 classes and the
+  rest spread evenly puts 75% of its tempered mass on the other nine), so the target stays
+  close to the online one.
+* ``"renormalize"``: the top-k classes keep their stored log-probabilities and every other
+  class gets `TOP_K_FILL` (-1e4). `softmax_t(z, temperature=T)` of that is exactly the
+  teacher's distribution at temperature T **restricted to its top-k classes and
+  renormalised**, :math:`\tilde p_c \propto p_c^{1/T}` for c in the top-k and 0 elsewhere
+  (0 exactly in float32 for any T < 96, where :math:`e^{-10^4/T}` underflows). Being
+  renormalised after tempering, it does not depend on the T used at build time: one cache
+  serves every temperature. It is a much sharper target than the tempered teacher.
+
+How students distilled from each fill compare with online targets is measured by
+`benchmarks/cache_bench.py`; the numbers are in `benchmarks/RESULTS.md`.
+
+Weightings that read the T = 1 logits (``"confidence"``, CA-MKD) see the reconstructed
+logits: with ``"renormalize"`` a teacher whose top-k misses the true label has a
+cross-entropy of about :math:`10^4` there, so it gets the smallest weight
+(:math:`w_k = (1 - \mathrm{softmax}_k(ce)) / (K - 1)`) instead of a merely smaller one.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtkd_jax._checks import check_float, is_traced
+
+__all__ = [
+    "DEFAULT_FILL",
+    "FILLS",
+    "TOP_K_FILL",
+    "TopK",
+    "check_fill",
+    "check_positive_int",
+    "check_top_k",
+    "expand_top_k",
+    "expand_top_k_host",
+    "top_k_of_logits",
+]
+
+TOP_K_FILL = -1.0e4
+"""Logit given to classes outside a teacher's top-k (finite, so every loss stays finite)."""
+
+FILLS = ("renormalize", "uniform")
+"""Ways to fill the classes outside the top-k when a top-k entry is read back."""
+
+DEFAULT_FILL = "uniform"
+"""The fill used when none is given (`expand_top_k`, `open_cache`, `build_cache_in_parallel`)."""
+
+
+class TopK(NamedTuple):
+    """Compact top-k teacher outputs, teacher axis first.
+
+    Numpy arrays in the stored dtypes from `TeacherCache.lookup_top_k`; float32 / int32
+    arrays from `top_k_of_logits`.
+
+    Attributes:
+      log_probs: `[K, B, k]` log-probabilities at T = 1, descending (stored dtype).
+      classes: `[K, B, k]` their class indices (int16 or int32).
+      log_rest: `[K, B]` log of the probability outside the top-k (stored dtype).
+    """
+
+    log_probs: np.ndarray | jax.Array
+    classes: np.ndarray | jax.Array
+    log_rest: np.ndarray | jax.Array
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks of the cache
+
+
+def check_fill(fill) -> None:
+    """Raise ValueError unless `fill` is one of `FILLS`."""
+    if fill not in FILLS:
+        raise ValueError(f"`fill` must be one of {FILLS}, got {fill!r}.")
+
+
+def check_top_k(top_k, num_classes: int) -> None:
+    """Raise ValueError unless `top_k` is None or an integer in [1, `num_classes`]."""
+    if top_k is None:
+        return
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
+        raise ValueError(f"`top_k` must be None or an integer in [1, C], got {top_k!r}.")
+    if not 1 <= top_k <= num_classes:
+        raise ValueError(
+            f"`top_k` must be in [1, C={num_classes}] (the number of classes), got {top_k}."
+        )
+
+
+def check_positive_int(value, name: str) -> int:
+    """`value` as an int; ValueError naming `name` unless it is an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logits -> top-k entries
+
+
+def top_k_of_logits(logits: jax.Array, *, top_k: int) -> TopK:
+    r"""Logits `[..., C]` -> their top-k entry (`TopK` of float32/int32 arrays), jit-safe.
+
+    What `build_cache(top_k=k)` stores, before the cast to the storage dtype.
+
+    Args:
+      logits: `[..., C]` logits at T = 1 (any float dtype; computed in float32).
+      top_k: k in [1, C].
+
+    Returns:
+      `TopK(log_probs [..., k], classes [..., k], log_rest [...])`: the k largest
+      `log_softmax(logits)` in descending order, their classes, and
+      :math:`\log(1 - \sum_{top k} p)` floored at `TOP_K_FILL` (computed from the logits
+      outside the top-k, not as 1 - sum, so it has no cancellation when tiny).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtkd_jax.cache import top_k_of_logits
+      >>> top = top_k_of_logits(jnp.log(jnp.array([0.1, 0.6, 0.3])), top_k=2)
+      >>> top.classes.tolist(), [round(v, 3) for v in jnp.exp(top.log_probs).tolist()]
+      ([1, 2], [0.6, 0.3])
+      >>> round(float(jnp.exp(top.log_rest)), 3)
+      0.1
+    """
+    check_float(logits, "logits")
+    if jnp.ndim(logits) < 1:
+        raise ValueError(f"`logits` must be [..., C], got shape {jnp.shape(logits)}.")
+    check_top_k(top_k, jnp.shape(logits)[-1])
+    z = jnp.asarray(logits).astype(jnp.float32)
+    log_probs, classes = jax.lax.top_k(jax.nn.log_softmax(z, axis=-1), top_k)
+    in_top = jnp.any(classes[..., None] == jnp.arange(z.shape[-1]), axis=-2)
+    log_rest = jax.nn.logsumexp(jnp.where(in_top, -jnp.inf, z), axis=-1)
+    log_rest = jnp.maximum(log_rest - jax.nn.logsumexp(z, axis=-1), TOP_K_FILL)
+    return TopK(log_probs, classes, log_rest)
+
+
+# ---------------------------------------------------------------------------------------------
+# Top-k entries -> logits
+
+
+def _other_logit(xp, log_probs, log_rest, num_classes: int, fill: str):
+    """`[..., 1]` float32 logit of the classes outside the top-k."""
+    k = log_probs.shape[-1]
+    if fill == "uniform" and k < num_classes:
+        other = log_rest.astype(xp.float32)[..., None] - np.float32(np.log(num_classes - k))
+        return xp.maximum(other, np.float32(TOP_K_FILL))
+    return xp.full(log_probs.shape[:-1] + (1,), TOP_K_FILL, xp.float32)
+
+
+def expand_top_k_host(top: TopK, num_classes: int, fill: str) -> np.ndarray:
+    """Host version of `expand_top_k` (a numpy scatter), for `TeacherCache.lookup`."""
+    log_probs = np.asarray(top.log_probs, np.float32)
+    other = _other_logit(np, log_probs, np.asarray(top.log_rest), num_classes, fill)
+    out = np.broadcast_to(other, log_probs.shape[:-1] + (num_classes,)).copy()
+    np.put_along_axis(out, np.asarray(top.classes, np.intp), log_probs, axis=-1)
+    return out
+
+
+def _check_classes(classes, num_classes: int) -> None:
+    """Integer dtype always; range and distinctness when the values are concrete."""
+    if not jnp.issubdtype(jnp.result_type(classes), jnp.integer):
+        raise TypeError(
+            f"`classes` must be integer class indices, got dtype {jnp.result_type(classes)}."
+        )
+    if is_traced(classes):
+        return
+    c = np.asarray(classes)
+    if c.size and (c.min() < 0 or c.max() >= num_classes):
+        raise ValueError(
+            f"`classes` must be in [0, num_classes={num_classes}), got range "
+            f"[{c.min()}, {c.max()}]."
+        )
+    s = np.sort(c, axis=-1)
+    if np.any(s[..., 1:] == s[..., :-1]):
+        raise ValueError("`classes` must be distinct along the last axis (one entry per class).")
+
+
+def expand_top_k(
+    log_probs: jax.Array,
+    classes: jax.Array,
+    log_rest: jax.Array | None = None,
+    *,
+    num_classes: int,
+    fill: str = DEFAULT_FILL,
+) -> jax.Array:
+    """Top-k log-probabilities and class indices -> full logits `[..., C]`, jit-safe.
+
+    The same reconstruction as `TeacherCache.lookup` (see the module docstring), for a step
+    that receives the compact arrays of `TeacherCache.lookup_top_k` and expands them on the
+    accelerator, moving about k/C of the bytes from the host.
+
+    Args:
+      log_probs: `[..., k]` log-probabilities at T = 1 (any float dtype).
+      classes: `[..., k]` distinct integer class indices in `[0, C)` (checked when concrete).
+      log_rest: `[...]` log of the probability outside the top-k; needed for
+        ``fill="uniform"`` (the default) only.
+      num_classes: C.
+      fill: ``"renormalize"`` or ``"uniform"``.
+
+    Returns:
+      `[..., C]` float32 logits.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from mtkd_jax.cache import expand_top_k
+      >>> lp, cls = jnp.log(jnp.array([0.6, 0.2])), jnp.array([2, 0])
+      >>> z = expand_top_k(lp, cls, jnp.log(0.2), num_classes=4)  # fill="uniform"
+      >>> [round(v, 3) for v in jax.nn.softmax(z).tolist()]
+      [0.2, 0.1, 0.6, 0.1]
+      >>> z = expand_top_k(lp, cls, num_classes=4, fill="renormalize")
+      >>> [round(v, 3) for v in jax.nn.softmax(z).tolist()]
+      [0.25, 0.0, 0.75, 0.0]
+    """
+    check_fill(fill)
+    num_classes = check_positive_int(num_classes, "num_classes")
+    if jnp.shape(log_probs) != jnp.shape(classes) or jnp.ndim(classes) < 1:
+        raise ValueError(
+            f"`log_probs` {jnp.shape(log_probs)} and `classes` {jnp.shape(classes)} must have "
+            "the same shape [..., k]."
+        )
+    check_top_k(jnp.shape(log_probs)[-1], num_classes)
+    _check_classes(classes, num_classes)
+    if fill == "uniform":
+        if log_rest is None or jnp.shape(log_rest) != jnp.shape(log_probs)[:-1]:
+            got = None if log_rest is None else jnp.shape(log_rest)
+            raise ValueError(
+                f"`fill`='uniform' needs `log_rest` of shape {jnp.shape(log_probs)[:-1]} (the "
+                f"batch shape of `log_probs`), got {got}."
+            )
+        log_rest = jnp.asarray(log_rest)
+    log_probs = jnp.asarray(log_probs, jnp.float32)
+    other = _other_logit(jnp, log_probs, log_rest, num_classes, fill)
+    # A one-hot select rather than a scatter: dense and vectorised on every backend.
+    onehot = jnp.asarray(classes)[..., None] == jnp.arange(num_classes)  # [..., k, C]
+    values = jnp.sum(jnp.where(onehot, log_probs[..., None], 0.0), axis=-2)
+    return jnp.where(jnp.any(onehot, axis=-2), values, other)
