@@ -132,9 +132,9 @@ def fit(
       check_every: fetch metrics to the host and check the loss every this many steps (also
         at every evaluation, checkpoint and epoch end).
       loss_key: the metric checked for NaN/inf.
-      num_classes: C, to check on the host that every batch's labels are in `[0, C)`. Dict
-        batches with an ``"x"`` entry are always checked for shapes, emptiness and negative
-        labels (`mtkd_jax.batch.check_batch`); the check runs on the host, not in the step.
+      num_classes: C: check every batch on the host before the step (`mtkd_jax.batch.
+        check_batch`: not empty, labels in `[0, C)` where labeled, finite teacher logits).
+        It costs the compiled step nothing; None skips it (e.g. for a custom batch layout).
       progress: show a tqdm bar with rate and ETA (only on JAX process 0).
       log_fn: `log_fn(step, metrics)` with host metrics named `"train/<name>"` for each update
         (called at each check, in step order) and `"eval/<name>"` for each evaluation; only
@@ -320,7 +320,7 @@ class _Run:
                     f"it must yield at least steps_per_epoch - start = "
                     f"{self.steps_per_epoch - start}."
                 ) from None
-            if isinstance(batch, dict) and "x" in batch:
+            if self.num_classes is not None and isinstance(batch, dict):
                 check_batch(batch, num_classes=self.num_classes)
             self.state, metrics = self.step_fn(self.state, batch, self.key)
             self.pending.append((self.step, metrics))

@@ -293,14 +293,25 @@ def data_parallel_step(
     def run(fn, args):
         try:
             return fn(*args)
-        except NameError as err:  # `lax.pmean` over an axis that jit does not bind
-            if mode == "jit" and axis in str(err):
-                raise ValueError(
-                    f"mode='jit' needs a step built with axis_name=None (the partitioner "
-                    f"averages over the global batch); this step reduces over {axis!r}: build "
-                    f"it with axis_name=None, or use mode='shard_map'. ({err})"
-                ) from None
-            raise
+        except (NameError, AssertionError, ValueError) as err:
+            # The step and the mode disagree on who averages over the devices; JAX's own
+            # errors for that do not say so.
+            text = str(err)
+            if mode == "jit" and isinstance(err, NameError) and axis in text:
+                hint = f"reduces over {axis!r} itself: build it with axis_name=None"
+            elif mode == "shard_map" and (
+                isinstance(err, NameError | AssertionError) or "out_specs" in text
+            ):
+                hint = (
+                    f"must average over the mesh axis itself: build it with "
+                    f"axis_name={axis!r}"
+                )
+            else:
+                raise
+            raise ValueError(
+                f"mode={mode!r} and the step disagree: the step {hint} (or use the other "
+                f"mode). JAX said: {type(err).__name__}: {text[:300]}"
+            ) from err
 
     def parallel_step(state, batch, key, **kwargs):
         check_batch(batch, num_classes=num_classes)

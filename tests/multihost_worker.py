@@ -133,7 +133,8 @@ def train(
     from mtkd_jax.distributed import global_batches
     from mtkd_jax.loop import fit
     from mtkd_jax.parallel import data_parallel_step, replicate
-    from mtkd_jax.train import init_train_state, make_distill_step
+    from mtkd_jax.state import init_train_state
+    from mtkd_jax.steps import make_distill_step
 
     split, _, student_params = _problem()
     teacher_apply, teacher_params = teachers or _teachers()

@@ -15,7 +15,8 @@ import pytest
 from mtkd_jax import cache as mc
 from mtkd_jax.checkpoint import params_fingerprint
 from mtkd_jax.divergence import softmax_t
-from mtkd_jax.train import init_train_state, make_distill_step
+from mtkd_jax.state import init_train_state
+from mtkd_jax.steps import make_distill_step
 
 K, D, C = 3, 6, 10
 

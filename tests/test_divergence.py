@@ -284,5 +284,5 @@ def test_integer_inputs_are_type_errors():
 )
 def test_nonpositive_temperature(temperature):
     for fn in (softmax_t, log_softmax_t):
-        with pytest.raises(ValueError, match=r"`temperature` must be > 0"):
+        with pytest.raises(ValueError, match=r"`temperature` must be a finite number > 0"):
             fn(jnp.zeros(3), temperature=temperature)

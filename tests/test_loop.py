@@ -49,8 +49,9 @@ def _make_step(tx, *, noise=1e-3, donate=False):
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         # Gradient noise from the per-step key's bits, so a wrong key schedule changes the
-        # result; cheaper to compile than a threefry draw (~1 s here).
-        bits = jax.random.key_data(key)[-1]
+        # result; cheaper to compile than a threefry draw (~1 s here). Like the library's
+        # steps, the step folds its own counter into the key `fit` passes unchanged.
+        bits = jax.random.key_data(jax.random.fold_in(key, state.step))[-1]
         grads = jax.tree.map(lambda g: g + noise * ((bits % 1024) / 512.0 - 1.0), grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new = State(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
@@ -94,7 +95,7 @@ def _reference(state, step_fn, batches_fn, *, steps, key):
         for _, batch in zip(
             range(min(SPE, steps - epoch * SPE)), batches_fn(epoch, 0), strict=False
         ):
-            state, metrics = step_fn(state, batch, jax.random.fold_in(key, int(state.step)))
+            state, metrics = step_fn(state, batch, key)
             losses.append(float(metrics["loss"]))
     return state, losses
 

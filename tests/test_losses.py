@@ -244,7 +244,7 @@ def test_integer_logits_and_bad_temperature(fn):
     with pytest.raises(TypeError, match=r"`targets` must be a floating-point array"):
         fn(S, T.astype(np.int32))
     for temp in (0.0, -2.0):
-        with pytest.raises(ValueError, match=r"`temperature` must be > 0"):
+        with pytest.raises(ValueError, match=r"`temperature` must be a finite number > 0"):
             fn(S, T, temperature=temp)
 
 

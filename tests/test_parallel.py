@@ -1,7 +1,5 @@
 """Data parallelism on the 8 fake CPU devices that conftest sets up."""
 
-import functools
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -10,21 +8,17 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from mtkd_jax.evaluation import make_eval_step
 from mtkd_jax.parallel import (
     data_mesh,
     data_parallel_step,
     global_batch_from_local,
-    global_mean,
     replicate,
     shard_batch,
 )
-from mtkd_jax.train import (
-    init_stacked_train_state,
-    init_train_state,
-    make_codistill_step,
-    make_distill_step,
-    make_eval_step,
-)
+from mtkd_jax.reduce import global_mean
+from mtkd_jax.state import init_stacked_train_state, init_train_state
+from mtkd_jax.steps import make_codistill_step, make_distill_step
 
 K, B, D, H, C = 3, 16, 5, 8, 4
 STEPS = 4
@@ -152,7 +146,7 @@ def test_codistill_shard_map_equals_one_device(problem):
             ms.append(m)
         return state, ms
 
-    kw = dict(soft_loss="mse", alpha=0.5, weights="entropy")
+    kw = dict(soft_loss="mse", alpha=0.5, weighting="entropy")
     ref = run(jax.jit(make_codistill_step(_mlp, tx, **kw)))
     sm = make_codistill_step(_mlp, tx, axis_name="data", **kw)
     _assert_same(run(data_parallel_step(sm, data_mesh(), mode="shard_map")), ref)
@@ -217,13 +211,52 @@ def test_global_mean_is_pmeanable(rng):
     )
 
 
-def test_mode_mismatch_errors():
-    with pytest.raises(ValueError, match="mode='jit' needs a step built with axis_name=None"):
-        data_parallel_step(_step("data"), data_mesh())
-    with pytest.raises(ValueError, match="axis_name='data'.*this step has axis_name='batch'"):
-        data_parallel_step(_step("batch"), data_mesh(), mode="shard_map")
+def test_mode_mismatch_errors(problem):
+    """What is averaged where is an argument: a step built for the other mode is refused when
+    first traced, with a message that says what to change (no attribute is read off it)."""
+    params, tp, batches = problem
+    state = init_train_state(params, _tx())
+    cases = [
+        (_step("data"), "jit", r"mode='jit' and the step disagree.*axis_name=None"),
+        (_step(), "shard_map", r"mode='shard_map' and the step disagree.*axis_name='data'"),
+        (_step("batch"), "shard_map", r"mode='shard_map' and the step disagree"),
+    ]
+    for step, mode, match in cases:
+        with pytest.raises(ValueError, match=match):
+            data_parallel_step(step, data_mesh(), mode=mode)(
+                state, batches[0], KEY, teacher_params=tp)
     with pytest.raises(ValueError, match="`mode` must be 'jit' or 'shard_map'"):
         data_parallel_step(_step(), data_mesh(), mode="pmap")
+
+
+def test_host_checks_before_the_compiled_step(problem):
+    params, tp, batches = problem
+    step = data_parallel_step(_step(), data_mesh(), num_classes=C)
+    state = init_train_state(params, _tx())
+    bad = {**batches[0], "y": np.where(batches[0]["label_mask"] > 0, C, -1).astype(np.int32)}
+    with pytest.raises(ValueError, match=r"`batch\['y'\]` labels must be in \[0, 4\)"):
+        step(state, bad, KEY, teacher_params=tp)
+    empty = {k: v[:0] for k, v in batches[0].items()}
+    with pytest.raises(ValueError, match=r"`batch\['x'\]` is empty"):
+        step(state, empty, KEY, teacher_params=tp)
+
+
+def test_batch_axes_is_an_argument(problem, reference):
+    """Entries whose batch axis is not the first are named by the caller."""
+    params, tp, batches = problem
+    renamed = [{**b, "soft": np.asarray(_teachers(tp, b["x"]))} for b in batches]
+    base = make_distill_step(_mlp, None, _tx(), weighting="confidence", temperature=2.0,
+                             alpha=0.4)
+
+    def step(state, batch, key):
+        batch = dict(batch)
+        return base(state, {**batch, "teacher_logits": batch.pop("soft")}, key)
+
+    par = data_parallel_step(step, data_mesh(), batch_axes={"soft": 1})
+    _assert_same(_run(lambda s, b, k, teacher_params: par(s, b, k), params, tp, renamed),
+                 reference)
+    with pytest.raises(ValueError, match="Batch entries disagree on the batch size"):
+        data_parallel_step(step, data_mesh())(init_train_state(params, _tx()), renamed[0], KEY)
 
 
 def test_eval_stats_psum_over_devices(problem):
@@ -244,13 +277,13 @@ def test_eval_stats_psum_over_devices(problem):
     assert int(summed["student"].n) == int(batch["label_mask"].sum())
 
 
-def test_partial_bound_teachers_become_arguments(problem, reference):
-    """functools.partial(step, teacher_params=tp), the binding convention, gives the same run."""
+def test_teachers_passed_at_call_time_are_replicated_arguments(problem):
+    """`teacher_params=` at call time is an argument of the program (placed once, `P()`),
+    not a constant baked into it: new teacher params need no recompile."""
     params, tp, batches = problem
-    step = data_parallel_step(functools.partial(_step(), teacher_params=tp), data_mesh())
+    counted = chex.assert_max_traces(_step(), n=1)
+    step = data_parallel_step(counted, data_mesh())
     state = init_train_state(params, _tx())
-    ms = []
-    for batch in batches:
-        state, m = step(state, batch, KEY)
-        ms.append(m)
-    _assert_same((state, ms), reference)
+    state, _ = step(state, batches[0], KEY, teacher_params=tp)
+    state, _ = step(state, batches[1], KEY, teacher_params=2.0 * tp)  # other values, no retrace
+    chex.clear_trace_counter()

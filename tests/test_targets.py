@@ -88,9 +88,12 @@ def test_fuse_targets_matches_reference(rng, weights_shape):
 
 
 def test_fuse_targets_uses_weights_as_given(rng):
-    # Not renormalised: doubling the weights doubles the result.
+    # Not renormalised: doubled (traced) weights double the result; concrete weights that do
+    # not sum to 1 are refused instead of silently giving a target that is not a distribution.
     p, w = random_probs(rng), random_weights(rng, (K,))
-    np.testing.assert_allclose(fuse_targets(p, 2 * w), 2 * np_fuse(p, w), **TOL)
+    np.testing.assert_allclose(jax.jit(fuse_targets)(p, 2 * w), 2 * np_fuse(p, w), **TOL)
+    with pytest.raises(ValueError, match=r"`weights` must sum to 1 over the teacher axis"):
+        fuse_targets(p, 2 * w)
 
 
 # ---------------------------------------------------------------- leave_one_out_targets
@@ -266,7 +269,7 @@ def test_integer_inputs():
 
 
 def test_fuse_logits_temperature():
-    with pytest.raises(ValueError, match=r"`temperature` must be > 0"):
+    with pytest.raises(ValueError, match=r"`temperature` must be a finite number > 0"):
         fuse_logits(P, temperature=0.0)
 
 

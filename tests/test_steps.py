@@ -1,4 +1,5 @@
-"""Train steps checked by hand: fixed-logit teachers, a linear student, float64 references."""
+"""Train steps checked by hand: fixed-logit teachers, a linear student, float64 references;
+K models at once (`stacked_step`); a weighting registered outside the package; evaluation."""
 
 import jax
 import jax.numpy as jnp
@@ -7,18 +8,18 @@ import optax
 import pytest
 from sklearn import metrics as skm
 
+from mtkd_jax import data, weighting
+from mtkd_jax.batch import check_batch
+from mtkd_jax.evaluation import evaluate, make_eval_step
 from mtkd_jax.losses import distillation_loss
-from mtkd_jax.train import (
-    check_batch,
-    distill_targets,
-    evaluate,
-    init_stacked_train_state,
-    init_train_state,
+from mtkd_jax.state import init_stacked_train_state, init_train_state
+from mtkd_jax.steps import (
     make_codistill_step,
     make_distill_step,
-    make_eval_step,
     make_supervised_step,
+    stacked_step,
 )
+from mtkd_jax.targets import distill_targets
 
 K, B, D, C = 3, 8, 5, 4
 KEY = jax.random.key(0)
@@ -114,7 +115,7 @@ def test_distill_step_by_hand(rng, soft_loss, weighting, temperature, alpha):
             temperature=temperature, alpha=alpha,
         )
     )
-    state, m = step(init_train_state(params, tx), batch, KEY)
+    state, m = step(init_train_state(params, tx), batch, KEY, teacher_params=())
     grads, want = _reference(
         params, batch["x"], tl, batch["y"], batch["label_mask"], temperature=temperature,
         alpha=alpha, soft_loss=soft_loss, weighting=weighting,
@@ -127,6 +128,7 @@ def test_distill_step_by_hand(rng, soft_loss, weighting, temperature, alpha):
         )
     for name, v in want.items():
         np.testing.assert_allclose(np.asarray(m[name]), v, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert float(m["teacher_logits_finite"]) == 1.0
 
 
 def test_precomputed_teacher_logits_give_the_same_step(rng):
@@ -229,7 +231,7 @@ def test_supervised_step_learns(rng):
 
 
 def test_per_step_key_reaches_apply(rng):
-    """pass_key: the model gets fold_in(key, state.step)."""
+    """pass_key: the model gets fold_in(key, state.step), the step's only fold."""
 
     def noisy(p, x, key):
         return x @ p + jax.random.normal(key, (x.shape[0], C))
@@ -281,28 +283,27 @@ def test_class_count_mismatch():
     params = {"w": jnp.zeros((D, C + 1)), "b": jnp.zeros(C + 1)}
     step = make_distill_step(_linear, lambda tp, x: jnp.zeros((K, x.shape[0], C)), tx)
     batch = {"x": np.zeros((B, D), np.float32), "y": np.zeros(B, np.int32)}
-    with pytest.raises(ValueError, match="teachers predict 4 classes.*share the class count"):
-        jax.jit(step)(init_train_state(params, tx), batch, KEY)
+    with pytest.raises(ValueError, match="student predicts 5 classes but the teachers 4"):
+        jax.jit(step)(init_train_state(params, tx), batch, KEY, teacher_params=())
     with pytest.raises(ValueError, match="share the class count"):
         make_eval_step(_linear)(params, {**batch, "teacher_logits": np.zeros((K, B, C))})
 
 
-def test_labels_out_of_range():
-    tx = optax.sgd(0.1)
-    params = {"w": jnp.zeros((D, C)), "b": jnp.zeros(C)}
-    step = make_distill_step(_linear, None, tx)
+def test_labels_out_of_range_are_caught_on_the_host():
     bad = {
         "x": np.zeros((2, D), np.float32), "y": np.array([0, C], np.int32),
         "teacher_logits": np.zeros((K, 2, C), np.float32),
     }
-    with pytest.raises(ValueError, match=r"labels must be in \[0, 4\).*found \[4\]"):
-        step(init_train_state(params, tx), bad, KEY)  # concrete labels: checked in the step
-    with pytest.raises(ValueError, match=r"labels must be in \[0, 4\)"):
+    with pytest.raises(ValueError, match=r"`batch\['y'\]` labels must be in \[0, 4\).*found \[4\]"):
         check_batch(bad, num_classes=C)
+    with pytest.raises(ValueError, match=r"`batch\['y'\]` labels must be in \[0, C\).*\[-1\]"):
+        check_batch({**bad, "y": np.array([0, -1], np.int32)})
     # A placeholder label on an unlabeled example is fine.
     assert check_batch({**bad, "label_mask": np.array([1.0, 0.0])}, num_classes=C) == 2
     with pytest.raises(ValueError, match="teacher_logits.*4 classes.*num_classes=3"):
-        check_batch(bad, num_classes=3)
+        check_batch({**bad, "y": np.array([0, 1], np.int32)}, num_classes=3)
+    with pytest.raises(ValueError, match=r"`batch\['label_mask'\]` must be finite and >= 0"):
+        check_batch({**bad, "label_mask": np.array([1.0, -1.0])})
 
 
 def test_bad_arguments():
@@ -333,9 +334,112 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="needs K >= 2"):
         stacked = init_stacked_train_state(jax.tree.map(lambda a: a[None], params), tx)
         make_codistill_step(_linear, tx)(stacked, {"x": x}, KEY)
-    with pytest.raises(ValueError, match="leading model axis"):
+    with pytest.raises(ValueError, match="disagree on the leading teacher axis"):
         init_stacked_train_state({"w": jnp.zeros((2, 3)), "b": jnp.zeros((3,))}, tx)
-    with pytest.raises(ValueError, match="batch` must be a dict with at least 'x'"):
+    with pytest.raises(ValueError, match=r"`batch` must be a dict \{'x': \[B, ...\]"):
         make_supervised_step(_linear, tx)(state, {"y": np.zeros(B, np.int32)}, KEY)
     with pytest.raises(ValueError, match="`batches` is empty"):
         evaluate(make_eval_step(_linear), params, [])
+
+
+# ------------------------------------------------------------------- K models, augmentation
+def test_stacked_step_equals_each_model_alone(rng):
+    """K teachers trained at once = each trained alone with key fold_in(key, k)."""
+
+    def noisy(p, x, key):  # a key-dependent model: the per-model keys must match too
+        return x @ p["w"] + p["b"] + 0.1 * jax.random.normal(key, (x.shape[0], C))
+
+    tx = optax.adam(0.05)
+    params = [{"w": jnp.asarray(rng.normal(size=(D, C)), jnp.float32),
+               "b": jnp.zeros(C, jnp.float32)} for _ in range(K)]
+    single = make_supervised_step(noisy, tx, pass_key=True)
+    stacked = jax.jit(stacked_step(single))
+    state = init_stacked_train_state(jax.tree.map(lambda *a: jnp.stack(a), *params), tx)
+    alone = [init_train_state(p, tx) for p in params]
+    one = jax.jit(single)
+    x = rng.normal(size=(B, D)).astype(np.float32)
+    y = rng.integers(0, C, size=B).astype(np.int32)
+    for _ in range(3):
+        state, m = stacked(state, {"x": x, "y": y}, KEY)
+        outs = [one(s, {"x": x, "y": y}, jax.random.fold_in(KEY, k)) for k, s in enumerate(alone)]
+        alone = [s for s, _ in outs]
+        np.testing.assert_allclose(m["loss"], [float(mm["loss"]) for _, mm in outs], rtol=1e-6)
+    assert int(state.step) == 3 and state.step.shape == ()
+    for k, s in enumerate(alone):
+        for name in ("w", "b"):
+            np.testing.assert_allclose(state.params[name][k], s.params[name], rtol=1e-5,
+                                       atol=1e-6)
+
+
+def test_augment_fn_takes_the_key_first_everywhere(rng):
+    """`data.augment(key, x)` plugs into the steps as it is (the library's one convention)."""
+    images = rng.normal(size=(B, 8, 8, 3)).astype(np.float32)
+    y = rng.integers(0, C, size=B).astype(np.int32)
+
+    def conv_free(p, x):
+        return x.reshape(x.shape[0], -1) @ p
+
+    tx = optax.sgd(0.1)
+    w = jnp.asarray(rng.normal(size=(8 * 8 * 3, C)) * 0.01, jnp.float32)
+    step = jax.jit(make_supervised_step(conv_free, tx, augment_fn=data.augment))
+    state, m = step(init_train_state(w, tx), {"x": images, "y": y}, KEY)
+    # The augmented batch is data.augment(split(fold_in(key, 0))[0], x).
+    aug = data.augment(jax.random.split(jax.random.fold_in(KEY, 0))[0], images)
+    want = -_log_softmax(np.asarray(conv_free(w, aug)))[np.arange(B), y].mean()
+    np.testing.assert_allclose(float(m["loss"]), want, rtol=1e-5)
+    distill = make_distill_step(conv_free, lambda tp, x: jnp.stack([conv_free(tp, x)]), tx,
+                                augment_fn=data.augment)
+    s2, _ = jax.jit(distill)(init_train_state(w, tx), {"x": images, "y": y}, KEY,
+                             teacher_params=w)
+    assert int(s2.step) == 1
+    with pytest.raises(ValueError, match="`augment_fn` needs online teachers"):
+        make_distill_step(conv_free, None, tx, augment_fn=data.augment)
+
+
+def test_entropy_weighting_in_the_step_reads_the_temperature_one_logits(rng):
+    """EBKD weights at T = 1 whatever the distillation temperature (CA-MKD's code)."""
+    params, batch, tl = _problem(rng)
+    tx = optax.sgd(0.1)
+    step = jax.jit(make_distill_step(_linear, None, tx, weighting="entropy", temperature=4.0))
+    _, m = step(init_train_state(params, tx), {**batch, "teacher_logits": tl}, KEY)
+    p1 = _softmax(tl)
+    h = -(p1 * np.log(p1)).sum(-1)
+    want = ((1 - h / h.sum(0)) / (K - 1)).mean(1)
+    np.testing.assert_allclose(m["teacher_weights"], want, rtol=1e-5)
+
+
+@pytest.fixture
+def registered():
+    """A strategy defined outside the package, registered by name for one test."""
+
+    def best_by_margin(probs, *, logits=None, labels=None, label_mask=None, sharpness=10.0):
+        top2 = jax.lax.top_k(probs, 2)[0]
+        return jax.nn.softmax(sharpness * (top2[..., 0] - top2[..., 1]), axis=0)
+
+    weighting.register_weighting("best_by_margin", best_by_margin)
+    yield best_by_margin
+    del weighting.WEIGHTINGS["best_by_margin"]
+
+
+def test_a_strategy_registered_outside_the_package_trains_by_name(rng, registered):
+    params, batch, tl = _problem(rng)
+    tx = optax.sgd(0.5)
+    by_name = jax.jit(make_distill_step(_linear, None, tx, weighting="best_by_margin",
+                                        temperature=2.0))
+    batch = {**batch, "teacher_logits": tl}
+    state = init_train_state(params, tx)
+    losses = []
+    for _ in range(5):
+        state, m = by_name(state, batch, KEY)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0]
+    p = _softmax(tl / 2.0)
+    top = np.sort(p, -1)
+    margin = 10.0 * (top[..., -1] - top[..., -2])
+    w = np.exp(margin - margin.max(0)) / np.exp(margin - margin.max(0)).sum(0)
+    np.testing.assert_allclose(m["teacher_weights"], w.mean(1), rtol=1e-5)
+    # The same with a bound hyperparameter, through get_weighting.
+    sharper = make_distill_step(_linear, None, tx,
+                                weighting=weighting.get_weighting("best_by_margin", sharpness=50.0))
+    _, m50 = jax.jit(sharper)(init_train_state(params, tx), batch, KEY)
+    assert not np.allclose(m50["teacher_weights"], m["teacher_weights"])
