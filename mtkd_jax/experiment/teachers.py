@@ -60,7 +60,7 @@ class Teachers(NamedTuple):
     labels: tuple
     histories: dict
     steps: int
-    fingerprint: str | None = None
+    fingerprint: dict | None = None
 
 
 def teacher_names(k: int) -> list[str]:
