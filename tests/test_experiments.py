@@ -20,8 +20,9 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from mtkd_jax import experiment
 from mtkd_jax.experiment import config as config_lib
-from mtkd_jax.experiment import pipeline, report, summaries
+from mtkd_jax.experiment import report, summaries
 from mtkd_jax.teachers import load_teachers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -171,7 +172,7 @@ def test_rerun_with_another_config_is_refused(seed_run):
     config.output_dir = str(out)
     config.distill.temperature = 3.0
     with pytest.raises(ValueError, match=r"another config \(differs in \['distill'\]\)"):
-        pipeline.prepare_run_dir(config)
+        experiment.prepare_run_dir(config)
 
 
 def test_compare_entry_point_two_seeds(compare_run):
@@ -235,7 +236,7 @@ def test_unknown_strategy_lists_the_valid_ones(tmp_path):
     config.distill.strategies = ("mean", "median")
     with pytest.raises(ValueError, match=r"Unknown strategy 'median'; valid strategies: "
                                          r"\[.*'confidence_mse'.*\]"):
-        pipeline.run(config)
+        experiment.run(config)
     assert not (tmp_path / "x").exists()
 
 
@@ -246,7 +247,7 @@ def test_unknown_dataset_lists_the_known_ones(tmp_path):
     config.transfer.size = 0
     config.distill.train_only = ()
     with pytest.raises(ValueError, match=r"Unknown dataset 'no_such_data'.*mnist1d"):
-        pipeline.run(config)
+        experiment.run(config)
     assert not (tmp_path / "x").exists()
 
 
@@ -358,8 +359,8 @@ def test_evaluate_logits_against_numpy(rng):
     logits = rng.normal(size=(n, c)) * 2
     labels = rng.integers(0, c, n)
     ref = rng.dirichlet(np.ones(c), n)
-    m = pipeline.evaluate_logits(jnp.asarray(logits, jnp.float32), jnp.asarray(labels),
-                                 jnp.asarray(ref, jnp.float32))
+    m = experiment.evaluate_logits(jnp.asarray(logits, jnp.float32), jnp.asarray(labels),
+                                   jnp.asarray(ref, jnp.float32))
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     pred = logits.argmax(-1)
     np.testing.assert_allclose(m["accuracy"], np.mean(pred == labels), rtol=1e-6)
@@ -370,8 +371,8 @@ def test_evaluate_logits_against_numpy(rng):
     f1 = np.mean([2 * np.sum((pred == k) & (labels == k))
                   / (np.sum(pred == k) + np.sum(labels == k)) for k in range(c)])
     np.testing.assert_allclose(m["f1"], f1, rtol=1e-5)
-    assert math.isnan(pipeline.evaluate_logits(jnp.asarray(logits, jnp.float32),
-                                               jnp.asarray(labels))["agreement"])
+    assert math.isnan(experiment.evaluate_logits(jnp.asarray(logits, jnp.float32),
+                                                 jnp.asarray(labels))["agreement"])
 
 
 @pytest.mark.slow

@@ -7,12 +7,10 @@
   student row (and the codistilled teachers).
 * `accuracy.png`: test accuracy of every row, mean and std over seeds.
 
-All from the first seed except `accuracy.png`.
+`mtkd_jax.experiment.run_folder` draws them all from the first seed, except `accuracy.png`.
 """
 
 from __future__ import annotations
-
-import os
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -22,7 +20,6 @@ __all__ = [
     "plot_weights",
     "plot_learning_curves",
     "plot_accuracy",
-    "write_plots",
 ]
 
 
@@ -167,20 +164,3 @@ def plot_accuracy(table: list[dict], path: str) -> str:
     ax.set_xlabel("test accuracy % (mean ± std over seeds)")
     return _save(fig, path)
 
-
-def write_plots(result, run_dir: str) -> list[str]:
-    """Draw every plot of a run into `run_dir`; return the paths."""
-    from mtkd_jax.experiment.report import aggregate
-
-    first = result.seeds[0]
-    paths = []
-    if first.divergence:
-        paths.append(plot_divergence(first.divergence,
-                                     os.path.join(run_dir, "teacher_divergence.png")))
-    if first.weights:
-        paths.append(plot_weights(first.weights, os.path.join(run_dir, "teacher_weights.png")))
-    paths.append(plot_learning_curves(first.histories,
-                                      os.path.join(run_dir, "learning_curves.png")))
-    paths.append(plot_accuracy(aggregate([s.rows for s in result.seeds]),
-                               os.path.join(run_dir, "accuracy.png")))
-    return paths

@@ -1,17 +1,15 @@
-"""Tables of a run: mean +- std over seeds, what helps and what doesn't, the run folder files.
+"""Tables of a run: mean +- std over seeds, what helps and what doesn't, as text.
 
 `aggregate` turns per-seed rows into mean and sample standard deviation (ddof = 1) over
 seeds; `verdicts` compares every student row with the student trained alone and with the
 student distilled from the best single teacher, by the paired per-seed difference (all rows
-of a seed share its teachers and the student's initialisation); `write_report` writes
-`results.md`, `results.csv`, `results_per_seed.csv`, `analysis.json`, `histories.json` and
-the plots; `summary` is the one-screen text printed at the end of a run.
+of a seed share its teachers and the student's initialisation); `results_markdown` is the
+text of `results.md` (written with the other files by `mtkd_jax.experiment.run_folder`);
+`summary` is the one-screen text printed at the end of a run.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -24,7 +22,7 @@ __all__ = [
     "aggregate",
     "verdicts",
     "markdown_table",
-    "write_report",
+    "results_markdown",
     "summary",
 ]
 
@@ -221,16 +219,6 @@ def _verdict_lines(vs) -> list[str]:
     return lines
 
 
-def _write_csv(path: str, records: Sequence[dict[str, Any]]) -> None:
-    fields: list[str] = []
-    for r in records:
-        fields += [k for k in r if k not in fields]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(records)
-
-
 def _targets_mean(seeds) -> dict[str, dict[str, float]]:
     names: list[str] = []
     for s in seeds:
@@ -242,66 +230,15 @@ def _targets_mean(seeds) -> dict[str, dict[str, float]]:
     return out
 
 
-def write_report(result, strategies) -> list[str]:
-    """Write the run folder's tables, analysis, histories and plots; return the paths.
+def results_markdown(result, strategies, *, table, plots: Sequence[str] = ()) -> str:
+    """The text of the run folder's `results.md`.
 
     Args:
-      result: an `ExperimentResult` (its `seeds`, `compression`, `environment`, `config`).
+      result: an `ExperimentResult`.
       strategies: the parsed `Strategy` rows (for the legend).
+      table: `aggregate` of the seeds' rows.
+      plots: paths of the PNGs to show, in order.
     """
-    from mtkd_jax.experiment import plots
-
-    run_dir = result.run_dir
-    seed_rows = [s.rows for s in result.seeds]
-    table = aggregate(seed_rows)
-    files = []
-
-    path = os.path.join(run_dir, "results.csv")
-    _write_csv(path, table)
-    files.append(path)
-    path = os.path.join(run_dir, "results_per_seed.csv")
-    _write_csv(path, [{"seed": s.seed, "row": row, **metrics}
-                      for s in result.seeds for row, metrics in s.rows.items()])
-    files.append(path)
-    if result.compression:
-        path = os.path.join(run_dir, "compression.csv")
-        _write_csv(path, result.compression)
-        files.append(path)
-
-    analysis = {
-        "teacher_val_accuracy": {s.seed: s.teacher_val_accuracy for s in result.seeds},
-        "divergence": {s.seed: s.divergence for s in result.seeds},
-        "targets": {s.seed: s.targets for s in result.seeds},
-        "mean_teacher_weights": {
-            s.seed: {n: np.mean(w, axis=1).tolist() for n, w in s.weights.items()}
-            for s in result.seeds
-        },
-        "steps": {s.seed: s.steps for s in result.seeds},
-        "seconds": {s.seed: s.seconds for s in result.seeds},
-        "verdicts": verdicts(seed_rows),
-        "environment": result.environment,
-        "wall_seconds": result.wall_seconds,
-    }
-    path = os.path.join(run_dir, "analysis.json")
-    with open(path, "w") as f:
-        json.dump(analysis, f, indent=1, default=float, allow_nan=True)
-    files.append(path)
-    path = os.path.join(run_dir, "histories.json")
-    with open(path, "w") as f:
-        json.dump({s.seed: s.histories for s in result.seeds}, f, default=float)
-    files.append(path)
-
-    if result.config.plots:
-        files += plots.write_plots(result, run_dir)
-
-    path = os.path.join(run_dir, "results.md")
-    with open(path, "w") as f:
-        f.write(_markdown(result, strategies, table, files))
-    files.append(path)
-    return files
-
-
-def _markdown(result, strategies, table, files) -> str:
     env, config = result.environment, result.config
     first = result.seeds[0]
     n = len(result.seeds)
@@ -364,7 +301,7 @@ def _markdown(result, strategies, table, files) -> str:
             out += ["The `confidence` target weighs teachers by their loss on the true label, so "
                     "its accuracy here is optimistic; on unlabeled transfer inputs it uses the "
                     "ensemble's argmax instead.", ""]
-    pngs = [os.path.basename(p) for p in files if p.endswith(".png")]
+    pngs = [os.path.basename(p) for p in plots]
     if pngs:
         out += ["## Plots", ""] + [f"![{p}]({p})" for p in pngs] + [""]
     return "\n".join(out)

@@ -1,0 +1,203 @@
+"""The article's pipeline end to end, repeated over seeds: `run_seed` and `run`.
+
+Per seed (`run_seed`), following the article's sections 2, 3 and 5:
+
+1. train K teachers (`mtkd_jax.experiment.teachers`);
+2. their predictions on the validation set, 3. their pairwise divergences, 4. the
+   distillation targets of every strategy and how good each is
+   (`mtkd_jax.experiment.analysis`);
+5. a smaller student distilled with each strategy, and codistillation of the K teachers
+   (`mtkd_jax.experiment.students`);
+6. evaluation on the test set: accuracy, macro recall, macro F1 (the article's), NLL, ECE and
+   agreement with the teacher ensemble, for every student, teacher and the ensemble.
+
+`run` checks the config, loads the data, repeats this over `config.seeds` seeds, measures
+the compression (parameters, FLOPs, latency), and writes the run folder
+(`mtkd_jax.experiment.run_folder`). Every train loop is `mtkd_jax.loop.fit` over a step
+compiled data-parallel over all devices (`mtkd_jax.experiment.context`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any
+
+import jax
+import ml_collections
+
+from mtkd_jax import data as data_lib
+from mtkd_jax import distributed, parallel
+from mtkd_jax.experiment import compression, report, run_folder
+from mtkd_jax.experiment.analysis import analyse
+from mtkd_jax.experiment.config import validate_config
+from mtkd_jax.experiment.context import Context, log
+from mtkd_jax.experiment.results import ExperimentResult, SeedResult
+from mtkd_jax.experiment.students import train_students
+from mtkd_jax.experiment.teachers import train_teachers
+
+__all__ = ["prepare_run_dir", "run_seed", "run"]
+
+_IGNORED_KEYS = ("progress", "log_every")  # may change between a run and its resume
+
+
+def run_seed(config, seed: int, dataset, transfer_x, mesh, run_dir: str, strategies,
+             shared: dict | None = None):
+    """Run the whole pipeline once with `seed`; return a `SeedResult` and the trained models.
+
+    Args:
+      config: a validated config (`validate_config`).
+      seed: seeds the teachers' and the student's initialisation and the data order.
+      dataset: the `mtkd_jax.data.Dataset`.
+      transfer_x: `[M, ...]` unlabeled transfer inputs, or None.
+      mesh: the data-parallel mesh.
+      run_dir: the run folder (checkpoints, TensorBoard).
+      strategies: the parsed `Strategy` rows.
+      shared: a dict kept across the seeds of a run: models and compiled steps built once.
+
+    Returns:
+      `(SeedResult, models)` where `models` maps "teacher", "student", "ensemble" to
+      `(apply_fn, params)` for the compression measurements.
+    """
+    ctx = Context(config, dataset, transfer_x, mesh, run_dir, seed,
+                  {} if shared is None else shared)
+    t0 = time.perf_counter()
+    teachers = train_teachers(ctx)  # 1.
+    seconds = {"teachers": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    analysis = analyse(ctx, teachers, strategies)  # 2-4.
+    seconds["analysis"] = time.perf_counter() - t0
+    students = train_students(ctx, teachers, analysis, strategies)  # 5-6.
+    seconds.update(students.seconds)
+
+    result = SeedResult(
+        seed=seed, rows={**analysis.rows, **students.rows},
+        teacher_val_accuracy=[float(a) for a in analysis.val_accuracy],
+        divergence=analysis.divergence, targets=analysis.targets, weights=analysis.weights,
+        histories={**teachers.histories, **students.histories},
+        steps={"teachers": teachers.steps, **students.steps}, seconds=seconds,
+    )
+    trained = {"teacher": teachers.members[0], "ensemble": (teachers.apply, teachers.params)}
+    if students.student is not None:
+        trained["student"] = students.student
+    return result, trained
+
+
+def _config_json(config) -> dict:
+    d = json.loads(config.to_json_best_effort())
+    for key in _IGNORED_KEYS:
+        d.pop(key, None)
+    return d
+
+
+def prepare_run_dir(config) -> str:
+    """Create the run folder and write `config.json`; refuse one made with another config.
+
+    Re-running the same command in the same folder resumes it: finished trainings are read
+    back from their checkpoints and unfinished ones continue. A different config (other than
+    `progress` and `log_every`) in an existing folder is refused, so results never mix.
+
+    Returns:
+      The absolute run folder path.
+    """
+    run_dir = os.path.abspath(config.output_dir)
+    path = os.path.join(run_dir, "config.json")
+    current = _config_json(config)
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        saved = {k: v for k, v in saved.items() if k not in _IGNORED_KEYS}
+        if saved != current:
+            diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+            raise ValueError(
+                f"{run_dir} holds a run made with another config (differs in {diff}); use "
+                "another `--config.output_dir` or delete that folder."
+            )
+    if jax.process_index() == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    return run_dir
+
+
+def _compression_labels(config) -> dict[str, str]:
+    t = config.teachers
+    names = tuple(t.models) or (t.model,) * t.num
+    ensemble = f"{t.num} x {names[0]}" if len(set(names)) == 1 else " + ".join(names)
+    return {"student": f"student ({config.student.model})",
+            "teacher": f"one teacher ({names[0]})", "ensemble": f"ensemble ({ensemble})"}
+
+
+def _environment() -> dict[str, Any]:
+    devices = jax.devices()
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "cpus": os.cpu_count(),
+        "backend": jax.default_backend(),
+        "devices": f"{len(devices)} x {devices[0].device_kind}",
+        "processes": jax.process_count(),
+        "jax": jax.__version__,
+        "python": sys.version.split()[0],
+        "command": " ".join(["python", *sys.argv]),
+    }
+
+
+def run(config: ml_collections.ConfigDict) -> ExperimentResult:
+    """Run the pipeline over `config.seeds` seeds and write the run folder.
+
+    The config is checked first (`validate_config`), before any data is loaded or model
+    trained. With `config.distributed` (or `MTKD_*` variables that ask for it, see
+    `mtkd_jax.distributed`), `initialize_distributed()` is called before any other JAX work,
+    taking the coordinator, process count and id from `MTKD_*` variables or JAX's cluster
+    detection, and every host feeds its slice of each global batch.
+
+    Args:
+      config: see `mtkd_jax.experiment.config.default_config`.
+
+    Returns:
+      An `ExperimentResult`; the run folder holds `results.md`, `results.csv`,
+      `results_per_seed.csv`, `analysis.json`, `histories.json`, PNG plots, TensorBoard
+      events, `config.json` and checkpoints.
+    """
+    strategies = validate_config(config)
+    if config.distributed or distributed.distributed_requested():
+        distributed.initialize_distributed()
+    validate_config(config, num_devices=jax.device_count())
+    start = time.perf_counter()
+    dataset = data_lib.load(config.dataset, data_dir=config.data_dir or None)
+    run_dir = prepare_run_dir(config)
+    transfer_x = None
+    if config.transfer.size:
+        t0 = time.perf_counter()
+        transfer_x = data_lib.mnist1d_transfer_set(
+            config.transfer.size, seed=config.transfer.seed, info=dataset.info
+        )
+        log(f"transfer set: {len(transfer_x)} unlabeled inputs "
+            f"({time.perf_counter() - t0:.1f} s)")
+    mesh = parallel.data_mesh()
+    log(f"devices: {jax.device_count()} ({jax.default_backend()}), processes: "
+        f"{jax.process_count()}; run folder: {run_dir}")
+    seeds, trained, shared = [], None, {}
+    for seed in range(config.first_seed, config.first_seed + config.seeds):
+        result, models_of_seed = run_seed(config, seed, dataset, transfer_x, mesh, run_dir,
+                                          strategies, shared)
+        seeds.append(result)
+        trained = trained or models_of_seed
+    comp = []
+    if config.compression.enabled:
+        comp = compression.measure(
+            trained, example_x=dataset.test.x, labels=_compression_labels(config),
+            repeats=config.compression.repeats,
+        )
+    result = ExperimentResult(
+        config=config, run_dir=run_dir, seeds=seeds, compression=comp,
+        environment=_environment(), wall_seconds=time.perf_counter() - start, files=[],
+    )
+    if jax.process_index() == 0:
+        result.files = run_folder.write_run_folder(result, strategies)
+        print(report.summary(result, strategies), flush=True)
+    return result
