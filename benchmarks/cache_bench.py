@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import optax
 
 from mtkd_jax import cache as mcache
-from mtkd_jax import data, models, teachers, train
+from mtkd_jax import data, models, steps, teachers
+from mtkd_jax import state as mk_state
 
 K, TEMPERATURE, ALPHA, BATCH = 3, 4.0, 0.5, 128
 # Adam, not the speed benchmark's SGD(0.05, momentum 0.9): with the T^2-scaled soft loss
@@ -54,10 +55,9 @@ def train_teachers(ds, epochs: int, log):
     apply = models.apply_fn_of(model)
     tx = optax.adam(1e-3)
     x0 = jnp.zeros((1, *ds.info.input_shape))
-    state = teachers.init_ensemble(
-        lambda k: models.init_params(model, k, x0), jax.random.split(jax.random.key(100), K), tx
-    )
-    step = teachers.make_ensemble_train_step(apply, tx)
+    init = jax.vmap(lambda k: models.init_params(model, k, x0))
+    state = mk_state.init_stacked_train_state(init(jax.random.split(jax.random.key(100), K)), tx)
+    step = jax.jit(steps.stacked_step(steps.make_supervised_step(apply, tx)))
     t0 = time.perf_counter()
     for e in range(epochs):
         for b in epoch_batches(ds.train, seed=100, epoch=e):
@@ -118,15 +118,15 @@ def distill_run(ds, mode, seed, epochs, teacher_apply, tp, cache):
     s_apply = models.apply_fn_of(student)
     tx = optax.adam(STUDENT_LR)
     params = models.init_params(student, jax.random.key(seed), jnp.zeros((1, 40)))
-    state = train.init_train_state(params, tx)
+    state = mk_state.init_train_state(params, tx)
     kw = dict(weighting="confidence", temperature=TEMPERATURE, alpha=ALPHA)
     if mode == "alone":
-        step = jax.jit(train.make_supervised_step(s_apply, tx))
+        step = jax.jit(steps.make_supervised_step(s_apply, tx))
     elif mode == "online":
-        online = train.make_distill_step(s_apply, teacher_apply, tx, **kw)
+        online = steps.make_distill_step(s_apply, teacher_apply, tx, **kw)
         step = jax.jit(functools.partial(online, teacher_params=tp))
     else:
-        step = jax.jit(train.make_distill_step(s_apply, None, tx, **kw))
+        step = jax.jit(steps.make_distill_step(s_apply, None, tx, **kw))
     key = jax.random.key(seed)
     t0 = time.perf_counter()
     for e in range(epochs):
@@ -160,9 +160,9 @@ def main(argv=None) -> dict:
 
     ds = data.load("mnist1d")
     teacher_apply_1, tp, teacher_acc = train_teachers(ds, t_epochs, log)
-    teacher_apply = teachers.make_stacked_apply(
+    teacher_apply = jax.jit(teachers.make_stacked_apply(
         teacher_apply_1, strategy="auto", example_params=tp, example_x=ds.train.x[:BATCH]
-    )
+    ))
     ens = jnp.mean(jax.nn.softmax(teacher_apply(tp, ds.test.x), -1), 0)
     ensemble_acc = float(jnp.mean(jnp.argmax(ens, -1) == ds.test.y))
     with tempfile.TemporaryDirectory() as root:

@@ -54,7 +54,7 @@ import torch_loop  # noqa: E402
 
 import mtkd_jax  # noqa: E402
 from mtkd_jax import cache as mcache  # noqa: E402
-from mtkd_jax import models, teachers, train  # noqa: E402
+from mtkd_jax import models, state, steps, teachers  # noqa: E402
 
 TEMPERATURE, ALPHA, LR, MOMENTUM = 4.0, 0.5, 0.05, 0.9
 NUM_TEACHERS, NUM_CLASSES, NUM_BATCHES = 3, 100, 4
@@ -217,12 +217,14 @@ def library_units(cfg, dtype, batches, strategy, cache_dir, results, wanted):
     tp = teachers.stack_params(teacher_list)
     dev = [{k: jax.device_put(v) for k, v in b.items() if k != "index"} for b in batches]
     t0 = time.perf_counter()
-    teacher_apply = teachers.make_stacked_apply(
-        t_apply, strategy=strategy, example_params=tp, example_x=dev[0]["x"], num_repeats=1
-    )
+    chosen = strategy
+    if strategy == "auto":
+        chosen = teachers.choose_strategy(t_apply, tp, dev[0]["x"], num_repeats=1)
+    teacher_apply = teachers.make_stacked_apply(t_apply, strategy=chosen)
+    teachers_jit = jax.jit(teacher_apply)
     results["strategy"] = {
         "requested": strategy,
-        "chosen": teacher_apply.strategy,
+        "chosen": chosen,
         "choice_s": round(time.perf_counter() - t0, 2),
         "peak_rss_mb_after_choice": round(peak_rss_mb(), 1),
     }
@@ -243,14 +245,14 @@ def library_units(cfg, dtype, batches, strategy, cache_dir, results, wanted):
     it = {"i": 0}
 
     def teachers_call():
-        out["z"] = teacher_apply(tp, dev[it["i"] % NUM_BATCHES]["x"])
+        out["z"] = teachers_jit(tp, dev[it["i"] % NUM_BATCHES]["x"])
         it["i"] += 1
 
     units.append(Unit("teachers", b, teachers_call, lambda: jax.block_until_ready(out["z"])))
 
     # (b) online distillation
-    distill = jax.jit(train.make_distill_step(s_apply, teacher_apply, tx, **kw), donate_argnums=0)
-    st = {"s": train.init_train_state(copy_tree(student_params), tx), "i": 0}
+    distill = jax.jit(steps.make_distill_step(s_apply, teacher_apply, tx, **kw), donate_argnums=0)
+    st = {"s": state.init_train_state(copy_tree(student_params), tx), "i": 0}
 
     def distill_call():
         st["s"], m = distill(st["s"], dev[st["i"] % NUM_BATCHES], key, teacher_params=tp)
@@ -261,8 +263,8 @@ def library_units(cfg, dtype, batches, strategy, cache_dir, results, wanted):
     units[-1].cost = lambda: xla_cost(distill, st["s"], dev[0], key, teacher_params=tp)
 
     # (c) student only
-    sup = jax.jit(train.make_supervised_step(s_apply, tx), donate_argnums=0)
-    ss = {"s": train.init_train_state(copy_tree(student_params), tx), "i": 0}
+    sup = jax.jit(steps.make_supervised_step(s_apply, tx), donate_argnums=0)
+    ss = {"s": state.init_train_state(copy_tree(student_params), tx), "i": 0}
 
     def student_call():
         ss["s"], _ = sup(ss["s"], dev[ss["i"] % NUM_BATCHES], key)
@@ -298,9 +300,9 @@ def library_units(cfg, dtype, batches, strategy, cache_dir, results, wanted):
             "build_img_s_incl_compile": round(n / build_s, 1),
             "peak_rss_growth_mb": round(peak_rss_mb() - rss0, 1),
         }
-    cached = jax.jit(train.make_distill_step(s_apply, None, tx, **kw), donate_argnums=0)
+    cached = jax.jit(steps.make_distill_step(s_apply, None, tx, **kw), donate_argnums=0)
     for name, c in caches.items():
-        cs = {"s": train.init_train_state(copy_tree(student_params), tx), "i": 0}
+        cs = {"s": state.init_train_state(copy_tree(student_params), tx), "i": 0}
 
         def cached_call(cs=cs, c=c, name=name):
             host = batches[cs["i"] % NUM_BATCHES]

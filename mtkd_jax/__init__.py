@@ -55,7 +55,12 @@ from mtkd_jax.models import MODELS, apply_fn_of, init_params, make_model, nnx_ap
 from mtkd_jax.parallel import data_mesh, data_parallel_step, replicate, shard_batch
 from mtkd_jax.reduce import global_mean
 from mtkd_jax.state import TrainState, init_stacked_train_state, init_train_state, set_hyperparams
-from mtkd_jax.steps import make_codistill_step, make_distill_step, make_supervised_step, stacked_step
+from mtkd_jax.steps import (
+    make_codistill_step,
+    make_distill_step,
+    make_supervised_step,
+    stacked_step,
+)
 from mtkd_jax.targets import (
     DistillTargets,
     distill_targets,

@@ -122,7 +122,9 @@ def teacher_logits_of(batch: dict, x, teacher_apply, teacher_params, *, required
             )
         z = teacher_apply(teacher_params, x)
     if jnp.ndim(z) != 3 or jnp.shape(z)[1] != b:
-        raise ValueError(f"teacher logits must have shape [K, B, C] with B={b}, got {jnp.shape(z)}.")
+        raise ValueError(
+            f"teacher logits must have shape [K, B, C] with B={b}, got {jnp.shape(z)}."
+        )
     _checks.check_float(z, "teacher logits")
     return jax.lax.stop_gradient(jnp.asarray(z))
 

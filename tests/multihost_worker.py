@@ -65,25 +65,25 @@ def _teacher_apply(params, x):
 
 
 def _teachers(strategy="vmap"):
-    """The frozen teachers: `(teacher_apply, stacked params)`.
+    """The frozen teachers: `(teacher_apply, stacked params, strategy)`.
 
     With "auto" each process times both strategies on its own and process 0's choice is
     broadcast (`choose_strategy`); the reference run uses "vmap".
     """
-    from mtkd_jax.teachers import make_stacked_apply
+    from mtkd_jax.teachers import choose_strategy, make_stacked_apply
 
     split, params, _ = _problem()
-    example = dict(example_params=params, example_x=split.x[:BATCH], num_repeats=1)
-    kwargs = example if strategy == "auto" else {}
-    return make_stacked_apply(_teacher_apply, strategy=strategy, **kwargs), params
+    if strategy == "auto":
+        strategy = choose_strategy(_teacher_apply, params, split.x[:BATCH], num_repeats=1)
+    return make_stacked_apply(_teacher_apply, strategy=strategy), params, strategy
 
 
 def _split_timings(process_index):
     """Make the processes' timings disagree: process 0 finds vmap faster, the others loop."""
-    from mtkd_jax import teachers
+    from mtkd_jax.teachers import autotune
 
     fast, slow = ("vmap", "loop") if process_index == 0 else ("loop", "vmap")
-    teachers.time_strategies = lambda *a, **k: {fast: 1.0, slow: 9.0}
+    autotune.time_strategies = lambda *a, **k: {fast: 1.0, slow: 9.0}
 
 
 def build_cache(path, *, process_index, process_count):
@@ -92,7 +92,7 @@ def build_cache(path, *, process_index, process_count):
     from mtkd_jax.data import batches
 
     split = _problem()[0]
-    teacher_apply, teacher_params = _teachers()
+    teacher_apply, teacher_params, _ = _teachers()
     local = batches(
         split,
         batch_size=BATCH,
@@ -137,7 +137,7 @@ def train(
     from mtkd_jax.steps import make_distill_step
 
     split, _, student_params = _problem()
-    teacher_apply, teacher_params = teachers or _teachers()
+    teacher_apply, teacher_params, _ = teachers or _teachers()
     tx = optax.adam(0.05)
     step = make_distill_step(
         _student_apply,
@@ -147,9 +147,9 @@ def train(
         temperature=2.0,
         alpha=0.3,
     )
-    if cache is None:
-        step = functools.partial(step, teacher_params=teacher_params)
     step = data_parallel_step(step, mesh)
+    if cache is None:  # replicated arguments of the compiled step, passed at every call
+        step = functools.partial(step, teacher_params=teacher_params)
     state = replicate(init_train_state(student_params, tx), mesh)
     loaded = []
 
@@ -240,7 +240,7 @@ def main(argv=None):
         "params": host_params(result.state.params),
         "loss": [r["loss"] for r in result.history["train"]],
         "loaded": loaded,
-        "teacher_strategy": teachers[0].strategy,
+        "teacher_strategy": teachers[2],
     }
     if args.cache_dir:
         # Teachers run once, each process over its own rows; then distil from the cache.

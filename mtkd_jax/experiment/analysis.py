@@ -7,7 +7,7 @@
    performance-weighted, confidence, entropy, agreement, leave-one-out) and how good each is,
    and the teacher weighting every student row is distilled with.
 
-Engine call: `mtkd_jax.train.distill_targets` (`_targets`).
+Engine call: `mtkd_jax.targets.distill_targets` (`_targets`).
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ from mtkd_jax.experiment.config import Strategy, parse_strategy
 from mtkd_jax.experiment.context import Context, predict
 from mtkd_jax.experiment.teachers import Teachers, teacher_names
 from mtkd_jax.metrics import batch_stats, compute_metrics
-from mtkd_jax.targets import leave_one_out_targets
-from mtkd_jax.train import distill_targets
+from mtkd_jax.targets import distill_targets, leave_one_out_targets
 from mtkd_jax.weighting import get_weighting
 
 __all__ = [
@@ -108,9 +107,7 @@ def target_name(strategy: Strategy) -> str:
       >>> target_name(parse_strategy("mean_mse")), target_name(parse_strategy("best_teacher"))
       ('mean', 'best_teacher')
     """
-    if strategy.teachers == "best":
-        return "best_teacher"
-    return "mean" if strategy.weighting == "uniform" else strategy.weighting
+    return strategy.target
 
 
 def analyse_teachers(val_logits: np.ndarray, val_y: np.ndarray, strategies, *, kinds,
@@ -201,9 +198,9 @@ def _weightings(config, strategies, val_acc) -> dict[str, Callable]:
     for s in [*strategies, *no_transfer]:
         if s.kind != "distill":
             continue
-        if s.weighting == "scores":
+        if s.weighting == "from_scores":
             weightings[s.name] = get_weighting(
-                "scores", scores=jnp.asarray(val_acc, jnp.float32),
+                "from_scores", scores=jnp.asarray(val_acc, jnp.float32),
                 temperature=config.distill.scores_temperature,
             )
         else:

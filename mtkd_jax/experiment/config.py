@@ -40,12 +40,14 @@ class Strategy:
       kind: ``"supervised"`` (the student alone, hard labels only), ``"distill"`` (the
         student from the teachers' fused target) or ``"codistill"`` (the K teachers refine
         each other toward their leave-one-out targets: the article's worked project).
-      weighting: for "distill", a name of `mtkd_jax.weighting.get_weighting` (``"uniform"``,
-        ``"scores"``, ``"confidence"``, ``"entropy"``, ``"agreement"``).
+      weighting: for "distill", a name in `mtkd_jax.weighting.WEIGHTINGS` (``"uniform"``,
+        ``"from_scores"``, ``"confidence"``, ``"entropy"``, ``"agreement"``).
       teachers: ``"all"``, or ``"best"`` for the single teacher with the best validation
         accuracy (single-teacher distillation, the baseline multi-teacher KD must beat).
       soft_loss: ``"kl"``, ``"mse"`` (the article's squared error), or None for the config's.
       description: one line for the report.
+      target: the name of the target the row learns from; rows that differ only in their
+        soft loss (``mean`` and ``mean_mse``) share one. Defaults to `name`.
     """
 
     name: str
@@ -54,6 +56,11 @@ class Strategy:
     teachers: str = "all"
     soft_loss: str | None = None
     description: str = ""
+    target: str = ""
+
+    def __post_init__(self):
+        if not self.target:
+            object.__setattr__(self, "target", self.name)
 
 
 _BASE = (
@@ -62,7 +69,7 @@ _BASE = (
              description="student distilled from the best single teacher (by validation)"),
     Strategy("mean", "distill", "uniform",
              description="mean of the teachers' probabilities (the article's target)"),
-    Strategy("scores", "distill", "scores",
+    Strategy("scores", "distill", "from_scores",
              description="performance-weighted mean, lambda = softmax(val. accuracy / tau)"),
     Strategy("confidence", "distill", "confidence",
              description="per-example weights from each teacher's CE on the label (CA-MKD)"),

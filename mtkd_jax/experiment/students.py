@@ -8,8 +8,9 @@ run once per example instead of once per step. Then the article's worked variant
 teachers codistilled toward each other's leave-one-out targets. Every row is evaluated on
 the test set.
 
-Engine calls (all in this module): `mtkd_jax.train` (`make_supervised_step`,
-`make_distill_step`, `make_codistill_step`, `init_train_state`, `init_stacked_train_state`).
+Engine calls (all in this module): `mtkd_jax.steps` (`make_supervised_step`,
+`make_distill_step`, `make_codistill_step`) and `mtkd_jax.state` (`init_train_state`,
+`init_stacked_train_state`).
 """
 
 from __future__ import annotations
@@ -37,13 +38,8 @@ from mtkd_jax.experiment.context import (
     to_global,
 )
 from mtkd_jax.experiment.teachers import Teachers
-from mtkd_jax.train import (
-    init_stacked_train_state,
-    init_train_state,
-    make_codistill_step,
-    make_distill_step,
-    make_supervised_step,
-)
+from mtkd_jax.state import init_stacked_train_state, init_train_state
+from mtkd_jax.steps import make_codistill_step, make_distill_step, make_supervised_step
 
 __all__ = ["Students", "codistill", "train_student", "train_students"]
 

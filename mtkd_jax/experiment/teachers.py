@@ -5,10 +5,10 @@ parameters and optionally different learning rates (`config.teachers.learning_ra
 teachers of mixed architectures (`config.teachers.models`) train one after another with the
 same loop.
 
-Engine calls (all in this module): `mtkd_jax.teachers` (`make_ensemble_train_step`,
-`make_teacher_train_step`, `init_ensemble`, `init_teacher_state`, `set_hyperparams`,
-`TeacherState`, `make_stacked_apply`, `make_heterogeneous_apply`, `save_teachers`) and
-`mtkd_jax.train.TrainState`.
+Engine calls (all in this module): `mtkd_jax.steps` (`make_supervised_step`, and
+`stacked_step` for K teachers at once), `mtkd_jax.state` (`init_train_state`,
+`init_stacked_train_state`, `set_hyperparams`) and `mtkd_jax.teachers`
+(`make_stacked_apply`, `make_heterogeneous_apply`, `save_teachers`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from mtkd_jax.experiment.context import (
     stacked_accuracy_eval,
     to_global,
 )
-from mtkd_jax.train import TrainState
+from mtkd_jax.state import init_stacked_train_state, init_train_state, set_hyperparams
+from mtkd_jax.steps import make_supervised_step, stacked_step
 
 __all__ = ["Teachers", "teacher_names", "train_teachers"]
 
@@ -68,20 +69,6 @@ def teacher_names(k: int) -> list[str]:
     return [f"teacher_{i}" for i in range(k)]
 
 
-def _ensemble_fit_step(ensemble_step: Callable) -> Callable:
-    """`fit` wants a scalar step counter; the stacked teachers keep one per teacher."""
-
-    def step(state: TrainState, batch: dict, key: jax.Array):
-        k = jax.tree.leaves(state.params)[0].shape[0]
-        stacked = teachers_lib.TeacherState(
-            jnp.broadcast_to(state.step, (k,)), state.params, state.opt_state
-        )
-        stacked, metrics = ensemble_step(stacked, batch, key)
-        return TrainState(state.step + 1, stacked.params, stacked.opt_state), metrics
-
-    return step
-
-
 def _teacher_models(ctx: Context) -> list[tuple[str, Any, Callable]]:
     """(name, model, apply) per teacher: K of `teachers.model`, or `teachers.models`."""
     cfg = ctx.config.teachers
@@ -110,11 +97,11 @@ def _train(ctx: Context) -> Teachers:
 
     def build_stacked(apply_fn):
         tx = teacher_tx()
-        return tx, _ensemble_fit_step(teachers_lib.make_ensemble_train_step(apply_fn, tx))
+        return tx, stacked_step(make_supervised_step(apply_fn, tx))
 
     def build_single(apply_fn):
         tx = teacher_tx()
-        return tx, teachers_lib.make_teacher_train_step(apply_fn, tx)
+        return tx, make_supervised_step(apply_fn, tx)
 
     example = jnp.asarray(train.x[:1])
     keys = jax.random.split(jax.random.fold_in(ctx.key, 1), cfg.num)
@@ -131,17 +118,15 @@ def _train(ctx: Context) -> Teachers:
         _, model, apply_fn = specs[0]
         hyper = {"learning_rate": jnp.asarray(lrs, jnp.float32)} if lrs else None
         tx, step = ctx.parallel(("teachers", apply_fn, total), lambda: build_stacked(apply_fn))
-        stacked = teachers_lib.init_ensemble(
-            lambda key: models.init_params(model, key, example), keys, tx, hyperparams=hyper
-        )
-        state = TrainState(jnp.zeros((), jnp.int32), stacked.params, stacked.opt_state)
+        init = jax.jit(jax.vmap(lambda key: models.init_params(model, key, example)))
+        state = init_stacked_train_state(init(keys), tx, hyperparams=hyper)
         result = fit(ctx, "teachers", state, step, batches_fn, steps_per_epoch=spe,
                      epochs=cfg.epochs, eval_fn=stacked_accuracy_eval(ctx, apply_fn))
         params = result.state.params
         members = [(apply_fn, jax.tree.map(lambda a, i=i: a[i], params))
                    for i in range(cfg.num)]
-        stacked_apply = ctx.cached(("stacked", apply_fn), lambda: teachers_lib.make_stacked_apply(
-            apply_fn, strategy="vmap"))
+        stacked_apply = ctx.cached(("stacked", apply_fn), lambda: jax.jit(
+            teachers_lib.make_stacked_apply(apply_fn, strategy="vmap")))
         return Teachers(params, stacked_apply, members, labels, {"teachers": result.history},
                         result.step)
 
@@ -150,16 +135,16 @@ def _train(ctx: Context) -> Teachers:
     for i, (_, model, apply_fn) in enumerate(specs):
         tx, step = ctx.parallel(("teacher", apply_fn, total),
                                 lambda apply_fn=apply_fn: build_single(apply_fn))
-        state = teachers_lib.init_teacher_state(models.init_params(model, keys[i], example), tx)
+        state = init_train_state(models.init_params(model, keys[i], example), tx)
         if lrs:
-            state = teachers_lib.set_hyperparams(state, {"learning_rate": lrs[i]})
+            state = set_hyperparams(state, {"learning_rate": lrs[i]})
         result = fit(ctx, f"teacher_{i}", state, step, batches_fn, steps_per_epoch=spe,
                      epochs=cfg.epochs, eval_fn=accuracy_eval(ctx, apply_fn))
         members.append((apply_fn, result.state.params))
         histories[f"teacher_{i}"] = result.history
     params = tuple(p for _, p in members)
-    apply = ctx.cached(("heterogeneous", labels), lambda: teachers_lib.make_heterogeneous_apply(
-        [a for a, _ in members], names=labels))
+    apply = ctx.cached(("heterogeneous", labels), lambda: jax.jit(
+        teachers_lib.make_heterogeneous_apply([a for a, _ in members], names=labels)))
     return Teachers(params, apply, members, labels, histories, spe * cfg.epochs)
 
 
