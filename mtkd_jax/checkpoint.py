@@ -15,24 +15,46 @@ never picks up (and that the next `Checkpointer` on the directory cleans away).
 `meta` is JSON: the step, the metrics, caller-supplied extras, and the fingerprint of the
 teachers the student was trained with (`params_fingerprint`); `restore` refuses a checkpoint
 whose fingerprint differs from the one this `Checkpointer` was built with.
+
+A checkpoint whose files cannot be read (a truncated array file, garbled JSON, a missing
+file) is skipped by a default `restore` / `metadata` of "latest", which falls back to the next
+newest readable one with an `UnreadableCheckpointWarning`; the unreadable directory is left
+in place (a read error may be passing, and it is evidence) until a save of the same step
+replaces it or `keep` rotates it out. An explicit `step`, "best", or no readable checkpoint at
+all raise `UnreadableCheckpointError`. Errors that are the caller's (another teacher
+fingerprint, a target of another structure) raise at once and never fall back.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
+import inspect
 import json
 import os
-from collections.abc import Mapping, Sequence
+import sys
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "Restored", "params_fingerprint"]
+__all__ = [
+    "Checkpointer",
+    "Restored",
+    "UnreadableCheckpointError",
+    "UnreadableCheckpointWarning",
+    "params_fingerprint",
+]
 
 _WHICH = ("latest", "best")
 _MODES = ("max", "min")
+_META_KEYS = frozenset({"step", "metrics", "fingerprint", "extra"})
+# How long a failed read may wait for orbax's abandoned array reads to finish (see _read).
+_SETTLE_SECONDS = 5.0
 
 
 def params_fingerprint(tree: Any, *, names: Sequence[str] | None = None) -> dict[str, Any]:
@@ -144,6 +166,79 @@ def _target_mismatch(stored: Any, abstract: Any) -> list[str]:
     return out
 
 
+class UnreadableCheckpointWarning(UserWarning):
+    """A default `restore` / `metadata` skipped newer checkpoints it could not read."""
+
+
+class UnreadableCheckpointError(RuntimeError):
+    """The checkpoint asked for, or every latest checkpoint, could not be read.
+
+    Attributes:
+      directory: the `latest/` or `best/` directory.
+      errors: `{step: what failed}`, newest first.
+    """
+
+    def __init__(self, message: str, *, directory: str, errors: dict[int, str]):
+        super().__init__(message)
+        self.directory = directory
+        self.errors = errors
+
+
+class _Unreadable(Exception):
+    """Reading a checkpoint's files failed (internal: becomes the warning or the error)."""
+
+
+def _describe(error: BaseException) -> str:
+    # orbax wraps tensorstore's error (which names the file) in a generic one; tensorstore
+    # appends its whole spec to the message.
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = str(error).strip().splitlines() or [""]
+    text = lines[0].split(" [tensorstore_spec=")[0][:300].rstrip(".")
+    return f"{type(error).__name__}: {text}"
+
+
+def _orbax_leftover(unraisable: Any) -> bool:
+    if inspect.iscoroutine(unraisable.object):
+        return "orbax" in unraisable.object.cr_code.co_filename
+    return str(unraisable.exc_value) == "Event loop is closed"
+
+
+def _read(what: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)`, an orbax read; any failure becomes `_Unreadable(what: error)`.
+
+    When one array read fails, orbax closes its event loop with the other reads still in
+    flight: as they finish, tensorstore's callbacks hit the closed loop and the abandoned
+    coroutines are garbage-collected, each an "Exception ignored" (`sys.unraisablehook`; an
+    error under pytest's warning filters) at some later, unrelated point. So a failed read
+    waits (up to `_SETTLE_SECONDS`) until those coroutines are collected, and orbax's
+    leftovers are silenced while it runs; other unraisable exceptions pass through.
+    """
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda u: None if _orbax_leftover(u) else previous(u)
+    try:
+        return fn(*args, **kwargs)
+    except Exception as error:
+        _settle_orbax_reads()
+        raise _Unreadable(f"{what}: {_describe(error)}") from error
+    finally:
+        sys.unraisablehook = previous
+
+
+def _settle_orbax_reads() -> None:
+    deadline = time.monotonic() + _SETTLE_SECONDS
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
+        while True:
+            gc.collect()
+            live = (o for o in gc.get_objects() if inspect.iscoroutine(o) and o.cr_frame)
+            if time.monotonic() > deadline or not any(
+                "orbax" in o.cr_code.co_filename for o in live
+            ):
+                return
+            time.sleep(0.01)
+
+
 class Restored(NamedTuple):
     """What `Checkpointer.restore` returns: the state, its step and its JSON metadata."""
 
@@ -214,21 +309,38 @@ class Checkpointer:
                 if metric is not None:
                     # A safety net: a worse candidate passed to save_best is dropped, not kept.
                     policy["best_fn"] = lambda metrics: metrics[metric]
-            options = ocp.CheckpointManagerOptions(
-                **policy,
-                create=True,
-                cleanup_tmp_directories=True,
-                enable_async_checkpointing=self._async,
-            )
-            # Handlers named up front: a fresh manager can then read an item's metadata
-            # before anything was saved or restored through it.
-            handlers = {
-                "state": ocp.StandardCheckpointHandler(),
-                "meta": ocp.JsonCheckpointHandler(),
-            }
-            self._managers[which] = ocp.CheckpointManager(
-                os.path.join(self.directory, which), options=options, item_handlers=handlers
-            )
+            directory = os.path.join(self.directory, which)
+
+            def manager(**lightweight):
+                options = ocp.CheckpointManagerOptions(
+                    **policy,
+                    **lightweight,
+                    create=True,
+                    cleanup_tmp_directories=True,
+                    enable_async_checkpointing=self._async,
+                )
+                # Handlers named up front: a fresh manager can then read an item's metadata
+                # before anything was saved or restored through it.
+                handlers = {
+                    "state": ocp.StandardCheckpointHandler(),
+                    "meta": ocp.JsonCheckpointHandler(),
+                }
+                return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+            try:
+                self._managers[which] = manager()
+            except Exception as error:
+                # orbax reads every step's `_CHECKPOINT_METADATA` (time, metrics) here and
+                # fails on one that parses to the wrong types. The best manager ranks by those
+                # metrics; the latest one needs neither, so it lists the steps without them
+                # and `restore` skips the step if its files cannot be read.
+                if which == "best":
+                    raise UnreadableCheckpointError(
+                        f"cannot open {directory}: {_describe(error)}.",
+                        directory=directory,
+                        errors={},
+                    ) from error
+                self._managers[which] = manager(lightweight_initialize=True)
         return self._managers[which]
 
     def _write(self, which, step, state, metrics, extra, orbax_metrics=None) -> None:
@@ -240,7 +352,12 @@ class Checkpointer:
             "fingerprint": self.fingerprint,
             "extra": _jsonable(dict(extra or {})),
         }
-        saved = self._manager(which).save(
+        manager = self._manager(which)
+        if int(step) in manager.all_steps():
+            # orbax refuses an existing step. One is there when a run replays steps after
+            # `restore` skipped an unreadable checkpoint (or the caller saves a step again).
+            manager.delete(int(step))
+        saved = manager.save(
             int(step),
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
@@ -313,13 +430,62 @@ class Checkpointer:
         return step
 
     def metadata(self, *, which: str = "latest", step: int | None = None) -> dict | None:
-        """The JSON metadata of a checkpoint (default: the newest in `which`), or None."""
-        step = self._step(which, step)
-        if step is None:
-            return None
-        return self._manager(which).restore(
-            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        """The JSON metadata of a checkpoint (default: the newest readable in `which`), or None.
+
+        Unreadable checkpoints are handled as in `restore`.
+        """
+        return self._first_readable(which, step, lambda s: self._read_meta(which, s))
+
+    def _read_meta(self, which: str, step: int) -> dict:
+        meta = _read(
+            "its `meta`",
+            self._manager(which).restore,
+            step,
+            args=ocp.args.Composite(meta=ocp.args.JsonRestore()),
         )["meta"]
+        if not isinstance(meta, dict) or meta.keys() != _META_KEYS or meta["step"] != step:
+            raise _Unreadable(f"its `meta` is not this step's metadata: {str(meta)[:100]}")
+        return meta
+
+    def _first_readable(self, which: str, step: int | None, read: Callable[[int], Any]) -> Any:
+        """`read(step)`; by default of the newest checkpoint in `which` that it can read.
+
+        Without `step`, "latest" tries its checkpoints newest first and warns about those it
+        skips; an explicit `step` and "best" are read as they are. `read` raises
+        `_Unreadable` when the files fail it; any other error propagates at once.
+        """
+        if step is None and which == "latest":
+            steps = sorted(self.all_steps(which), reverse=True)
+        else:
+            step = self._step(which, step)
+            steps = [] if step is None else [step]
+        where = f"{self.directory}/{which}"
+        errors = {}
+        for s in steps:
+            try:
+                value = read(s)
+            except _Unreadable as error:
+                errors[s] = str(error)
+                continue
+            if errors:
+                warnings.warn(
+                    UnreadableCheckpointWarning(
+                        f"skipped unreadable checkpoints in {where}: "
+                        + "; ".join(f"step {k}: {e}" for k, e in errors.items())
+                        + f". Using step {s} instead. The unreadable directories are left as"
+                        " they are; a save of the same step replaces one."
+                    ),
+                    stacklevel=3,
+                )
+            return value
+        if not errors:
+            return None
+        raise UnreadableCheckpointError(
+            f"cannot read {'the checkpoint' if len(steps) == 1 else 'any checkpoint'} in "
+            f"{where}: " + "; ".join(f"step {k}: {e}" for k, e in errors.items()) + ".",
+            directory=where,
+            errors=errors,
+        )
 
     def check_fingerprint(self, metadata: Mapping[str, Any], *, where: str = "checkpoint"):
         """Raise ValueError naming what differs when `metadata`'s fingerprint is not ours."""
@@ -351,25 +517,39 @@ class Checkpointer:
 
         Returns:
           `Restored(state, step, metadata)`, or None when `which` holds no checkpoint.
+
+        Raises:
+          ValueError: another teacher fingerprint; a `target` of another structure or shapes.
+          UnreadableCheckpointError: the checkpoint's files cannot be read (an explicit
+            `step`, "best"), or those of no latest checkpoint can.
+
+        Warns:
+          UnreadableCheckpointWarning: without `step`, "latest" skipped newer checkpoints
+            whose files it could not read; it names each step and its error.
         """
-        step = self._step(which, step)
-        if step is None:
-            return None
-        where = f"checkpoint {self.directory}/{which}/{step}"
-        meta = self.metadata(which=which, step=step)
-        if check_fingerprint:
-            self.check_fingerprint(meta, where=where)
         abstract = _abstract(target)
-        manager = self._manager(which)
-        problems = _target_mismatch(manager.item_metadata(step)["state"], abstract)
-        if problems:
-            raise ValueError(
-                f"cannot restore {where} into the given `target`: " + "; ".join(problems[:5])
+
+        def read(step):
+            where = f"checkpoint {self.directory}/{which}/{step}"
+            meta = self._read_meta(which, step)
+            if check_fingerprint:
+                self.check_fingerprint(meta, where=where)
+            manager = self._manager(which)
+            items = _read("its state's metadata", manager.item_metadata, step)
+            stored = items.get("state")
+            if stored is None:
+                raise _Unreadable("its state's metadata is missing (`state/_METADATA`)")
+            problems = _target_mismatch(stored, abstract)
+            if problems:
+                raise ValueError(
+                    f"cannot restore {where} into the given `target`: " + "; ".join(problems[:5])
+                )
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+            return Restored(
+                _read("its state", manager.restore, step, args=args)["state"], step, meta
             )
-        out = manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-        )
-        return Restored(out["state"], step, meta)
+
+        return self._first_readable(which, step, read)
 
     def discard_best_after(self, step: int) -> list[int]:
         """Delete best checkpoints newer than `step` (a resumed run will remake them)."""
