@@ -217,10 +217,13 @@ def _read(what: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
     previous = sys.unraisablehook
     sys.unraisablehook = lambda u: None if _orbax_leftover(u) else previous(u)
     try:
-        return fn(*args, **kwargs)
-    except Exception as error:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as error:
+            failure = f"{what}: {_describe(error)}"
+        # Here `error` and its traceback, which hold orbax's abandoned reads, are released.
         _settle_orbax_reads()
-        raise _Unreadable(f"{what}: {_describe(error)}") from error
+        raise _Unreadable(failure)
     finally:
         sys.unraisablehook = previous
 
@@ -452,7 +455,8 @@ class Checkpointer:
 
         Without `step`, "latest" tries its checkpoints newest first and warns about those it
         skips; an explicit `step` and "best" are read as they are. `read` raises
-        `_Unreadable` when the files fail it; any other error propagates at once.
+        `_Unreadable` when the files fail it; any other error propagates at once (with a note
+        naming the checkpoints skipped before it).
         """
         if step is None and which == "latest":
             steps = sorted(self.all_steps(which), reverse=True)
@@ -460,20 +464,24 @@ class Checkpointer:
             step = self._step(which, step)
             steps = [] if step is None else [step]
         where = f"{self.directory}/{which}"
-        errors = {}
+        errors: dict[int, str] = {}
+        skipped = lambda: f"{where}: " + "; ".join(f"step {k}: {e}" for k, e in errors.items())
         for s in steps:
             try:
                 value = read(s)
             except _Unreadable as error:
                 errors[s] = str(error)
                 continue
+            except Exception as error:
+                if errors:
+                    error.add_note(f"Skipped before it as unreadable: {skipped()}.")
+                raise
             if errors:
                 warnings.warn(
                     UnreadableCheckpointWarning(
-                        f"skipped unreadable checkpoints in {where}: "
-                        + "; ".join(f"step {k}: {e}" for k, e in errors.items())
-                        + f". Using step {s} instead. The unreadable directories are left as"
-                        " they are; a save of the same step replaces one."
+                        f"skipped unreadable checkpoints in {skipped()}. Using step {s} instead."
+                        " The unreadable directories are left as they are; a save of the same"
+                        " step replaces one."
                     ),
                     stacklevel=3,
                 )
@@ -482,7 +490,7 @@ class Checkpointer:
             return None
         raise UnreadableCheckpointError(
             f"cannot read {'the checkpoint' if len(steps) == 1 else 'any checkpoint'} in "
-            f"{where}: " + "; ".join(f"step {k}: {e}" for k, e in errors.items()) + ".",
+            f"{skipped()}.",
             directory=where,
             errors=errors,
         )
