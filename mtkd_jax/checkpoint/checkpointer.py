@@ -1,129 +1,34 @@
-"""Kill-safe checkpoints of a train state: the latest few for resume, the best one apart.
+"""`Checkpointer`: the latest few checkpoints and the best one of a train state, via orbax.
 
-A `Checkpointer` holds two orbax `CheckpointManager`s under one directory::
-
-    directory/latest/<step>/{state, meta}   the newest `keep` checkpoints, for resume
-    directory/best/<step>/{state, meta}     the single best by a validation metric
-
-Two managers, because one manager with `best_fn` and `max_to_keep` ranks every checkpoint by
-the metric and so may delete the newest one, which resume needs.
-
-Each checkpoint is written by orbax into `<step>.orbax-checkpoint-tmp` and renamed to `<step>`
-only once complete, so a process killed mid-save leaves a temporary directory that `restore`
-never picks up (and that the next `Checkpointer` on the directory cleans away).
-
-`meta` is JSON: the step, the metrics, caller-supplied extras, and the fingerprint of the
-teachers the student was trained with (`params_fingerprint`); `restore` refuses a checkpoint
-whose fingerprint differs from the one this `Checkpointer` was built with.
-
-A checkpoint whose files cannot be read (a truncated array file, garbled JSON, a missing
-file) is skipped by a default `restore` / `metadata` of "latest", which falls back to the next
-newest readable one with an `UnreadableCheckpointWarning`; the unreadable directory is left
-in place (a read error may be passing, and it is evidence) until a save of the same step
-replaces it or `keep` rotates it out. An explicit `step`, "best", or no readable checkpoint at
-all raise `UnreadableCheckpointError`. Errors that are the caller's (another teacher
-fingerprint, a target of another structure) raise at once and never fall back.
+See the package docstring (`mtkd_jax.checkpoint`) for the layout on disk and what happens to
+unreadable checkpoints.
 """
 
 from __future__ import annotations
 
-import gc
-import hashlib
-import inspect
 import json
 import os
-import sys
-import time
-import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = [
-    "Checkpointer",
-    "Restored",
-    "UnreadableCheckpointError",
-    "UnreadableCheckpointWarning",
-    "params_fingerprint",
-]
+from mtkd_jax.checkpoint.fingerprint import fingerprint_differences
+from mtkd_jax.checkpoint.reading import (
+    Unreadable,
+    UnreadableCheckpointError,
+    describe,
+    first_readable,
+    read_files,
+)
+
+__all__ = ["Checkpointer", "Restored"]
 
 _WHICH = ("latest", "best")
 _MODES = ("max", "min")
 _META_KEYS = frozenset({"step", "metrics", "fingerprint", "extra"})
-# How long a failed read may wait for orbax's abandoned array reads to finish (see _read).
-_SETTLE_SECONDS = 5.0
-
-
-def params_fingerprint(tree: Any, *, names: Sequence[str] | None = None) -> dict[str, Any]:
-    """A JSON-able identity of a parameter pytree: its leaves' paths, shapes, dtypes and bytes.
-
-    The SHA-256 runs over, for every leaf in key-path order, its path, dtype, shape and raw
-    bytes (C order), so any change of value, shape, dtype or structure changes it. Leaves are
-    copied to the host: arrays must be fully addressable (teachers are replicated).
-
-    Args:
-      tree: a pytree of arrays, e.g. teacher params (stacked `[K, ...]` or a tuple of K trees).
-      names: optional teacher names, recorded as given.
-
-    Returns:
-      `{"names": list[str] | None, "leaves": {path: "dtype[shape]"}, "sha256": hex str}`.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> fp = params_fingerprint({"w": jnp.zeros((2, 3))}, names=["mlp"])
-      >>> fp["names"], fp["leaves"]
-      (['mlp'], {"['w']": 'float32[2, 3]'})
-      >>> fp == params_fingerprint({"w": jnp.zeros((2, 3))}, names=["mlp"])
-      True
-      >>> fp["sha256"] == params_fingerprint({"w": jnp.ones((2, 3))}, names=["mlp"])["sha256"]
-      False
-    """
-    if names is not None:
-        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
-            raise TypeError(f"`names` must be a sequence of str, got {names!r}.")
-        names = list(names)
-    digest = hashlib.sha256()
-    leaves = {}
-    for path, leaf in jax.tree.flatten_with_path(tree)[0]:
-        array = np.ascontiguousarray(jax.device_get(leaf))
-        key = jax.tree_util.keystr(path)
-        spec = f"{array.dtype.name}{list(array.shape)}"
-        # Length-prefixed records, so that no two different trees hash the same byte stream.
-        digest.update(f"{key}|{spec}|{array.nbytes}\n".encode())
-        digest.update(array.tobytes())
-        leaves[key] = spec
-    return {"names": names, "leaves": leaves, "sha256": digest.hexdigest()}
-
-
-def _fingerprint_differences(saved: Any, current: Any) -> list[str]:
-    """Human-readable differences between two fingerprints (empty when they match)."""
-    if saved == current:
-        return []
-    if saved is None or current is None:
-        have = "no teacher fingerprint" if saved is None else "a teacher fingerprint"
-        given = "one" if current is not None else "none"
-        return [f"the checkpoint has {have} but {given} was given"]
-    out = []
-    if saved.get("names") != current.get("names"):
-        out.append(f"teacher names {saved.get('names')} != {current.get('names')}")
-    old, new = saved.get("leaves", {}), current.get("leaves", {})
-    if old.keys() != new.keys():
-        missing, added = sorted(old.keys() - new.keys()), sorted(new.keys() - old.keys())
-        out.append(f"leaves only in the checkpoint {missing[:5]}, only in the given {added[:5]}")
-    changed = [
-        f"{k}: {old[k]} -> {new[k]}" for k in sorted(old.keys() & new.keys()) if old[k] != new[k]
-    ]
-    if changed:
-        out.append("leaf shapes/dtypes differ (" + "; ".join(changed[:5]) + ")")
-    if saved.get("sha256") != current.get("sha256"):
-        out.append(
-            f"content sha256 {str(saved.get('sha256'))[:12]}... != "
-            f"{str(current.get('sha256'))[:12]}..."
-        )
-    return out or ["the fingerprints differ"]
 
 
 def _jsonable(tree: Any) -> Any:
@@ -164,82 +69,6 @@ def _target_mismatch(stored: Any, abstract: Any) -> list[str]:
         if have is not None and want is not None and tuple(have) != tuple(want):
             out.append(f"{'.'.join(k)} has shape {tuple(have)}, the target {tuple(want)}")
     return out
-
-
-class UnreadableCheckpointWarning(UserWarning):
-    """A default `restore` / `metadata` skipped newer checkpoints it could not read."""
-
-
-class UnreadableCheckpointError(RuntimeError):
-    """The checkpoint asked for, or every latest checkpoint, could not be read.
-
-    Attributes:
-      directory: the `latest/` or `best/` directory.
-      errors: `{step: what failed}`, newest first.
-    """
-
-    def __init__(self, message: str, *, directory: str, errors: dict[int, str]):
-        super().__init__(message)
-        self.directory = directory
-        self.errors = errors
-
-
-class _Unreadable(Exception):
-    """Reading a checkpoint's files failed (internal: becomes the warning or the error)."""
-
-
-def _describe(error: BaseException) -> str:
-    # orbax wraps tensorstore's error (which names the file) in a generic one; tensorstore
-    # appends its whole spec to the message.
-    while error.__cause__ is not None:
-        error = error.__cause__
-    lines = str(error).strip().splitlines() or [""]
-    text = lines[0].split(" [tensorstore_spec=")[0][:300].rstrip(".")
-    return f"{type(error).__name__}: {text}"
-
-
-def _orbax_leftover(unraisable: Any) -> bool:
-    if inspect.iscoroutine(unraisable.object):
-        return "orbax" in unraisable.object.cr_code.co_filename
-    return str(unraisable.exc_value) == "Event loop is closed"
-
-
-def _read(what: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
-    """`fn(*args, **kwargs)`, an orbax read; any failure becomes `_Unreadable(what: error)`.
-
-    When one array read fails, orbax closes its event loop with the other reads still in
-    flight: as they finish, tensorstore's callbacks hit the closed loop and the abandoned
-    coroutines are garbage-collected, each an "Exception ignored" (`sys.unraisablehook`; an
-    error under pytest's warning filters) at some later, unrelated point. So a failed read
-    waits (up to `_SETTLE_SECONDS`) until those coroutines are collected, and orbax's
-    leftovers are silenced while it runs; other unraisable exceptions pass through.
-    """
-    previous = sys.unraisablehook
-    sys.unraisablehook = lambda u: None if _orbax_leftover(u) else previous(u)
-    try:
-        try:
-            return fn(*args, **kwargs)
-        except Exception as error:
-            failure = f"{what}: {_describe(error)}"
-        # Here `error` and its traceback, which hold orbax's abandoned reads, are released.
-        _settle_orbax_reads()
-        raise _Unreadable(failure)
-    finally:
-        sys.unraisablehook = previous
-
-
-def _settle_orbax_reads() -> None:
-    deadline = time.monotonic() + _SETTLE_SECONDS
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
-        while True:
-            gc.collect()
-            live = (o for o in gc.get_objects() if inspect.iscoroutine(o) and o.cr_frame)
-            if time.monotonic() > deadline or not any(
-                "orbax" in o.cr_code.co_filename for o in live
-            ):
-                return
-            time.sleep(0.01)
 
 
 class Restored(NamedTuple):
@@ -339,7 +168,7 @@ class Checkpointer:
                 # and `restore` skips the step if its files cannot be read.
                 if which == "best":
                     raise UnreadableCheckpointError(
-                        f"cannot open {directory}: {_describe(error)}.",
+                        f"cannot open {directory}: {describe(error)}.",
                         directory=directory,
                         errors={},
                     ) from error
@@ -440,14 +269,14 @@ class Checkpointer:
         return self._first_readable(which, step, lambda s: self._read_meta(which, s))
 
     def _read_meta(self, which: str, step: int) -> dict:
-        meta = _read(
+        meta = read_files(
             "its `meta`",
             self._manager(which).restore,
             step,
             args=ocp.args.Composite(meta=ocp.args.JsonRestore()),
         )["meta"]
         if not isinstance(meta, dict) or meta.keys() != _META_KEYS or meta["step"] != step:
-            raise _Unreadable(f"its `meta` is not this step's metadata: {str(meta)[:100]}")
+            raise Unreadable(f"its `meta` is not this step's metadata: {str(meta)[:100]}")
         return meta
 
     def _first_readable(self, which: str, step: int | None, read: Callable[[int], Any]) -> Any:
@@ -455,49 +284,18 @@ class Checkpointer:
 
         Without `step`, "latest" tries its checkpoints newest first and warns about those it
         skips; an explicit `step` and "best" are read as they are. `read` raises
-        `_Unreadable` when the files fail it; any other error propagates at once (with a note
-        naming the checkpoints skipped before it).
+        `Unreadable` when the files fail it (see `reading.first_readable`).
         """
         if step is None and which == "latest":
             steps = sorted(self.all_steps(which), reverse=True)
         else:
             step = self._step(which, step)
             steps = [] if step is None else [step]
-        where = f"{self.directory}/{which}"
-        errors: dict[int, str] = {}
-        skipped = lambda: f"{where}: " + "; ".join(f"step {k}: {e}" for k, e in errors.items())
-        for s in steps:
-            try:
-                value = read(s)
-            except _Unreadable as error:
-                errors[s] = str(error)
-                continue
-            except Exception as error:
-                if errors:
-                    error.add_note(f"Skipped before it as unreadable: {skipped()}.")
-                raise
-            if errors:
-                warnings.warn(
-                    UnreadableCheckpointWarning(
-                        f"skipped unreadable checkpoints in {skipped()}. Using step {s} instead."
-                        " The unreadable directories are left as they are; a save of the same"
-                        " step replaces one."
-                    ),
-                    stacklevel=3,
-                )
-            return value
-        if not errors:
-            return None
-        raise UnreadableCheckpointError(
-            f"cannot read {'the checkpoint' if len(steps) == 1 else 'any checkpoint'} in "
-            f"{skipped()}.",
-            directory=where,
-            errors=errors,
-        )
+        return first_readable(steps, read, where=f"{self.directory}/{which}")
 
     def check_fingerprint(self, metadata: Mapping[str, Any], *, where: str = "checkpoint"):
         """Raise ValueError naming what differs when `metadata`'s fingerprint is not ours."""
-        problems = _fingerprint_differences(metadata.get("fingerprint"), self.fingerprint)
+        problems = fingerprint_differences(metadata.get("fingerprint"), self.fingerprint)
         if problems:
             raise ValueError(
                 f"{where} was trained with different teachers than the given `fingerprint`: "
@@ -537,16 +335,16 @@ class Checkpointer:
         """
         abstract = _abstract(target)
 
-        def read(step):
+        def load(step):
             where = f"checkpoint {self.directory}/{which}/{step}"
             meta = self._read_meta(which, step)
             if check_fingerprint:
                 self.check_fingerprint(meta, where=where)
             manager = self._manager(which)
-            items = _read("its state's metadata", manager.item_metadata, step)
+            items = read_files("its state's metadata", manager.item_metadata, step)
             stored = items.get("state")
             if stored is None:
-                raise _Unreadable("its state's metadata is missing (`state/_METADATA`)")
+                raise Unreadable("its state's metadata is missing (`state/_METADATA`)")
             problems = _target_mismatch(stored, abstract)
             if problems:
                 raise ValueError(
@@ -554,10 +352,10 @@ class Checkpointer:
                 )
             args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
             return Restored(
-                _read("its state", manager.restore, step, args=args)["state"], step, meta
+                read_files("its state", manager.restore, step, args=args)["state"], step, meta
             )
 
-        return self._first_readable(which, step, read)
+        return self._first_readable(which, step, load)
 
     def discard_best_after(self, step: int) -> list[int]:
         """Delete best checkpoints newer than `step` (a resumed run will remake them)."""
