@@ -18,11 +18,12 @@ whose fingerprint differs from the one this `Checkpointer` was built with.
 
 A checkpoint whose files cannot be read (a truncated array file, garbled JSON, a missing
 file) is skipped by a default `restore` / `metadata` of "latest", which falls back to the next
-newest readable one with an `UnreadableCheckpointWarning`; the unreadable directory is left
-in place (a read error may be passing, and it is evidence), and `all_steps` / `latest_step`
-still list it, until a save of the same step replaces it or `keep` rotates it out. An explicit `step`, "best", or no readable checkpoint at
-all raise `UnreadableCheckpointError`. Errors that are the caller's (another teacher
-fingerprint, a target of another structure) raise at once and never fall back.
+newest readable one with an `UnreadableCheckpointWarning`. The unreadable directory is left in
+place (a read error may be passing, and it is evidence), and `all_steps` / `latest_step` still
+list it, until a save of the same step replaces it or `keep` rotates it out. An explicit
+`step`, "best", or no readable checkpoint at all raise `UnreadableCheckpointError`. Errors
+that are the caller's (another teacher fingerprint, a target of another structure) raise at
+once and never fall back.
 """
 
 from mtkd_jax.checkpoint.checkpointer import Checkpointer, Restored
