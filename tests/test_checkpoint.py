@@ -419,6 +419,11 @@ def test_explicit_step_or_best_of_an_unreadable_checkpoint_raises(tmp_path, rng)
             ckpt.metadata(which="best")
         with pytest.raises(UnreadableCheckpointError, match=r"/latest: step 3: its state"):
             ckpt.restore(states[1], step=3)
+    # The best manager ranks by the metrics in orbax's step metadata: it cannot do without.
+    (tmp_path / "best" / "2" / "_CHECKPOINT_METADATA").write_text("[]")
+    with Checkpointer(tmp_path, best_metric="accuracy") as ckpt:
+        with pytest.raises(UnreadableCheckpointError, match=r"cannot open .*/best: ValueError"):
+            ckpt.best_step()
 
 
 def test_callers_errors_do_not_fall_back(tmp_path, rng):

@@ -207,6 +207,9 @@ class Checkpointer:
     def save(self, step: int, state: Any, *, metrics=None, extra=None) -> None:
         """Write `state` as latest checkpoint `step`, dropping the oldest beyond `keep`.
 
+        A checkpoint already at `step` (e.g. one that `restore` skipped as unreadable, which a
+        resumed run then replays) is replaced.
+
         Args:
           step: the number of updates behind `state` (int >= 0).
           state: a pytree of arrays (e.g. a `TrainState`).
