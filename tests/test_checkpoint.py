@@ -1,4 +1,5 @@
-"""Tests for mtkd_jax.checkpoint: round trips, latest vs best, fingerprints, atomicity."""
+"""Tests for mtkd_jax.checkpoint: round trips, latest vs best, fingerprints, atomicity,
+unreadable checkpoints."""
 
 import os
 import subprocess
@@ -12,7 +13,14 @@ import numpy as np
 import optax
 import pytest
 
-from mtkd_jax.checkpoint import Checkpointer, Restored, params_fingerprint
+from mtkd_jax.checkpoint import (
+    Checkpointer,
+    Restored,
+    UnreadableCheckpointError,
+    UnreadableCheckpointWarning,
+    params_fingerprint,
+)
+from mtkd_jax.loop import fit
 
 
 class State(NamedTuple):
@@ -293,3 +301,194 @@ def test_sigkill_during_async_save_keeps_a_whole_checkpoint(tmp_path):
         shape = (1024, 1024) if step == 1 else (2048, 2048)
         restored = ckpt.restore({"w": jnp.zeros(shape)})
     np.testing.assert_array_equal(np.asarray(restored.state["w"]), np.full(shape, float(step)))
+
+
+# Unreadable checkpoints. Every test writes its own checkpoints in a fresh tmp_path.
+
+
+def _large_state(rng, step, shape=(96, 96)):
+    # Random float32 does not compress: the largest file under state/ holds this array's data.
+    params = {"w": jnp.asarray(rng.normal(size=shape), jnp.float32), "b": jnp.zeros(3)}
+    return State(jnp.asarray(step, jnp.int32), params, optax.sgd(0.1, momentum=0.9).init(params))
+
+
+def _save_steps(directory, rng, steps=(1, 2, 3), **kwargs):
+    states = {s: _large_state(rng, s) for s in steps}
+    with Checkpointer(directory, keep=len(steps), **kwargs) as ckpt:
+        for s, state in states.items():
+            ckpt.save(s, state)
+    return states
+
+
+def _largest_array_file(step_dir):
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file()]
+    largest = max(files, key=lambda p: p.stat().st_size)
+    assert largest.parent.name == "d", largest  # an OCDBT data file, not metadata
+    return largest
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+_CORRUPTIONS = {
+    "truncated_array_file": lambda d: _truncate(_largest_array_file(d)),
+    "deleted_array_file": lambda d: _largest_array_file(d).unlink(),
+    "garbage_meta_json": lambda d: (d / "meta" / "metadata").write_text("{not json"),
+    "meta_json_of_another_shape": lambda d: (d / "meta" / "metadata").write_text("[1, 2]"),
+    "deleted_meta_json": lambda d: (d / "meta" / "metadata").unlink(),
+    "truncated_state_metadata": lambda d: _truncate(d / "state" / "_METADATA"),
+    "deleted_state_metadata": lambda d: (d / "state" / "_METADATA").unlink(),
+}
+
+
+@pytest.mark.parametrize("corrupt", list(_CORRUPTIONS.values()), ids=list(_CORRUPTIONS))
+def test_unreadable_newest_checkpoint_falls_back_to_the_previous(tmp_path, rng, corrupt):
+    states = _save_steps(tmp_path, rng)
+    corrupt(tmp_path / "latest" / "3")
+    skipped = rf"{tmp_path}/latest: step 3: .*Using step 2 instead"
+    with Checkpointer(tmp_path, keep=3) as ckpt:
+        with pytest.warns(UnreadableCheckpointWarning, match=skipped):
+            restored = ckpt.restore(states[1])
+        assert restored.step == 2 and restored.metadata["step"] == 2
+        _assert_trees_equal(restored.state, states[2])
+        # The unreadable directory stays (and is listed) until a save of its step replaces it.
+        assert ckpt.all_steps() == [1, 2, 3] and ckpt.latest_step() == 3
+        again = _large_state(rng, 3)
+        ckpt.save(3, again)
+        ckpt.wait()
+        assert ckpt.all_steps() == [1, 2, 3]
+        _assert_trees_equal(ckpt.restore(states[1]).state, again)
+
+
+def test_metadata_falls_back_too(tmp_path, rng):
+    _save_steps(tmp_path, rng)
+    (tmp_path / "latest" / "3" / "meta" / "metadata").write_text("{not json")
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.warns(UnreadableCheckpointWarning, match=r"step 3: its `meta`: JSONDecode"):
+            assert ckpt.metadata()["step"] == 2
+        # Only the meta was read: a broken array file of step 3 would not be noticed here.
+        assert ckpt.metadata(step=2)["step"] == 2
+
+
+@pytest.mark.parametrize("content", ["", "[]"], ids=["truncated", "wrong_types"])
+def test_broken_orbax_step_metadata_keeps_the_newest(tmp_path, rng, content):
+    """orbax's `_CHECKPOINT_METADATA` (commit time, metrics) is not needed to restore."""
+    states = _save_steps(tmp_path, rng)
+    (tmp_path / "latest" / "3" / "_CHECKPOINT_METADATA").write_text(content)
+    with Checkpointer(tmp_path, keep=3) as ckpt:
+        restored = ckpt.restore(states[1])  # no warning: warnings are errors here
+        assert restored.step == 3
+        _assert_trees_equal(restored.state, states[3])
+        ckpt.save(4, _large_state(rng, 4))
+        ckpt.wait()
+        assert ckpt.all_steps() == [2, 3, 4]
+
+
+def test_every_checkpoint_unreadable_raises_naming_each_step(tmp_path, rng):
+    states = _save_steps(tmp_path, rng)
+    for step, corrupt in zip((1, 2, 3), _CORRUPTIONS.values(), strict=False):
+        corrupt(tmp_path / "latest" / str(step))
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(UnreadableCheckpointError) as info:
+            ckpt.restore(states[1])
+    assert info.match(
+        rf"cannot read any checkpoint in {tmp_path}/latest: step 3: its `meta`: JSONDecodeError"
+        r".*; step 2: its state: ValueError: .*; step 1: its state: ValueError: OUT_OF_RANGE"
+    )
+    assert list(info.value.errors) == [3, 2, 1]
+    assert info.value.directory == f"{tmp_path}/latest"
+
+
+def test_explicit_step_or_best_of_an_unreadable_checkpoint_raises(tmp_path, rng):
+    states = _save_steps(tmp_path, rng, best_metric="accuracy")
+    _truncate(_largest_array_file(tmp_path / "latest" / "3"))
+    with Checkpointer(tmp_path, best_metric="accuracy") as ckpt:
+        with pytest.raises(
+            UnreadableCheckpointError, match=r"checkpoint in .*/latest: step 3: its"
+        ):
+            ckpt.restore(states[1], step=3)
+        _assert_trees_equal(ckpt.restore(states[1], step=2).state, states[2])
+        ckpt.save_best(2, states[2], metrics={"accuracy": 0.5})
+        ckpt.wait()
+    (tmp_path / "best" / "2" / "meta" / "metadata").write_text("{")
+    with Checkpointer(tmp_path, best_metric="accuracy") as ckpt:
+        with pytest.raises(UnreadableCheckpointError, match=r"in .*/best: step 2: its `meta`"):
+            ckpt.restore(states[1], which="best")
+        with pytest.raises(UnreadableCheckpointError, match=r"/best: step 2: its `meta`"):
+            ckpt.metadata(which="best")
+        with pytest.raises(UnreadableCheckpointError, match=r"/latest: step 3: its state"):
+            ckpt.restore(states[1], step=3)
+    # The best manager ranks by the metrics in orbax's step metadata: it cannot do without.
+    (tmp_path / "best" / "2" / "_CHECKPOINT_METADATA").write_text("[]")
+    with Checkpointer(tmp_path, best_metric="accuracy") as ckpt:
+        with pytest.raises(UnreadableCheckpointError, match=r"cannot open .*/best: ValueError"):
+            ckpt.best_step()
+
+
+def test_callers_errors_do_not_fall_back(tmp_path, rng):
+    """Another target structure or teacher fingerprint is the caller's error: raised at once."""
+    fp = params_fingerprint({"w": jnp.zeros(2)})
+    states = _save_steps(tmp_path, rng, steps=(1, 2), fingerprint=fp)
+    reshaped = _large_state(rng, 3, shape=(48, 48))
+    with Checkpointer(tmp_path, keep=3, fingerprint=fp) as ckpt:
+        ckpt.save(3, reshaped)
+        ckpt.wait()
+        # Steps 1 and 2 would fit the target; step 3 does not, and that is not skipped.
+        with pytest.raises(
+            ValueError, match=r"latest/3 into the given `target`: .*params.w has shape \(48, 48\)"
+        ):
+            ckpt.restore(states[1])
+        _assert_trees_equal(ckpt.restore(reshaped).state, reshaped)
+    with Checkpointer(tmp_path, fingerprint=params_fingerprint({"w": jnp.ones(2)})) as ckpt:
+        with pytest.raises(ValueError, match=r"latest/3 was trained with different teachers"):
+            ckpt.restore(reshaped)
+    # An unreadable step 3 is skipped; the caller's error on step 2 is still raised.
+    _truncate(_largest_array_file(tmp_path / "latest" / "3"))
+    with Checkpointer(tmp_path, fingerprint=fp) as ckpt:
+        with pytest.raises(ValueError, match=r"latest/2 into the given `target`") as info:
+            ckpt.restore(reshaped)
+    (note,) = info.value.__notes__
+    assert note.startswith(f"Skipped before it as unreadable: {tmp_path}/latest: step 3: its state")
+
+
+def test_fit_resumes_past_an_unreadable_newest_checkpoint(tmp_path, rng):
+    """A resume skips the broken step 8, replays from step 4, and remakes step 8 on the way."""
+    tx = optax.adam(0.05)
+    x = jnp.asarray(rng.normal(size=(4, 8, 64)), jnp.float32)
+    y = jnp.asarray(rng.normal(size=(4, 8, 32)), jnp.float32)
+    params = {"w": jnp.zeros((64, 32), jnp.float32)}
+    init = State(jnp.asarray(0, jnp.int32), params, tx.init(params))
+
+    @jax.jit
+    def step_fn(state, batch, key):
+        loss_fn = lambda p: jnp.mean((batch[0] @ p["w"] - batch[1]) ** 2)
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new = State(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+        return new, {"loss": loss}
+
+    def run(num_epochs, directory):
+        batches = lambda epoch, start: ((x[i], y[i]) for i in range(start, 4))
+        return fit(
+            init,
+            step_fn,
+            batches,
+            num_epochs=num_epochs,
+            steps_per_epoch=4,
+            key=jax.random.key(0),
+            checkpoint_dir=directory,
+            progress=False,
+        )
+
+    whole = run(3, tmp_path / "whole")
+    run(2, tmp_path / "cut")  # checkpoints at steps 4 and 8
+    _truncate(_largest_array_file(tmp_path / "cut" / "latest" / "8"))
+    with pytest.warns(UnreadableCheckpointWarning, match=r"cut/latest: step 8: .*step 4 inst"):
+        resumed = run(3, tmp_path / "cut")
+    assert resumed.resumed_from == 4 and resumed.step == 12
+    _assert_trees_equal(resumed.state, whole.state)
+    assert resumed.history == whole.history
+    with Checkpointer(tmp_path / "whole") as a, Checkpointer(tmp_path / "cut") as b:
+        assert a.all_steps() == b.all_steps() == [8, 12]
+        _assert_trees_equal(b.restore(init, step=8).state, a.restore(init, step=8).state)

@@ -1,107 +1,34 @@
-"""Kill-safe checkpoints of a train state: the latest few for resume, the best one apart.
+"""`Checkpointer`: the latest few checkpoints and the best one of a train state, via orbax.
 
-A `Checkpointer` holds two orbax `CheckpointManager`s under one directory::
-
-    directory/latest/<step>/{state, meta}   the newest `keep` checkpoints, for resume
-    directory/best/<step>/{state, meta}     the single best by a validation metric
-
-Two managers, because one manager with `best_fn` and `max_to_keep` ranks every checkpoint by
-the metric and so may delete the newest one, which resume needs.
-
-Each checkpoint is written by orbax into `<step>.orbax-checkpoint-tmp` and renamed to `<step>`
-only once complete, so a process killed mid-save leaves a temporary directory that `restore`
-never picks up (and that the next `Checkpointer` on the directory cleans away).
-
-`meta` is JSON: the step, the metrics, caller-supplied extras, and the fingerprint of the
-teachers the student was trained with (`params_fingerprint`); `restore` refuses a checkpoint
-whose fingerprint differs from the one this `Checkpointer` was built with.
+See the package docstring (`mtkd_jax.checkpoint`) for the layout on disk and what happens to
+unreadable checkpoints.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "Restored", "params_fingerprint"]
+from mtkd_jax.checkpoint.fingerprint import fingerprint_differences
+from mtkd_jax.checkpoint.reading import (
+    Unreadable,
+    UnreadableCheckpointError,
+    describe,
+    first_readable,
+    read_files,
+)
+
+__all__ = ["Checkpointer", "Restored"]
 
 _WHICH = ("latest", "best")
 _MODES = ("max", "min")
-
-
-def params_fingerprint(tree: Any, *, names: Sequence[str] | None = None) -> dict[str, Any]:
-    """A JSON-able identity of a parameter pytree: its leaves' paths, shapes, dtypes and bytes.
-
-    The SHA-256 runs over, for every leaf in key-path order, its path, dtype, shape and raw
-    bytes (C order), so any change of value, shape, dtype or structure changes it. Leaves are
-    copied to the host: arrays must be fully addressable (teachers are replicated).
-
-    Args:
-      tree: a pytree of arrays, e.g. teacher params (stacked `[K, ...]` or a tuple of K trees).
-      names: optional teacher names, recorded as given.
-
-    Returns:
-      `{"names": list[str] | None, "leaves": {path: "dtype[shape]"}, "sha256": hex str}`.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> fp = params_fingerprint({"w": jnp.zeros((2, 3))}, names=["mlp"])
-      >>> fp["names"], fp["leaves"]
-      (['mlp'], {"['w']": 'float32[2, 3]'})
-      >>> fp == params_fingerprint({"w": jnp.zeros((2, 3))}, names=["mlp"])
-      True
-      >>> fp["sha256"] == params_fingerprint({"w": jnp.ones((2, 3))}, names=["mlp"])["sha256"]
-      False
-    """
-    if names is not None:
-        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
-            raise TypeError(f"`names` must be a sequence of str, got {names!r}.")
-        names = list(names)
-    digest = hashlib.sha256()
-    leaves = {}
-    for path, leaf in jax.tree.flatten_with_path(tree)[0]:
-        array = np.ascontiguousarray(jax.device_get(leaf))
-        key = jax.tree_util.keystr(path)
-        spec = f"{array.dtype.name}{list(array.shape)}"
-        # Length-prefixed records, so that no two different trees hash the same byte stream.
-        digest.update(f"{key}|{spec}|{array.nbytes}\n".encode())
-        digest.update(array.tobytes())
-        leaves[key] = spec
-    return {"names": names, "leaves": leaves, "sha256": digest.hexdigest()}
-
-
-def _fingerprint_differences(saved: Any, current: Any) -> list[str]:
-    """Human-readable differences between two fingerprints (empty when they match)."""
-    if saved == current:
-        return []
-    if saved is None or current is None:
-        have = "no teacher fingerprint" if saved is None else "a teacher fingerprint"
-        given = "one" if current is not None else "none"
-        return [f"the checkpoint has {have} but {given} was given"]
-    out = []
-    if saved.get("names") != current.get("names"):
-        out.append(f"teacher names {saved.get('names')} != {current.get('names')}")
-    old, new = saved.get("leaves", {}), current.get("leaves", {})
-    if old.keys() != new.keys():
-        missing, added = sorted(old.keys() - new.keys()), sorted(new.keys() - old.keys())
-        out.append(f"leaves only in the checkpoint {missing[:5]}, only in the given {added[:5]}")
-    changed = [
-        f"{k}: {old[k]} -> {new[k]}" for k in sorted(old.keys() & new.keys()) if old[k] != new[k]
-    ]
-    if changed:
-        out.append("leaf shapes/dtypes differ (" + "; ".join(changed[:5]) + ")")
-    if saved.get("sha256") != current.get("sha256"):
-        out.append(
-            f"content sha256 {str(saved.get('sha256'))[:12]}... != "
-            f"{str(current.get('sha256'))[:12]}..."
-        )
-    return out or ["the fingerprints differ"]
+_META_KEYS = frozenset({"step", "metrics", "fingerprint", "extra"})
 
 
 def _jsonable(tree: Any) -> Any:
@@ -214,21 +141,38 @@ class Checkpointer:
                 if metric is not None:
                     # A safety net: a worse candidate passed to save_best is dropped, not kept.
                     policy["best_fn"] = lambda metrics: metrics[metric]
-            options = ocp.CheckpointManagerOptions(
-                **policy,
-                create=True,
-                cleanup_tmp_directories=True,
-                enable_async_checkpointing=self._async,
-            )
-            # Handlers named up front: a fresh manager can then read an item's metadata
-            # before anything was saved or restored through it.
-            handlers = {
-                "state": ocp.StandardCheckpointHandler(),
-                "meta": ocp.JsonCheckpointHandler(),
-            }
-            self._managers[which] = ocp.CheckpointManager(
-                os.path.join(self.directory, which), options=options, item_handlers=handlers
-            )
+            directory = os.path.join(self.directory, which)
+
+            def manager(**lightweight):
+                options = ocp.CheckpointManagerOptions(
+                    **policy,
+                    **lightweight,
+                    create=True,
+                    cleanup_tmp_directories=True,
+                    enable_async_checkpointing=self._async,
+                )
+                # Handlers named up front: a fresh manager can then read an item's metadata
+                # before anything was saved or restored through it.
+                handlers = {
+                    "state": ocp.StandardCheckpointHandler(),
+                    "meta": ocp.JsonCheckpointHandler(),
+                }
+                return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+            try:
+                self._managers[which] = manager()
+            except Exception as error:
+                # orbax reads every step's `_CHECKPOINT_METADATA` (time, metrics) here and
+                # fails on one that parses to the wrong types. The best manager ranks by those
+                # metrics; the latest one needs neither, so it lists the steps without them
+                # and `restore` skips the step if its files cannot be read.
+                if which == "best":
+                    raise UnreadableCheckpointError(
+                        f"cannot open {directory}: {describe(error)}.",
+                        directory=directory,
+                        errors={},
+                    ) from error
+                self._managers[which] = manager(lightweight_initialize=True)
         return self._managers[which]
 
     def _write(self, which, step, state, metrics, extra, orbax_metrics=None) -> None:
@@ -240,7 +184,12 @@ class Checkpointer:
             "fingerprint": self.fingerprint,
             "extra": _jsonable(dict(extra or {})),
         }
-        saved = self._manager(which).save(
+        manager = self._manager(which)
+        if int(step) in manager.all_steps():
+            # orbax refuses an existing step. One is there when a run replays steps after
+            # `restore` skipped an unreadable checkpoint (or the caller saves a step again).
+            manager.delete(int(step))
+        saved = manager.save(
             int(step),
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
@@ -257,6 +206,9 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, *, metrics=None, extra=None) -> None:
         """Write `state` as latest checkpoint `step`, dropping the oldest beyond `keep`.
+
+        A checkpoint already at `step` (e.g. one that `restore` skipped as unreadable, which a
+        resumed run then replays) is replaced.
 
         Args:
           step: the number of updates behind `state` (int >= 0).
@@ -313,17 +265,40 @@ class Checkpointer:
         return step
 
     def metadata(self, *, which: str = "latest", step: int | None = None) -> dict | None:
-        """The JSON metadata of a checkpoint (default: the newest in `which`), or None."""
-        step = self._step(which, step)
-        if step is None:
-            return None
-        return self._manager(which).restore(
-            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        """The JSON metadata of a checkpoint (default: the newest readable in `which`), or None.
+
+        Unreadable checkpoints are handled as in `restore`.
+        """
+        return self._first_readable(which, step, lambda s: self._read_meta(which, s))
+
+    def _read_meta(self, which: str, step: int) -> dict:
+        meta = read_files(
+            "its `meta`",
+            self._manager(which).restore,
+            step,
+            args=ocp.args.Composite(meta=ocp.args.JsonRestore()),
         )["meta"]
+        if not isinstance(meta, dict) or meta.keys() != _META_KEYS or meta["step"] != step:
+            raise Unreadable(f"its `meta` is not this step's metadata: {str(meta)[:100]}")
+        return meta
+
+    def _first_readable(self, which: str, step: int | None, read: Callable[[int], Any]) -> Any:
+        """`read(step)`; by default of the newest checkpoint in `which` that it can read.
+
+        Without `step`, "latest" tries its checkpoints newest first and warns about those it
+        skips; an explicit `step` and "best" are read as they are. `read` raises
+        `Unreadable` when the files fail it (see `reading.first_readable`).
+        """
+        if step is None and which == "latest":
+            steps = sorted(self.all_steps(which), reverse=True)
+        else:
+            step = self._step(which, step)
+            steps = [] if step is None else [step]
+        return first_readable(steps, read, where=f"{self.directory}/{which}")
 
     def check_fingerprint(self, metadata: Mapping[str, Any], *, where: str = "checkpoint"):
         """Raise ValueError naming what differs when `metadata`'s fingerprint is not ours."""
-        problems = _fingerprint_differences(metadata.get("fingerprint"), self.fingerprint)
+        problems = fingerprint_differences(metadata.get("fingerprint"), self.fingerprint)
         if problems:
             raise ValueError(
                 f"{where} was trained with different teachers than the given `fingerprint`: "
@@ -351,25 +326,39 @@ class Checkpointer:
 
         Returns:
           `Restored(state, step, metadata)`, or None when `which` holds no checkpoint.
+
+        Raises:
+          ValueError: another teacher fingerprint; a `target` of another structure or shapes.
+          UnreadableCheckpointError: the checkpoint's files cannot be read (an explicit
+            `step`, "best"), or those of no latest checkpoint can.
+
+        Warns:
+          UnreadableCheckpointWarning: without `step`, "latest" skipped newer checkpoints
+            whose files it could not read; it names each step and its error.
         """
-        step = self._step(which, step)
-        if step is None:
-            return None
-        where = f"checkpoint {self.directory}/{which}/{step}"
-        meta = self.metadata(which=which, step=step)
-        if check_fingerprint:
-            self.check_fingerprint(meta, where=where)
         abstract = _abstract(target)
-        manager = self._manager(which)
-        problems = _target_mismatch(manager.item_metadata(step)["state"], abstract)
-        if problems:
-            raise ValueError(
-                f"cannot restore {where} into the given `target`: " + "; ".join(problems[:5])
+
+        def load(step):
+            where = f"checkpoint {self.directory}/{which}/{step}"
+            meta = self._read_meta(which, step)
+            if check_fingerprint:
+                self.check_fingerprint(meta, where=where)
+            manager = self._manager(which)
+            items = read_files("its state's metadata", manager.item_metadata, step)
+            stored = items.get("state")
+            if stored is None:
+                raise Unreadable("its state's metadata is missing (`state/_METADATA`)")
+            problems = _target_mismatch(stored, abstract)
+            if problems:
+                raise ValueError(
+                    f"cannot restore {where} into the given `target`: " + "; ".join(problems[:5])
+                )
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+            return Restored(
+                read_files("its state", manager.restore, step, args=args)["state"], step, meta
             )
-        out = manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-        )
-        return Restored(out["state"], step, meta)
+
+        return self._first_readable(which, step, load)
 
     def discard_best_after(self, step: int) -> list[int]:
         """Delete best checkpoints newer than `step` (a resumed run will remake them)."""
