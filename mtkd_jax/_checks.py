@@ -55,21 +55,23 @@ def is_concrete_zero(value) -> bool:
     return not is_traced(value) and not np.any(np.asarray(value))
 
 
-def check_int(value, name: str, *, minimum: int = 1, allow_none: bool = False) -> None:
-    """Raise ValueError unless `value` is an int >= `minimum` (or None when allowed).
+def check_int(value, name: str, *, minimum: int = 1, allow_none: bool = False) -> int | None:
+    """`value` as an int; ValueError unless it is an int >= `minimum` (or None when allowed).
 
     Example:
       >>> from mtkd_jax._checks import check_int
       >>> check_int(3, "num_epochs")
+      3
       >>> check_int(0, "num_epochs")
       Traceback (most recent call last):
       ...
       ValueError: `num_epochs` must be an int >= 1, got 0.
     """
     if value is None and allow_none:
-        return
+        return None
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
         raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+    return int(value)
 
 
 def check_weight_values(weights, name: str) -> None:

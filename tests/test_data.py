@@ -281,7 +281,7 @@ def test_batches_bad_arguments():
         _epoch(split, process_index=2, process_count=2)
     with pytest.raises(ValueError, match=r"`start` must be in \[0, 2\]"):
         _epoch(split, start=3)
-    with pytest.raises(ValueError, match="`batch_size` must be a positive integer"):
+    with pytest.raises(ValueError, match="`batch_size` must be an int >= 1"):
         _epoch(split, batch_size=0)
     with pytest.raises(ValueError, match="`seed` must be a non-negative integer"):
         _epoch(split, seed=-1)

@@ -154,7 +154,7 @@ def test_registry_and_errors():
     assert set(models.MODELS) == {"mlp", "cnn1d", "convnet", "small_convnet", "resnet"}
     with pytest.raises(ValueError, match=r"`name` must be one of \['cnn1d'"):
         make_model("vgg16", num_classes=3)
-    with pytest.raises(ValueError, match="`num_classes` must be a positive integer"):
+    with pytest.raises(ValueError, match="`num_classes` must be an int >= 1"):
         make_model("mlp", num_classes=0)
 
 

@@ -33,6 +33,7 @@ LAYERS = {
     "teachers": 2,
     "checkpoint": 2,
     "_tracking": 2,
+    "_fit_run": 3,
     "loop": 3,
     "cache": 3,
     "experiment": 4,

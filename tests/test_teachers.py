@@ -122,7 +122,7 @@ def test_stacked_apply_inside_jit_and_argument_errors(mlp_setup):
         make_stacked_apply(apply_fn, strategy="auto")
     with pytest.raises(ValueError, match="call this outside `jax.jit`"):
         jax.jit(lambda p, x: choose_strategy(apply_fn, p, x))(stacked, x)
-    with pytest.raises(ValueError, match="`num_repeats` must be an integer >= 1"):
+    with pytest.raises(ValueError, match="`num_repeats` must be an int >= 1"):
         choose_strategy(apply_fn, stacked, x, num_repeats=0)
     with pytest.raises(ValueError, match="`min_seconds` must be >= 0"):
         teachers.time_strategies(apply_fn, stacked, x, min_seconds=-1.0)

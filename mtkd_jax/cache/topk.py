@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtkd_jax import _checks
 from mtkd_jax._checks import check_float, is_traced
 
 __all__ = [
@@ -52,7 +53,6 @@ __all__ = [
     "TOP_K_FILL",
     "TopK",
     "check_fill",
-    "check_positive_int",
     "check_top_k",
     "expand_top_k",
     "expand_top_k_host",
@@ -106,13 +106,6 @@ def check_top_k(top_k, num_classes: int) -> None:
         raise ValueError(
             f"`top_k` must be in [1, C={num_classes}] (the number of classes), got {top_k}."
         )
-
-
-def check_positive_int(value, name: str) -> int:
-    """`value` as an int; ValueError naming `name` unless it is an integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-    return int(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +226,7 @@ def expand_top_k(
       [0.25, 0.0, 0.75, 0.0]
     """
     check_fill(fill)
-    num_classes = check_positive_int(num_classes, "num_classes")
+    num_classes = _checks.check_int(num_classes, "num_classes")
     if jnp.shape(log_probs) != jnp.shape(classes) or jnp.ndim(classes) < 1:
         raise ValueError(
             f"`log_probs` {jnp.shape(log_probs)} and `classes` {jnp.shape(classes)} must have "

@@ -12,9 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtkd_jax import _checks
 from mtkd_jax.cache.format import FORMAT, create_row_files, header_file, index_dtype, write_header
 from mtkd_jax.cache.reader import TeacherCache, open_cache
-from mtkd_jax.cache.topk import check_positive_int, check_top_k, top_k_of_logits
+from mtkd_jax.cache.topk import check_top_k, top_k_of_logits
 from mtkd_jax.checkpoint import params_fingerprint
 
 __all__ = ["build_cache"]
@@ -133,8 +134,8 @@ def build_cache(
 
     Example: see `open_cache`.
     """
-    num_examples = check_positive_int(num_examples, "num_examples")
-    num_views = check_positive_int(num_views, "num_views")
+    num_examples = _checks.check_int(num_examples, "num_examples")
+    num_views = _checks.check_int(num_views, "num_views")
     if top_k is not None:
         check_top_k(top_k, np.iinfo(np.int32).max)  # the type now, the range vs C later
     try:

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from mtkd_jax import _checks
 from mtkd_jax.data.dataset import Split
 
 __all__ = ["epoch_order", "num_batches", "batches"]
@@ -61,10 +62,7 @@ def num_batches(split: Split | int, *, batch_size: int, drop_remainder: bool = T
       (2, 3)
     """
     n = len(split) if isinstance(split, Split) else _check_nonneg_int(split, "split")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or (
-        batch_size <= 0
-    ):
-        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    batch_size = _checks.check_int(batch_size, "batch_size")
     return n // batch_size if drop_remainder else -(-n // batch_size)
 
 
@@ -77,10 +75,7 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
             process_index = jax.process_index()
     if process_index is None:
         raise ValueError("`process_index` must be given when `process_count` is.")
-    if isinstance(process_count, bool) or not isinstance(process_count, numbers.Integral) or (
-        process_count < 1
-    ):
-        raise ValueError(f"`process_count` must be a positive integer, got {process_count!r}.")
+    process_count = _checks.check_int(process_count, "process_count")
     if not isinstance(process_index, numbers.Integral) or not 0 <= process_index < process_count:
         raise ValueError(
             f"`process_index` must be an integer in [0, {process_count}), got {process_index!r}."

@@ -15,6 +15,7 @@ import numbers
 
 import ml_collections
 
+from mtkd_jax import _checks
 from mtkd_jax.losses import SOFT_LOSSES
 from mtkd_jax.models import MODELS
 
@@ -230,8 +231,7 @@ def _is_int(value) -> bool:
 
 
 def _positive_int(value, path: str, *, minimum: int = 1) -> None:
-    _require(_is_int(value) and value >= minimum,
-             f"`config.{path}` must be an int >= {minimum}, got {value!r}.")
+    _checks.check_int(value, f"config.{path}", minimum=minimum)
 
 
 def _positive_float(value, path: str, *, allow_zero: bool = False) -> None:

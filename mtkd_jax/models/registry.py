@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import numpy as np
 
+from mtkd_jax import _checks
 from mtkd_jax.models.linen import CNN1D, MLP, ConvNet, ResNet, SmallConvNet
 
 __all__ = ["MODELS", "make_model"]
@@ -40,6 +40,4 @@ def make_model(name: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
     """
     if name not in MODELS:
         raise ValueError(f"`name` must be one of {sorted(MODELS)}, got {name!r}.")
-    if not isinstance(num_classes, int | np.integer) or num_classes < 1:
-        raise ValueError(f"`num_classes` must be a positive integer, got {num_classes!r}.")
-    return MODELS[name](num_classes=int(num_classes), **kwargs)
+    return MODELS[name](num_classes=_checks.check_int(num_classes, "num_classes"), **kwargs)

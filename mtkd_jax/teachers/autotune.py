@@ -67,8 +67,7 @@ def time_strategies(
       >>> sorted(t), all(s > 0 for s in t.values())
       (['loop', 'vmap'], True)
     """
-    if not isinstance(num_repeats, int) or num_repeats < 1:
-        raise ValueError(f"`num_repeats` must be an integer >= 1, got {num_repeats!r}.")
+    _checks.check_int(num_repeats, "num_repeats")
     if not min_seconds >= 0:
         raise ValueError(f"`min_seconds` must be >= 0, got {min_seconds!r}.")
     _check_concrete(stacked_params, "stacked_params")
