@@ -80,7 +80,8 @@ def soft_kl(
 
     :math:`\ell = T^2 \sum_c t_c (\log t_c - \log\mathrm{softmax}(s/T)_c)`, with terms where
     :math:`t_c = 0` contributing 0. The :math:`T^2` keeps gradient magnitudes comparable
-    across temperatures. Computed in log space.
+    across temperatures (TextBrewer omits it: divide by :math:`T^2`, or scale its learning
+    rate by :math:`T^2`, to compare). Computed in log space.
 
     Args:
       student_logits: `[..., C]`.

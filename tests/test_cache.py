@@ -394,7 +394,7 @@ BAD_BUILDS = {
         r"batch\['view'\] must be integers",
     ),
     "num_views": (dict(num_views=0), ValueError, r"`num_views` must be an int >= 1"),
-    "num_examples": (dict(num_examples=2.0), ValueError, r"`num_examples` must be a positive"),
+    "num_examples": (dict(num_examples=2.0), ValueError, r"`num_examples` must be an int >= 1"),
     "dtype bfloat16": (dict(dtype="bfloat16"), ValueError, r"`dtype` must be float16 or"),
     "dtype int": (dict(dtype=np.int32), ValueError, r"`dtype` must be float16 or float32"),
     "meta": (dict(meta={"f": print}), TypeError, r"`meta` must be JSON-serialisable"),

@@ -161,10 +161,9 @@ def _resize_fn(image_size: tuple[int, int] | None) -> Callable[[np.ndarray], np.
 def _read_split(source, x_key: str, y_key: str, resize) -> tuple[np.ndarray, np.ndarray]:
     """All examples of a data source, in stored order, as `(x [N, ...], y [N])`.
 
-    A plain loop over the ArrayRecord source: measured here, it decodes 20k PNGs about twice
-    as fast as a threaded `grain.MapDataset` (decoding is CPU-bound and holds the GIL, and
-    grain adds per-element work), and batched `__getitems__` gains little over it (15%)
-    while `tfds.testing.mock_data` does not support it.
+    A plain loop over the ArrayRecord source: decoding is CPU-bound and holds the GIL, so a
+    threaded loader only adds per-element work (measurements in benchmarks/RESULTS.md), and
+    batched `__getitems__` is not supported by `tfds.testing.mock_data`.
     """
     xs, ys = [], []
     for i in range(len(source)):
