@@ -100,9 +100,10 @@ def soft_kl(
     """
     student_logits, targets = _check_pair(student_logits, targets)
     log_q = log_softmax_t(student_logits, temperature=temperature)
-    # Only exact zeros are skipped: a NaN (or negative) target must show in the value, not
-    # only in the gradient, so that a bad teacher is caught at the step that produced it.
-    zero = targets == 0
+    # No mass (<= 0: exact zeros, and rounding-level negatives of a fused target) adds 0; a
+    # NaN target fails both comparisons and must show in the value, not only in the
+    # gradient, so that a bad teacher is caught at the step that produced it.
+    zero = targets <= 0
     safe_t = jnp.where(zero, 1.0, targets)
     kl = jnp.sum(jnp.where(zero, 0.0, targets * (jnp.log(safe_t) - log_q)), axis=-1)
     return jnp.square(temperature) * kl

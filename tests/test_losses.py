@@ -288,3 +288,49 @@ def test_accepts_float64_numpy_inputs(rng):
     outs = (soft_kl(s, t), soft_mse(s, t), cross_entropy(s, y),
             distillation_loss(s, t, y, alpha=0.5), per_teacher_soft_kl(s, p, np.ones(3) / 3))
     assert all(o.dtype == jnp.float32 and o.shape == (2,) for o in outs)
+
+
+# ---------------------------------------------------------------- masked batch means
+def test_mean_distillation_loss_matches_reference_with_a_ragged_label_mask(rng):
+    b, c = 12, 5
+    s = rng.normal(size=(b, c)).astype(np.float32)
+    t = rng.dirichlet(np.ones(c), size=b).astype(np.float32)
+    y = rng.integers(0, c, size=b).astype(np.int32)
+    mask = (rng.random(b) < 0.4).astype(np.float32)
+    mask[0] = 1.0
+    y_bad = np.where(mask > 0, y, -7).astype(np.int32)  # placeholders where unlabeled
+    for soft_loss in ("kl", "mse"):
+        got = jax.jit(lambda s, t, y, m, sl=soft_loss: losses.mean_distillation_loss(
+            s, t, y, alpha=0.3, temperature=2.0, soft_loss=sl, label_mask=m))(s, t, y_bad, mask)
+        soft = np_distillation(s, t, y, 0.0, 2.0, soft_loss).mean()
+        hard = (mask * np_cross_entropy(s, y)).sum() / mask.sum()
+        np.testing.assert_allclose(got.soft, soft, rtol=1e-5)
+        np.testing.assert_allclose(got.hard, hard, rtol=1e-5)
+        np.testing.assert_allclose(got.loss, 0.7 * soft + 0.3 * hard, rtol=1e-5)
+    # The per-example form with the mask: its mean weights the CE by the labeled fraction.
+    per = losses.distillation_loss(s, t, y_bad, alpha=0.3, temperature=2.0, label_mask=mask)
+    want = 0.7 * np_soft_kl(s, t, 2.0) + 0.3 * mask * np_cross_entropy(s, y)
+    np.testing.assert_allclose(per, want, rtol=1e-5, atol=1e-6)
+    # Gradients flow into the student only: the targets are held fixed.
+    g = jax.grad(lambda t: losses.mean_distillation_loss(s, t, y, alpha=0.3).loss)(t)
+    np.testing.assert_array_equal(g, 0.0)
+
+
+def test_mix_losses_and_mean_cross_entropy():
+    assert float(losses.mix_losses(jnp.float32(2.0), jnp.float32(4.0), alpha=0.25)) == 2.5
+    with pytest.raises(ValueError, match=r"`alpha` must be in \[0, 1\]"):
+        losses.mix_losses(1.0, 1.0, alpha=1.5)
+    z = np.array([[0.0, 0.0], [9.0, -9.0]], np.float32)
+    np.testing.assert_allclose(
+        losses.mean_cross_entropy(z, np.array([0, 1]), label_mask=np.zeros(2)), 0.0)
+    with pytest.raises(ValueError, match=r"`alpha` > 0 .* needs labels"):
+        losses.mean_distillation_loss(z, np.full((2, 2), 0.5, np.float32), alpha=0.5)
+
+
+def test_soft_kl_no_mass_and_nan_targets():
+    s = np.zeros((1, 3), np.float32)
+    # A rounding-level negative target (a fused target of XLA-rounded weights) carries no mass.
+    t = np.array([[0.5, 0.5, -1e-15]], np.float32)
+    np.testing.assert_allclose(losses.soft_kl(s, t), losses.soft_kl(s, np.array([[0.5, 0.5, 0.0]],
+                                                                                 np.float32)))
+    assert np.isnan(losses.soft_kl(s, np.array([[0.5, np.nan, 0.5]], np.float32))[0])

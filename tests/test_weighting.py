@@ -183,6 +183,15 @@ def test_entropy_is_taken_at_temperature_one_from_the_logits(rng):
     assert not np.allclose(np_entropy(p_t4), np_entropy(np_softmax(z)), atol=1e-3)
 
 
+def test_entropy_weights_stay_non_negative_under_jit(rng):
+    """A teacher that holds all the entropy gets weight 0, not -1e-9 (XLA's rounding)."""
+    z = rng.normal(size=(3, 512, 10)).astype(np.float32)
+    z[:2] *= 40.0  # two near-one-hot teachers, one soft one
+    w = np.asarray(jax.jit(lambda z: weighting.entropy(jax.nn.softmax(z), logits=z))(z))
+    assert w.min() >= 0.0
+    np.testing.assert_allclose(w.sum(0), 1.0, rtol=1e-5)
+
+
 def test_entropy_one_hot_teachers():
     # Mixed: one one-hot teacher among soft ones; all one-hot: falls back to uniform.
     p = np.array([[[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]],

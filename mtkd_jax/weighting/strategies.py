@@ -238,7 +238,9 @@ def entropy(
         return jnp.ones_like(h)
     total = jnp.sum(h, axis=0, keepdims=True)
     safe_total = jnp.where(total > 0, total, 1.0)
-    w = (1.0 - h / safe_total) / (k - 1)
+    # Under jit, XLA may round h / total of the teacher holding all the entropy to just
+    # above 1 (seen: w = -1.8e-9): clip, so the weights stay non-negative.
+    w = jnp.maximum(1.0 - h / safe_total, 0.0) / (k - 1)
     return jnp.where(total > 0, w, 1.0 / k)
 
 
