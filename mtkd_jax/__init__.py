@@ -93,6 +93,7 @@ from mtkd_jax.targets import (
 )
 from mtkd_jax.teachers import (
     choose_strategy,
+    load_orbax_teachers,
     load_teachers,
     make_heterogeneous_apply,
     make_stacked_apply,
@@ -148,6 +149,7 @@ __all__ = [
     "init_train_state",
     "leave_one_out_targets",
     "linen_model",
+    "load_orbax_teachers",
     "load_teachers",
     "log_softmax_t",
     "losses",
