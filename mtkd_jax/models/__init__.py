@@ -29,7 +29,7 @@ from mtkd_jax.models.counting import count_params, flops_per_example
 from mtkd_jax.models.functional import apply_fn_of, init_params, nnx_apply_fn
 from mtkd_jax.models.layers import global_avg_pool, max_pool_2x2
 from mtkd_jax.models.linen import CNN1D, MLP, ConvNet, ResNet, SmallConvNet
-from mtkd_jax.models.linen_adapter import linen_model
+from mtkd_jax.models.linen_adapter import linen_model, linen_variables
 from mtkd_jax.models.nnx_adapter import nnx_split
 from mtkd_jax.models.protocol import Model, function_model, model_variables
 from mtkd_jax.models.registry import MODELS, NNX_MODELS, make_model
@@ -47,6 +47,7 @@ __all__ = [
     "function_model",
     "as_model",
     "linen_model",
+    "linen_variables",
     "nnx_split",
     "model_variables",
     "eval_apply_of",

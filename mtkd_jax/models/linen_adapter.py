@@ -8,10 +8,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from mtkd_jax.models.protocol import Model
+from mtkd_jax.models.protocol import Model, model_variables
 from mtkd_jax.precision import Policy, get_policy
 
-__all__ = ["linen_model"]
+__all__ = ["linen_model", "linen_variables"]
 
 
 _TRAIN_ARGS = {"train": False, "training": False, "is_training": False, "deterministic": True}
@@ -93,3 +93,24 @@ def linen_model(
 
     checked = get_policy(policy)
     return Model(call, "linen", checked, init=init, name=type(module).__name__)
+
+
+def linen_variables(variables: dict[str, Any]) -> dict[str, Any]:
+    """A Linen variables dict `{"params", "batch_stats", ...}` as a Model's variables.
+
+    `{"params": variables["params"], "model_state": {every other collection}}`, what
+    `Model.eval_apply` of a `linen_model` reads (e.g. teachers read back from your own
+    checkpoints, `mtkd_jax.teachers.load_orbax_teachers`). Stacked variables stay stacked.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtkd_jax.models import linen_variables
+      >>> v = linen_variables({"params": {"w": jnp.ones(2)}, "batch_stats": {"m": jnp.zeros(2)}})
+      >>> sorted(v), sorted(v["model_state"])
+      (['model_state', 'params'], ['batch_stats'])
+    """
+    rest = dict(variables)
+    if "params" not in rest:
+        raise ValueError(f"`variables` has no 'params' collection; got {sorted(rest)}.")
+    params = rest.pop("params")
+    return model_variables(params, rest)
