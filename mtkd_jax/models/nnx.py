@@ -25,6 +25,11 @@ def _norm(features: int, on: bool, dtype, rngs) -> nnx.Module | None:
     return nnx.BatchNorm(features, dtype=dtype, rngs=rngs) if on else None
 
 
+def _chain(make, sizes: Sequence[int]) -> nnx.List:
+    """`make(a, b)` for each consecutive pair of sizes: the layers of a stack."""
+    return nnx.List([make(a, b) for a, b in zip(sizes, sizes[1:], strict=False)])
+
+
 class MLP(nnx.Module):
     """Dense(-BatchNorm)-ReLU(-Dropout) layers over the flattened input, then a linear classifier.
 
@@ -48,12 +53,7 @@ class MLP(nnx.Module):
         rngs: nnx.Rngs,
     ):
         widths = (in_features, *features)
-        self.dense = nnx.List(
-            [
-                nnx.Linear(a, b, dtype=dtype, rngs=rngs)
-                for a, b in zip(widths, widths[1:], strict=False)
-            ]
-        )
+        self.dense = _chain(lambda a, b: nnx.Linear(a, b, dtype=dtype, rngs=rngs), widths)
         self.norms = nnx.List([_norm(w, batch_norm, dtype, rngs) for w in features])
         self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout else None
         self.out = nnx.Linear(widths[-1], num_classes, dtype=dtype, rngs=rngs)
@@ -94,12 +94,9 @@ class CNN1D(nnx.Module):
         dtype: Dtype | None = None,
         rngs: nnx.Rngs,
     ):
-        chans = (in_channels, *features)
-        self.convs = nnx.List(
-            [
-                nnx.Conv(a, b, (kernel_size,), dtype=dtype, rngs=rngs)
-                for a, b in zip(chans, chans[1:], strict=False)
-            ]
+        self.convs = _chain(
+            lambda a, b: nnx.Conv(a, b, (kernel_size,), dtype=dtype, rngs=rngs),
+            (in_channels, *features),
         )
         self.norms = nnx.List([_norm(w, batch_norm, dtype, rngs) for w in features])
         length = in_length
@@ -146,10 +143,7 @@ class ConvNet(nnx.Module):
     def __init__(self, in_channels: int, num_classes: int, *, widths: Sequence[int] = (64, 128),
                  dtype: Dtype | None = None, rngs: nnx.Rngs):
         w0, w1 = widths
-        self.convs = nnx.List(
-            [_conv3(a, b, dtype, rngs) for a, b in ((in_channels, w0), (w0, w0), (w0, w1),
-                                                    (w1, w1))]
-        )
+        self.convs = _chain(lambda a, b: _conv3(a, b, dtype, rngs), (in_channels, w0, w0, w1, w1))
         self.out = nnx.Linear(w1, num_classes, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
