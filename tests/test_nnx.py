@@ -240,3 +240,31 @@ def test_model_errors():
         model(params, model_state, jnp.ones((2, D)), train=True)
     with pytest.raises(ValueError, match="another architecture"):
         mk.nnx_split([_student(), _student(features=(8,))])
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, in_kwargs, x_shape",
+    [
+        ("mlp", {"features": (8, 8), "batch_norm": True}, {"in_features": 12}, (2, 12)),
+        ("cnn1d", {"features": (4, 4, 8), "hidden": 8, "batch_norm": True},
+         {"in_length": 40}, (2, 40)),
+        ("convnet", {"widths": (4, 8)}, {"in_channels": 3}, (2, 8, 8, 3)),
+        ("small_convnet", {"widths": (4, 8)}, {"in_channels": 1}, (2, 8, 8)),
+        ("resnet", {"widths": (8, 16), "blocks": (1, 1), "num_groups": 4},
+         {"in_channels": 3}, (2, 8, 8, 3)),
+        ("resnet", {"widths": (8, 16), "blocks": (1, 1), "norm": None},
+         {"in_channels": 3}, (2, 8, 8, 3)),
+    ],
+)
+def test_nnx_reference_models_match_linen_in_size_and_shape(name, kwargs, in_kwargs, x_shape):
+    x = jnp.zeros(x_shape)
+    linen = mk.linen_model(mk.make_model(name, num_classes=C, **kwargs))
+    lp, lstate = jax.eval_shape(linen.init, jax.random.key(0), x)
+    module = nnx.eval_shape(lambda: mk.make_model(name, num_classes=C, api="nnx", **kwargs,
+                                                  **in_kwargs, rngs=nnx.Rngs(0)))
+    _, params, model_state = mk.nnx_split(module)
+    assert mk.models.count_params(params) == mk.models.count_params(lp)
+    assert mk.models.count_params(model_state) == mk.models.count_params(lstate)
+    logits = jax.eval_shape(lambda p, s: mk.as_model(module)(p, s, x, train=False)[0],
+                            params, model_state)
+    assert logits.shape == (2, C) and logits.dtype == jnp.float32

@@ -197,10 +197,11 @@ class _BasicBlock(nnx.Module):
             nnx.GroupNorm(width, num_groups, dtype=dtype, scale_init=zeros, rngs=rngs)
             if grouped else None
         )
-        self.proj = None
-        if stride != 1 or in_width != width:
-            self.proj = nnx.Conv(in_width, width, (1, 1), strides=s, use_bias=False,
-                                 dtype=dtype, rngs=rngs)
+        project = stride != 1 or in_width != width
+        self.proj = (
+            nnx.Conv(in_width, width, (1, 1), strides=s, use_bias=False, dtype=dtype, rngs=rngs)
+            if project else None
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = self.conv0(x)
