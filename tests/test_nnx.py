@@ -268,3 +268,20 @@ def test_nnx_reference_models_match_linen_in_size_and_shape(name, kwargs, in_kwa
     logits = jax.eval_shape(lambda p, s: mk.as_model(module)(p, s, x, train=False)[0],
                             params, model_state)
     assert logits.shape == (2, C) and logits.dtype == jnp.float32
+
+
+def test_batch_norm_student_in_a_per_device_step_keeps_one_state(rng):
+    """shard_map: statistics of each device's rows, averaged over the devices after the step."""
+    model, params, model_state = mk.nnx_split(_student())
+    tx = optax.sgd(0.1)
+    mesh = mk.data_mesh()
+    step = mk.data_parallel_step(mk.make_supervised_step(model, tx, axis_name="data"), mesh,
+                                 mode="shard_map", num_classes=C)
+    state = mk.replicate(mk.init_train_state(params, tx, model_state=model_state), mesh)
+    batch = _data(rng, b=32)
+    state, metrics = step(state, batch, KEY)
+    mean = state.model_state["norms"][0]["mean"][...]
+    h = batch["x"] @ params["dense"][0]["kernel"][...] + params["dense"][0]["bias"][...]
+    # The mean of the per-device means is the global mean (equal rows per device).
+    np.testing.assert_allclose(mean, 0.01 * h.mean(0), rtol=1e-4, atol=1e-6)
+    assert np.isfinite(float(metrics["loss"]))
