@@ -175,6 +175,11 @@ def test_any_split_layout_and_either_mode_give_one_model(rng):
     graphdef, everything = nnx.split(module)
     with pytest.raises(ValueError, match="nnx_split"):
         mk.nnx_apply_fn(graphdef)(everything, x)
+    step = mk.make_supervised_step(mk.nnx_apply_fn(graphdef, rest), optax.sgd(0.1),
+                                   pass_key=True)
+    state = mk.init_train_state(p, optax.sgd(0.1))
+    with pytest.raises(ValueError, match="takes no key"):
+        step(state, {"x": x, "y": jnp.zeros(B, jnp.int32)}, KEY)
 
 
 def test_stacked_nnx_teachers_train_and_run_as_one_ensemble(rng):

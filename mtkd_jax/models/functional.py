@@ -89,7 +89,14 @@ def nnx_apply_fn(graphdef: Any, *fixed_states: Any) -> Callable[[Any, jax.Array]
     """
     from flax import nnx
 
-    def apply_fn(params: Any, x: jax.Array) -> jax.Array:
+    def apply_fn(params: Any, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        if key is not None:
+            raise ValueError(
+                "`nnx_apply_fn` gives a frozen, evaluation-mode function, which takes no key "
+                "(`pass_key=True`). To train an NNX module with Dropout, give the step the "
+                "module itself or `mtkd_jax.models.nnx_split(module)[0]`: it draws the masks "
+                "from the step's key and updates the batch statistics."
+            )
         others = [
             jax.tree_util.keystr(path)
             for path, v in jax.tree_util.tree_flatten_with_path(
