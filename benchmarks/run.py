@@ -2,6 +2,7 @@
 
 Run:  python benchmarks/run.py [--json FILE] [--quick] [--workload standard|gpu]
                                [--dtype float32|bfloat16] [--strategy auto|loop|vmap]
+                               [--units distill,student,...] [--no-bf16]
 
 The standard workload (issue 6; keep it fixed so results compare across versions):
 batches of 256 N(0, 1) float32 images 32x32x3 with labels in [0, 100), 4 pre-generated
@@ -22,6 +23,12 @@ reports it for the first call: tracing, lowering and XLA compilation):
   bare_jax_distill      the whole step written by hand in JAX/optax (benchmarks/bare_jax.py)
   torch_distill         the same step as a PyTorch CPU loop (benchmarks/torch_loop.py), if
                         torch is installed (standard workload, float32 only)
+
+The bf16 column (`--no-bf16` to skip; off with `--dtype bfloat16`): `teachers`, `distill` and
+`student` again under the library's mixed-precision policies (`mtkd_jax.precision`): the
+student with params float32 and compute bfloat16 (`mixed_bfloat16`), the teachers stored and
+run in bfloat16 (`bfloat16`), logits, softmaxes and losses float32; as units `<unit>_bf16`.
+`checks.bf16_first_loss_rel_gap` is the first distill loss's relative gap to float32's.
 
 Repeats of all units are interleaved (one repeat of each in turn), so background load hits
 every unit alike and the ratios within one run stay meaningful on a shared machine.
@@ -312,7 +319,50 @@ def library_units(cfg, dtype, batches, strategy, cache_dir, results, wanted):
             cs["i"] += 1
 
         units.append(Unit(name, b, cached_call, lambda cs=cs: jax.block_until_ready(cs["s"])))
+    if any(n.endswith("_bf16") for n in wanted):
+        units += bf16_units(t_apply, s_apply, tp, chosen, student_params, dev, tx, kw, b,
+                            first_loss)
     return units, first_loss, (teacher_list, student_params)
+
+
+def bf16_units(t_apply, s_apply, tp, strategy, student_params, dev, tx, kw, b, first_loss):
+    """`teachers_bf16`, `distill_bf16`, `student_bf16`: the library's mixed-precision policies
+    (student params float32 / compute bfloat16; teachers stored and run in bfloat16)."""
+    t_model = models.as_model(t_apply, policy="bfloat16")
+    s_model = models.as_model(s_apply, policy="mixed_bfloat16")
+    tv = models.model_variables(t_model.cast_to_params(tp))  # stacked, stored in bfloat16
+    teacher_apply = teachers.make_stacked_apply(t_model, strategy=strategy)
+    teachers_jit = jax.jit(teacher_apply)
+    key = jax.random.key(0)
+    out, it = {}, {"i": 0}
+
+    def teachers_call():
+        out["z"] = teachers_jit(tv, dev[it["i"] % NUM_BATCHES]["x"])
+        it["i"] += 1
+
+    distill = jax.jit(steps.make_distill_step(s_model, teacher_apply, tx, **kw),
+                      donate_argnums=0)
+    st = {"s": state.init_train_state(copy_tree(student_params), tx), "i": 0}
+
+    def distill_call():
+        st["s"], m = distill(st["s"], dev[st["i"] % NUM_BATCHES], key, teacher_params=tv)
+        first_loss.setdefault("distill_bf16", m["loss"])
+        st["i"] += 1
+
+    sup = jax.jit(steps.make_supervised_step(s_model, tx), donate_argnums=0)
+    ss = {"s": state.init_train_state(copy_tree(student_params), tx), "i": 0}
+
+    def student_call():
+        ss["s"], _ = sup(ss["s"], dev[ss["i"] % NUM_BATCHES], key)
+        ss["i"] += 1
+
+    units = [
+        Unit("teachers_bf16", b, teachers_call, lambda: jax.block_until_ready(out["z"])),
+        Unit("distill_bf16", b, distill_call, lambda: jax.block_until_ready(st["s"])),
+        Unit("student_bf16", b, student_call, lambda: jax.block_until_ready(ss["s"])),
+    ]
+    units[1].cost = lambda: xla_cost(distill, st["s"], dev[0], key, teacher_params=tv)
+    return units
 
 
 def bare_units(cfg, dtype, batches, teacher_list, student_params):
@@ -436,6 +486,9 @@ RATIOS = (
     ("distill_cached_top5", "student"),
     ("distill", "teachers"),
     ("distill", "torch_distill"),
+    ("distill_bf16", "distill"),
+    ("teachers_bf16", "teachers"),
+    ("student_bf16", "student"),
 )
 
 
@@ -460,12 +513,21 @@ def ratios(units: list[Unit]) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = [f"{'unit':<22} {'img/s':>10} {'min':>10} {'max':>10} {'step ms':>9} {'compile s':>9}"]
-    for name, u in result["units"].items():
-        lines.append(
+    units = result["units"]
+    bf16 = any(n.endswith("_bf16") for n in units)
+    lines = [f"{'unit':<22} {'img/s':>10} {'min':>10} {'max':>10} {'step ms':>9} {'compile s':>9}"
+             + (f" {'bf16 img/s':>11}" if bf16 else "")]
+    for name, u in units.items():
+        if name.endswith("_bf16"):
+            continue
+        line = (
             f"{name:<22} {u['img_s']:>10.1f} {u['img_s_min']:>10.1f} "
             f"{u['img_s_max']:>10.1f} {u['step_ms']:>9.1f} {u['compile_s']:>9.2f}"
         )
+        if bf16:
+            other = units.get(f"{name}_bf16")
+            line += f" {other['img_s']:>11.1f}" if other else f" {'-':>11}"
+        lines.append(line)
     lines.append("")
     lines.append(f"{'ratio':<34} {'paired median':>13} {'of medians':>10}")
     for k, v in result["ratios"].items():
@@ -492,6 +554,8 @@ def parse(argv=None):
     )
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--no-bf16", action="store_true",
+                   help="skip the bf16 column (the library's mixed-precision policies)")
     p.add_argument(
         "--units",
         default=None,
@@ -558,6 +622,9 @@ UNIT_ORDER = (
     "bare_jax_teachers",
     "bare_jax_distill",
     "torch_distill",
+    "teachers_bf16",
+    "distill_bf16",
+    "student_bf16",
 )
 
 
@@ -600,6 +667,10 @@ def main(argv=None) -> dict:
         unknown = wanted - set(UNIT_ORDER)
         if unknown:
             raise SystemExit(f"--units: unknown {sorted(unknown)}; choose from {UNIT_ORDER}")
+        if args.no_bf16 or args.dtype == "bfloat16":
+            wanted = {u for u in wanted if not u.endswith("_bf16")}
+        else:  # the bf16 column of every unit that has one
+            wanted |= {f"{u}_bf16" for u in ("teachers", "distill", "student") if u in wanted}
         units, first, (teacher_list, student_params) = library_units(
             cfg, dtype, batches, args.strategy, cache_dir, result, wanted
         )
@@ -625,12 +696,16 @@ def main(argv=None) -> dict:
     # agree (the top-k cache excepted: its target keeps only the top k classes exactly).
     losses = {k: float(v) for k, v in first.items()}
     ref = losses.get("distill")
-    same = [v for k, v in losses.items() if not k.endswith("top5")]
+    same = [v for k, v in losses.items() if not k.endswith(("top5", "_bf16"))]
     result["checks"] = {
         "first_loss": losses,
         "max_rel_diff_vs_library": None
         if ref is None
         else max(abs(v - ref) / abs(ref) for v in same),
+        # Mixed precision against float32, from the same weights and batch.
+        "bf16_first_loss_rel_gap": None
+        if ref is None or "distill_bf16" not in losses
+        else abs(losses["distill_bf16"] - ref) / abs(ref),
         # The same work, counted by XLA: a library overhead would show as extra FLOPs/bytes.
         "xla_cost": {u.name: u.cost() for u in units if u.cost is not None},
     }

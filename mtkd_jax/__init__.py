@@ -10,13 +10,16 @@ The functional core (pure functions over arrays, teacher axis first `[K, ..., C]
 
 The engine built on it (see docs/architecture.md):
 
-* `mtkd_jax.state.TrainState`, one state for students and teachers (one or K stacked);
+* `mtkd_jax.state.TrainState`, one state for students and teachers (one or K stacked),
+  with the model's non-parameter state (BatchNorm statistics);
 * `mtkd_jax.steps`: supervised / distill / codistill step factories, `stacked_step` for K
   models at once; `mtkd_jax.evaluation`: eval step and `evaluate`;
 * `mtkd_jax.teachers`: stacked (vmap/loop/auto) and heterogeneous frozen ensembles, orbax
   save/load; `mtkd_jax.parallel`: the same steps data-parallel over a `("data",)` mesh;
 * `mtkd_jax.loop.fit` with `mtkd_jax.checkpoint.Checkpointer`: kill-safe training;
-* `mtkd_jax.models`: small XLA-friendly reference models.
+* `mtkd_jax.models`: the model protocol (`Model`: `as_model`, `linen_model`, `nnx_split`)
+  and small XLA-friendly reference models in Linen and NNX; `mtkd_jax.precision`: the
+  mixed-precision `Policy`.
 
 Every `make_*` factory returns an un-jitted function. `mtkd_jax.data` (TFDS and offline
 datasets), `mtkd_jax.experiment`, `mtkd_jax.cache` and `mtkd_jax.distributed` are imported on
@@ -32,6 +35,7 @@ from mtkd_jax import (
     metrics,
     models,
     parallel,
+    precision,
     state,
     steps,
     teachers,
@@ -51,10 +55,29 @@ from mtkd_jax.losses import (
     soft_kl,
     soft_mse,
 )
-from mtkd_jax.models import MODELS, apply_fn_of, init_params, make_model, nnx_apply_fn
+from mtkd_jax.models import (
+    MODELS,
+    NNX_MODELS,
+    Model,
+    apply_fn_of,
+    as_model,
+    init_params,
+    linen_model,
+    make_model,
+    model_variables,
+    nnx_apply_fn,
+    nnx_split,
+)
 from mtkd_jax.parallel import data_mesh, data_parallel_step, replicate, shard_batch
+from mtkd_jax.precision import Policy
 from mtkd_jax.reduce import global_mean
-from mtkd_jax.state import TrainState, init_stacked_train_state, init_train_state, set_hyperparams
+from mtkd_jax.state import (
+    TrainState,
+    init_stacked_train_state,
+    init_train_state,
+    set_hyperparams,
+    variables_of,
+)
 from mtkd_jax.steps import (
     make_codistill_step,
     make_distill_step,
@@ -70,6 +93,7 @@ from mtkd_jax.targets import (
 )
 from mtkd_jax.teachers import (
     choose_strategy,
+    load_orbax_teachers,
     load_teachers,
     make_heterogeneous_apply,
     make_stacked_apply,
@@ -93,14 +117,18 @@ def __getattr__(name):
 __all__ = [
     "DIVERGENCES",
     "MODELS",
+    "NNX_MODELS",
     "SOFT_LOSSES",
     "WEIGHTINGS",
     "Checkpointer",
     "DistillTargets",
     "FitResult",
+    "Model",
     "NonFiniteLossError",
+    "Policy",
     "TrainState",
     "apply_fn_of",
+    "as_model",
     "check_batch",
     "checkpoint",
     "choose_strategy",
@@ -120,6 +148,8 @@ __all__ = [
     "init_stacked_train_state",
     "init_train_state",
     "leave_one_out_targets",
+    "linen_model",
+    "load_orbax_teachers",
     "load_teachers",
     "log_softmax_t",
     "losses",
@@ -132,11 +162,14 @@ __all__ = [
     "make_supervised_step",
     "mean_distillation_loss",
     "metrics",
+    "model_variables",
     "models",
     "nnx_apply_fn",
+    "nnx_split",
     "pairwise_divergence",
     "parallel",
     "params_fingerprint",
+    "precision",
     "per_teacher_soft_kl",
     "register_weighting",
     "replicate",
@@ -152,5 +185,6 @@ __all__ = [
     "steps",
     "teachers",
     "unstack_params",
+    "variables_of",
     "weighting",
 ]

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtkd_jax import _checks
+from mtkd_jax.precision import at_least_float32
 
 __all__ = ["BatchParts", "batch_parts", "check_batch", "teacher_logits_of"]
 
@@ -83,7 +84,7 @@ def batch_parts(batch) -> BatchParts:
 
 
 def teacher_logits_of(batch: dict, x, teacher_apply, teacher_params, *, required: bool = True):
-    """The teachers' logits `[K, B, C]` for a batch, frozen (`stop_gradient`).
+    """The teachers' logits `[K, B, C]` for a batch, frozen (`stop_gradient`), >= float32.
 
     Run online as `teacher_apply(teacher_params, x)`, or, when `teacher_apply` is None, read
     from `batch["teacher_logits"]` (precomputed, e.g. from `mtkd_jax.cache`).
@@ -126,7 +127,8 @@ def teacher_logits_of(batch: dict, x, teacher_apply, teacher_params, *, required
             f"teacher logits must have shape [K, B, C] with B={b}, got {jnp.shape(z)}."
         )
     _checks.check_float(z, "teacher logits")
-    return jax.lax.stop_gradient(jnp.asarray(z))
+    # bfloat16 teachers: softmaxes, weights and targets in float32 (mtkd_jax.precision).
+    return jax.lax.stop_gradient(at_least_float32(z))
 
 
 def _host(value) -> np.ndarray | None:

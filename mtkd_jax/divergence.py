@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from mtkd_jax import _checks
+from mtkd_jax.precision import at_least_float32
 
 __all__ = ["softmax_t", "log_softmax_t", "pairwise_divergence", "DIVERGENCES"]
 
@@ -21,7 +22,8 @@ def softmax_t(logits: jax.Array, *, temperature: float | jax.Array = 1.0) -> jax
     `p = softmax(z / T)`; larger T gives softer distributions (Hinton et al., 2015).
 
     Args:
-      logits: `[..., C]` floating logits (e.g. teacher logits `[K, B, C]`).
+      logits: `[..., C]` floating logits (e.g. teacher logits `[K, B, C]`); narrower than
+        float32 (bfloat16) they are upcast, so the result is float32.
       temperature: T > 0, a Python number or a scalar array.
 
     Returns:
@@ -35,6 +37,7 @@ def softmax_t(logits: jax.Array, *, temperature: float | jax.Array = 1.0) -> jax
     """
     logits = jnp.asarray(logits)
     _checks.check_float(logits, "logits")
+    logits = at_least_float32(logits)  # bfloat16 logits: the softmax in float32
     _checks.check_temperature(temperature)
     return jax.nn.softmax(logits / temperature, axis=-1)
 
@@ -50,6 +53,7 @@ def log_softmax_t(logits: jax.Array, *, temperature: float | jax.Array = 1.0) ->
     """
     logits = jnp.asarray(logits)
     _checks.check_float(logits, "logits")
+    logits = at_least_float32(logits)
     _checks.check_temperature(temperature)
     return jax.nn.log_softmax(logits / temperature, axis=-1)
 

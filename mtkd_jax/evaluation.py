@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from mtkd_jax import _checks
 from mtkd_jax.batch import batch_parts, check_batch, teacher_logits_of
 from mtkd_jax.metrics import MetricStats, batch_stats, compute_metrics, merge_stats
+from mtkd_jax.models.adapt import eval_apply_of
 from mtkd_jax.targets import fuse_targets
 
 __all__ = ["make_eval_step", "evaluate"]
@@ -34,7 +35,10 @@ def make_eval_step(
     and every teacher. Examples with `batch["label_mask"]` 0 (e.g. padding) are not counted.
 
     Args:
-      student_apply: `apply(params, x) -> [B, C]`, or None to evaluate teachers only.
+      student_apply: `apply(params, x) -> [B, C]`; or a `mtkd_jax.models.Model` (or a Linen
+        or NNX module), run in evaluation mode (`Model.eval_apply`: Dropout off, running
+        statistics) on its variables, so `params` is then `mtkd_jax.variables_of(state)`;
+        or None to evaluate teachers only.
       teacher_apply: `apply(teacher_params, x) -> [K, B, C]`, or None (then teacher logits
         are read from `batch["teacher_logits"]` when present).
       ensemble_weights: optional `[K]` weights of the ensemble (non-negative, summing to 1),
@@ -60,6 +64,8 @@ def make_eval_step(
     """
     if ensemble_weights is not None:
         _checks.check_weight_values(ensemble_weights, "ensemble_weights")
+    if student_apply is not None:
+        student_apply = eval_apply_of(student_apply)
 
     def eval_step(params, batch: dict, *, teacher_params=None) -> dict[str, MetricStats]:
         x, labels, mask, b = batch_parts(batch)
@@ -127,7 +133,8 @@ def evaluate(
 
     Args:
       eval_step: from `make_eval_step` (jitted here).
-      params: student params (ignored when the step has no student).
+      params: student params (a Model student's variables, `mtkd_jax.variables_of(state)`;
+        ignored when the step has no student).
       batches: an iterable of batches (all labeled, or masked with `label_mask`).
       teacher_params: passed to the teachers' apply.
       teacher_names: K names for the teacher rows; default ``teacher_0`` ... ``teacher_{K-1}``.

@@ -1,6 +1,8 @@
 r"""Distillation losses: per-example (unreduced, like optax's), and their masked batch mean.
 
 Shapes: student logits `[..., C]`, targets `[..., C]` (probabilities), labels `[...]`.
+Losses are float32 (or wider) whatever the models compute in: bfloat16 inputs are upcast
+(`mtkd_jax.precision.at_least_float32`).
 
 The hard/soft mix :math:`(1 - \alpha)\,\ell_{soft} + \alpha\,CE` is written once, in
 `mix_losses`; `distillation_loss` is its per-example form and `mean_distillation_loss` the
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 
 from mtkd_jax import _checks
 from mtkd_jax.divergence import log_softmax_t, softmax_t
+from mtkd_jax.precision import at_least_float32
 from mtkd_jax.reduce import global_mean
 
 __all__ = [
@@ -34,10 +37,11 @@ __all__ = [
 
 
 def _check_pair(student_logits, targets):
-    """Check a `[..., C]` pair and return both as arrays."""
+    """Check a `[..., C]` pair and return both as arrays, at least float32."""
     student_logits, targets = jnp.asarray(student_logits), jnp.asarray(targets)
     _checks.check_float(student_logits, "student_logits")
     _checks.check_float(targets, "targets")
+    student_logits, targets = at_least_float32(student_logits), at_least_float32(targets)
     _checks.check_same_classes(student_logits.shape, targets.shape, "student_logits", "targets")
     if student_logits.shape != targets.shape:
         raise ValueError(
@@ -128,7 +132,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     logits, labels = jnp.asarray(logits), jnp.asarray(labels)
     _checks.check_float(logits, "logits")
     _checks.check_labels(labels, "labels", logits.shape[:-1])
-    logp = jax.nn.log_softmax(logits, axis=-1)
+    logp = jax.nn.log_softmax(at_least_float32(logits), axis=-1)
     return -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
 
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from mtkd_jax import _checks
 from mtkd_jax.divergence import softmax_t
+from mtkd_jax.precision import at_least_float32
 from mtkd_jax.weighting import get_weighting
 
 __all__ = [
@@ -203,6 +204,7 @@ def distill_targets(
     """
     teacher_logits = jnp.asarray(teacher_logits)
     _checks.check_teachers(teacher_logits, "teacher_logits")
+    teacher_logits = at_least_float32(teacher_logits)  # weights in float32 for bf16 teachers
     lead = teacher_logits.shape[1:-1]
     if labels is not None:
         _checks.check_labels(labels, "labels", lead)

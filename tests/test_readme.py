@@ -57,3 +57,38 @@ def test_the_whole_pipeline_example_runs():
     assert int(namespace["state"].step) == 2 * (len(namespace["ds"].train) // 128)
     # Two epochs are enough to leave chance (10%) well behind.
     assert res["ensemble"]["accuracy"] > 0.2 and res["student"]["accuracy"] > 0.15
+
+
+def test_the_teachers_you_already_have_example_runs(tmp_path):
+    """Checkpoints written by plain orbax, read back as the README shows."""
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from mtkd_jax.models import MLP
+
+    (block,) = _python_blocks("## Distil from teachers you already have", "## Data\n")
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.linear = nnx.Linear(40, 10, rngs=rngs)
+            self.bn = nnx.BatchNorm(10, rngs=rngs)
+
+        def __call__(self, x):
+            return self.bn(self.linear(x))
+
+    linen_paths = [str(tmp_path / f"t{k}") for k in range(2)]
+    with ocp.StandardCheckpointer() as ckptr:
+        for k, path in enumerate(linen_paths):
+            ckptr.save(path, MLP(num_classes=10).init(jax.random.key(k), jnp.zeros((1, 40)))[
+                "params"])
+    manager_dir = str(tmp_path / "mgr")
+    with ocp.CheckpointManager(manager_dir) as manager:
+        manager.save(3, args=ocp.args.StandardSave(nnx.state(Net(nnx.Rngs(5)))))
+    namespace = {"linen_paths": linen_paths, "manager_dir": manager_dir, "Net": Net}
+    exec(block, namespace)
+    x = jnp.ones((4, 40))
+    assert namespace["teacher_apply"](namespace["t_params"], x).shape == (2, 4, 10)
+    want = nnx.merge(*nnx.split(Net(nnx.Rngs(5))))
+    want.eval()
+    np.testing.assert_allclose(
+        namespace["nnx_teacher"].eval_apply(namespace["nnx_vars"], x), want(x), rtol=1e-6)

@@ -22,6 +22,7 @@ LAYERS = {
     "targets": 1,
     "losses": 1,
     "metrics": 1,
+    "precision": 1,
     "data": 1,
     "batch": 2,
     "parallel": 2,

@@ -1,8 +1,9 @@
-"""A model as a plain function: `apply_fn(params, x) -> logits [B, C]`.
+"""A stateless model as a plain function: `apply_fn(params, x) -> logits [B, C]`.
 
-The rest of the library sees a model only through that protocol: `init_params` and
-`apply_fn_of` give the params and the function of a Linen module, `nnx_apply_fn` the function
-of a Flax NNX module split with `nnx.split`.
+`init_params` and `apply_fn_of` give the params and the function of a stateless Linen module,
+`nnx_apply_fn` the frozen function of a Flax NNX module split with `nnx.split`. Models with
+state or randomness (BatchNorm, Dropout) are `mtkd_jax.models.Model`s: `linen_model`,
+`nnx_split`.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ def init_params(model: nn.Module, key: jax.Array, example_x: jax.Array) -> Any:
     if extra:
         raise ValueError(
             f"`model` has variable collections {extra} besides 'params'; `apply_fn_of` "
-            "supports stateless models only (params in, logits out)."
+            "supports stateless models only (params in, logits out). Use "
+            "`model = mtkd_jax.models.linen_model(module)` and `model.init(key, x)`, which "
+            "return the params and the model state (updated by the steps)."
         )
     return variables["params"]
 
@@ -66,13 +69,15 @@ def apply_fn_of(model: nn.Module) -> Callable[[Any, jax.Array], jax.Array]:
     return apply_fn
 
 
-def nnx_apply_fn(graphdef: Any) -> Callable[[Any, jax.Array], jax.Array]:
-    """The plain `apply_fn(state, x) -> logits` of a Flax NNX module split by `nnx.split`.
+def nnx_apply_fn(graphdef: Any, *fixed_states: Any) -> Callable[[Any, jax.Array], jax.Array]:
+    """The plain `apply_fn(params, x) -> logits` of a Flax NNX module, in evaluation mode.
 
-    `graphdef, state = nnx.split(module)`; the state is the params pytree the rest of the
-    library differentiates, stacks and checkpoints. Each call rebuilds the module with
-    `nnx.merge` (free under `jax.jit`). For deterministic modules: any state the call mutates
-    (e.g. RNG counters of dropout) is not returned.
+    `graphdef, params = nnx.split(module)` for a module whose state is all `nnx.Param`s, or
+    `graphdef, params, *rest = nnx.split(module, nnx.Param, ...)` with the other states held
+    fixed (`nnx_apply_fn(graphdef, *rest)`): frozen inference, e.g. a teacher. The module runs
+    in evaluation mode (Dropout off, BatchNorm running statistics) whatever mode it was split
+    in. To **train** a module with Dropout, BatchNorm or RNG state, use
+    `mtkd_jax.models.nnx_split`: its `Model` gets the step's key and updates the statistics.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -84,7 +89,32 @@ def nnx_apply_fn(graphdef: Any) -> Callable[[Any, jax.Array], jax.Array]:
     """
     from flax import nnx
 
-    def apply_fn(state: Any, x: jax.Array) -> jax.Array:
-        return nnx.merge(graphdef, state)(x)
+    def apply_fn(params: Any, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        if key is not None:
+            raise ValueError(
+                "`nnx_apply_fn` gives a frozen, evaluation-mode function, which takes no key "
+                "(`pass_key=True`). To train an NNX module with Dropout, give the step the "
+                "module itself or `mtkd_jax.models.nnx_split(module)[0]`: it draws the masks "
+                "from the step's key and updates the batch statistics."
+            )
+        others = [
+            jax.tree_util.keystr(path)
+            for path, v in jax.tree_util.tree_flatten_with_path(
+                params, is_leaf=lambda v: isinstance(v, nnx.Variable)
+            )[0]
+            if isinstance(v, nnx.Variable) and not isinstance(v, nnx.Param)
+        ]
+        if others:
+            raise ValueError(
+                f"`params` holds variables that are not nnx.Param ({others[:4]}): RNG state "
+                "or batch statistics cannot be differentiated. Split with "
+                "`nnx.split(module, nnx.Param, ...)` and pass the rest to "
+                "`nnx_apply_fn(graphdef, *rest)` (frozen), or train it as a Model: "
+                "`model, params, model_state = mtkd_jax.models.nnx_split(module)`."
+            )
+        # Copies made inside the trace: NNX refuses to touch a variable of another trace.
+        module = nnx.merge(graphdef, params, *jax.tree.map(lambda a: a, fixed_states))
+        module.eval()
+        return module(x)
 
     return apply_fn

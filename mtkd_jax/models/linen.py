@@ -1,9 +1,11 @@
 """The reference models in Flax Linen: MLP, CNN1D, ConvNet, SmallConvNet, ResNet.
 
 Small and XLA-friendly: SAME-padded 3x3 convolutions, ReLU, 2x2 max pooling written as
-reshape-and-max (`layers.max_pool_2x2`), global average pooling as a mean, no batch norm (so
-an apply function is pure, with no mutable state). Every model returns float32 logits `[B, C]`
-whatever its compute `dtype`.
+reshape-and-max (`layers.max_pool_2x2`), global average pooling as a mean, no batch norm by
+default (so an apply function is pure, with no mutable state). `MLP` and `CNN1D` take
+`dropout=` and `batch_norm=True` (then `__call__(x, train)`; train them as a
+`mtkd_jax.models.linen_model`). Every model returns float32 logits `[B, C]` whatever its
+compute `dtype`. The same models in Flax NNX: `mtkd_jax.models.nnx`.
 
 * `MLP`: dense layers over the flattened input.
 * `CNN1D`: a 1-D CNN for MNIST-1D inputs `[B, 40]`.
@@ -31,6 +33,8 @@ class MLP(nn.Module):
       num_classes: C, the number of logits.
       features: hidden layer widths.
       dtype: compute dtype (params stay float32); None infers it from the inputs.
+      dropout: dropout rate after each hidden layer (0: none).
+      batch_norm: BatchNorm after each hidden dense layer (before the ReLU).
 
     Input `[B, ...]` (flattened), output float32 logits `[B, C]`.
 
@@ -48,12 +52,19 @@ class MLP(nn.Module):
     num_classes: int
     features: Sequence[int] = (128, 128)
     dtype: Dtype | None = None
+    dropout: float = 0.0
+    batch_norm: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = x.reshape(x.shape[0], -1)
         for width in self.features:
-            x = nn.relu(nn.Dense(width, dtype=self.dtype)(x))
+            x = nn.Dense(width, dtype=self.dtype)(x)
+            if self.batch_norm:
+                x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype)(x)
+            x = nn.relu(x)
+            if self.dropout:
+                x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return float32_logits(nn.Dense(self.num_classes, dtype=self.dtype)(x))
 
 
@@ -69,6 +80,8 @@ class CNN1D(nn.Module):
       kernel_size: width of the convolution kernels.
       hidden: width of a dense layer before the classifier (0 for none).
       dtype: compute dtype; None infers it.
+      dropout: dropout rate after the hidden dense layer (0: none).
+      batch_norm: BatchNorm after each convolution (before the ReLU).
 
     Input `[B, L]` (a channel axis is added) or `[B, L, F]`; output float32 logits `[B, C]`.
 
@@ -88,20 +101,27 @@ class CNN1D(nn.Module):
     kernel_size: int = 5
     hidden: int = 128
     dtype: Dtype | None = None
+    dropout: float = 0.0
+    batch_norm: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         if x.ndim == 2:
             x = x[..., None]
         if x.ndim != 3:
             raise ValueError(f"`x` must be [B, L] or [B, L, F], got shape {x.shape}.")
         for i, width in enumerate(self.features):
-            x = nn.relu(nn.Conv(width, (self.kernel_size,), dtype=self.dtype)(x))
+            x = nn.Conv(width, (self.kernel_size,), dtype=self.dtype)(x)
+            if self.batch_norm:
+                x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype)(x)
+            x = nn.relu(x)
             if i > 0:
                 x = max_pool_2x2(x)
         x = x.reshape(x.shape[0], -1)
         if self.hidden:
             x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype)(x))
+            if self.dropout:
+                x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return float32_logits(nn.Dense(self.num_classes, dtype=self.dtype)(x))
 
 

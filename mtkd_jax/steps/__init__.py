@@ -12,6 +12,11 @@ The data path of a distillation step, one line down the floors: batch (`mtkd_jax
 target) -> `mean_distillation_loss` -> optax update -> metrics. Only the student is
 differentiated; teachers are frozen.
 
+Models: every factory takes a `mtkd_jax.models.Model` (or a Linen / NNX module, or a plain
+`apply_fn(params, x)`, wrapped by `as_model`) and calls it as `model.apply(params,
+state.model_state, x, train=True, key=model_key)`: only `state.params` is differentiated,
+the returned model state (BatchNorm statistics) becomes the new `state.model_state`.
+
 Randomness: the step folds `state.step` into `key` (`jax.random.fold_in(key, state.step)`),
 the one place a per-step key is made, so the same `key` can be passed at every step and a
 resumed run draws the same numbers. K stacked models (`stacked_step`, codistillation) get

@@ -10,11 +10,13 @@ import optax
 
 from mtkd_jax import _checks
 from mtkd_jax.losses import SOFT_LOSSES
+from mtkd_jax.models.adapt import as_model
+from mtkd_jax.models.protocol import Model
 from mtkd_jax.reduce import global_mean, pmean
 from mtkd_jax.state import TrainState
 
 __all__ = ["ApplyFn", "AugmentFn", "update_keys", "forward", "accuracy", "check_config",
-           "apply_update", "model_keys"]
+           "apply_update", "model_keys", "trained_model", "sync_model_state"]
 
 ApplyFn = Callable[..., jax.Array]
 AugmentFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -29,13 +31,29 @@ def update_keys(key: jax.Array, state: TrainState, augment: bool) -> tuple[jax.A
     return aug_key, model_key
 
 
-def forward(apply_fn: ApplyFn, params, x, key, pass_key: bool, b: int, name: str):
-    """The one call of a trained model: logits `[B, C]`, checked."""
-    logits = apply_fn(params, x, key) if pass_key else apply_fn(params, x)
+def trained_model(model, pass_key: bool) -> Model:
+    """The `Model` a step trains: a Model, a Linen or NNX module, or a plain apply function."""
+    return as_model(model, pass_key=pass_key)
+
+
+def forward(model: Model, params, model_state, x, key, b: int, name: str):
+    """The one call of a trained model, in training mode: `(logits [B, C], model_state)`."""
+    logits, new_state = model.apply(params, model_state, x, train=True, key=key)
     if jnp.ndim(logits) != 2 or jnp.shape(logits)[0] != b:
         raise ValueError(f"`{name}` must return logits [B, C] with B={b}, got {jnp.shape(logits)}.")
     _checks.check_float(logits, f"the logits of `{name}`")
-    return logits
+    return logits, new_state
+
+
+def sync_model_state(model_state, axis_name):
+    """Average the floating model state (batch statistics) over `axis_name`: every device
+    keeps the same state (a no-op when the model already synchronises its statistics)."""
+    if axis_name is None:
+        return model_state
+    return jax.tree.map(
+        lambda v: jax.lax.pmean(v, axis_name) if jnp.issubdtype(v.dtype, jnp.inexact) else v,
+        model_state,
+    )
 
 
 def accuracy(logits, labels, label_mask, axis_name):
@@ -50,10 +68,15 @@ def check_config(*, soft_loss: str, temperature, alpha) -> None:
     _checks.check_unit_interval(alpha, "alpha")
 
 
-def apply_update(tx, state: TrainState, grads, axis_name, update=None):
+def apply_update(tx, state: TrainState, grads, axis_name, model_state, update=None):
     grads = pmean(grads, axis_name)
     updates, opt_state = (update or tx.update)(grads, state.opt_state, state.params)
-    return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+    return TrainState(
+        state.step + 1,
+        optax.apply_updates(state.params, updates),
+        opt_state,
+        sync_model_state(model_state, axis_name),
+    )
 
 
 def model_keys(key: jax.Array, k: int) -> jax.Array:

@@ -20,6 +20,7 @@ from mtkd_jax.steps._common import (
     apply_update,
     check_config,
     forward,
+    trained_model,
     update_keys,
 )
 from mtkd_jax.targets import distill_targets
@@ -56,9 +57,13 @@ def make_distill_step(
     teacher logit of the batch is finite, so a NaN loss can be traced to the teachers).
 
     Args:
-      student_apply: `apply(params, x) -> [B, C]` (or `apply(params, x, key)`, `pass_key`).
-      teacher_apply: `apply(teacher_params, x) -> [K, B, C]` (e.g.
-        `mtkd_jax.teachers.make_stacked_apply`), or None to read `batch["teacher_logits"]`.
+      student_apply: the student: a `mtkd_jax.models.Model` (Dropout keys from this update's
+        key, BatchNorm statistics updated in `state.model_state`), a Flax Linen or NNX
+        module, or a plain `apply(params, x) -> [B, C]` (or `apply(params, x, key)`,
+        `pass_key`).
+      teacher_apply: `apply(teacher_params, x) -> [K, B, C]`, frozen, in evaluation mode
+        (e.g. `mtkd_jax.teachers.make_stacked_apply`), or None to read
+        `batch["teacher_logits"]`.
       tx: optax optimizer for the student.
       weighting: a name in `mtkd_jax.weighting.WEIGHTINGS` or a strategy function.
       soft_loss: ``"kl"`` (T^2-scaled KL) or ``"mse"`` (the article's squared error).
@@ -69,7 +74,8 @@ def make_distill_step(
         belong to fixed inputs: cache augmented views instead, `mtkd_jax.cache`).
       axis_name: None for a global-batch step; a mapped axis name for a per-device step that
         pmean's gradients and metrics over it (`shard_map`, `pmap`).
-      pass_key: call `student_apply(params, x, key)` with this update's key (dropout).
+      pass_key: for a plain function: call `student_apply(params, x, key)` with this
+        update's key.
 
     Returns:
       Un-jitted `step(state, batch, key, *, teacher_params=None) -> (state, metrics)`.
@@ -101,6 +107,7 @@ def make_distill_step(
             "belong to the unaugmented inputs. Cache augmented views instead "
             "(`mtkd_jax.cache.augment_view`)."
         )
+    model = trained_model(student_apply, pass_key)
 
     def step(state: TrainState, batch: dict, key: jax.Array, *, teacher_params=None):
         x, labels, mask, b = batch_parts(batch)
@@ -115,7 +122,9 @@ def make_distill_step(
         targets = jax.lax.stop_gradient(dt.targets)
 
         def loss_fn(params):
-            logits = forward(student_apply, params, x, model_key, pass_key, b, "student_apply")
+            logits, model_state = forward(
+                model, params, state.model_state, x, model_key, b, "student_apply"
+            )
             if logits.shape[-1] != targets.shape[-1]:
                 raise ValueError(
                     f"the student predicts {logits.shape[-1]} classes but the teachers "
@@ -126,9 +135,9 @@ def make_distill_step(
                 logits, targets, labels, alpha=alpha, temperature=temperature,
                 soft_loss=soft_loss, label_mask=mask, axis_name=axis_name,
             )
-            return parts.loss, (logits, parts)
+            return parts.loss, (logits, parts, model_state)
 
-        grads, (logits, parts) = jax.grad(loss_fn, has_aux=True)(
+        grads, (logits, parts, model_state) = jax.grad(loss_fn, has_aux=True)(
             as_varying(state.params, axis_name)
         )
         k = dt.probs.shape[0]
@@ -150,6 +159,7 @@ def make_distill_step(
         }
         if labels is not None:
             metrics["accuracy"] = accuracy(logits, labels, mask, axis_name)
-        return apply_update(tx, state, grads, axis_name), pmean(metrics, axis_name)
+        new_state = apply_update(tx, state, grads, axis_name, model_state)
+        return new_state, pmean(metrics, axis_name)
 
     return step

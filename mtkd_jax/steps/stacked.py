@@ -21,6 +21,7 @@ from mtkd_jax.steps._common import (
     check_config,
     forward,
     model_keys,
+    trained_model,
 )
 from mtkd_jax.targets import distill_targets, leave_one_out_targets
 from mtkd_jax.teachers.stacking import num_stacked
@@ -63,15 +64,15 @@ def stacked_step(step: Callable) -> Callable:
     def run(state: TrainState, batch: dict, key: jax.Array, **kwargs):
         k = num_stacked(state.params, "state.params")
 
-        def one(params, opt_state, model_key):
-            new, metrics = step(TrainState(state.step, params, opt_state), batch, model_key,
-                                **kwargs)
-            return new.params, new.opt_state, metrics
+        def one(params, opt_state, model_state, model_key):
+            one_state = TrainState(state.step, params, opt_state, model_state)
+            new, metrics = step(one_state, batch, model_key, **kwargs)
+            return new.params, new.opt_state, new.model_state, metrics
 
-        params, opt_state, metrics = jax.vmap(one)(
-            state.params, state.opt_state, model_keys(key, k)
+        params, opt_state, model_state, metrics = jax.vmap(one)(
+            state.params, state.opt_state, state.model_state, model_keys(key, k)
         )
-        return TrainState(state.step + 1, params, opt_state), metrics
+        return TrainState(state.step + 1, params, opt_state, model_state), metrics
 
     return run
 
@@ -98,7 +99,9 @@ def make_codistill_step(
     ``soft_loss="mse"`` and no weighting this is the article's objective.
 
     Args:
-      apply_fn: `apply(params, x) -> [B, C]` for one model (or with a key, `pass_key`).
+      apply_fn: one model: a `mtkd_jax.models.Model`, a Linen or NNX module, or a plain
+        `apply(params, x) -> [B, C]` (or with a key, `pass_key`); model k's state is
+        `state.model_state[k]`.
       tx: optax optimizer, one state per model (`init_stacked_train_state`).
       soft_loss: ``"kl"`` or ``"mse"``.
       temperature: T > 0.
@@ -107,7 +110,8 @@ def make_codistill_step(
         function (`mtkd_jax.weighting`, e.g. `get_weighting("static", lambdas=w)`) applied
         to the models' current predictions.
       axis_name: as in `make_distill_step`.
-      pass_key: call `apply_fn(params, x, key)`, model k with its own key.
+      pass_key: for a plain function: call `apply_fn(params, x, key)`, model k with its
+        own key.
 
     Returns:
       Un-jitted `step(state, batch, key) -> (state, metrics)` for a stacked `TrainState`.
@@ -130,6 +134,7 @@ def make_codistill_step(
     """
     check_config(soft_loss=soft_loss, temperature=temperature, alpha=alpha)
     weighting_fn = None if weighting is None else get_weighting(weighting)
+    model = trained_model(apply_fn, pass_key)
 
     def step(state: TrainState, batch: dict, key: jax.Array):
         x, labels, mask, b = batch_parts(batch)
@@ -139,9 +144,9 @@ def make_codistill_step(
         keys = jax.vmap(lambda kk: jax.random.fold_in(kk, state.step))(model_keys(key, k))
 
         def loss_fn(params):
-            logits = jax.vmap(
-                lambda p, kk: forward(apply_fn, p, x, kk, pass_key, b, "apply_fn")
-            )(params, keys)  # [K, B, C]
+            logits, model_state = jax.vmap(
+                lambda p, s, kk: forward(model, p, s, x, kk, b, "apply_fn")
+            )(params, state.model_state, keys)  # [K, B, C]
             frozen = jax.lax.stop_gradient(logits)
             if weighting_fn is None:
                 probs, w = softmax_t(frozen, temperature=temperature), None
@@ -157,9 +162,9 @@ def make_codistill_step(
                 )
             )(logits, targets)  # each [K]
             # Targets are constants, so model k's gradient of the sum is that of its own loss.
-            return jnp.sum(parts.loss), (logits, probs, parts)
+            return jnp.sum(parts.loss), (logits, probs, parts, model_state)
 
-        grads, (logits, probs, parts) = jax.grad(loss_fn, has_aux=True)(
+        grads, (logits, probs, parts, model_state) = jax.grad(loss_fn, has_aux=True)(
             as_varying(state.params, axis_name)
         )
         metrics = {
@@ -173,8 +178,7 @@ def make_codistill_step(
             metrics["accuracy"] = jax.vmap(lambda s: accuracy(s, labels, mask, axis_name))(
                 logits
             )
-        return apply_update(tx, state, grads, axis_name, jax.vmap(tx.update)), pmean(
-            metrics, axis_name
-        )
+        new_state = apply_update(tx, state, grads, axis_name, model_state, jax.vmap(tx.update))
+        return new_state, pmean(metrics, axis_name)
 
     return step

@@ -11,7 +11,15 @@ from mtkd_jax.batch import batch_parts
 from mtkd_jax.losses import mean_cross_entropy
 from mtkd_jax.reduce import as_varying, pmean
 from mtkd_jax.state import TrainState
-from mtkd_jax.steps._common import ApplyFn, AugmentFn, accuracy, apply_update, forward, update_keys
+from mtkd_jax.steps._common import (
+    ApplyFn,
+    AugmentFn,
+    accuracy,
+    apply_update,
+    forward,
+    trained_model,
+    update_keys,
+)
 
 __all__ = ["make_supervised_step"]
 
@@ -30,12 +38,15 @@ def make_supervised_step(
     student trained alone. Examples with `batch["label_mask"]` 0 are ignored.
 
     Args:
-      apply_fn: `apply(params, x) -> [B, C]` (or `apply(params, x, key)`, `pass_key`).
+      apply_fn: the model: a `mtkd_jax.models.Model` (Dropout keys from this update's key,
+        model state such as BatchNorm statistics updated in `state.model_state`), a Flax
+        Linen or NNX module, or a plain `apply(params, x) -> [B, C]` (or `apply(params, x,
+        key)`, `pass_key`).
       tx: optax optimizer.
       augment_fn: optional `augment_fn(key, x) -> x` applied to the batch with this update's
         key (e.g. `mtkd_jax.data.augment`).
       axis_name: None for a global-batch step; a mapped axis name for a per-device step.
-      pass_key: call `apply_fn(params, x, key)` with this update's key (dropout).
+      pass_key: for a plain function: call `apply_fn(params, x, key)` with this update's key.
 
     Returns:
       Un-jitted `step(state, batch, key) -> (state, {"loss", "accuracy"})`.
@@ -53,6 +64,7 @@ def make_supervised_step(
       >>> bool(m1["loss"] < m0["loss"]), float(m1["accuracy"])
       (True, 1.0)
     """
+    model = trained_model(apply_fn, pass_key)
 
     def step(state: TrainState, batch: dict, key: jax.Array):
         x, labels, mask, b = batch_parts(batch)
@@ -63,14 +75,19 @@ def make_supervised_step(
             x = augment_fn(aug_key, x)
 
         def loss_fn(params):
-            logits = forward(apply_fn, params, x, model_key, pass_key, b, "apply_fn")
-            return mean_cross_entropy(logits, labels, label_mask=mask, axis_name=axis_name), logits
+            logits, model_state = forward(
+                model, params, state.model_state, x, model_key, b, "apply_fn"
+            )
+            loss = mean_cross_entropy(logits, labels, label_mask=mask, axis_name=axis_name)
+            return loss, (logits, model_state)
 
-        grads, logits = jax.grad(loss_fn, has_aux=True)(as_varying(state.params, axis_name))
+        grads, (logits, model_state) = jax.grad(loss_fn, has_aux=True)(
+            as_varying(state.params, axis_name)
+        )
         metrics = {
             "loss": mean_cross_entropy(logits, labels, label_mask=mask, axis_name=axis_name),
             "accuracy": accuracy(logits, labels, mask, axis_name),
         }
-        return apply_update(tx, state, grads, axis_name), pmean(metrics, axis_name)
+        return apply_update(tx, state, grads, axis_name, model_state), pmean(metrics, axis_name)
 
     return step

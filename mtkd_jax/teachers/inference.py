@@ -11,6 +11,11 @@ inside a jitted step, where the K forward passes compile into one program):
   batch (`choose_strategy`) and keeps the faster.
 * **Heterogeneous**: a tuple of apply functions and a tuple of params
   (`make_heterogeneous_apply`).
+
+A teacher is a plain `apply_fn(params, x) -> [B, C]` or any `mtkd_jax.models.Model` (or a
+Linen or NNX module), which runs in evaluation mode (`Model.eval_apply`: Dropout off,
+BatchNorm running statistics, nothing updated) on its variables `{"params",
+"model_state"}` (`mtkd_jax.variables_of`, stacked like params).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mtkd_jax.models.adapt import eval_apply_of
 from mtkd_jax.teachers._runners import RUNNERS, STRATEGIES, ApplyFn
 from mtkd_jax.teachers.autotune import choose_strategy
 from mtkd_jax.teachers.stacking import num_stacked
@@ -49,7 +55,8 @@ def make_stacked_apply(
     """Frozen inference of K same-architecture teachers held as one stacked pytree.
 
     Args:
-      apply_fn: `(params, x) -> logits [B, C]` of one teacher.
+      apply_fn: `(params, x) -> logits [B, C]` of one teacher, or a `mtkd_jax.models.Model`
+        (or Linen / NNX module) run in evaluation mode on stacked variables.
       strategy: "vmap" (`jax.vmap` over the K axis), "loop" (K forward passes unrolled at
         trace time) or "auto" (times both on `example_params`/`example_x` now, with
         `choose_strategy`; to know which one runs, call `choose_strategy` yourself and pass
@@ -73,6 +80,7 @@ def make_stacked_apply(
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {strategy!r}.")
+    apply_fn = eval_apply_of(apply_fn)
     if strategy == "auto":
         if example_params is None or example_x is None:
             raise ValueError(
@@ -96,7 +104,8 @@ def make_heterogeneous_apply(
     """Frozen inference of K teachers of different architectures, stacked into one output.
 
     Args:
-      apply_fns: K functions `(params_k, x) -> logits [B, C]`; all must give the same C.
+      apply_fns: K functions `(params_k, x) -> logits [B, C]` (or `mtkd_jax.models.Model`s,
+        run in evaluation mode on their variables); all must give the same C.
       names: optional K names used in error messages (default "teacher k").
 
     Returns:
@@ -118,6 +127,8 @@ def make_heterogeneous_apply(
       (2, 5, 3)
     """
     apply_fns = tuple(apply_fns)
+    if apply_fns and all(callable(f) for f in apply_fns):
+        apply_fns = tuple(eval_apply_of(f) for f in apply_fns)
     if not apply_fns or not all(callable(f) for f in apply_fns):
         raise TypeError("`apply_fns` must be a non-empty sequence of `(params, x)` callables.")
     k = len(apply_fns)

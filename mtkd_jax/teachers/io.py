@@ -126,9 +126,18 @@ def load_teachers(
     if not os.path.isdir(path):
         raise FileNotFoundError(f"`directory` {path} holds no teachers checkpoint.")
     checkpointer = _checkpointer()
-    items = checkpointer.metadata(path).item_metadata
+    not_ours = (
+        f"`directory` {path} is not a checkpoint written by `save_teachers` (it holds "
+        f"{sorted(os.listdir(path))[:8]}). For teachers saved by your own orbax code "
+        "(StandardCheckpointer, CheckpointManager) use "
+        "`mtkd_jax.teachers.load_orbax_teachers(path, target)`."
+    )
+    try:
+        items = checkpointer.metadata(path).item_metadata
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as error:
+        raise ValueError(not_ours) from error
     if items is None or "params" not in items or "record" not in items:
-        raise ValueError(f"`directory` {path} is not a checkpoint written by `save_teachers`.")
+        raise ValueError(not_ours)
     tree = getattr(items["params"], "tree", items["params"])
     if sharding is None:
         sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
