@@ -226,10 +226,7 @@ def per_teacher(*, axis: str = "model", rule: Rule | None = None) -> Rule:
             raise ValueError(
                 f"per_teacher: {path!r} is a scalar; every teacher leaf needs a leading K axis."
             )
-        rest = tuple(inner(path, tuple(shape[1:]), mesh))
-        while rest and rest[-1] is None:
-            rest = rest[:-1]
-        return P(axis, *rest)
+        return P(axis, *inner(path, tuple(shape[1:]), mesh))
 
     return teacher_rule
 
@@ -272,7 +269,10 @@ def _checked(spec: Any, shape: tuple, mesh: Mesh, where: str) -> P:
                 f"{parts} devices ({spec} over mesh {dict(mesh.shape)}); pick another spec or "
                 "axis, or replicate it."
             )
-    return spec
+    entries = tuple(spec)
+    while entries and entries[-1] is None:  # P(None) is P(): one spelling per layout
+        entries = entries[:-1]
+    return P(*entries)
 
 
 def _shape(leaf) -> tuple:
