@@ -10,6 +10,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mtkd_jax.cache import build_cache_in_parallel
 from mtkd_jax.checkpoint import Checkpointer
 from mtkd_jax.evaluation import make_eval_step
 from mtkd_jax.sharding import (
@@ -20,6 +21,7 @@ from mtkd_jax.sharding import (
     replicated,
     sharded_eval_step,
     sharded_step,
+    sharded_teacher_apply,
     stacked,
     state_shardings,
     tensor_parallel,
@@ -325,3 +327,28 @@ def test_fsdp_picks_the_largest_divisible_axis():
     assert rule("a", (4,), mesh) == P()  # under min_size
     assert fsdp(min_size=0)("a", (), mesh) == P()
     assert isinstance(tree_shardings({"w": jnp.ones((8, 8))}, mesh, rule)["w"], NamedSharding)
+
+
+def test_teacher_inference_and_cache_build_under_shardings(problem, tmp_path):
+    _, teachers, batches = problem
+    mesh = make_mesh(2, 4)
+    teacher_apply = make_stacked_apply(_mlp, strategy="vmap")
+    x = batches[0]["x"]
+    want = np.asarray(jax.jit(teacher_apply)(teachers, x))
+    # One teacher per device group; the batch split over "data".
+    run = sharded_teacher_apply(
+        teacher_apply, teacher_shardings=tree_shardings(teachers, mesh, per_teacher())
+    )
+    got = run(teachers, x)
+    assert got.sharding.spec == P(None, "data")
+    np.testing.assert_allclose(np.asarray(got), want, **TOL)
+    # The cache built from FSDP-sharded teachers holds the same logits, batch of 5 included
+    # (the batch is replicated over the teachers' mesh, so it needs not divide).
+    sh = tree_shardings(teachers, mesh, TEACHER_RULE)
+    cache_batches = [{"x": x[:11], "index": np.arange(11)},
+                     {"x": x[11:], "index": 11 + np.arange(5)}]
+    cache = build_cache_in_parallel(tmp_path / "c", teacher_apply, teachers, cache_batches,
+                                    num_examples=B, dtype=np.float32, progress=False,
+                                    teacher_shardings=sh)
+    stored = cache.lookup(np.arange(B))  # [K, B, C]
+    np.testing.assert_allclose(stored, want, **TOL)
