@@ -14,6 +14,9 @@ MLP student (256 -> 512 -> 100, Adam), batches of 256 N(0, 1) inputs with labels
   teachers_fsdp        teachers `stacked(fsdp())`, student replicated
   both_fsdp            teachers `stacked(fsdp())`, student state `fsdp()`
   teachers_per_group   teachers `per_teacher()`: one teacher per device group ("model")
+  data_parallel        all replicated on a (data * model) x 1 mesh: today's data parallelism,
+                       every device on a different slice of the batch (the same memory as
+                       `replicated`, no compute repeated along "model")
 
 For each: per-device bytes of the teachers and of the student state (the arrays' addressable
 shards on device 0), XLA's `memory_analysis()` of the compiled step (argument and temporary
@@ -65,6 +68,8 @@ def variants(min_size: int) -> dict:
         "teachers_fsdp": (stacked(fsdp(min_size=min_size)), replicated()),
         "both_fsdp": (stacked(fsdp(min_size=min_size)), fsdp(min_size=min_size)),
         "teachers_per_group": (per_teacher(), replicated()),
+        # Today's data parallelism: every device on the data axis, all replicated.
+        "data_parallel": (replicated(), replicated()),
     }
 
 
@@ -109,7 +114,11 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     data, model = parse_mesh(args.mesh)
-    mesh = make_mesh(data, model, devices=jax.devices()[: data * model])
+    grid = make_mesh(data, model, devices=jax.devices()[: data * model])
+    flat = make_mesh(data * model, 1, devices=jax.devices()[: data * model])
+    if model == 1:
+        print(f"NOTE: {jax.device_count()} device(s), model axis of size 1: nothing is split, "
+              "every variant is the replicated one.")
     k, b, d, th, sh, c = (4, 16, 16, 64, 32, 10) if args.quick else (4, 256, 256, 2048, 512, 100)
     repeats = args.repeats or (3 if args.quick else 15)
     key = jax.random.key(0)
@@ -132,6 +141,7 @@ def main(argv=None) -> dict:
     runs = {}
     for name in chosen:
         teacher_rule, student_rule = table[name]
+        mesh = flat if name == "data_parallel" else grid
         t_sh = tree_shardings(teachers, mesh, teacher_rule)
         s_sh = state_shardings(state0, mesh, student_rule)
         step = sharded_step(step_fn, mesh, state_shardings=s_sh, teacher_shardings=t_sh)
@@ -158,13 +168,13 @@ def main(argv=None) -> dict:
     base = runs["replicated"]
     out = {
         "jax": jax.__version__, "backend": jax.default_backend(),
-        "devices": jax.device_count(), "mesh": dict(mesh.shape), "quick": args.quick,
+        "devices": jax.device_count(), "mesh": dict(grid.shape), "quick": args.quick,
         "workload": dict(K=k, B=b, D=d, teacher_hidden=th, student_hidden=sh, C=c),
         "repeats": repeats, "variants": {},
     }
     header = (f"{'variant':<20}{'teachers/dev':>13}{'student/dev':>12}{'XLA args':>10}"
               f"{'XLA temp':>10}{'step ms':>9}  ratios to replicated: teachers, args, time")
-    print(f"mesh {dict(mesh.shape)}, backend {jax.default_backend()}, K={k}, B={b}; "
+    print(f"mesh {dict(grid.shape)}, backend {jax.default_backend()}, K={k}, B={b}; "
           "bytes per device in KiB")
     print(header)
     for name, run in runs.items():
