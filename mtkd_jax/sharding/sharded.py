@@ -224,17 +224,16 @@ def sharded_eval_step(
       `mtkd_jax.evaluation.evaluate`'s inputs batch by batch, with `run.lower` as in
       `sharded_step`.
 
-    Example:
-      >>> import jax, jax.numpy as jnp
-      >>> from mtkd_jax.evaluation import make_eval_step
-      >>> from mtkd_jax.metrics import compute_metrics
+    Example (any `eval_step(params, batch, **kw) -> stats` works; tests/test_sharding.py
+    runs `make_eval_step`'s):
+      >>> import jax.numpy as jnp
       >>> from mtkd_jax.sharding import fsdp, make_mesh, sharded_eval_step, tree_shardings
       >>> mesh, w = make_mesh(2, 4), jnp.eye(8)
-      >>> run = sharded_eval_step(make_eval_step(lambda p, x: x @ p), mesh,
+      >>> correct = lambda p, b: {"correct": jnp.sum(jnp.argmax(b["x"] @ p, -1) == b["y"])}
+      >>> run = sharded_eval_step(correct, mesh,
       ...                         params_shardings=tree_shardings(w, mesh, fsdp(min_size=1)))
-      >>> s = run(w, {"x": jnp.eye(8), "y": jnp.arange(8)})
-      >>> float(compute_metrics(s["student"])["accuracy"])
-      1.0
+      >>> int(run(w, {"x": jnp.eye(8), "y": jnp.arange(8)})["correct"])
+      8
     """
     _check_mesh(mesh, data_axis)
 
