@@ -317,6 +317,21 @@ def test_rules_that_cannot_apply_name_the_parameter(problem):
         tensor_parallel({"w1": ("model",)})
 
 
+def test_sharded_step_refuses_a_mismatch(problem):
+    student, _, batches = problem
+    mesh, other = make_mesh(2, 4), make_mesh(4, 2)
+    state = init_train_state(student, _tx())
+    with pytest.raises(ValueError, match=r"`state_shardings` are over mesh \{'data': 4"):
+        sharded_step(_distill(), mesh, state_shardings=state_shardings(state, other, fsdp()))
+    with pytest.raises(ValueError, match=r"`data_axis` 'batch'"):
+        sharded_step(_distill(), mesh, state_shardings=state_shardings(state, mesh, fsdp()),
+                     data_axis="batch")
+    per_device = make_supervised_step(_mlp, _tx(), axis_name="data")
+    step = sharded_step(per_device, mesh, state_shardings=state_shardings(state, mesh, fsdp()))
+    with pytest.raises(ValueError, match=r"axis_name=None"):
+        step(state, batches[0], KEY)
+
+
 def test_fsdp_picks_the_largest_divisible_axis():
     mesh = make_mesh(2, 4)
     rule = fsdp(min_size=10)

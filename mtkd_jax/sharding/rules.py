@@ -376,7 +376,11 @@ def state_shardings(
     def opt(path, node):
         if is_like(node):
             return params
-        return tree_shardings(node, mesh, rule, prefix="opt_state/" + _path_str(path) + "/")
+        # A leaf that is not a params-shaped moment (a count, a hyperparameter): the rule
+        # sees its path within the optimizer state.
+        name, shape = _path_str(path), _shape(node)
+        return NamedSharding(mesh, _checked(rule(name, shape, mesh), shape, mesh,
+                                            f"`opt_state/{name}`"))
 
     opt_state = jax.tree_util.tree_map_with_path(opt, state.opt_state, is_leaf=is_like)
     model_state = tree_shardings(

@@ -117,11 +117,31 @@ def _compiler(fn, mesh: Mesh, first_shardings, teacher_shardings, data_axis, bat
     return get, put
 
 
-def _check_mesh(mesh: Mesh, data_axis: str) -> None:
+def _check_mesh(mesh: Mesh, data_axis: str, **shardings) -> None:
     if not isinstance(mesh, Mesh):
         raise TypeError(f"`mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
     if data_axis not in mesh.axis_names:
         raise ValueError(f"`data_axis` {data_axis!r} is not an axis of the mesh {mesh.axis_names}.")
+    for name, tree in shardings.items():
+        if tree is not None and mesh_of(tree, name) != mesh:
+            raise ValueError(
+                f"`{name}` are over mesh {dict(mesh_of(tree, name).shape)}, not the step's "
+                f"`mesh` {dict(mesh.shape)}: build them with `tree_shardings(..., mesh, rule)`."
+            )
+
+
+def _run(fn, args, data_axis: str):
+    try:
+        return fn(*args)
+    except NameError as err:
+        # A per-device step (axis_name=...) averages over the axis itself; under jit the
+        # partitioner does, and JAX's error does not say so.
+        if data_axis not in str(err):
+            raise
+        raise ValueError(
+            f"the step reduces over {data_axis!r} itself: build it with axis_name=None for "
+            f"a sharded step. JAX said: {str(err)[:200]}"
+        ) from err
 
 
 def sharded_step(
@@ -173,7 +193,8 @@ def sharded_step(
       >>> state.params.sharding.spec, state.params.addressable_shards[0].data.shape
       (P('model',), (2, 4))
     """
-    _check_mesh(mesh, data_axis)
+    _check_mesh(mesh, data_axis, state_shardings=state_shardings,
+                teacher_shardings=teacher_shardings)
     replicated = NamedSharding(mesh, P())
 
     def call(state, batch, key, kwargs):
@@ -189,7 +210,7 @@ def sharded_step(
 
     def parallel_step(state, batch, key, **kwargs):
         fn, args = prepared(state, batch, key, kwargs)
-        return fn(*args)
+        return _run(fn, args, data_axis)
 
     def lower(state, batch, key, **kwargs):
         fn, args = prepared(state, batch, key, kwargs)
@@ -235,7 +256,8 @@ def sharded_eval_step(
       >>> int(run(w, {"x": jnp.eye(8), "y": jnp.arange(8)})["correct"])
       8
     """
-    _check_mesh(mesh, data_axis)
+    _check_mesh(mesh, data_axis, params_shardings=params_shardings,
+                teacher_shardings=teacher_shardings)
 
     def call(params, batch, kwargs):
         return eval_step(params, batch, **kwargs)
@@ -250,7 +272,7 @@ def sharded_eval_step(
 
     def run(params, batch, **kwargs):
         fn, args = prepared(params, batch, kwargs)
-        return fn(*args)
+        return _run(fn, args, data_axis)
 
     def lower(params, batch, **kwargs):
         fn, args = prepared(params, batch, kwargs)
