@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 from mtkd_jax.cache import build_cache_in_parallel
 from mtkd_jax.checkpoint import Checkpointer
 from mtkd_jax.evaluation import make_eval_step
+from mtkd_jax.parallel import global_batch_from_local, shard_batch
 from mtkd_jax.sharding import (
     abstract_like,
     fsdp,
@@ -330,6 +331,21 @@ def test_sharded_step_refuses_a_mismatch(problem):
     step = sharded_step(per_device, mesh, state_shardings=state_shardings(state, mesh, fsdp()))
     with pytest.raises(ValueError, match=r"axis_name=None"):
         step(state, batches[0], KEY)
+
+
+def test_batches_split_over_the_data_axis_of_a_2d_mesh(problem):
+    batch = problem[2][0]
+    mesh = make_mesh(2, 4)
+    placed = shard_batch(batch, mesh, data_axis="data")
+    local = global_batch_from_local(batch, mesh, data_axis="data")
+    for k in batch:
+        assert placed[k].sharding.spec == P("data") == local[k].sharding.spec
+        assert placed[k].addressable_shards[0].data.shape[0] == B // 2
+        np.testing.assert_array_equal(np.asarray(local[k]), batch[k])
+    with pytest.raises(ValueError, match="exactly one axis"):
+        shard_batch(batch, mesh)
+    with pytest.raises(ValueError, match="does not divide over 2"):
+        shard_batch({"x": batch["x"][:5]}, mesh, data_axis="data")
 
 
 def test_fsdp_picks_the_largest_divisible_axis():
