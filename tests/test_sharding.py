@@ -218,7 +218,7 @@ def test_more_teacher_layouts_equal_one_device(problem, reference, distill_steps
     _assert_same(got, reference[0])
 
 
-def test_codistill_and_supervised_under_sharding_equal_one_device(problem):
+def test_codistill_under_sharding_equals_one_device(problem):
     _, teachers, batches = problem
     mesh = make_mesh(2, 4)
     codistill = make_codistill_step(_mlp, _tx(), temperature=2.0, alpha=0.2)
@@ -228,6 +228,13 @@ def test_codistill_and_supervised_under_sharding_equal_one_device(problem):
     assert sh.params["w1"].spec == P("model") and sh.opt_state[0].mu["w1"].spec == P("model")
     step = sharded_step(codistill, mesh, state_shardings=sh)
     _assert_same(_run(step, state, batches[:STEPS]), _reference(codistill, state, batches[:STEPS]))
+
+
+@pytest.mark.slow
+def test_supervised_under_sharding_equals_one_device(problem):
+    # Slow only for the suite's time budget: the same `sharded_step` as the distill tests.
+    _, teachers, batches = problem
+    mesh = make_mesh(2, 4)
     supervised = make_supervised_step(_mlp, _tx())
     one = jax.tree.map(lambda v: v[0], teachers)
     state = init_train_state(one, _tx())
