@@ -9,6 +9,9 @@
 #                             teachers (GroupNorm), small ResNet student, every unit
 #   standard_f32, standard_bf16  benchmarks/run.py --workload standard (batch 256, ConvNets)
 #   strategy_f32              benchmarks/strategy_bench.py --preset gpu: vmap vs loop vs auto
+#   shard_gpu                 benchmarks/shard_bench.py over the GPUs (mesh 1 x D): replicated
+#                             vs FSDP / one-per-group teachers; with one GPU nothing is split
+#   shard_cpu8                the same on 8 fake CPU devices (mesh 2 x 4), for comparison
 # then prints one table (run.py --summarize) and writes OUT_DIR/summary.json next to each
 # run's JSON, stdout and log. The PyTorch unit is CPU-only and is left out here. Needs a
 # CUDA build of jaxlib (pip install -U "jax[cuda12]") and `pip install -e .` of this repo.
@@ -68,9 +71,18 @@ run gpu_bf16 benchmarks/run.py --workload gpu --dtype bfloat16 "${COMMON[@]}"
 run standard_f32 benchmarks/run.py --workload standard --dtype float32 "${COMMON[@]}"
 run standard_bf16 benchmarks/run.py --workload standard --dtype bfloat16 "${COMMON[@]}"
 run strategy_f32 benchmarks/strategy_bench.py --preset gpu --rounds 5
+# Sharded teachers (mtkd_jax.sharding); COMMON holds run.py flags, which do not apply here.
+run shard_gpu benchmarks/shard_bench.py
+JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+  run shard_cpu8 benchmarks/shard_bench.py --mesh 2x4 --repeats 5
 
 shopt -s nullglob
 files=("$OUT"/gpu_*.json "$OUT"/standard_*.json "$OUT"/strategy_*.json)
+for f in "$OUT"/shard_*.json; do  # its own table (not run.py's format)
+  echo "== $(basename "$f")"; python -c "import json,sys; d=json.load(open(sys.argv[1])); \
+[print(k, {m: round(v, 3) for m, v in r.items() if m.endswith('ratio')}) \
+ for k, r in d['variants'].items()]" "$f"
+done
 echo
 echo "== summary ($(( $(date +%s) - START )) s)"
 if (( ${#files[@]} )); then

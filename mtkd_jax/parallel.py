@@ -66,7 +66,13 @@ def data_mesh(devices=None, *, axis_name: str = "data") -> Mesh:
     return Mesh(np.asarray(devices), (axis_name,), axis_types=(AxisType.Auto,))
 
 
-def _axis(mesh: Mesh) -> str:
+def _axis(mesh: Mesh, data_axis: str | None = None) -> str:
+    if data_axis is not None:
+        if data_axis not in mesh.axis_names:
+            raise ValueError(
+                f"`data_axis` {data_axis!r} is not an axis of the mesh {mesh.axis_names}."
+            )
+        return data_axis
     if len(mesh.axis_names) != 1:
         raise ValueError(
             f"`mesh` must have exactly one axis (the data axis), got axes {mesh.axis_names}."
@@ -149,13 +155,21 @@ def _check_divisible(b: int, d: int, what: str) -> None:
         )
 
 
-def shard_batch(batch: dict, mesh: Mesh, *, batch_axes: Mapping[str, int] = BATCH_AXES) -> dict:
+def shard_batch(
+    batch: dict,
+    mesh: Mesh,
+    *,
+    batch_axes: Mapping[str, int] = BATCH_AXES,
+    data_axis: str | None = None,
+) -> dict:
     """Split a global batch (held by this process) over the mesh's data axis.
 
     Args:
       batch: dict of arrays, global batch size B on the batch axis (see `batch_specs`).
-      mesh: a one-axis mesh (`data_mesh`).
+      mesh: a one-axis mesh (`data_mesh`), or any mesh with `data_axis`.
       batch_axes: key -> position of that entry's batch axis (default `BATCH_AXES`).
+      data_axis: the axis to split over on a mesh of several axes (e.g. ``"data"`` of a
+        `mtkd_jax.sharding.make_mesh` mesh; the batch is replicated over the others).
 
     Returns:
       dict of `jax.Array`, each split over the devices.
@@ -170,14 +184,18 @@ def shard_batch(batch: dict, mesh: Mesh, *, batch_axes: Mapping[str, int] = BATC
       >>> b["x"].sharding.spec, b["x"].shape
       (P('data',), (4, 3))
     """
-    axis = _axis(mesh)
+    axis = _axis(mesh, data_axis)
     _check_divisible(_batch_size(batch, batch_axes), mesh.shape[axis], "Global batch size")
     specs = batch_specs(batch, axis, batch_axes=batch_axes)
     return {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in batch.items()}
 
 
 def global_batch_from_local(
-    local_batch: dict, mesh: Mesh, *, batch_axes: Mapping[str, int] = BATCH_AXES
+    local_batch: dict,
+    mesh: Mesh,
+    *,
+    batch_axes: Mapping[str, int] = BATCH_AXES,
+    data_axis: str | None = None,
 ) -> dict:
     """Assemble a global batch from each process's local slice (multi-host data loading).
 
@@ -188,8 +206,10 @@ def global_batch_from_local(
 
     Args:
       local_batch: dict of host arrays, local batch size B_local on the batch axis.
-      mesh: a one-axis mesh over the devices of all processes.
+      mesh: a one-axis mesh over the devices of all processes (or any mesh with
+        `data_axis`).
       batch_axes: key -> position of that entry's batch axis (default `BATCH_AXES`).
+      data_axis: the axis to split over on a mesh of several axes (see `shard_batch`).
 
     Returns:
       dict of global `jax.Array`, batch size B_local * process_count.
@@ -204,8 +224,9 @@ def global_batch_from_local(
       >>> g["x"].shape
       (2, 3)
     """
-    axis = _axis(mesh)
-    n_local = len(mesh.local_devices)
+    axis = _axis(mesh, data_axis)
+    # Devices of this process along the data axis (all of them on a one-axis mesh).
+    n_local = len(mesh.local_devices) * mesh.shape[axis] // mesh.size
     _check_divisible(
         _batch_size(local_batch, batch_axes), n_local, "Local (per-process) batch size"
     )

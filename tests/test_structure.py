@@ -26,6 +26,7 @@ LAYERS = {
     "data": 1,
     "batch": 2,
     "parallel": 2,
+    "sharding": 2,
     "distributed": 2,
     "state": 2,
     "steps": 2,

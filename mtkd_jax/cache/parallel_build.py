@@ -12,6 +12,7 @@ from mtkd_jax.cache.reader import TeacherCache, open_cache
 from mtkd_jax.cache.topk import DEFAULT_FILL, check_fill
 from mtkd_jax.cache.writer import build_cache
 from mtkd_jax.distributed import barrier, is_main_process, process_local
+from mtkd_jax.sharding import mesh_of
 
 __all__ = ["build_cache_in_parallel"]
 
@@ -39,6 +40,7 @@ def build_cache_in_parallel(
     num_examples: int,
     fill: str = DEFAULT_FILL,
     progress: bool = True,
+    teacher_shardings: Any = None,
     **build_kwargs,
 ) -> TeacherCache:
     """Build a teacher-output cache with every process caching its own batches, then open it.
@@ -61,6 +63,10 @@ def build_cache_in_parallel(
       num_examples: N, the size of the split the indices refer to.
       fill: reconstruction of top-k entries when reading (`DEFAULT_FILL`; see `open_cache`).
       progress: show a progress bar, on process 0 only.
+      teacher_shardings: None, or shardings of `teacher_params` over a mesh of this
+        process's own devices (`mtkd_jax.sharding.tree_shardings` on
+        `make_mesh(..., devices=jax.local_devices())`): each process then holds one copy of
+        the teachers split over its devices (see `build_cache`).
       **build_kwargs: `num_views`, `top_k`, `dtype`, `fingerprint`, `meta`, `overwrite` of
         `build_cache`.
 
@@ -85,6 +91,14 @@ def build_cache_in_parallel(
         raise ValueError("`shard` is set by build_cache_in_parallel: 'p<process index>'.")
     check_fill(fill)  # before the build, not after it
     _check_replicated(teacher_params)
+    if teacher_shardings is not None:
+        local = set(jax.local_devices())
+        if not set(mesh_of(teacher_shardings, "teacher_shardings").devices.flat) <= local:
+            raise ValueError(
+                "`teacher_shardings` must lie on this process's own devices (a mesh over "
+                "`jax.local_devices()`): every process caches its batches on its own."
+            )
+        build_kwargs["teacher_shardings"] = teacher_shardings
     count = jax.process_count()
     build_cache(
         path,

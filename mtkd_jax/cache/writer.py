@@ -11,12 +11,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mtkd_jax import _checks
 from mtkd_jax.cache.format import FORMAT, create_row_files, header_file, index_dtype, write_header
 from mtkd_jax.cache.reader import TeacherCache, open_cache
 from mtkd_jax.cache.topk import check_top_k, top_k_of_logits
 from mtkd_jax.checkpoint import params_fingerprint
+from mtkd_jax.sharding import mesh_of, place
 
 __all__ = ["build_cache"]
 
@@ -96,6 +99,7 @@ def build_cache(
     meta: dict | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    teacher_shardings: Any = None,
 ) -> TeacherCache:
     """Run the teachers once over `batches` and store their outputs by example index.
 
@@ -124,6 +128,10 @@ def build_cache(
       meta: JSON-serialisable notes kept in the header (dataset, split, augmentation seed).
       overwrite: replace an existing cache (shard) in `path`.
       progress: show a progress bar (tqdm) on stderr.
+      teacher_shardings: None, or `NamedSharding`s of `teacher_params` over one mesh
+        (`mtkd_jax.sharding.tree_shardings`) for teachers that fit only when sharded: the
+        params are placed so and the teachers run as one program over that mesh (each batch
+        replicated on it).
 
     Returns:
       The `TeacherCache` of this shard. Its header records `build_seconds` and `num_written`.
@@ -169,7 +177,13 @@ def build_cache(
             return z, None, None
         return tuple(top_k_of_logits(z, top_k=top_k))
 
-    run = jax.jit(lambda tp, x: post(teacher_apply(tp, x)))
+    if teacher_shardings is None:
+        run = jax.jit(lambda tp, x: post(teacher_apply(tp, x)))
+    else:
+        mesh = mesh_of(teacher_shardings, "teacher_shardings")
+        teacher_params = place(teacher_params, teacher_shardings)
+        run = jax.jit(lambda tp, x: post(teacher_apply(tp, x)),
+                      in_shardings=(teacher_shardings, NamedSharding(mesh, P())))
     files = {}
     sizes: dict[str, Any] = {"written": 0, "x": None}
 

@@ -71,7 +71,9 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def global_batches(local_batches: Iterable[dict], mesh) -> Iterator[dict]:
+def global_batches(
+    local_batches: Iterable[dict], mesh, *, data_axis: str | None = None
+) -> Iterator[dict]:
     """Turn each process's slices of the global batches into global arrays on `mesh`.
 
     Every process iterates its own `local_batches` (e.g. `mtkd_jax.data.batches`, which
@@ -82,7 +84,9 @@ def global_batches(local_batches: Iterable[dict], mesh) -> Iterator[dict]:
     Args:
       local_batches: iterable of dicts of host arrays, `[B/P, ...]` on the batch axis
         (`[K, B/P, C]` for `"teacher_logits"`).
-      mesh: a one-axis mesh over the devices of all processes (`parallel.data_mesh()`).
+      mesh: a one-axis mesh over the devices of all processes (`parallel.data_mesh()`), or
+        a mesh of several axes with `data_axis` (`mtkd_jax.sharding.make_mesh`).
+      data_axis: the axis the batch is split over on a mesh of several axes.
 
     Yields:
       dicts of global `jax.Array`, batch size B, split over the mesh's data axis.
@@ -101,7 +105,7 @@ def global_batches(local_batches: Iterable[dict], mesh) -> Iterator[dict]:
     source = iter(local_batches)
     try:
         for batch in source:
-            yield global_batch_from_local(batch, mesh)
+            yield global_batch_from_local(batch, mesh, data_axis=data_axis)
     finally:
         close = getattr(source, "close", None)
         if close is not None:

@@ -16,6 +16,10 @@ A teacher is a plain `apply_fn(params, x) -> [B, C]` or any `mtkd_jax.models.Mod
 Linen or NNX module), which runs in evaluation mode (`Model.eval_apply`: Dropout off,
 BatchNorm running statistics, nothing updated) on its variables `{"params",
 "model_state"}` (`mtkd_jax.variables_of`, stacked like params).
+
+Teachers that fit only when sharded: the same `teacher_apply`, jitted over a 2-D mesh with
+the teachers' shardings as an argument, is `mtkd_jax.sharding.sharded_teacher_apply`
+(inside a train step: `mtkd_jax.sharding.sharded_step(..., teacher_shardings=...)`).
 """
 
 from __future__ import annotations
