@@ -190,8 +190,8 @@ def build_cache(
         shape = jax.eval_shape(teacher_apply, teacher_params, x).shape
         if len(shape) not in (3, 4) or shape[1] != np.shape(x)[0]:
             raise ValueError(
-                f"`teacher_apply` must return logits [K, B, C] (or [K, B, L, V] for "
-                f"sequences) with B={np.shape(x)[0]} (the batch), got {shape}."
+                f"`teacher_apply` must return logits [K, B, C] with B={np.shape(x)[0]} (the "
+                f"batch), or [K, B, L, V] for sequences, got {shape}."
             )
         seq_len = shape[2] if len(shape) == 4 else None
         if seq_len is None and tokenizer is not None:
