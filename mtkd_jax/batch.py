@@ -5,6 +5,11 @@ A batch is a dict::
     {"x": [B, ...], "y": [B] int (optional), "label_mask": [B] (optional, 1 = labeled),
      "teacher_logits": [K, B, C] (optional, precomputed), "index": [B], "view": [B]}
 
+A sequence batch adds a token axis L: "y" `[B, L]`, "mask" `[B, L]` (1 = a real token,
+0 = padding, counted in no loss, weight or metric), "teacher_logits" `[K, B, L, V]`, and
+the models' logits are `[B, L, V]`; "label_mask" may then be `[B]` or `[B, L]`. A
+classification batch is the L-less case of the same code.
+
 `batch_parts` checks what is known while tracing (keys, shapes, dtypes, B >= 1); it runs
 inside every step. `check_batch` checks what only concrete values tell (labels in range,
 finite teacher logits, a valid mask); `loop.fit`, `evaluation.evaluate` and
@@ -22,23 +27,42 @@ import numpy as np
 
 from mtkd_jax import _checks
 from mtkd_jax.precision import at_least_float32
+from mtkd_jax.reduce import combine_masks
 
 __all__ = ["BatchParts", "batch_parts", "check_batch", "teacher_logits_of"]
 
 _LAYOUT = (
     "{'x': [B, ...], 'y': [B] int labels (optional), 'label_mask': [B] (optional), "
-    "'teacher_logits': [K, B, C] (optional)}"
+    "'teacher_logits': [K, B, C] (optional)}; sequences: 'y' [B, L], 'mask' [B, L], "
+    "'teacher_logits' [K, B, L, V]"
 )
 
 
 class BatchParts(NamedTuple):
-    """The parts of a batch a step uses: `x` `[B, ...]`, `labels` `[B]` or None,
-    `label_mask` `[B]` or None, `size` B."""
+    """The parts of a batch a step uses: `x` `[B, ...]`, `labels` `[B]` (`[B, L]`) or None,
+    `label_mask` `[B]` (or `[B, L]`) or None, `size` B, `mask` `[B, L]` padding mask or None.
+    """
 
     x: jax.Array
     labels: jax.Array | None
     label_mask: jax.Array | None
     size: int
+    mask: jax.Array | None = None
+
+    @property
+    def lead(self) -> tuple[int, ...] | None:
+        """The shape of the predictions' leading axes: `(B,)`, `(B, L)` for a sequence
+        batch, or None when the batch does not say (no labels and no mask)."""
+        if self.labels is not None:
+            return tuple(jnp.shape(self.labels))
+        if self.mask is not None:
+            return tuple(jnp.shape(self.mask))
+        return None
+
+    @property
+    def hard_mask(self):
+        """Where a labeled term counts: `mask * label_mask` (`reduce.combine_masks`)."""
+        return combine_masks(self.mask, self.label_mask)
 
 
 def batch_parts(batch) -> BatchParts:
@@ -61,30 +85,60 @@ def batch_parts(batch) -> BatchParts:
         raise ValueError(
             f"`batch['x']` is empty (shape {jnp.shape(x)}): a batch needs at least one example."
         )
+    token_mask = batch.get("mask")
+    if token_mask is not None:
+        shape = tuple(jnp.shape(token_mask))
+        if len(shape) < 2 or shape[0] != b:
+            raise ValueError(
+                f"`batch['mask']` (the padding mask of a sequence batch) must have shape "
+                f"[B, L] with B={b} (the batch size of 'x'), got {shape}."
+            )
+        dtype = jnp.result_type(token_mask)
+        if not (jnp.issubdtype(dtype, jnp.number) or dtype == jnp.bool_):
+            raise TypeError(f"`batch['mask']` must be numeric or boolean, got dtype {dtype}.")
     labels = batch.get("y")
     if labels is not None:
-        _checks.check_labels(labels, "batch['y']", (b,))
+        if token_mask is not None:
+            lead = tuple(jnp.shape(token_mask))
+        elif jnp.ndim(labels) >= 2 and jnp.shape(labels)[0] == b:
+            lead = tuple(jnp.shape(labels))  # token labels [B, L] without padding
+        else:
+            lead = (b,)
+        _checks.check_labels(labels, "batch['y']", lead)
     mask = batch.get("label_mask")
     if mask is not None:
-        if jnp.shape(mask) != (b,):
+        lead = (b,) if labels is None else tuple(jnp.shape(labels))
+        if tuple(jnp.shape(mask)) not in {(b,), lead}:
+            want = f"[B]=({b},)" + ("" if lead == (b,) else f" or [B, L]={lead}")
             raise ValueError(
-                f"`batch['label_mask']` must have shape [B]=({b},), got {jnp.shape(mask)}."
+                f"`batch['label_mask']` must have shape {want}, got {jnp.shape(mask)}."
             )
         if labels is None:
             raise ValueError("`batch['label_mask']` is given but `batch['y']` (the labels) is not.")
     tl = batch.get("teacher_logits")
     if tl is not None:
-        if jnp.ndim(tl) != 3 or jnp.shape(tl)[1] != b:
+        want = BatchParts(x, labels, mask, b, token_mask).lead or (b,)
+        if jnp.ndim(tl) != len(want) + 2 or tuple(jnp.shape(tl)[1:-1]) != want:
+            if len(want) == 1:
+                raise ValueError(
+                    f"`batch['teacher_logits']` must have shape [K, B, C] with B={b} (the "
+                    f"batch size of 'x'), got {jnp.shape(tl)}."
+                )
             raise ValueError(
-                f"`batch['teacher_logits']` must have shape [K, B, C] with B={b} (the batch "
-                f"size of 'x'), got {jnp.shape(tl)}."
+                f"`batch['teacher_logits']` must have shape [K, B, L, V] with [B, L]={want} "
+                f"(the shape of 'y' / 'mask'), got {jnp.shape(tl)}."
             )
         _checks.check_float(tl, "batch['teacher_logits']")
-    return BatchParts(x, labels, mask, b)
+    if token_mask is None and labels is not None and jnp.ndim(labels) >= 2:
+        token_mask = jnp.ones(jnp.shape(labels), jnp.float32)  # token labels, no padding
+    return BatchParts(x, labels, mask, b, token_mask)
 
 
-def teacher_logits_of(batch: dict, x, teacher_apply, teacher_params, *, required: bool = True):
-    """The teachers' logits `[K, B, C]` for a batch, frozen (`stop_gradient`), >= float32.
+def teacher_logits_of(
+    batch: dict, x, teacher_apply, teacher_params, *, required: bool = True, lead=None
+):
+    """The teachers' logits `[K, B, C]` (`[K, B, L, V]`) for a batch, frozen
+    (`stop_gradient`), >= float32.
 
     Run online as `teacher_apply(teacher_params, x)`, or, when `teacher_apply` is None, read
     from `batch["teacher_logits"]` (precomputed, e.g. from `mtkd_jax.cache`).
@@ -95,6 +149,7 @@ def teacher_logits_of(batch: dict, x, teacher_apply, teacher_params, *, required
       teacher_apply: `(teacher_params, x) -> [K, B, C]`, or None.
       teacher_params: the teachers' params (needed with `teacher_apply`).
       required: raise when there are no teacher logits; otherwise return None.
+      lead: the batch's leading axes (`BatchParts.lead`: `(B,)` or `(B, L)`); None for `(B,)`.
 
     Example:
       >>> import jax.numpy as jnp
@@ -122,9 +177,15 @@ def teacher_logits_of(batch: dict, x, teacher_apply, teacher_params, *, required
                 "`step(state, batch, key, teacher_params=tp)`."
             )
         z = teacher_apply(teacher_params, x)
-    if jnp.ndim(z) != 3 or jnp.shape(z)[1] != b:
+    want = (b,) if lead is None else tuple(lead)
+    if jnp.ndim(z) != len(want) + 2 or tuple(jnp.shape(z)[1:-1]) != want:
+        if len(want) == 1:
+            raise ValueError(
+                f"teacher logits must have shape [K, B, C] with B={b}, got {jnp.shape(z)}."
+            )
         raise ValueError(
-            f"teacher logits must have shape [K, B, C] with B={b}, got {jnp.shape(z)}."
+            f"teacher logits must have shape [K, B, L, V] with [B, L]={want}, got "
+            f"{jnp.shape(z)}."
         )
     _checks.check_float(z, "teacher logits")
     # bfloat16 teachers: softmaxes, weights and targets in float32 (mtkd_jax.precision).
@@ -175,10 +236,27 @@ def check_batch(batch: dict, *, num_classes: int | None = None) -> int:
             "`batch['label_mask']` must be finite and >= 0 (1 = labeled, 0 = unlabeled); got "
             f"values {np.unique(mask)[:8].tolist()}."
         )
+    token_mask = None if parts.mask is None else _host(parts.mask)
+    if token_mask is not None:
+        token_mask = token_mask.astype(np.float64)
+        if not np.all(np.isfinite(token_mask) & (token_mask >= 0)):
+            raise ValueError(
+                "`batch['mask']` must be finite and >= 0 (1 = token, 0 = padding); got values "
+                f"{np.unique(token_mask)[:8].tolist()}."
+            )
+        if not np.any(token_mask > 0):
+            raise ValueError(
+                f"`batch['mask']` (shape {token_mask.shape}) is 0 everywhere: an all-padding "
+                "batch has no token to learn from or to evaluate. Drop it from the stream."
+            )
     labels = None if parts.labels is None else _host(parts.labels)
     if labels is not None:
-        if mask is not None and mask.shape == labels.shape:
-            labels = labels[mask > 0]
+        keep = np.ones(labels.shape, bool)
+        if mask is not None and labels.shape[: mask.ndim] == mask.shape:
+            keep &= mask.reshape(mask.shape + (1,) * (labels.ndim - mask.ndim)) > 0
+        if token_mask is not None and token_mask.shape == labels.shape:
+            keep &= token_mask > 0
+        labels = labels[keep]
         high = np.inf if num_classes is None else num_classes
         bad = (labels < 0) | (labels >= high)
         if bad.any():
@@ -186,7 +264,7 @@ def check_batch(batch: dict, *, num_classes: int | None = None) -> int:
             raise ValueError(
                 f"`batch['y']` labels must be in {span}; found "
                 f"{np.unique(labels[bad]).tolist()[:10]}. Mark examples without a label with "
-                "batch['label_mask'] = 0 instead."
+                "batch['label_mask'] = 0 (padding tokens with batch['mask'] = 0) instead."
             )
     tl = batch.get("teacher_logits")
     if tl is not None:

@@ -17,6 +17,7 @@ from mtkd_jax.batch import batch_parts, check_batch, teacher_logits_of
 from mtkd_jax.metrics import MetricStats, batch_stats, compute_metrics, merge_stats
 from mtkd_jax.models.adapt import eval_apply_of
 from mtkd_jax.targets import fuse_targets
+from mtkd_jax.token_metrics import TokenStats, compute_token_metrics, token_stats
 
 __all__ = ["make_eval_step", "evaluate"]
 
@@ -33,6 +34,9 @@ def make_eval_step(
     The teacher ensemble is the (weighted) mean of the teachers' probabilities at T = 1, the
     same fusion as the distillation target; agreement is measured against it for the student
     and every teacher. Examples with `batch["label_mask"]` 0 (e.g. padding) are not counted.
+    A sequence batch (`batch["y"]` `[B, L]`, `batch["mask"]` `[B, L]`, logits `[B, L, V]`)
+    gives `mtkd_jax.token_metrics.TokenStats` over its valid tokens instead (per-token
+    accuracy, NLL / perplexity, agreement with the ensemble).
 
     Args:
       student_apply: `apply(params, x) -> [B, C]`; or a `mtkd_jax.models.Model` (or a Linen
@@ -68,15 +72,25 @@ def make_eval_step(
         student_apply = eval_apply_of(student_apply)
 
     def eval_step(params, batch: dict, *, teacher_params=None) -> dict[str, MetricStats]:
-        x, labels, mask, b = batch_parts(batch)
+        parts = batch_parts(batch)
+        x, labels, mask, b, token_mask = parts
         if labels is None:
             raise ValueError("Evaluation needs labels in batch['y'].")
+        lead = parts.lead
+        sequence = len(lead) > 1
+        if sequence:
+            mask = parts.hard_mask
+        stats_fn = token_stats if sequence else batch_stats
         teacher_logits = teacher_logits_of(batch, x, teacher_apply, teacher_params,
-                                           required=False)
+                                           required=False, lead=lead)
         logits = None if student_apply is None else student_apply(params, x)
-        if logits is not None and (jnp.ndim(logits) != 2 or jnp.shape(logits)[0] != b):
+        if logits is not None and (
+            jnp.ndim(logits) != len(lead) + 1 or tuple(jnp.shape(logits)[:-1]) != lead
+        ):
+            layout = "[B, L, V]" if sequence else "[B, C]"
             raise ValueError(
-                f"`student_apply` must return logits [B, C] with B={b}, got {jnp.shape(logits)}."
+                f"`student_apply` must return logits {layout} with leading axes {lead}, got "
+                f"{jnp.shape(logits)}."
             )
         if logits is not None and teacher_logits is not None:
             if logits.shape[-1] != teacher_logits.shape[-1]:
@@ -92,12 +106,12 @@ def make_eval_step(
             w = jnp.full((k,), 1.0 / k) if ensemble_weights is None else ensemble_weights
             ens = fuse_targets(probs, jnp.asarray(w, jnp.float32))
             out["teachers"] = jax.vmap(
-                lambda z: batch_stats(z, labels, reference_probs=ens, mask=mask)
+                lambda z: stats_fn(z, labels, reference_probs=ens, mask=mask)
             )(teacher_logits)
             ens_logits = jnp.log(jnp.maximum(ens, jnp.finfo(ens.dtype).tiny))
-            out["ensemble"] = batch_stats(ens_logits, labels, reference_probs=ens, mask=mask)
+            out["ensemble"] = stats_fn(ens_logits, labels, reference_probs=ens, mask=mask)
         if logits is not None:
-            out["student"] = batch_stats(logits, labels, reference_probs=ens, mask=mask)
+            out["student"] = stats_fn(logits, labels, reference_probs=ens, mask=mask)
         if not out:
             raise ValueError(
                 "Nothing to evaluate: no `student_apply`, no `teacher_apply` and no "
@@ -111,8 +125,11 @@ def make_eval_step(
 
 
 def _summarize(total: dict[str, MetricStats]) -> dict[str, dict[str, jax.Array]]:
+    def compute(s):
+        return compute_token_metrics(s) if isinstance(s, TokenStats) else compute_metrics(s)
+
     return {
-        name: jax.vmap(compute_metrics)(s) if name == "teachers" else compute_metrics(s)
+        name: jax.vmap(compute)(s) if name == "teachers" else compute(s)
         for name, s in total.items()
     }
 
@@ -142,7 +159,8 @@ def evaluate(
     Returns:
       `{"student": {...}, "<teacher name>": {...}, ..., "ensemble": {...}}`, each with
       accuracy, precision, recall, f1 (macro), nll, ece, agreement (with the ensemble) and n,
-      as Python floats.
+      as Python floats; for sequence batches accuracy, nll, perplexity, agreement and n
+      per valid token.
 
     Example:
       >>> import jax.numpy as jnp
@@ -159,7 +177,8 @@ def evaluate(
     for batch in batches:
         if num_classes is None:
             shapes = jax.eval_shape(eval_step, params, batch, teacher_params=teacher_params)
-            num_classes = next(iter(shapes.values())).confusion.shape[-1]
+            first = next(iter(shapes.values()))
+            num_classes = None if isinstance(first, TokenStats) else first.confusion.shape[-1]
         check_batch(batch, num_classes=num_classes)
         stats = step(params, batch, teacher_params=teacher_params)
         total = stats if total is None else merge(total, stats)

@@ -18,9 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from mtkd_jax import _checks
-from mtkd_jax.divergence import log_softmax_t, softmax_t
-from mtkd_jax.precision import at_least_float32
-from mtkd_jax.reduce import global_mean
+from mtkd_jax.example_losses import SOFT_LOSSES, cross_entropy, soft_kl, soft_mse
+from mtkd_jax.reduce import combine_masks, global_count, global_mean, masked_sum, normalize
 
 __all__ = [
     "soft_mse",
@@ -29,115 +28,14 @@ __all__ = [
     "mix_losses",
     "distillation_loss",
     "LossParts",
+    "LossSums",
+    "distillation_sums",
+    "finish_loss",
     "mean_cross_entropy",
     "mean_distillation_loss",
     "per_teacher_soft_kl",
     "SOFT_LOSSES",
 ]
-
-
-def _check_pair(student_logits, targets):
-    """Check a `[..., C]` pair and return both as arrays, at least float32."""
-    student_logits, targets = jnp.asarray(student_logits), jnp.asarray(targets)
-    _checks.check_float(student_logits, "student_logits")
-    _checks.check_float(targets, "targets")
-    student_logits, targets = at_least_float32(student_logits), at_least_float32(targets)
-    _checks.check_same_classes(student_logits.shape, targets.shape, "student_logits", "targets")
-    if student_logits.shape != targets.shape:
-        raise ValueError(
-            f"`student_logits` {student_logits.shape} and `targets` {targets.shape} must have the "
-            "same shape [..., C]."
-        )
-    return student_logits, targets
-
-
-def soft_mse(
-    student_logits: jax.Array, targets: jax.Array, *, temperature: float | jax.Array = 1.0
-) -> jax.Array:
-    r"""The article's objective: squared error between probabilities, summed over classes.
-
-    :math:`\ell = \sum_c (\mathrm{softmax}(s / T)_c - t_c)^2`.
-
-    Args:
-      student_logits: `[..., C]`.
-      targets: `[..., C]` target probabilities (e.g. `fuse_targets`).
-      temperature: T > 0 applied to the student.
-
-    Returns:
-      `[...]` per-example loss.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from mtkd_jax.losses import soft_mse
-      >>> soft_mse(jnp.zeros(2), jnp.array([1.0, 0.0]))
-      Array(0.5, dtype=float32)
-    """
-    student_logits, targets = _check_pair(student_logits, targets)
-    q = softmax_t(student_logits, temperature=temperature)
-    return jnp.sum(jnp.square(q - targets), axis=-1)
-
-
-def soft_kl(
-    student_logits: jax.Array, targets: jax.Array, *, temperature: float | jax.Array = 1.0
-) -> jax.Array:
-    r"""Temperature-scaled KL (Hinton et al., 2015): :math:`T^2\,KL(t \| \mathrm{softmax}(s/T))`.
-
-    :math:`\ell = T^2 \sum_c t_c (\log t_c - \log\mathrm{softmax}(s/T)_c)`, with terms where
-    :math:`t_c = 0` contributing 0. The :math:`T^2` keeps gradient magnitudes comparable
-    across temperatures (TextBrewer omits it: divide by :math:`T^2`, or scale its learning
-    rate by :math:`T^2`, to compare). Computed in log space.
-
-    Args:
-      student_logits: `[..., C]`.
-      targets: `[..., C]` target probabilities (already at temperature T). A NaN target
-        gives a NaN loss (it is not hidden by the zero-mass rule).
-      temperature: T > 0 applied to the student, and the `T^2` factor.
-
-    Returns:
-      `[...]` per-example loss, >= 0.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from mtkd_jax.losses import soft_kl
-      >>> soft_kl(jnp.zeros(2), jnp.array([0.5, 0.5]), temperature=4.0)
-      Array(0., dtype=float32)
-    """
-    student_logits, targets = _check_pair(student_logits, targets)
-    log_q = log_softmax_t(student_logits, temperature=temperature)
-    # No mass (<= 0: exact zeros, and rounding-level negatives of a fused target) adds 0; a
-    # NaN target fails both comparisons and must show in the value, not only in the
-    # gradient, so that a bad teacher is caught at the step that produced it.
-    zero = targets <= 0
-    safe_t = jnp.where(zero, 1.0, targets)
-    kl = jnp.sum(jnp.where(zero, 0.0, targets * (jnp.log(safe_t) - log_q)), axis=-1)
-    return jnp.square(temperature) * kl
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    r"""Cross-entropy with integer labels: :math:`-\log\mathrm{softmax}(z)_y`.
-
-    Args:
-      logits: `[..., C]`.
-      labels: `[...]` integers in `[0, C)`.
-
-    Returns:
-      `[...]` per-example loss.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from mtkd_jax.losses import cross_entropy
-      >>> cross_entropy(jnp.zeros((1, 4)), jnp.array([2])).round(4)
-      Array([1.3863], dtype=float32)
-    """
-    logits, labels = jnp.asarray(logits), jnp.asarray(labels)
-    _checks.check_float(logits, "logits")
-    _checks.check_labels(labels, "labels", logits.shape[:-1])
-    logp = jax.nn.log_softmax(at_least_float32(logits), axis=-1)
-    return -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
-
-
-SOFT_LOSSES: dict[str, Callable[..., jax.Array]] = {"kl": soft_kl, "mse": soft_mse}
-"""Name -> soft loss `fn(student_logits, targets, *, temperature) -> [...]`."""
 
 
 def mix_losses(soft: jax.Array, hard: jax.Array, *, alpha: float | jax.Array) -> jax.Array:
@@ -242,14 +140,16 @@ def mean_cross_entropy(
     labels: jax.Array,
     *,
     label_mask: jax.Array | None = None,
+    mask: jax.Array | None = None,
     axis_name: str | None = None,
 ) -> jax.Array:
-    """Mean CE over the labeled examples of the global batch (see `reduce.global_mean`).
+    """Mean CE over the labeled examples (tokens) of the global batch (`reduce.global_mean`).
 
     Args:
-      logits: `[B, C]`.
-      labels: `[B]` int labels; rows with `label_mask` 0 may hold anything.
-      label_mask: optional `[B]`, 1 for labeled rows.
+      logits: `[B, C]` (`[B, L, V]` for sequences).
+      labels: `[B]` (`[B, L]`) int labels; rows with `label_mask` 0 may hold anything.
+      label_mask: optional `[B]` (or `[B, L]`), 1 for labeled rows.
+      mask: optional `[B, L]` padding mask of a sequence batch (0 = padding).
       axis_name: the mapped data axis of a per-device step, or None.
 
     Returns:
@@ -262,8 +162,107 @@ def mean_cross_entropy(
       >>> mean_cross_entropy(z, jnp.array([0, -1]), label_mask=jnp.array([1, 0])).round(4)
       Array(0.6931, dtype=float32)
     """
-    ce = cross_entropy(logits, _safe_labels(labels, label_mask))
-    return global_mean(ce, label_mask, axis_name=axis_name)
+    hard_mask = combine_masks(mask, label_mask)
+    ce = cross_entropy(logits, _safe_labels(labels, hard_mask))
+    return global_mean(ce, hard_mask, axis_name=axis_name)
+
+
+class LossSums(NamedTuple):
+    """This device's sums of the two loss terms and the weights they are divided by.
+
+    Attributes:
+      soft: summed soft loss over the counted positions (examples or valid tokens).
+      hard: summed CE over the labeled positions.
+      soft_count: the number (summed weight) of positions in `soft`.
+      hard_count: the number of positions in `hard`.
+    """
+
+    soft: jax.Array
+    hard: jax.Array
+    soft_count: jax.Array
+    hard_count: jax.Array
+
+
+def distillation_sums(
+    student_logits: jax.Array,
+    targets: jax.Array,
+    labels: jax.Array | None = None,
+    *,
+    temperature: float | jax.Array = 1.0,
+    soft_loss: str = "kl",
+    label_mask: jax.Array | None = None,
+    mask: jax.Array | None = None,
+) -> LossSums:
+    r"""The two terms of the distillation loss as sums over this device's positions.
+
+    Sums (not means) add exactly across the chunks of a sequence (`mtkd_jax.losses_chunked`)
+    and across devices; `finish_loss` divides them by the global counts.
+
+    Args:
+      student_logits: `[B, C]` or `[B, L, V]`.
+      targets: same shape, target probabilities (held fixed).
+      labels: optional `[B]` / `[B, L]` int labels.
+      temperature: T > 0.
+      soft_loss: a name in `SOFT_LOSSES`.
+      label_mask: optional `[B]` (or `[B, L]`), 1 for labeled positions.
+      mask: optional `[B, L]` padding mask (0 = padding: in neither term).
+
+    Returns:
+      `LossSums`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtkd_jax.losses import distillation_sums
+      >>> s = distillation_sums(jnp.zeros((1, 2, 2)), jnp.full((1, 2, 2), 0.5),
+      ...                       jnp.array([[0, 1]]), mask=jnp.array([[1, 0]]))
+      >>> float(s.soft), round(float(s.hard), 4), float(s.soft_count)
+      (0.0, 0.6931, 1.0)
+    """
+    soft_fn = _check_soft_loss(soft_loss)
+    targets = jax.lax.stop_gradient(targets)
+    soft_vals = soft_fn(student_logits, targets, temperature=temperature)
+    if mask is None and soft_vals.ndim > 1:
+        mask = jnp.ones(soft_vals.shape, soft_vals.dtype)  # every token counts
+    soft_w = None if mask is None else jnp.asarray(mask, soft_vals.dtype)
+    soft = masked_sum(soft_vals, soft_w)
+    soft_count = (jnp.asarray(soft_vals.shape[0], soft_vals.dtype) if soft_w is None
+                  else global_count(soft_w))
+    if labels is None:
+        zero = jnp.zeros((), soft.dtype)
+        return LossSums(soft, zero, soft_count, zero)
+    hard_mask = combine_masks(mask, label_mask)
+    ce = cross_entropy(student_logits, _safe_labels(labels, hard_mask))
+    hard_w = None if hard_mask is None else jnp.asarray(hard_mask, ce.dtype)
+    hard = masked_sum(ce, hard_w)
+    hard_count = (jnp.asarray(ce.shape[0], ce.dtype) if hard_w is None
+                  else global_count(hard_w))
+    return LossSums(soft, hard, soft_count, hard_count)
+
+
+def finish_loss(
+    sums: LossSums, *, alpha: float | jax.Array = 0.0, axis_name: str | None = None
+) -> LossParts:
+    r"""Divide `LossSums` by the global counts (psum'ed over `axis_name`) and mix them.
+
+    With `axis_name` the counts are summed over the devices and every device returns
+    `reduce.normalize`'s scaled share, so the pmean of the loss and of its gradients is the
+    single-device value.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtkd_jax.losses import LossSums, finish_loss
+      >>> sums = LossSums(*map(jnp.float32, (2.0, 3.0, 4.0, 1.0)))
+      >>> [float(v) for v in finish_loss(sums, alpha=0.5)]
+      [1.75, 0.5, 3.0]
+    """
+    _checks.check_unit_interval(alpha, "alpha")
+    soft_count, hard_count = sums.soft_count, sums.hard_count
+    if axis_name is not None:
+        soft_count = jax.lax.psum(soft_count, axis_name)
+        hard_count = jax.lax.psum(hard_count, axis_name)
+    soft = normalize(sums.soft, jax.lax.stop_gradient(soft_count), axis_name=axis_name)
+    hard = normalize(sums.hard, jax.lax.stop_gradient(hard_count), axis_name=axis_name)
+    return LossParts(mix_losses(soft, hard, alpha=alpha), soft, hard)
 
 
 def mean_distillation_loss(
@@ -275,23 +274,27 @@ def mean_distillation_loss(
     temperature: float | jax.Array = 1.0,
     soft_loss: str = "kl",
     label_mask: jax.Array | None = None,
+    mask: jax.Array | None = None,
     axis_name: str | None = None,
 ) -> LossParts:
     r"""The distillation loss of a batch: soft mean over all examples, CE over labeled ones.
 
     :math:`(1-\alpha)\,\overline{\ell_{soft}(s, t)} + \alpha\,\overline{CE(s, y)}_{labeled}`,
-    each mean over the global batch (`reduce.global_mean`), so a per-device step
-    (`axis_name`) pmean'd over the devices equals the single-device step however the labeled
-    examples fall. This is the loss of `mtkd_jax.steps.make_distill_step`.
+    each mean over the global batch (`distillation_sums` then `finish_loss`), so a per-device
+    step (`axis_name`) pmean'd over the devices equals the single-device step however the
+    labeled examples (or padding tokens) fall. For sequences (`[B, L, V]` logits, `mask`
+    `[B, L]`) both means are over the valid tokens of the global batch. This is the loss of
+    `mtkd_jax.steps.make_distill_step`.
 
     Args:
-      student_logits: `[B, C]`.
-      targets: `[B, C]` target probabilities (held fixed: no gradient flows into them).
-      labels: optional `[B]` int labels (needed unless `alpha` is a concrete 0).
+      student_logits: `[B, C]` or `[B, L, V]`.
+      targets: same shape, target probabilities (held fixed: no gradient flows into them).
+      labels: optional `[B]` (`[B, L]`) int labels (needed unless `alpha` is a concrete 0).
       alpha: hard-label weight in [0, 1].
       temperature: T > 0.
       soft_loss: a name in `SOFT_LOSSES`.
-      label_mask: optional `[B]`, 1 for labeled examples.
+      label_mask: optional `[B]` (or `[B, L]`), 1 for labeled examples.
+      mask: optional `[B, L]` padding mask (0 = padding, counted in neither term).
       axis_name: the mapped data axis of a per-device step, or None.
 
     Returns:
@@ -305,21 +308,15 @@ def mean_distillation_loss(
       >>> [round(float(v), 4) for v in parts]
       [0.3466, 0.0, 0.6931]
     """
-    soft_fn = _check_soft_loss(soft_loss)
+    _check_soft_loss(soft_loss)
     _checks.check_unit_interval(alpha, "alpha")
-    targets = jax.lax.stop_gradient(targets)
-    soft = global_mean(soft_fn(student_logits, targets, temperature=temperature),
-                       axis_name=axis_name)
-    if labels is None:
-        if not _checks.is_concrete_zero(alpha):
-            raise ValueError(
-                "`alpha` > 0 (the hard-label weight) needs labels (batch['y'])."
-            )
-        hard = jnp.zeros((), soft.dtype)
-    else:
-        hard = mean_cross_entropy(student_logits, labels, label_mask=label_mask,
-                                  axis_name=axis_name)
-    return LossParts(mix_losses(soft, hard, alpha=alpha), soft, hard)
+    if labels is None and not _checks.is_concrete_zero(alpha):
+        raise ValueError(
+            "`alpha` > 0 (the hard-label weight) needs labels (batch['y'])."
+        )
+    sums = distillation_sums(student_logits, targets, labels, temperature=temperature,
+                             soft_loss=soft_loss, label_mask=label_mask, mask=mask)
+    return finish_loss(sums, alpha=alpha, axis_name=axis_name)
 
 
 def per_teacher_soft_kl(

@@ -6,7 +6,8 @@ k = `top_k`:
 
 ```
 cache{-shard}.json    header (written last, atomically: its presence marks a finished build)
-values{-shard}.npy    [V, N, K, C] logits, or [V, N, K, k] top-k log-probabilities (`dtype`)
+values{-shard}.npy    [V, N, K, C] logits, or [V, N, K, k] top-k log-probabilities (`dtype`);
+                      a sequence cache has a token axis L before the last: [V, N, K, L, k]
 classes{-shard}.npy   [V, N, K, k] class indices (`index_dtype`: int16 when C <= 32767, else
                       int32; top-k only)
 rest{-shard}.npy      [V, N, K] log of the probability outside the top-k (`dtype`; top-k only)
@@ -20,8 +21,10 @@ written only at the rows its process saw.
 The header is JSON: `format` (`FORMAT`), `kind` (``"logits"`` or ``"top_k_log_probs"``),
 `top_k`, `num_examples`, `num_views`, `num_teachers`, `num_classes`, `dtype`,
 `index_dtype`, `shard`, `fingerprint` (the teachers' `params_fingerprint`), `num_written`,
-`build_seconds` and `meta` (the caller's notes). Shards of one cache must agree on the sizes,
-the dtype and the fingerprint.
+`build_seconds`, `meta` (the caller's notes), and for a sequence cache `seq_len` (L) and
+`tokenizer` (the fingerprint of the tokenization the inputs were made with, e.g.
+`mtkd_jax.data.text.vocab_fingerprint`; None for classification caches). Shards of one
+cache must agree on the sizes, the dtype, the fingerprint and the tokenizer.
 """
 
 from __future__ import annotations
@@ -139,16 +142,19 @@ def create_row_files(
     num_classes: int,
     top_k: int | None,
     dtype,
+    seq_len: int | None = None,
 ) -> dict[str, RowFile]:
     """Create the array files of one shard: `values`, `written` and, for top-k, `classes`
-    and `rest` (module docstring). The caller closes them."""
-    rows = (num_views, num_examples, num_teachers, num_classes if top_k is None else top_k)
+    and `rest` (module docstring); `seq_len` L adds a token axis. The caller closes them."""
+    tokens = () if seq_len is None else (seq_len,)
+    width = num_classes if top_k is None else top_k
+    rows = (num_views, num_examples, num_teachers) + tokens + (width,)
     files = {"values": RowFile(_array_file(path, "values", shard), rows, dtype)}
     if top_k is not None:
         files["classes"] = RowFile(
             _array_file(path, "classes", shard), rows, index_dtype(num_classes)
         )
-        files["rest"] = RowFile(_array_file(path, "rest", shard), rows[:3], dtype)
+        files["rest"] = RowFile(_array_file(path, "rest", shard), rows[:-1], dtype)
     files["written"] = RowFile(
         _array_file(path, "written", shard), (num_views, num_examples), np.uint8
     )
@@ -214,10 +220,11 @@ def read_headers(path: str, shards) -> dict[str, dict]:
             headers[shard] = json.load(f)
         if headers[shard].get("format") != FORMAT:
             raise ValueError(f"{file} is not a teacher cache header (format {FORMAT!r}).")
-    keys = ("num_examples", "num_views", "num_teachers", "num_classes", "top_k", "dtype")
+    keys = ("num_examples", "num_views", "num_teachers", "num_classes", "top_k", "dtype",
+            "seq_len", "tokenizer")
     first = next(iter(headers.values()))
     for shard, h in headers.items():
-        differ = [k for k in keys if h[k] != first[k]]
+        differ = [k for k in keys if h.get(k) != first.get(k)]
         if differ or fingerprint_sha(h["fingerprint"]) != fingerprint_sha(first["fingerprint"]):
             raise ValueError(
                 f"Cache shard {shard!r} in {path} disagrees with the others on "

@@ -21,6 +21,8 @@ class TeacherCache:
       header: the JSON header of the first shard (kind, sizes, dtype, fingerprint, meta).
       num_examples, num_views, num_teachers, num_classes: N, V, K, C.
       top_k: k, or None for full logits.
+      seq_len: L for a sequence (token) cache, else None.
+      tokenizer: the tokenization fingerprint a sequence cache was built with (or None).
       fill: how top-k entries are reconstructed (``"renormalize"`` or ``"uniform"``).
       shards: names of the shards read ("" for an unsharded cache).
     """
@@ -33,6 +35,7 @@ class TeacherCache:
         self.num_examples, self.num_views = h["num_examples"], h["num_views"]
         self.num_teachers, self.num_classes = h["num_teachers"], h["num_classes"]
         self.top_k = h["top_k"]
+        self.seq_len, self.tokenizer = h.get("seq_len"), h.get("tokenizer")
         self._values, self._classes, self._rest, self._written = [], [], [], []
         for shard in self.shards:
             arrays = load_shard(path, shard or None, self.top_k)
@@ -62,10 +65,11 @@ class TeacherCache:
         """Bytes stored per example and view (values, indices, remainder, written flag)."""
         h = self.header
         width = self.num_classes if self.top_k is None else self.top_k
-        n = self.num_teachers * width * np.dtype(h["dtype"]).itemsize
+        rows = self.num_teachers * (self.seq_len or 1)
+        n = rows * width * np.dtype(h["dtype"]).itemsize
         if self.top_k is not None:
-            n += self.num_teachers * self.top_k * np.dtype(h["index_dtype"]).itemsize
-            n += self.num_teachers * np.dtype(h["dtype"]).itemsize  # log_rest
+            n += rows * self.top_k * np.dtype(h["index_dtype"]).itemsize
+            n += rows * np.dtype(h["dtype"]).itemsize  # log_rest
         return int(n + 1)
 
     @property
@@ -144,10 +148,12 @@ class TeacherCache:
         values = self._gather(self._values, index, view)
         classes = self._gather(self._classes, index, view)
         rest = self._gather(self._rest, index, view)
-        return TopK(np.swapaxes(values, 0, 1), np.swapaxes(classes, 0, 1), rest.T)
+        return TopK(np.swapaxes(values, 0, 1), np.swapaxes(classes, 0, 1),
+                    np.swapaxes(rest, 0, 1))
 
     def lookup(self, index, view=None) -> np.ndarray:
-        """Teacher logits `[K, B, C]` float32 for a batch's examples, ready for the distill step.
+        """Teacher logits `[K, B, C]` (`[K, B, L, V]` for a sequence cache) float32 for a
+        batch's examples, ready for the distill step.
 
         Args:
           index: `[B]` example indices (a batch's `"index"`).
@@ -173,6 +179,7 @@ def open_cache(
     expect_fingerprint: dict | str | None = None,
     fill: str = DEFAULT_FILL,
     shards: Iterable[str] | None = None,
+    expect_tokenizer: str | None = None,
 ) -> TeacherCache:
     """Open a cache written by `build_cache` (every shard in `path`, or only `shards`).
 
@@ -184,6 +191,9 @@ def open_cache(
       fill: reconstruction of top-k entries, ``"renormalize"`` or ``"uniform"``
         (`DEFAULT_FILL`; see `mtkd_jax.cache.topk`).
       shards: shard names to read (default all).
+      expect_tokenizer: the tokenization fingerprint of the caller's inputs (e.g.
+        `mtkd_jax.data.text.vocab_fingerprint`); a sequence cache built with another
+        tokenization (or a cache that records none) is refused.
 
     Returns:
       A `TeacherCache`.
@@ -224,6 +234,15 @@ def open_cache(
             f"The cache in {path} was built from other teachers (fingerprint sha256 {have}, "
             f"expected {want}); rebuild it with `build_cache` for these teachers."
         )
+    if expect_tokenizer is not None:
+        got = next(iter(headers.values())).get("tokenizer")
+        if got != expect_tokenizer:
+            raise ValueError(
+                f"The cache in {path} was built with another tokenization (tokenizer "
+                f"fingerprint {got!r}, expected {expect_tokenizer!r}): its token positions "
+                "and vocabulary do not match these inputs; rebuild it with `build_cache(..., "
+                "tokenizer=...)`."
+            )
     return TeacherCache(path, headers, fill=fill)
 
 

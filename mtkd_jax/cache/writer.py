@@ -97,6 +97,7 @@ def build_cache(
     shard: str | None = None,
     fingerprint: dict | None = None,
     meta: dict | None = None,
+    tokenizer: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
     teacher_shardings: Any = None,
@@ -112,7 +113,9 @@ def build_cache(
     Args:
       path: directory for the files (created if needed).
       teacher_apply: `(teacher_params, x [B, ...]) -> logits [K, B, C]`, e.g. from
-        `mtkd_jax.teachers.make_stacked_apply`. The logits must be finite.
+        `mtkd_jax.teachers.make_stacked_apply`, or `[K, B, L, V]` for sequences (a token
+        cache: `[N, L, k]` top-k entries per teacher). The logits must be finite (padding
+        positions included: they are stored and ignored by the steps' masks).
       teacher_params: its params.
       batches: iterable of `{"x": [B, ...] with B >= 1, "index": [B] ints in
         [0, num_examples), "view": [B] ints in [0, num_views) (when num_views > 1)}` (other
@@ -126,6 +129,9 @@ def build_cache(
       fingerprint: identity of the teachers (a JSON-serialisable dict); default
         `mtkd_jax.checkpoint.params_fingerprint(teacher_params)`.
       meta: JSON-serialisable notes kept in the header (dataset, split, augmentation seed).
+      tokenizer: for a sequence cache, the fingerprint of the tokenization of the inputs
+        (e.g. `mtkd_jax.data.text.vocab_fingerprint(vocab)`), checked by
+        `open_cache(expect_tokenizer=...)`.
       overwrite: replace an existing cache (shard) in `path`.
       progress: show a progress bar (tqdm) on stderr.
       teacher_shardings: None, or `NamedSharding`s of `teacher_params` over one mesh
@@ -168,6 +174,8 @@ def build_cache(
         os.remove(header_path)
     if fingerprint is None:
         fingerprint = params_fingerprint(teacher_params)
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        raise TypeError(f"`tokenizer` must be a fingerprint string, got {type(tokenizer)}.")
 
     start = time.perf_counter()
 
@@ -194,14 +202,23 @@ def build_cache(
             return
         sizes["x"] = signature
         shape = jax.eval_shape(teacher_apply, teacher_params, x).shape
-        if len(shape) != 3 or shape[1] != np.shape(x)[0]:
+        if len(shape) not in (3, 4) or shape[1] != np.shape(x)[0]:
             raise ValueError(
                 f"`teacher_apply` must return logits [K, B, C] with B={np.shape(x)[0]} (the "
-                f"batch), got {shape}."
+                f"batch), or [K, B, L, V] for sequences, got {shape}."
             )
+        seq_len = shape[2] if len(shape) == 4 else None
+        if seq_len is None and tokenizer is not None:
+            raise ValueError("`tokenizer` is for sequence caches ([K, B, L, V] logits).")
+        if files and seq_len != sizes["seq_len"]:
+            raise ValueError(
+                f"`teacher_apply` gave sequences of length {seq_len}, earlier {sizes['seq_len']}:"
+                " pad every batch to one length L."
+            )
+        shape = (shape[0], shape[1], shape[-1])
         if not files:
             check_top_k(top_k, shape[2])
-            sizes.update(k=shape[0], c=shape[2])
+            sizes.update(k=shape[0], c=shape[2], seq_len=seq_len)
             files.update(
                 create_row_files(
                     path,
@@ -212,6 +229,7 @@ def build_cache(
                     num_classes=shape[2],
                     top_k=top_k,
                     dtype=dtype,
+                    seq_len=seq_len,
                 )
             )
         elif (shape[0], shape[2]) != (sizes["k"], sizes["c"]):
@@ -227,10 +245,10 @@ def build_cache(
         flat = view * num_examples + index
         order = np.argsort(flat, kind="stable")
         flat = flat[order]
-        files["values"].write(np.swapaxes(vals, 0, 1), order, flat)  # [B, K, W]
+        files["values"].write(np.swapaxes(vals, 0, 1), order, flat)  # [B, K, (L,) W]
         if cls is not None:
             files["classes"].write(np.swapaxes(cls, 0, 1), order, flat)
-            files["rest"].write(_stored(rest, dtype, index).T, order, flat)  # [B, K]
+            files["rest"].write(np.swapaxes(_stored(rest, dtype, index), 0, 1), order, flat)
         files["written"].write(np.ones(len(flat), np.uint8), order, flat)
         sizes["written"] += len(flat)
 
@@ -272,6 +290,8 @@ def build_cache(
         "num_written": sizes["written"],
         "build_seconds": time.perf_counter() - start,
         "meta": meta or {},
+        "seq_len": sizes["seq_len"],
+        "tokenizer": tokenizer,
     }
     write_header(path, shard, header)
     return open_cache(path, shards=[shard or ""])

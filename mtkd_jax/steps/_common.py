@@ -36,11 +36,20 @@ def trained_model(model, pass_key: bool) -> Model:
     return as_model(model, pass_key=pass_key)
 
 
-def forward(model: Model, params, model_state, x, key, b: int, name: str):
-    """The one call of a trained model, in training mode: `(logits [B, C], model_state)`."""
+def forward(model: Model, params, model_state, x, key, b: int, name: str, lead=None):
+    """The one call of a trained model, in training mode: `(logits [B, C], model_state)`
+    (`[B, L, V]` for a sequence batch, `lead` = `(B, L)`)."""
     logits, new_state = model.apply(params, model_state, x, train=True, key=key)
-    if jnp.ndim(logits) != 2 or jnp.shape(logits)[0] != b:
-        raise ValueError(f"`{name}` must return logits [B, C] with B={b}, got {jnp.shape(logits)}.")
+    want = (b,) if lead is None else tuple(lead)
+    if jnp.ndim(logits) != len(want) + 1 or tuple(jnp.shape(logits)[:-1]) != want:
+        if len(want) == 1:
+            raise ValueError(
+                f"`{name}` must return logits [B, C] with B={b}, got {jnp.shape(logits)}."
+            )
+        raise ValueError(
+            f"`{name}` must return logits [B, L, V] (features [B, L, H] with a head) with "
+            f"[B, L]={want}, got {jnp.shape(logits)}."
+        )
     _checks.check_float(logits, f"the logits of `{name}`")
     return logits, new_state
 

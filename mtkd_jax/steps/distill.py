@@ -5,25 +5,28 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import optax
 
+from mtkd_jax import _checks
 from mtkd_jax.batch import batch_parts, teacher_logits_of
-from mtkd_jax.divergence import DIVERGENCES, pairwise_divergence
-from mtkd_jax.losses import mean_distillation_loss
-from mtkd_jax.reduce import as_varying, global_mean, pmean
+from mtkd_jax.divergence import DIVERGENCES
+from mtkd_jax.losses_chunked import (
+    DEFAULT_CHUNK_SIZE,
+    chunked_distill_sums,
+    distill_sums,
+    finish_distill,
+)
+from mtkd_jax.reduce import as_varying, pmean
 from mtkd_jax.state import TrainState
 from mtkd_jax.steps._common import (
     ApplyFn,
     AugmentFn,
-    accuracy,
     apply_update,
     check_config,
     forward,
     trained_model,
     update_keys,
 )
-from mtkd_jax.targets import distill_targets
 from mtkd_jax.weighting import get_weighting
 
 __all__ = ["make_distill_step"]
@@ -42,6 +45,9 @@ def make_distill_step(
     augment_fn: AugmentFn | None = None,
     axis_name: str | None = None,
     pass_key: bool = False,
+    student_head: Callable | None = None,
+    teacher_head: Callable | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> Callable:
     r"""Build a multi-teacher distillation step that updates only the student.
 
@@ -49,6 +55,14 @@ def make_distill_step(
     target) -> `mean_distillation_loss`
     :math:`(1-\alpha)\,\overline{\ell_{soft}(s, t)} + \alpha\,\overline{CE(s, y)}_{labeled}`
     -> optax update. Teachers and student see the same (augmented) batch.
+
+    Sequence batches (`batch["y"]` `[B, L]`, padding mask `batch["mask"]` `[B, L]`, logits
+    `[B, L, V]`, teacher logits `[K, B, L, V]`) are the same step over tokens: weights are
+    per token `[K, B, L]`, and the loss and every metric are means over the valid tokens of
+    the global batch (padding counts nowhere). With `student_head`, the student returns
+    features `[B, L, H]` and the soft loss runs in chunks of `chunk_size` positions
+    (`mtkd_jax.losses_chunked`), so the `[B, L, V]` and `[K, B, L, V]` arrays are never
+    held whole; the gradients are those of the unchunked step.
 
     Metrics (global-batch means): ``loss``, ``soft_loss``, ``hard_loss`` (0 without labels),
     ``teacher_weights`` `[K]`, ``teacher_divergence`` `[K, K]` (`pairwise_divergence` of the
@@ -76,6 +90,11 @@ def make_distill_step(
         pmean's gradients and metrics over it (`shard_map`, `pmap`).
       pass_key: for a plain function: call `student_apply(params, x, key)` with this
         update's key.
+      student_head: optional `student_head(params, features [B, c, H]) -> [B, c, V]`: then
+        `student_apply` returns features `[B, L, H]` and the loss is chunked.
+      teacher_head: optional `teacher_head(teacher_params, [K, B, c, H_t]) -> [K, B, c, V]`
+        (with `student_head`): then `teacher_apply` returns features `[K, B, L, H_t]`.
+      chunk_size: positions per chunk with `student_head` (static).
 
     Returns:
       Un-jitted `step(state, batch, key, *, teacher_params=None) -> (state, metrics)`.
@@ -107,58 +126,56 @@ def make_distill_step(
             "belong to the unaugmented inputs. Cache augmented views instead "
             "(`mtkd_jax.cache.augment_view`)."
         )
+    if teacher_head is not None and (student_head is None or teacher_apply is None):
+        raise ValueError(
+            "`teacher_head` chunks online teachers' output heads: it needs `teacher_apply` "
+            "(returning features) and `student_head` (the chunked loss)."
+        )
+    if student_head is not None:
+        _checks.check_int(chunk_size, "chunk_size")
     model = trained_model(student_apply, pass_key)
+    options = dict(temperature=temperature, weighting=weighting_fn, soft_loss=soft_loss,
+                   divergence_kind=divergence_kind)
 
     def step(state: TrainState, batch: dict, key: jax.Array, *, teacher_params=None):
-        x, labels, mask, b = batch_parts(batch)
+        parts = batch_parts(batch)
+        x, labels, label_mask, b, mask = parts
         aug_key, model_key = update_keys(key, state, augment_fn is not None)
         if augment_fn is not None:
             x = augment_fn(aug_key, x)
-        teacher_logits = teacher_logits_of(batch, x, teacher_apply, teacher_params)
-        dt = distill_targets(
-            teacher_logits, labels, label_mask=mask, temperature=temperature,
-            weighting=weighting_fn,
-        )
-        targets = jax.lax.stop_gradient(dt.targets)
+        lead = parts.lead
+        teacher_out = teacher_logits_of(batch, x, teacher_apply, teacher_params, lead=lead)
+        if student_head is not None and teacher_out.ndim != 4:
+            raise ValueError(
+                "`student_head` (the chunked loss) needs a sequence batch: teacher logits "
+                f"[K, B, L, V] and `batch['mask']` or `batch['y']` [B, L]; got teacher "
+                f"outputs {teacher_out.shape}."
+            )
+        lead = lead or teacher_out.shape[1:-1]
+        if labels is None and not _checks.is_concrete_zero(alpha):
+            raise ValueError("`alpha` > 0 (the hard-label weight) needs labels (batch['y']).")
 
         def loss_fn(params):
-            logits, model_state = forward(
-                model, params, state.model_state, x, model_key, b, "student_apply"
+            out, model_state = forward(
+                model, params, state.model_state, x, model_key, b, "student_apply", lead=lead
             )
-            if logits.shape[-1] != targets.shape[-1]:
-                raise ValueError(
-                    f"the student predicts {logits.shape[-1]} classes but the teachers "
-                    f"{targets.shape[-1]} (teacher logits {teacher_logits.shape}); they must "
-                    "share the class count."
+            if student_head is None:
+                sums = distill_sums(out, teacher_out, labels, mask=mask, label_mask=label_mask,
+                                    **options)
+            else:
+                sums = chunked_distill_sums(
+                    out, student_head, params, teacher_out, teacher_head, teacher_params,
+                    labels, mask=mask, label_mask=label_mask, chunk_size=chunk_size, **options,
                 )
-            parts = mean_distillation_loss(
-                logits, targets, labels, alpha=alpha, temperature=temperature,
-                soft_loss=soft_loss, label_mask=mask, axis_name=axis_name,
-            )
-            return parts.loss, (logits, parts, model_state)
+            loss, metrics = finish_distill(sums, alpha=alpha, axis_name=axis_name)
+            return loss.loss, (loss, metrics, model_state)
 
-        grads, (logits, parts, model_state) = jax.grad(loss_fn, has_aux=True)(
+        grads, (loss, metrics, model_state) = jax.grad(loss_fn, has_aux=True)(
             as_varying(state.params, axis_name)
         )
-        k = dt.probs.shape[0]
-        if k > 1:
-            div = global_mean(pairwise_divergence(dt.probs, kind=divergence_kind),
-                              axis_name=axis_name)
-        else:
-            div = jnp.zeros((1, 1), dt.probs.dtype)
-        metrics = {
-            "loss": parts.loss,
-            "soft_loss": parts.soft,
-            "hard_loss": parts.hard,
-            "teacher_weights": global_mean(dt.weights.T, axis_name=axis_name),
-            "teacher_divergence": div,
-            "agreement": global_mean(
-                jnp.argmax(logits, -1) == jnp.argmax(targets, -1), axis_name=axis_name
-            ),
-            "teacher_logits_finite": jnp.all(jnp.isfinite(teacher_logits)).astype(jnp.float32),
-        }
-        if labels is not None:
-            metrics["accuracy"] = accuracy(logits, labels, mask, axis_name)
+        metrics = {"loss": loss.loss, "soft_loss": loss.soft, "hard_loss": loss.hard, **metrics}
+        if labels is None:
+            del metrics["accuracy"]
         new_state = apply_update(tx, state, grads, axis_name, model_state)
         return new_state, pmean(metrics, axis_name)
 

@@ -137,7 +137,9 @@ def make_codistill_step(
     model = trained_model(apply_fn, pass_key)
 
     def step(state: TrainState, batch: dict, key: jax.Array):
-        x, labels, mask, b = batch_parts(batch)
+        bp = batch_parts(batch)
+        x, labels, mask, b, token_mask = bp
+        hard_mask = bp.hard_mask
         k = num_stacked(state.params, "state.params")
         if k < 2:
             raise ValueError(f"Codistillation needs K >= 2 stacked models, got K={k}.")
@@ -145,20 +147,20 @@ def make_codistill_step(
 
         def loss_fn(params):
             logits, model_state = jax.vmap(
-                lambda p, s, kk: forward(model, p, s, x, kk, b, "apply_fn")
-            )(params, state.model_state, keys)  # [K, B, C]
+                lambda p, s, kk: forward(model, p, s, x, kk, b, "apply_fn", lead=bp.lead)
+            )(params, state.model_state, keys)  # [K, B, C] ([K, B, L, V])
             frozen = jax.lax.stop_gradient(logits)
             if weighting_fn is None:
                 probs, w = softmax_t(frozen, temperature=temperature), None
             else:
-                dt = distill_targets(frozen, labels, label_mask=mask, temperature=temperature,
-                                     weighting=weighting_fn)
+                dt = distill_targets(frozen, labels, label_mask=hard_mask,
+                                     temperature=temperature, weighting=weighting_fn)
                 probs, w = dt.probs, dt.weights
             targets = leave_one_out_targets(probs, w)  # [K, B, C]
             parts = jax.vmap(
                 lambda s, t: mean_distillation_loss(
                     s, t, labels, alpha=alpha, temperature=temperature, soft_loss=soft_loss,
-                    label_mask=mask, axis_name=axis_name,
+                    label_mask=mask, mask=token_mask, axis_name=axis_name,
                 )
             )(logits, targets)  # each [K]
             # Targets are constants, so model k's gradient of the sum is that of its own loss.
@@ -172,10 +174,11 @@ def make_codistill_step(
             "model_loss": parts.loss,
             "soft_loss": parts.soft,
             "hard_loss": parts.hard,
-            "divergence": global_mean(pairwise_divergence(probs), axis_name=axis_name),
+            "divergence": global_mean(pairwise_divergence(probs), token_mask,
+                                      axis_name=axis_name),
         }
         if labels is not None:
-            metrics["accuracy"] = jax.vmap(lambda s: accuracy(s, labels, mask, axis_name))(
+            metrics["accuracy"] = jax.vmap(lambda s: accuracy(s, labels, hard_mask, axis_name))(
                 logits
             )
         new_state = apply_update(tx, state, grads, axis_name, model_state, jax.vmap(tx.update))

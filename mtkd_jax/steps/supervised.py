@@ -35,7 +35,9 @@ def make_supervised_step(
     """Build a supervised step: mean cross-entropy over the labeled examples, an optax update.
 
     How teachers are trained (one, or K at once with `stacked_step`) and the baseline of a
-    student trained alone. Examples with `batch["label_mask"]` 0 are ignored.
+    student trained alone. Examples with `batch["label_mask"]` 0 are ignored. A sequence
+    batch (`batch["y"]` `[B, L]`, `batch["mask"]` `[B, L]`, logits `[B, L, V]`) is trained
+    on the mean token CE over the valid tokens of the global batch.
 
     Args:
       apply_fn: the model: a `mtkd_jax.models.Model` (Dropout keys from this update's key,
@@ -67,7 +69,8 @@ def make_supervised_step(
     model = trained_model(apply_fn, pass_key)
 
     def step(state: TrainState, batch: dict, key: jax.Array):
-        x, labels, mask, b = batch_parts(batch)
+        parts = batch_parts(batch)
+        x, labels, mask, b, token_mask = parts
         if labels is None:
             raise ValueError("A supervised step needs labels in batch['y'].")
         aug_key, model_key = update_keys(key, state, augment_fn is not None)
@@ -76,17 +79,19 @@ def make_supervised_step(
 
         def loss_fn(params):
             logits, model_state = forward(
-                model, params, state.model_state, x, model_key, b, "apply_fn"
+                model, params, state.model_state, x, model_key, b, "apply_fn", lead=parts.lead
             )
-            loss = mean_cross_entropy(logits, labels, label_mask=mask, axis_name=axis_name)
+            loss = mean_cross_entropy(logits, labels, label_mask=mask, mask=token_mask,
+                                      axis_name=axis_name)
             return loss, (logits, model_state)
 
         grads, (logits, model_state) = jax.grad(loss_fn, has_aux=True)(
             as_varying(state.params, axis_name)
         )
         metrics = {
-            "loss": mean_cross_entropy(logits, labels, label_mask=mask, axis_name=axis_name),
-            "accuracy": accuracy(logits, labels, mask, axis_name),
+            "loss": mean_cross_entropy(logits, labels, label_mask=mask, mask=token_mask,
+                                       axis_name=axis_name),
+            "accuracy": accuracy(logits, labels, parts.hard_mask, axis_name),
         }
         return apply_update(tx, state, grads, axis_name, model_state), pmean(metrics, axis_name)
 

@@ -1,0 +1,86 @@
+"""Sequence teacher cache (top-k per token, tokenizer fingerprint), the procedural token
+source and the causal token model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mtkd_jax.cache import build_cache, open_cache, with_cached_logits
+from mtkd_jax.data import text
+from mtkd_jax.models.token import CausalTokenModel, token_model_fns
+
+V = 12
+
+
+@pytest.fixture(scope="module")
+def data():
+    source = text.make_source(vocab_size=V, seed=3)
+    return source, text.sample_split(source, 10, max_len=7, min_len=2, seed=1)
+
+
+def _teachers(tp, x):  # [K, B, L, V] from token ids [B, L]
+    return jnp.einsum("blv,kvw->kblw", jax.nn.one_hot(x, V), tp)
+
+
+def test_cache_round_trip_top_k_per_token(tmp_path, data, rng):
+    source, split = data
+    tp = jnp.asarray(rng.normal(size=(2, V, V)) * 3, jnp.float32)
+    fp = text.vocab_fingerprint(source.vocab)
+    cache = build_cache(tmp_path, _teachers, tp, text.batches(split, batch_size=4,
+                        drop_remainder=False), num_examples=len(split), top_k=V - 1,
+                        tokenizer=fp, progress=False)
+    assert (cache.seq_len, cache.tokenizer, cache.num_written) == (7, fp, 10)
+    top = cache.lookup_top_k(np.array([3, 0]))
+    assert top.log_probs.shape == (2, 2, 7, V - 1) and top.log_probs.dtype == np.float16
+    assert top.classes.shape == (2, 2, 7, V - 1) and top.log_rest.shape == (2, 2, 7)
+    # Read back through the batch stream: the teachers' distributions to float16 precision
+    # (k = V - 1: the uniform fill gives the one missing class its exact mass).
+    reopened = open_cache(tmp_path, expect_tokenizer=fp)
+    for batch in with_cached_logits(text.batches(split, batch_size=4), reopened):
+        want = jax.nn.softmax(_teachers(tp, batch["x"]), -1)
+        got = jax.nn.softmax(batch["teacher_logits"], -1)
+        assert batch["teacher_logits"].shape == (2, 4, 7, V)
+        np.testing.assert_allclose(got, want, atol=2e-3)
+
+
+def test_cache_refuses_other_tokenization_and_teachers(tmp_path, data, rng):
+    source, split = data
+    tp = jnp.asarray(rng.normal(size=(2, V, V)), jnp.float32)
+    build_cache(tmp_path, _teachers, tp, text.batches(split, batch_size=5), num_examples=10,
+                top_k=3, tokenizer=text.vocab_fingerprint(source.vocab), progress=False)
+    other = text.vocab_fingerprint(text.make_source(vocab_size=V + 1).vocab)
+    with pytest.raises(ValueError, match="another tokenization"):
+        open_cache(tmp_path, expect_tokenizer=other)
+    with pytest.raises(ValueError, match="other teachers"):
+        open_cache(tmp_path, expect_fingerprint="0" * 64)
+    with pytest.raises(ValueError, match="`tokenizer` is for sequence caches"):
+        build_cache(tmp_path / "c", lambda tp, x: _teachers(tp, x)[:, :, 0], tp,
+                    text.batches(split, batch_size=5), num_examples=10, tokenizer="t",
+                    progress=False)
+
+
+def test_text_source_is_deterministic_and_ragged(data):
+    source, split = data
+    again = text.sample_split(text.make_source(vocab_size=V, seed=3), 10, max_len=7,
+                              min_len=2, seed=1)
+    np.testing.assert_array_equal(split.x, again.x)
+    lengths = split.mask.sum(1)
+    assert lengths.min() >= 2 and lengths.max() <= 7 and len(set(lengths)) > 1
+    np.testing.assert_array_equal(split.x[:, 1:], split.y[:, :-1])  # next-token task
+    # EOS ends each sequence at its last valid label; padding after it.
+    last = lengths.astype(int) - 1
+    assert np.all(split.y[np.arange(10), last] == text.EOS)
+    assert np.all(split.y[split.mask == 0] == text.PAD)
+    assert np.all(split.x[:, 0] == text.BOS)
+
+
+def test_token_model_is_causal():
+    fns, params = token_model_fns(CausalTokenModel(V, dim=8, depth=2, context=3,
+                                                   rngs=nnx.Rngs(0)))
+    x = jnp.asarray(np.random.default_rng(0).integers(0, V, size=(2, 9)), jnp.int32)
+    x2 = x.at[:, 5:].set((x[:, 5:] + 1) % V)  # change the future from position 5 on
+    a, b = fns.logits(params, x), fns.logits(params, x2)
+    np.testing.assert_allclose(a[:, :5], b[:, :5], rtol=1e-6)
+    assert not np.allclose(a[:, 5:], b[:, 5:])
