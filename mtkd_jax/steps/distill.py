@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from mtkd_jax.batch import batch_parts, teacher_logits_of
+from mtkd_jax.class_sets import pairwise_divergence_known
 from mtkd_jax.divergence import DIVERGENCES, pairwise_divergence
 from mtkd_jax.losses import mean_distillation_loss
 from mtkd_jax.reduce import as_varying, global_mean, pmean
@@ -42,6 +43,7 @@ def make_distill_step(
     augment_fn: AugmentFn | None = None,
     axis_name: str | None = None,
     pass_key: bool = False,
+    known=None,
 ) -> Callable:
     r"""Build a multi-teacher distillation step that updates only the student.
 
@@ -76,6 +78,13 @@ def make_distill_step(
         pmean's gradients and metrics over it (`shard_map`, `pmap`).
       pass_key: for a plain function: call `student_apply(params, x, key)` with this
         update's key.
+      known: optional `[K, C]` bool, the classes each teacher knows, for teachers with
+        different class sets (`mtkd_jax.class_sets`): the teachers' logits are global-space
+        `[K, B, C]` (`class_sets.to_global_logits`), unknown entries may hold anything
+        (-inf included); targets are fused as in `distill_targets(known=...)`, the
+        divergence metric is taken over the classes each pair shares
+        (`pairwise_divergence_known`) and ``teacher_logits_finite`` looks at known entries
+        only. None: every teacher knows every class (a full mask gives the same numbers).
 
     Returns:
       Un-jitted `step(state, batch, key, *, teacher_params=None) -> (state, metrics)`.
@@ -117,7 +126,7 @@ def make_distill_step(
         teacher_logits = teacher_logits_of(batch, x, teacher_apply, teacher_params)
         dt = distill_targets(
             teacher_logits, labels, label_mask=mask, temperature=temperature,
-            weighting=weighting_fn,
+            weighting=weighting_fn, known=known,
         )
         targets = jax.lax.stop_gradient(dt.targets)
 
@@ -141,7 +150,10 @@ def make_distill_step(
             as_varying(state.params, axis_name)
         )
         k = dt.probs.shape[0]
-        if k > 1:
+        if k > 1 and known is not None:
+            div = global_mean(pairwise_divergence_known(dt.probs, known, kind=divergence_kind),
+                              axis_name=axis_name)
+        elif k > 1:
             div = global_mean(pairwise_divergence(dt.probs, kind=divergence_kind),
                               axis_name=axis_name)
         else:
@@ -155,7 +167,7 @@ def make_distill_step(
             "agreement": global_mean(
                 jnp.argmax(logits, -1) == jnp.argmax(targets, -1), axis_name=axis_name
             ),
-            "teacher_logits_finite": jnp.all(jnp.isfinite(teacher_logits)).astype(jnp.float32),
+            "teacher_logits_finite": _all_finite(teacher_logits, known),
         }
         if labels is not None:
             metrics["accuracy"] = accuracy(logits, labels, mask, axis_name)
@@ -163,3 +175,13 @@ def make_distill_step(
         return new_state, pmean(metrics, axis_name)
 
     return step
+
+
+def _all_finite(teacher_logits: jax.Array, known) -> jax.Array:
+    """1.0 when every teacher logit of a known class is finite (all of them without `known`)."""
+    finite = jnp.isfinite(teacher_logits)
+    if known is not None:
+        k, c = teacher_logits.shape[0], teacher_logits.shape[-1]
+        shape = (k,) + (1,) * (teacher_logits.ndim - 2) + (c,)
+        finite = finite | ~jnp.asarray(known, bool).reshape(shape)
+    return jnp.all(finite).astype(jnp.float32)
