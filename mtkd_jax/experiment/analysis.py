@@ -228,7 +228,7 @@ def analyse(ctx: Context, teachers: Teachers, strategies) -> Analysis:
 
     best = int(np.argmax(val_acc))
     weightings = _weightings(config, strategies, val_acc)
-    weightings.update(routing_weightings(ctx, strategies, val_logits))  # fitted routing
+    weightings.update(routing_weightings(ctx, teachers, strategies, val_logits))  # fitted routing
     divergence, targets, weights = analyse_teachers(
         val_logits, dataset.validation.y, strategies,
         kinds=tuple(config.analysis.divergence_kinds) if k >= 2 else (),

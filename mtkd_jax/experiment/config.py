@@ -80,15 +80,16 @@ _BASE = (
     Strategy("agreement", "distill", "agreement",
              description="per-example weights favouring teachers that agree with the rest"),
     # Label-free routing (mtkd_jax.weighting.routing), for teachers from different sources;
-    # temperatures and the gate are fitted on the validation split (experiment/routing_fit.py).
+    # temperatures and the gate are fitted in experiment/multi_source.py.
     Strategy("energy", "distill", "energy",
-             description="route by each teacher's energy logsumexp(z / tau_k) (label-free)"),
+             description="route by each teacher's energy logsumexp(z) (label-free)"),
     Strategy("max_logit", "distill", "max_logit",
-             description="route by each teacher's max logit / tau_k (label-free)"),
+             description="route by each teacher's max logit (label-free)"),
     Strategy("calibrated", "distill", "calibrated",
              description="route by calibrated confidence, tau_k fitted per teacher (label-free)"),
     Strategy("gate", "distill", "gate",
-             description="route by a gate over the energies fitted on validation (label-free)"),
+             description="route by a gate over the teachers' outputs, fitted on the labeled "
+                         "splits as a mixture of experts (label-free on the transfer set)"),
     Strategy("codistill", "codistill",
              description="the K teachers refine each other toward leave-one-out targets"),
 )

@@ -6,9 +6,9 @@
   `mtkd_jax.class_sets.mask_unknown` (unknown classes get `UNKNOWN_LOGIT`), so every later
   stage (analysis, the logit cache, every student row) sees global-space logits in which each
   teacher's softmax is renormalised over its own classes.
-* `routing_weightings`: the fitted label-free routing strategies: per-teacher temperatures
-  (`fit_temperature` on each teacher's own validation share) and the gate (`fit_gate` on
-  the validation split).
+* `routing_weightings`: the label-free routing strategies with their fitted
+  hyperparameters: per-teacher temperatures (`fit_temperature` on each teacher's own
+  validation share) and the gate (`fit_gate` on the labeled train and validation splits).
 
 Engine calls: `mtkd_jax.steps.make_supervised_step`, `mtkd_jax.state.init_train_state`,
 `mtkd_jax.teachers.make_stacked_apply`, `mtkd_jax.class_sets`, `mtkd_jax.weighting`.
@@ -32,6 +32,7 @@ from mtkd_jax.experiment.context import (
     fit,
     model_kwargs,
     optimizer,
+    predict,
     to_global,
 )
 from mtkd_jax.experiment.sources import class_groups, source_splits
@@ -119,27 +120,32 @@ def train_source_teachers(ctx: Context) -> Teachers:
     return teachers
 
 
-def routing_weightings(ctx: Context, strategies, val_logits: np.ndarray) -> dict:
+def routing_weightings(ctx: Context, teachers: Teachers, strategies,
+                       val_logits: np.ndarray) -> dict:
     """Strategy name -> fitted routing weighting, for the rows that route.
 
-    Temperatures: `fit_temperature` of teacher k on its own validation share (the part of the
-    validation split from its source); the gate: `fit_gate` on the whole validation split.
-    Every routing strategy uses the fitted temperatures.
+    * ``energy``, ``max_logit``: the raw logits (their papers' definition), sharpness 1;
+    * ``calibrated``: temperatures from `fit_temperature` of teacher k on its own validation
+      share (the part of the validation split from its source);
+    * ``gate``: `fit_gate(features=True)` on the labeled examples, the train and validation
+      splits (the labels say which teacher explains each example best; the gate then routes
+      every input, the unlabeled transfer set included, without labels).
     """
     rows = [s for s in strategies if s.kind == "distill" and s.weighting in ROUTING]
-    if not rows:
-        return {}
-    val_y = ctx.ds.validation.y
-    _, val_idx = _splits(ctx)
-    temps = np.array([fit_temperature(val_logits[k, idx], val_y[idx]) if len(idx) else 1.0
-                      for k, idx in enumerate(val_idx)], np.float32)
     out = {}
     for s in rows:
-        if s.weighting == "gate":
-            g = fit_gate(val_logits, val_y.astype(np.int32), temperatures=temps)
-            out[s.name] = get_weighting("gate", temperatures=temps,
-                                        scale=np.asarray(g["scale"]),
-                                        bias=np.asarray(g["bias"]))
+        if s.weighting == "calibrated":
+            val_y = ctx.ds.validation.y
+            _, val_idx = _splits(ctx)
+            temps = np.array([fit_temperature(val_logits[k, idx], val_y[idx]) if len(idx)
+                              else 1.0 for k, idx in enumerate(val_idx)], np.float32)
+            out[s.name] = get_weighting("calibrated", temperatures=temps)
+        elif s.weighting == "gate":
+            train_logits = predict(teachers.apply, teachers.params, ctx.ds.train.x)
+            z = np.concatenate([train_logits, val_logits], axis=1)
+            y = np.concatenate([ctx.ds.train.y, ctx.ds.validation.y]).astype(np.int32)
+            fitted = fit_gate(z, y, features=True)
+            out[s.name] = get_weighting("gate", **{k: np.asarray(v) for k, v in fitted.items()})
         else:
-            out[s.name] = get_weighting(s.weighting, temperatures=temps)
+            out[s.name] = get_weighting(s.weighting)
     return out

@@ -39,7 +39,9 @@ import optax
 from mtkd_jax import _checks
 from mtkd_jax.class_sets import UNKNOWN_LOGIT, check_known, mask_unknown
 
-__all__ = ["energy", "max_logit", "calibrated", "gate", "fit_temperature", "fit_gate"]
+__all__ = [
+    "energy", "max_logit", "calibrated", "gate", "gate_features", "fit_temperature", "fit_gate",
+]
 
 
 def _scaled_logits(logits, temperatures, strategy: str) -> jax.Array:
@@ -174,15 +176,40 @@ def calibrated(probs: jax.Array, *, logits: jax.Array | None = None, labels=None
     return _route(log_conf, sharpness).astype(jnp.result_type(probs))
 
 
-def gate(probs: jax.Array, *, scale, bias, logits: jax.Array | None = None, labels=None,
-         label_mask=None, temperatures=None) -> jax.Array:
-    r"""A small gate over the teachers' energies: :math:`w_k = \mathrm{softmax}_k(a_k E_k +
-    b_k)`, :math:`E_k = \log \sum_{c \in S_k} e^{z_{kc}/\tau_k}`.
+def gate_features(logits: jax.Array, temperatures=None) -> jax.Array:
+    r"""The ``gate``'s per-teacher features `[K, ..., F]`, F = 2 + 2C, at :math:`\tau_k`.
 
-    The per-teacher scale :math:`a_k` and bias :math:`b_k` are fitted by `fit_gate` on
-    labeled examples (the labeled train split; or any examples whose labels are known) and
+    :math:`\phi_k = [\max_c z_{kc},\ \max_c \log p_{kc},\ p_k,\ \bar p_{-k}]`: teacher
+    k's max logit and max log-probability, its probabilities `[C]` and the mean
+    probabilities of the other teachers `[C]` (what they think the input is). Symmetric in
+    the other teachers, so a gate over them permutes with the teachers.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtkd_jax.weighting.routing import gate_features
+      >>> gate_features(jnp.zeros((3, 5, 4))).shape
+      (3, 5, 10)
+    """
+    z = _scaled_logits(logits, temperatures, "gate")
+    k = z.shape[0]
+    logp = jax.nn.log_softmax(z, axis=-1)
+    p = jnp.exp(logp)
+    others = (jnp.sum(p, axis=0, keepdims=True) - p) / max(k - 1, 1)
+    return jnp.concatenate([jnp.max(z, -1, keepdims=True), jnp.max(logp, -1, keepdims=True),
+                            p, others], axis=-1)
+
+
+def gate(probs: jax.Array, *, scale, bias, logits: jax.Array | None = None, labels=None,
+         label_mask=None, temperatures=None, coefficients=None) -> jax.Array:
+    r"""A small gate over the teachers' outputs: :math:`w_k = \mathrm{softmax}_k(a_k E_k +
+    b_k + \theta_k \cdot \phi_k)`, :math:`E_k = \log \sum_{c \in S_k} e^{z_{kc}/\tau_k}`.
+
+    :math:`\phi_k` are `gate_features` (teacher k's max logit, max log-probability and
+    probabilities, and the other teachers' mean probabilities), :math:`\theta_k` the
+    optional `coefficients`. Scale, bias (and coefficients) are fitted by `fit_gate` as a
+    mixture of experts on labeled examples (e.g. the labeled train and validation splits),
     then used label-free on every input, the transfer set included. ``energy`` is the gate
-    with :math:`a_k = s, b_k = 0`. Labels are not used here.
+    with :math:`a_k = s, b_k = 0, \theta = 0`. Labels are not used here.
 
     Bounds: none.
 
@@ -192,6 +219,7 @@ def gate(probs: jax.Array, *, scale, bias, logits: jax.Array | None = None, labe
       bias: `[K]` per-teacher biases :math:`b_k`.
       logits: `[K, ..., C]` raw teacher logits (required).
       temperatures: optional `[K]` per-teacher temperatures.
+      coefficients: optional `[K, 2 + 2C]` :math:`\theta` (None: 0).
 
     Returns:
       `[K, ...]` per-example weights.
@@ -214,6 +242,13 @@ def gate(probs: jax.Array, *, scale, bias, logits: jax.Array | None = None, labe
     shape = (k,) + (1,) * (z.ndim - 2)
     g = (jnp.asarray(scale, z.dtype).reshape(shape) * jax.nn.logsumexp(z, axis=-1)
          + jnp.asarray(bias, z.dtype).reshape(shape))
+    if coefficients is not None:
+        f = gate_features(z)  # z is already scaled
+        if jnp.shape(coefficients) != (k, f.shape[-1]):
+            raise ValueError(f"`coefficients` must have shape [K, 2 + 2C]={(k, f.shape[-1])}, "
+                             f"got {jnp.shape(coefficients)}.")
+        theta = jnp.asarray(coefficients, z.dtype).reshape(shape + (f.shape[-1],))
+        g = g + jnp.sum(theta * f, axis=-1)
     return jax.nn.softmax(g, axis=0).astype(jnp.result_type(probs))
 
 
@@ -279,25 +314,29 @@ def fit_temperature(logits, labels, *, known=None) -> float:
     return float(1.0 / np.exp(0.5 * (lo + hi)))
 
 
-def fit_gate(logits, labels, *, temperatures=None, known=None, steps: int = 300,
-             learning_rate: float = 0.05) -> dict:
-    r"""Fit the ``gate``'s `scale` and `bias` `[K]` on labeled examples (a mixture of experts).
+def fit_gate(logits, labels, *, temperatures=None, known=None, features: bool = False,
+             steps: int = 500, learning_rate: float = 0.05, l2: float = 1e-3) -> dict:
+    r"""Fit the ``gate`` on labeled examples as a mixture of experts (Jacobs et al. 1991).
 
-    Maximises the log-likelihood of the labels under the routed mixture,
-    :math:`\frac1N \sum_n \log \sum_k w_k(x_n)\, p_k(y_n \mid x_n)` with :math:`p_k` the
-    teacher's softmax at :math:`\tau_k` (renormalised over its classes), by Adam from
-    :math:`a = 1, b = 0` (the ``energy`` routing). Deterministic: full batch, no key.
+    Maximises :math:`\frac1N \sum_n \log \sum_k w_k(x_n)\, p_k(y_n \mid x_n)` with
+    :math:`p_k` the teacher's softmax at :math:`\tau_k` (renormalised over its classes),
+    minus `l2` times the squared coefficients, by full-batch Adam from the ``energy`` routing
+    (:math:`a = 1, b = 0, \theta = 0`) on standardised features (folded back into the
+    returned values). Deterministic: no key.
 
     Args:
       logits: `[K, N, C]` the teachers' logits on labeled examples.
       labels: `[N]` int labels.
       temperatures: optional `[K]` (as the gate will be called with).
       known: optional `[K, C]` known mask.
+      features: also fit the `coefficients` over `gate_features`.
       steps: Adam steps.
       learning_rate: Adam's learning rate.
+      l2: weight decay of the coefficients.
 
     Returns:
-      ``{"scale": [K], "bias": [K]}`` float32, for `get_weighting("gate", **fitted)`.
+      ``{"scale": [K], "bias": [K]}`` (and ``"coefficients": [K, 2 + 2C]``) float32, for
+      `get_weighting("gate", temperatures=..., **fitted)`.
 
     Example:
       >>> import numpy as np
@@ -319,13 +358,19 @@ def fit_gate(logits, labels, *, temperatures=None, known=None, steps: int = 300,
     y = jnp.asarray(labels)
     log_py = jnp.take_along_axis(jax.nn.log_softmax(z, -1), y[None, :, None], -1)[..., 0]
     lse = jax.nn.logsumexp(z, axis=-1)  # [K, N]
-    lse = lse - jnp.mean(lse, axis=1, keepdims=True)  # centred: the bias absorbs the offset
-    offset = jnp.mean(jax.nn.logsumexp(z, axis=-1), axis=1)
+    offset = jnp.mean(lse, axis=1)
+    lse = lse - offset[:, None]  # centred: the bias absorbs the offset
+    f = gate_features(z)  # [K, N, F]
+    mu, sd = jnp.mean(f, axis=1), jnp.std(f, axis=1) + 1e-6  # [K, F]
+    fs = (f - mu[:, None]) / sd[:, None]
     tx = optax.adam(learning_rate)
 
     def loss(p):
         g = p["scale"][:, None] * lse + p["bias"][:, None]
-        return -jnp.mean(jax.nn.logsumexp(jax.nn.log_softmax(g, 0) + log_py, axis=0))
+        if features:
+            g = g + jnp.einsum("knf,kf->kn", fs, p["coefficients"])
+        nll = -jnp.mean(jax.nn.logsumexp(jax.nn.log_softmax(g, 0) + log_py, axis=0))
+        return nll + l2 * jnp.sum(jnp.square(p.get("coefficients", 0.0)))
 
     @jax.jit
     def run(p):
@@ -338,6 +383,14 @@ def fit_gate(logits, labels, *, temperatures=None, known=None, steps: int = 300,
         (p, _), _ = jax.lax.scan(body, (p, tx.init(p)), None, length=steps)
         return p
 
-    p = run({"scale": jnp.ones(k), "bias": jnp.zeros(k)})
-    # Undo the centring: a (E - mean E) + b = a E + (b - a mean E).
-    return {"scale": p["scale"], "bias": p["bias"] - p["scale"] * offset}
+    init = {"scale": jnp.ones(k), "bias": jnp.zeros(k)}
+    if features:
+        init["coefficients"] = jnp.zeros(f.shape[::2])
+    p = run(init)
+    # Undo the centring: a (E - mean E) + b = a E + (b - a mean E); likewise for theta.
+    out = {"scale": p["scale"], "bias": p["bias"] - p["scale"] * offset}
+    if features:
+        theta = p["coefficients"] / sd
+        out["coefficients"] = theta
+        out["bias"] = out["bias"] - jnp.sum(theta * mu, axis=1)
+    return out
