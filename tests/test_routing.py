@@ -133,3 +133,52 @@ def test_routing_bad_input():
         weighting.fit_temperature(np.zeros((2, 3)), np.array([0, 2]), known=[1, 1, 0])
     with pytest.raises(ValueError, match=r"`labels` must have shape \(4,\)"):
         weighting.fit_gate(np.zeros((K, 4, C), np.float32), np.zeros(3, np.int32))
+
+
+def np_gate_features(z):
+    """float64 reference of `gate_features`: [max z, max log p, p, others' mean p]."""
+    z = np.asarray(z, np.float64)
+    logp = np_log_softmax(z)
+    p = np.exp(logp)
+    others = (p.sum(0, keepdims=True) - p) / (z.shape[0] - 1)
+    return np.concatenate([z.max(-1, keepdims=True), logp.max(-1, keepdims=True), p, others],
+                          -1)
+
+
+def test_gate_with_coefficients_matches_numpy_and_permutes_with_the_teachers(rng):
+    z = rng.normal(scale=2.0, size=(K, 5, C)).astype(np.float32)
+    scale, bias = rng.normal(size=K), rng.normal(size=K)
+    theta = rng.normal(size=(K, 2 + 2 * C))
+    np.testing.assert_allclose(weighting.gate_features(z), np_gate_features(z), rtol=1e-5,
+                               atol=1e-6)
+    e = np.log(np.exp(np.asarray(z, np.float64)).sum(-1))
+    g = scale[:, None] * e + bias[:, None] + np.einsum("knf,kf->kn", np_gate_features(z), theta)
+    ref = np.exp(g - g.max(0)) / np.exp(g - g.max(0)).sum(0)
+    fn = weighting.get_weighting("gate", scale=scale, bias=bias, coefficients=theta)
+    w = np.asarray(jax.jit(lambda z: fn(z, logits=z))(z))
+    np.testing.assert_allclose(w, ref, rtol=1e-4, atol=1e-6)
+    perm = np.array([2, 0, 1])
+    w_perm = weighting.gate(z[perm], logits=z[perm], scale=scale[perm], bias=bias[perm],
+                            coefficients=theta[perm])
+    np.testing.assert_allclose(w_perm, w[perm], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"`coefficients` must have shape \[K, 2 \+ 2C\]"):
+        weighting.gate(z, logits=z, scale=scale, bias=bias, coefficients=theta[:, :3])
+
+
+def test_fit_gate_with_features_routes_where_the_energy_cannot(rng):
+    """Teachers as sure on unfamiliar inputs as on their own (equal energies), but on a
+    default class of their group: the probabilities tell the owner, the energies cannot."""
+    y = rng.integers(0, C, size=300)
+    owner = y // 3
+    z = rng.normal(scale=0.3, size=(K, 300, C)).astype(np.float32)
+    for k in range(K):  # the owner is sure of the class, the others of their first class
+        guess = np.where(owner == k, y, GROUPS[k][0])
+        z[k, np.arange(300), guess] += 3.0
+    z = np.asarray(class_sets.mask_unknown(z, KNOWN))
+    plain = weighting.fit_gate(z, y.astype(np.int32), steps=300)
+    rich = weighting.fit_gate(z, y.astype(np.int32), features=True, steps=300)
+    acc = {}
+    for name, fitted in (("plain", plain), ("rich", rich)):
+        w = weighting.get_weighting("gate", **fitted)(z, logits=z)
+        acc[name] = np.mean(np.argmax(np.asarray(w), 0) == owner)
+    assert acc["rich"] > 0.8 and acc["rich"] > acc["plain"] + 0.2, acc

@@ -38,6 +38,7 @@ from mtkd_jax.weighting.routing import (
     fit_gate,
     fit_temperature,
     gate,
+    gate_features,
     max_logit,
 )
 from mtkd_jax.weighting.strategies import (
@@ -60,6 +61,7 @@ __all__ = [
     "max_logit",
     "calibrated",
     "gate",
+    "gate_features",
     "fit_temperature",
     "fit_gate",
     "WEIGHTINGS",
