@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from mtkd_jax import _checks
+from mtkd_jax.class_sets import pairwise_divergence_known
 from mtkd_jax.divergence import pairwise_divergence
 from mtkd_jax.losses import LossParts, LossSums, distillation_sums, finish_loss
 from mtkd_jax.reduce import combine_masks, masked_sum, normalize
@@ -80,6 +81,7 @@ def distill_sums(
     weighting: str | Callable = "uniform",
     soft_loss: str = "kl",
     divergence_kind: str = "squared",
+    known=None,
 ) -> DistillSums:
     r"""Targets, loss terms and metric sums of one block of positions.
 
@@ -89,7 +91,8 @@ def distill_sums(
       labels: optional `[B]` / `[B, L]` int labels.
       mask: optional `[B, L]` padding mask (0 = padding: in no loss, weight or metric).
       label_mask: optional `[B]` or `[B, L]`, 1 for labeled positions.
-      temperature, weighting, soft_loss, divergence_kind: as in `make_distill_step`.
+      temperature, weighting, soft_loss, divergence_kind, known: as in
+        `make_distill_step` (`known` `[K, C]`: teachers with different class sets).
 
     Returns:
       `DistillSums`.
@@ -107,7 +110,7 @@ def distill_sums(
         mask = jnp.ones(jnp.shape(student_logits)[:-1], jnp.float32)  # every token counts
     hard_mask = combine_masks(mask, label_mask)
     dt = distill_targets(teacher_logits, labels, label_mask=hard_mask, temperature=temperature,
-                         weighting=weighting)
+                         weighting=weighting, known=known)
     targets = jax.lax.stop_gradient(dt.targets)
     if student_logits.shape[-1] != targets.shape[-1]:
         raise ValueError(
@@ -118,12 +121,18 @@ def distill_sums(
     loss = distillation_sums(student_logits, targets, labels, temperature=temperature,
                              soft_loss=soft_loss, label_mask=label_mask, mask=mask)
     k = dt.probs.shape[0]
-    if k > 1:
+    if k > 1 and known is not None:
+        div = masked_sum(pairwise_divergence_known(dt.probs, known, kind=divergence_kind), mask)
+    elif k > 1:
         div = masked_sum(pairwise_divergence(dt.probs, kind=divergence_kind), mask)
     else:
         div = jnp.zeros((1, 1), dt.probs.dtype)
     pred = jnp.argmax(student_logits, -1)
     finite = jnp.isfinite(teacher_logits)
+    if known is not None:  # unknown classes may hold -inf by design
+        c = teacher_logits.shape[-1]
+        shape = (k,) + (1,) * (teacher_logits.ndim - 2) + (c,)
+        finite = finite | ~jnp.asarray(known, bool).reshape(shape)
     if mask is not None:
         finite = finite | (_expand(mask, finite.ndim - 1)[None] <= 0)
     if labels is None:

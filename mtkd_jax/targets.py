@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from mtkd_jax import _checks
+from mtkd_jax.class_sets import mask_unknown
 from mtkd_jax.divergence import softmax_t
 from mtkd_jax.precision import at_least_float32
 from mtkd_jax.weighting import get_weighting
@@ -175,6 +176,7 @@ def distill_targets(
     label_mask: jax.Array | None = None,
     temperature: float | jax.Array = 1.0,
     weighting: str | Callable = "uniform",
+    known: jax.Array | None = None,
 ) -> DistillTargets:
     r"""Teacher logits -> fused target, per-example teacher weights, teacher probabilities.
 
@@ -191,6 +193,12 @@ def distill_targets(
       temperature: T > 0.
       weighting: a name in `mtkd_jax.weighting.WEIGHTINGS` or a strategy function (see
         `mtkd_jax.weighting.get_weighting` to bind hyperparameters).
+      known: optional `[K, C]` bool, the classes each teacher knows (teachers with
+        different class sets, `mtkd_jax.class_sets`): logits of unknown classes (which may
+        hold anything, -inf included) become `UNKNOWN_LOGIT`, so each teacher's
+        distribution is renormalised over its classes, the weighting sees the masked logits
+        and the target is :math:`t = \sum_k w_k \tilde p_k`. None (or a full mask): every
+        teacher knows every class, today's behaviour exactly.
 
     Returns:
       `DistillTargets(targets [..., C], weights [K, ...], probs [K, ..., C])`.
@@ -205,6 +213,8 @@ def distill_targets(
     teacher_logits = jnp.asarray(teacher_logits)
     _checks.check_teachers(teacher_logits, "teacher_logits")
     teacher_logits = at_least_float32(teacher_logits)  # weights in float32 for bf16 teachers
+    if known is not None:
+        teacher_logits = mask_unknown(teacher_logits, known)
     lead = teacher_logits.shape[1:-1]
     if labels is not None:
         _checks.check_labels(labels, "labels", lead)

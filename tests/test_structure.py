@@ -17,6 +17,7 @@ MAX_LINES = 400
 LAYERS = {
     "_checks": 0,
     "divergence": 1,
+    "class_sets": 1,
     "reduce": 1,
     "weighting": 1,
     "targets": 1,

@@ -93,6 +93,29 @@ def np_agreement(probs, kind="squared", sharpness=1.0):
     return np_softmax(-sharpness * mean_d, axis=0)
 
 
+def np_logsumexp(z, axis=-1):
+    z = np.asarray(z, np.float64)
+    m = z.max(axis, keepdims=True)
+    return (m + np.log(np.exp(z - m).sum(axis, keepdims=True))).squeeze(axis)
+
+
+def np_routing(logits, kind, sharpness=1.0, temperatures=None, scale=None, bias=None):
+    """The routing strategies (weighting/routing.py): softmax over K of a per-teacher score."""
+    z = np.asarray(logits, np.float64)
+    if temperatures is not None:
+        z = z / np.asarray(temperatures, np.float64).reshape((-1,) + (1,) * (z.ndim - 1))
+    if kind == "energy":
+        score = sharpness * np_logsumexp(z)
+    elif kind == "max_logit":
+        score = sharpness * z.max(-1)
+    elif kind == "calibrated":
+        score = sharpness * np_log_softmax(z).max(-1)
+    else:  # gate
+        shape = (-1,) + (1,) * (z.ndim - 2)
+        score = np.reshape(scale, shape) * np_logsumexp(z) + np.reshape(bias, shape)
+    return np_softmax(score, axis=0)
+
+
 def random_probs(rng, shape=SHAPE):
     return rng.dirichlet(np.ones(shape[-1]), size=shape[:-1]).astype(np.float32)
 
@@ -450,6 +473,15 @@ def test_get_weighting_each_name(rng):
                           np_from_scores(scores, p, 0.1)),
         "agreement kl": (weighting.get_weighting("agreement", kind="kl", sharpness=4.0),
                          np_agreement(p, "kl", 4.0)),
+        "energy": (weighting.get_weighting("energy"), np_routing(z, "energy")),
+        "energy T": (weighting.get_weighting("energy", sharpness=2.0, temperatures=lam),
+                     np_routing(z, "energy", 2.0, lam)),
+        "max_logit": (weighting.get_weighting("max_logit", sharpness=0.5),
+                      np_routing(z, "max_logit", 0.5)),
+        "calibrated": (weighting.get_weighting("calibrated", temperatures=lam),
+                       np_routing(z, "calibrated", 4.0, lam)),
+        "gate": (weighting.get_weighting("gate", scale=scores, bias=lam),
+                 np_routing(z, "gate", scale=scores, bias=lam)),
     }
     assert {n.split()[0] for n in cases} == set(weighting.WEIGHTINGS)
     for name, (fn, ref) in cases.items():
@@ -472,8 +504,9 @@ def test_get_weighting_binds_hyperparameters_of_callables():
 
 def test_get_weighting_bad_names_and_hyperparameters():
     with pytest.raises(ValueError, match=r"Unknown weighting 'best'; registered names: "
-                                         r"\['agreement', 'confidence', 'entropy', "
-                                         r"'from_scores', 'static', 'uniform'\]"):
+                                         r"\['agreement', 'calibrated', 'confidence', "
+                                         r"'energy', 'entropy', 'from_scores', 'gate', "
+                                         r"'max_logit', 'static', 'uniform'\]"):
         weighting.get_weighting("best")
     with pytest.raises(ValueError, match=r"'static' needs \['lambdas'\].*missing \['lambdas'\]"):
         weighting.get_weighting("static")

@@ -22,6 +22,7 @@ import numpy as np
 from mtkd_jax.divergence import pairwise_divergence, softmax_t
 from mtkd_jax.experiment.config import Strategy, parse_strategy
 from mtkd_jax.experiment.context import Context, predict
+from mtkd_jax.experiment.multi_source import ROUTING, routing_weightings
 from mtkd_jax.experiment.teachers import Teachers, teacher_names
 from mtkd_jax.metrics import batch_stats, compute_metrics
 from mtkd_jax.targets import distill_targets, leave_one_out_targets
@@ -196,7 +197,7 @@ def _weightings(config, strategies, val_acc) -> dict[str, Callable]:
     no_transfer = [parse_strategy(n) for n in config.distill.train_only]
     weightings = {}
     for s in [*strategies, *no_transfer]:
-        if s.kind != "distill":
+        if s.kind != "distill" or s.weighting in ROUTING:  # routing: fitted in multi_source
             continue
         if s.weighting == "from_scores":
             weightings[s.name] = get_weighting(
@@ -227,6 +228,7 @@ def analyse(ctx: Context, teachers: Teachers, strategies) -> Analysis:
 
     best = int(np.argmax(val_acc))
     weightings = _weightings(config, strategies, val_acc)
+    weightings.update(routing_weightings(ctx, teachers, strategies, val_logits))  # fitted routing
     divergence, targets, weights = analyse_teachers(
         val_logits, dataset.validation.y, strategies,
         kinds=tuple(config.analysis.divergence_kinds) if k >= 2 else (),

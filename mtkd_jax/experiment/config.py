@@ -16,6 +16,7 @@ import numbers
 import ml_collections
 
 from mtkd_jax import _checks
+from mtkd_jax.experiment.sources import sources_config, validate_sources  # multi-source
 from mtkd_jax.losses import SOFT_LOSSES
 from mtkd_jax.models import MODELS
 
@@ -78,6 +79,17 @@ _BASE = (
              description="per-example weights favouring low-entropy teachers (EBKD)"),
     Strategy("agreement", "distill", "agreement",
              description="per-example weights favouring teachers that agree with the rest"),
+    # Label-free routing (mtkd_jax.weighting.routing), for teachers from different sources;
+    # temperatures and the gate are fitted in experiment/multi_source.py.
+    Strategy("energy", "distill", "energy",
+             description="route by each teacher's energy logsumexp(z) (label-free)"),
+    Strategy("max_logit", "distill", "max_logit",
+             description="route by each teacher's max logit (label-free)"),
+    Strategy("calibrated", "distill", "calibrated",
+             description="route by calibrated confidence, tau_k fitted per teacher (label-free)"),
+    Strategy("gate", "distill", "gate",
+             description="route by a gate over the teachers' outputs, fitted on the labeled "
+                         "splits as a mixture of experts (label-free on the transfer set)"),
     Strategy("codistill", "codistill",
              description="the K teachers refine each other toward leave-one-out targets"),
 )
@@ -216,6 +228,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.compression = ml_collections.ConfigDict()
     c.compression.enabled = True
     c.compression.repeats = 20
+
+    c.sources = sources_config()  # where each teacher's data comes from (experiment/sources.py)
 
     c.lock()
     return c
@@ -372,6 +386,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1) 
                  f"`config.analysis.divergence_kinds` must hold names from "
                  f"{list(DIVERGENCE_KINDS)}, got {kind!r}.")
     _positive_int(config.compression.repeats, "compression.repeats")
+    validate_sources(config)
 
     for path, size in (("teachers.batch_size", t.batch_size),
                        ("student.batch_size", s.batch_size)):

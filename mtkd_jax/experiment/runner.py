@@ -31,10 +31,11 @@ import ml_collections
 
 from mtkd_jax import data as data_lib
 from mtkd_jax import distributed, parallel
-from mtkd_jax.experiment import compression, report, run_folder
+from mtkd_jax.experiment import compression, report, run_folder, trust_plot
 from mtkd_jax.experiment.analysis import analyse
 from mtkd_jax.experiment.config import validate_config
 from mtkd_jax.experiment.context import Context, log
+from mtkd_jax.experiment.multi_source import train_source_teachers
 from mtkd_jax.experiment.results import ExperimentResult, SeedResult
 from mtkd_jax.experiment.students import train_students
 from mtkd_jax.experiment.teachers import train_teachers
@@ -65,7 +66,10 @@ def run_seed(config, seed: int, dataset, transfer_x, mesh, run_dir: str, strateg
     ctx = Context(config, dataset, transfer_x, mesh, run_dir, seed,
                   {} if shared is None else shared)
     t0 = time.perf_counter()
-    teachers = train_teachers(ctx)  # 1.
+    if config.sources.kind == "same":
+        teachers = train_teachers(ctx)  # 1.
+    else:  # teachers from different sources (experiment/multi_source.py)
+        teachers = train_source_teachers(ctx)
     seconds = {"teachers": time.perf_counter() - t0}
     t0 = time.perf_counter()
     analysis = analyse(ctx, teachers, strategies)  # 2-4.
@@ -199,5 +203,7 @@ def run(config: ml_collections.ConfigDict) -> ExperimentResult:
     )
     if jax.process_index() == 0:
         result.files = run_folder.write_run_folder(result, strategies)
+        if config.plots and config.sources.kind != "same":  # experiment/trust_plot.py
+            result.files.append(trust_plot.write_trust_plot(result, dataset))
         print(report.summary(result, strategies), flush=True)
     return result

@@ -48,6 +48,7 @@ def make_distill_step(
     student_head: Callable | None = None,
     teacher_head: Callable | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    known=None,
 ) -> Callable:
     r"""Build a multi-teacher distillation step that updates only the student.
 
@@ -95,6 +96,14 @@ def make_distill_step(
       teacher_head: optional `teacher_head(teacher_params, [K, B, c, H_t]) -> [K, B, c, V]`
         (with `student_head`): then `teacher_apply` returns features `[K, B, L, H_t]`.
       chunk_size: positions per chunk with `student_head` (static).
+      known: optional `[K, C]` bool, the classes each teacher knows, for teachers with
+        different class sets (`mtkd_jax.class_sets`): the teachers' logits are global-space
+        `[K, ..., C]` (`class_sets.to_global_logits`), unknown entries may hold anything
+        (-inf included); targets are fused as in `distill_targets(known=...)`, the
+        divergence metric is taken over the classes each pair shares
+        (`class_sets.pairwise_divergence_known`) and ``teacher_logits_finite`` looks at
+        known entries only. None: every teacher knows every class (a full mask gives the
+        same numbers).
 
     Returns:
       Un-jitted `step(state, batch, key, *, teacher_params=None) -> (state, metrics)`.
@@ -135,7 +144,7 @@ def make_distill_step(
         _checks.check_int(chunk_size, "chunk_size")
     model = trained_model(student_apply, pass_key)
     options = dict(temperature=temperature, weighting=weighting_fn, soft_loss=soft_loss,
-                   divergence_kind=divergence_kind)
+                   divergence_kind=divergence_kind, known=known)
 
     def step(state: TrainState, batch: dict, key: jax.Array, *, teacher_params=None):
         parts = batch_parts(batch)

@@ -14,6 +14,11 @@ one (a new strategy is one function and one test: the property tests run over th
 and `get_weighting(name, **hyperparameters)` binds hyperparameters, checked against the
 function's signature.
 
+Label-free routing (`mtkd_jax.weighting.routing`): ``energy``, ``max_logit``,
+``calibrated`` and ``gate`` weight each example by what each teacher can tell from the input
+alone (for teachers from different sources, `mtkd_jax.class_sets`); `fit_temperature` and
+`fit_gate` fit their hyperparameters.
+
 Scale conventions of other implementations (the formulas match; the scale does not):
 CA-MKD and big_vision **sum** per-teacher losses (K times a weighted mean: multiply the
 learning rate, or `1 - alpha`, by K to match); EBKD's entropy weights are not divided by
@@ -26,6 +31,15 @@ from mtkd_jax.weighting.registry import (
     WEIGHTINGS,
     get_weighting,
     register_weighting,
+)
+from mtkd_jax.weighting.routing import (
+    calibrated,
+    energy,
+    fit_gate,
+    fit_temperature,
+    gate,
+    gate_features,
+    max_logit,
 )
 from mtkd_jax.weighting.strategies import (
     agreement,
@@ -43,6 +57,13 @@ __all__ = [
     "confidence",
     "entropy",
     "agreement",
+    "energy",
+    "max_logit",
+    "calibrated",
+    "gate",
+    "gate_features",
+    "fit_temperature",
+    "fit_gate",
     "WEIGHTINGS",
     "PROTOCOL_KEYWORDS",
     "register_weighting",

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import jax
 
+from mtkd_jax.weighting.routing import calibrated, energy, gate, max_logit
 from mtkd_jax.weighting.strategies import (
     agreement,
     confidence,
@@ -23,7 +24,8 @@ PROTOCOL_KEYWORDS = ("logits", "labels", "label_mask")
 """Keywords every strategy accepts besides its hyperparameters (they may be None)."""
 
 WEIGHTINGS: dict[str, Callable[..., jax.Array]] = {
-    fn.__name__: fn for fn in (uniform, static, from_scores, confidence, entropy, agreement)
+    fn.__name__: fn for fn in (uniform, static, from_scores, confidence, entropy, agreement,
+                               energy, max_logit, calibrated, gate)
 }
 """Name -> strategy `fn(probs, *, logits, labels, label_mask, **hyperparameters) -> [K, ...]`.
 
@@ -106,8 +108,9 @@ def get_weighting(name_or_fn: str | Callable, **hyperparameters) -> Callable[...
       name_or_fn: a name in `WEIGHTINGS`, or a function with the protocol's signature.
       **hyperparameters: the strategy's keyword-only hyperparameters (e.g. `lambdas=[K]` for
         ``"static"``, `scores=[K]` and `temperature` for ``"from_scores"``, `kind` and
-        `sharpness` for ``"agreement"``). A missing required one or an unknown one is an
-        error, so a typo cannot be silently ignored.
+        `sharpness` for ``"agreement"``, `sharpness` and `temperatures=[K]` for the
+        routing strategies, `scale=[K]` and `bias=[K]` for ``"gate"``). A missing required
+        one or an unknown one is an error, so a typo cannot be silently ignored.
 
     Returns:
       `fn(probs, *, logits=None, labels=None, label_mask=None) -> [K, ...]`.

@@ -24,6 +24,9 @@ def _per_teacher(w: jax.Array, probs: jax.Array) -> jax.Array:
 def uniform(probs: jax.Array, *, logits=None, labels=None, label_mask=None) -> jax.Array:
     """Equal weights `1/K` for every teacher and example (the plain mean target).
 
+    Labels are not used. Bounds: exactly `1/K`; with teachers from different sources
+    (`mtkd_jax.class_sets`) this is the naive ensemble, blind to which teacher knows the input.
+
     Args:
       probs: `[K, ..., C]` teacher probabilities (only the shape is used).
 
@@ -59,7 +62,8 @@ def static(
 ) -> jax.Array:
     r"""User-given per-teacher weights, normalised: :math:`w_k = \lambda_k / \sum_j \lambda_j`.
 
-    The same for labeled and unlabeled examples.
+    The same for labeled and unlabeled examples. Bounds: any point of the simplex, but the
+    same for every example (it cannot route an input to the teacher that knows it).
 
     Args:
       probs: `[K, ..., C]` teacher probabilities (only the shape is used).
@@ -100,7 +104,8 @@ def from_scores(
 
     :math:`w_k = \exp(s_k / \tau) / \sum_j \exp(s_j / \tau)`, with scores such as validation
     accuracies. A small :math:`\tau` concentrates weight on the best teacher; a large one tends
-    to uniform. The same for labeled and unlabeled examples.
+    to uniform. The same for labeled and unlabeled examples. Bounds: in (0, 1), the same for
+    every example (as ``static``).
 
     Args:
       probs: `[K, ..., C]` teacher probabilities (only the shape is used).
@@ -155,7 +160,9 @@ def confidence(
     (mean of the T = 1 probabilities) as their label, so their weights favour the teachers
     that agree with the ensemble, and their fused target has the ensemble's argmax.
 
-    Bound: no teacher ever gets more than :math:`1/(K-1)` (at K = 3, 0.5), however sure it is.
+    Bound: no teacher ever gets more than :math:`1/(K-1)` (at K = 3, 0.5), however sure it is;
+    a teacher that gives the label probability 0 (a class it does not know,
+    `mtkd_jax.class_sets`) gets weight 0 on a labeled example.
 
     Args:
       probs: `[K, ..., C]` teacher probabilities (only the shape is checked).
@@ -208,7 +215,8 @@ def entropy(
     more. Where every teacher is one-hot (all H = 0) the weights fall back to uniform. Labels
     are not used: labeled and unlabeled examples are weighted alike.
 
-    Bound: no teacher ever gets more than :math:`1/(K-1)`.
+    Bound: no teacher ever gets more than :math:`1/(K-1)`, so it cannot route an input to
+    one teacher (see `mtkd_jax.weighting.routing` for strategies that can).
 
     Args:
       probs: `[K, ..., C]` teacher probabilities.
@@ -258,7 +266,11 @@ def agreement(
     :math:`w_k = \mathrm{softmax}_k(-s \cdot \bar D_k)` with
     :math:`\bar D_k = \frac{1}{K-1} \sum_{j \ne k} D_{kj}` and D from `pairwise_divergence`
     of `probs`, so a teacher that disagrees with the rest counts less; `sharpness` s = 0 gives
-    uniform. Labels are not used. Needs K >= 2.
+    uniform. Labels are not used: the same with and without labels. Needs K >= 2.
+
+    Bounds: below 1 for finite s. With K = 2 and a symmetric kind the two mean divergences
+    are equal, so the weights are always uniform; with teachers that know different classes
+    it favours the majority, not the teacher that knows the input.
 
     Args:
       probs: `[K, ..., C]` teacher probabilities.
