@@ -33,19 +33,31 @@ from mtkd_jax import data as data_lib
 from mtkd_jax import distributed, parallel
 from mtkd_jax.experiment import compression, report, run_folder
 from mtkd_jax.experiment.analysis import analyse
-from mtkd_jax.experiment.config import validate_config
-from mtkd_jax.experiment.context import Context, log
+from mtkd_jax.experiment.config import check_against_dataset, parse_strategy, validate_config
+from mtkd_jax.experiment.context import Context
+from mtkd_jax.experiment.progress import RunProgress, StageTimes, log
 from mtkd_jax.experiment.results import ExperimentResult, SeedResult
-from mtkd_jax.experiment.students import train_students
+from mtkd_jax.experiment.students import student_groups, train_students
 from mtkd_jax.experiment.teachers import train_teachers
 
-__all__ = ["prepare_run_dir", "run_seed", "run"]
+__all__ = ["Interrupted", "prepare_run_dir", "run_seed", "run"]
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C (SIGINT): `result` holds the seeds that finished (their report
+    is written to `run_dir`), or is None when none had; checkpoints are kept, so the same
+    command resumes. The `mtkd` command exits with code 130 on it."""
+
+    def __init__(self, run_dir: str, result):
+        super().__init__(run_dir)
+        self.run_dir, self.result = run_dir, result
 
 _IGNORED_KEYS = ("progress", "log_every")  # may change between a run and its resume
 
 
 def run_seed(config, seed: int, dataset, transfer_x, mesh, run_dir: str, strategies,
-             shared: dict | None = None):
+             shared: dict | None = None, *, progress: RunProgress | None = None,
+             times: StageTimes | None = None):
     """Run the whole pipeline once with `seed`; return a `SeedResult` and the trained models.
 
     Args:
@@ -57,18 +69,22 @@ def run_seed(config, seed: int, dataset, transfer_x, mesh, run_dir: str, strateg
       run_dir: the run folder (checkpoints, TensorBoard).
       strategies: the parsed `Strategy` rows.
       shared: a dict kept across the seeds of a run: models and compiled steps built once.
+      progress: the run's `RunProgress` (None: no bar).
+      times: the run's `StageTimes`, which the stages add their seconds to.
 
     Returns:
       `(SeedResult, models)` where `models` maps "teacher", "student", "ensemble" to
       `(apply_fn, params)` for the compression measurements.
     """
     ctx = Context(config, dataset, transfer_x, mesh, run_dir, seed,
-                  {} if shared is None else shared)
+                  {} if shared is None else shared, progress=progress, times=times)
     t0 = time.perf_counter()
-    teachers = train_teachers(ctx)  # 1.
+    with ctx.times.stage("teachers"):
+        teachers = train_teachers(ctx)  # 1.
     seconds = {"teachers": time.perf_counter() - t0}
     t0 = time.perf_counter()
-    analysis = analyse(ctx, teachers, strategies)  # 2-4.
+    with ctx.times.stage("analysis"):
+        analysis = analyse(ctx, teachers, strategies)  # 2-4.
     seconds["analysis"] = time.perf_counter() - t0
     students = train_students(ctx, teachers, analysis, strategies)  # 5-6.
     seconds.update(students.seconds)
@@ -167,37 +183,74 @@ def run(config: ml_collections.ConfigDict) -> ExperimentResult:
     if config.distributed or distributed.distributed_requested():
         distributed.initialize_distributed()
     validate_config(config, num_devices=jax.device_count())
+    times = StageTimes()
+    with times.listening():
+        return _run(config, strategies, times)
+
+
+def _trainings_per_seed(config, strategies) -> int:
+    """Trainings of one seed: the teachers (one stacked, or K), the student groups, and
+    codistillation."""
+    t = config.teachers
+    teachers = 1 if len(set(tuple(t.models) or (t.model,))) == 1 else t.num
+    groups = student_groups(strategies, [parse_strategy(n) for n in config.distill.train_only],
+                            use_transfer=config.transfer.size > 0,
+                            soft_loss=config.distill.soft_loss)
+    return teachers + len(groups) + any(s.kind == "codistill" for s in strategies)
+
+
+def _run(config, strategies, times: StageTimes) -> ExperimentResult:
     start = time.perf_counter()
-    dataset = data_lib.load(config.dataset, data_dir=config.data_dir or None)
-    run_dir = prepare_run_dir(config)
-    transfer_x = None
-    if config.transfer.size:
-        t0 = time.perf_counter()
-        transfer_x = data_lib.mnist1d_transfer_set(
-            config.transfer.size, seed=config.transfer.seed, info=dataset.info
-        )
-        log(f"transfer set: {len(transfer_x)} unlabeled inputs "
-            f"({time.perf_counter() - t0:.1f} s)")
+    with times.stage("data"):
+        dataset = data_lib.load(config.dataset, data_dir=config.data_dir or None)
+        check_against_dataset(config, dataset.info)
+        run_dir = prepare_run_dir(config)
+        transfer_x = None
+        if config.transfer.size:
+            t0 = time.perf_counter()
+            transfer_x = data_lib.mnist1d_transfer_set(
+                config.transfer.size, seed=config.transfer.seed, info=dataset.info
+            )
+            log(f"transfer set: {len(transfer_x)} unlabeled inputs "
+                f"({time.perf_counter() - t0:.1f} s)")
     mesh = parallel.data_mesh()
     log(f"devices: {jax.device_count()} ({jax.default_backend()}), processes: "
         f"{jax.process_count()}; run folder: {run_dir}")
-    seeds, trained, shared = [], None, {}
-    for seed in range(config.first_seed, config.first_seed + config.seeds):
-        result, models_of_seed = run_seed(config, seed, dataset, transfer_x, mesh, run_dir,
-                                          strategies, shared)
-        seeds.append(result)
-        trained = trained or models_of_seed
+    per_seed = _trainings_per_seed(config, strategies)
+    progress = RunProgress(per_seed * config.seeds, enabled=config.progress)
+    seeds, trained, shared, interrupted = [], None, {}, False
+    try:
+        for seed in range(config.first_seed, config.first_seed + config.seeds):
+            result, models_of_seed = run_seed(config, seed, dataset, transfer_x, mesh, run_dir,
+                                              strategies, shared, progress=progress,
+                                              times=times)
+            seeds.append(result)
+            trained = trained or models_of_seed
+    except KeyboardInterrupt:
+        interrupted = True
+        progress.close()
+        log(f"\ninterrupted: {len(seeds)} of {config.seeds} seed(s) finished; checkpoints are "
+            "kept, the same command resumes")
+        if not seeds:
+            raise Interrupted(run_dir, None) from None
+    finally:
+        progress.close()
     comp = []
-    if config.compression.enabled:
-        comp = compression.measure(
-            trained, example_x=dataset.test.x, labels=_compression_labels(config),
-            repeats=config.compression.repeats,
-        )
+    if config.compression.enabled and not interrupted:
+        with times.stage("compression"):
+            comp = compression.measure(
+                trained, example_x=dataset.test.x, labels=_compression_labels(config),
+                repeats=config.compression.repeats,
+            )
     result = ExperimentResult(
         config=config, run_dir=run_dir, seeds=seeds, compression=comp,
         environment=_environment(), wall_seconds=time.perf_counter() - start, files=[],
+        times=times.as_dict(), interrupted=interrupted,
     )
     if jax.process_index() == 0:
         result.files = run_folder.write_run_folder(result, strategies)
         print(report.summary(result, strategies), flush=True)
+        print("time per stage:\n" + "\n".join(times.lines()), flush=True)
+    if interrupted:
+        raise Interrupted(run_dir, result)
     return result

@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtkd_jax import data as data_lib
-from mtkd_jax import models
 from mtkd_jax.experiment.analysis import Analysis, evaluate_logits, log_probs, softmax_np
 from mtkd_jax.experiment.config import Strategy, parse_strategy
 from mtkd_jax.experiment.context import (
@@ -194,7 +193,7 @@ def train_group(ctx: Context, group: Group, *, split, n_labeled, row_logits, fin
 
     tx, step = ctx.parallel(("students", group.name, total), build)
     key = jax.random.fold_in(ctx.key, 2)  # every row starts from the same initial student
-    params = models.init_params(model, key, jnp.asarray(split.x[:1]))
+    params = ctx.init(cfg.model, model_kwargs(cfg), key, jnp.asarray(split.x[:1]))
     r = len(group.rows)
     stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (r, *a.shape)), params)
     result = fit(ctx, group.name, init_stacked_train_state(stacked, tx), step,
@@ -258,44 +257,48 @@ def train_students(ctx: Context, teachers: Teachers, analysis: Analysis,
     t0 = time.perf_counter()
     use_transfer = ctx.transfer_x is not None
     split, n_labeled = _distill_split(ctx, use_transfer)
-    cache = predict(teachers.apply, teachers.params, split.x)  # [K, N, C]
     groups = student_groups(strategies, [parse_strategy(n) for n in config.distill.train_only],
                             use_transfer=use_transfer, soft_loss=config.distill.soft_loss)
     data = {}
-    for g in groups:
-        if g.transfer:
-            sp, nl, ch = split, n_labeled, cache
-        else:  # the train split is the first rows of the distillation split
-            sp, nl, ch = dataset.train, len(dataset.train), cache[:, :len(dataset.train)]
-        logits = None if g.soft_loss is None else np.stack([
-            _row_logits(ctx, ch, sp, nl, s, analysis.weightings.get(s.name), best)
-            for s in g.strategies])
-        data[g.name] = (sp, nl, logits)
+    with ctx.times.stage("teacher logits, targets"):
+        cache = predict(teachers.apply, teachers.params, split.x)  # [K, N, C]
+        for g in groups:
+            if g.transfer:
+                sp, nl, ch = split, n_labeled, cache
+            else:  # the train split is the first rows of the distillation split
+                sp, nl, ch = dataset.train, len(dataset.train), cache[:, :len(dataset.train)]
+            logits = None if g.soft_loss is None else np.stack([
+                _row_logits(ctx, ch, sp, nl, s, analysis.weightings.get(s.name), best)
+                for s in g.strategies])
+            data[g.name] = (sp, nl, logits)
     seconds["targets"] = time.perf_counter() - t0
 
     student = None
     for g in groups:
         t0 = time.perf_counter()
         sp, nl, logits = data.pop(g.name)
-        params, s_apply, result, total = train_group(
-            ctx, g, split=sp, n_labeled=nl, row_logits=logits,
-            fingerprint=teachers.fingerprint)
-        infer = ctx.cached(("vmapped", s_apply),
-                           lambda s_apply=s_apply: jax.jit(jax.vmap(s_apply, (0, None))))
-        test_logits = predict(infer, params, dataset.test.x)  # [R, N, C]
-        for k, row in enumerate(g.rows):
-            rows[row] = evaluate_logits(test_logits[k], test_y, ens)
-            histories[row], steps[row] = _member_history(result.history, k), total
+        with ctx.times.stage("students"):
+            params, s_apply, result, total = train_group(
+                ctx, g, split=sp, n_labeled=nl, row_logits=logits,
+                fingerprint=teachers.fingerprint)
+        with ctx.times.stage("test evaluation"):
+            infer = ctx.cached(("vmapped", s_apply),
+                               lambda s_apply=s_apply: jax.jit(jax.vmap(s_apply, (0, None))))
+            test_logits = predict(infer, params, dataset.test.x)  # [R, N, C]
+            for k, row in enumerate(g.rows):
+                rows[row] = evaluate_logits(test_logits[k], test_y, ens)
+                histories[row], steps[row] = _member_history(result.history, k), total
         seconds[g.name] = time.perf_counter() - t0
         student = (s_apply, jax.tree.map(lambda a: a[-1], params))
     rows = {row: rows[row] for row in _row_order(strategies, rows)}
 
     if any(s.kind == "codistill" for s in strategies):
         t0 = time.perf_counter()
-        co_params, co_result, total = codistill(
-            ctx, teachers.params, teachers.members[0][0], split=split,
-            n_labeled=n_labeled, fingerprint=teachers.fingerprint,
-        )
+        with ctx.times.stage("codistillation"):
+            co_params, co_result, total = codistill(
+                ctx, teachers.params, teachers.members[0][0], split=split,
+                n_labeled=n_labeled, fingerprint=teachers.fingerprint,
+            )
         co_logits = predict(teachers.apply, co_params, dataset.test.x)
         each = [evaluate_logits(co_logits[i], test_y, ens) for i in range(config.teachers.num)]
         rows["codistill (each)"] = {m: float(np.mean([e[m] for e in each])) for m in each[0]}
