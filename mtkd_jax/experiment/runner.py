@@ -19,6 +19,7 @@ compiled data-parallel over all devices (`mtkd_jax.experiment.context`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -33,14 +34,20 @@ from mtkd_jax import data as data_lib
 from mtkd_jax import distributed, parallel
 from mtkd_jax.experiment import compression, report, run_folder
 from mtkd_jax.experiment.analysis import analyse
-from mtkd_jax.experiment.config import check_against_dataset, parse_strategy, validate_config
+from mtkd_jax.experiment.config import parse_strategy, validate_config
 from mtkd_jax.experiment.context import Context
+from mtkd_jax.experiment.dataset_check import check_against_dataset
 from mtkd_jax.experiment.progress import RunProgress, StageTimes, log
 from mtkd_jax.experiment.results import ExperimentResult, SeedResult
 from mtkd_jax.experiment.students import student_groups, train_students
 from mtkd_jax.experiment.teachers import train_teachers
 
-__all__ = ["Interrupted", "prepare_run_dir", "run_seed", "run"]
+__all__ = ["ConfigMistake", "Interrupted", "prepare_run_dir", "run_seed", "run"]
+
+
+class ConfigMistake(ValueError):
+    """A config that cannot run, found before anything trains: a bad value, an unknown
+    dataset, a model that does not fit the dataset, a run folder of another run."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -114,7 +121,8 @@ def prepare_run_dir(config) -> str:
 
     Re-running the same command in the same folder resumes it: finished trainings are read
     back from their checkpoints and unfinished ones continue. A different config (other than
-    `progress` and `log_every`) in an existing folder is refused, so results never mix.
+    `progress` and `log_every`) in a folder that holds checkpoints or results is refused, so
+    results never mix; a folder whose run failed before saving anything is reused.
 
     Returns:
       The absolute run folder path.
@@ -126,7 +134,9 @@ def prepare_run_dir(config) -> str:
         with open(path) as f:
             saved = json.load(f)
         saved = {k: v for k, v in saved.items() if k not in _IGNORED_KEYS}
-        if saved != current:
+        if saved != current and not _holds_results(run_dir):
+            log(f"{run_dir}: replacing the config of a run that saved nothing")
+        elif saved != current:
             diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
             raise ValueError(
                 f"{run_dir} holds a run made with another config (differs in {diff}); use "
@@ -137,6 +147,16 @@ def prepare_run_dir(config) -> str:
         with open(path, "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     return run_dir
+
+
+def _holds_results(run_dir: str) -> bool:
+    """Whether a run folder holds a checkpoint or a report."""
+    if os.path.exists(os.path.join(run_dir, "results.md")):
+        return True
+    for _, _, files in os.walk(os.path.join(run_dir, "checkpoints")):
+        if files:
+            return True
+    return False
 
 
 def _compression_labels(config) -> dict[str, str]:
@@ -179,13 +199,24 @@ def run(config: ml_collections.ConfigDict) -> ExperimentResult:
       `results_per_seed.csv`, `analysis.json`, `histories.json`, PNG plots, TensorBoard
       events, `config.json` and checkpoints.
     """
-    strategies = validate_config(config)
+    with _config_mistakes():
+        strategies = validate_config(config)
     if config.distributed or distributed.distributed_requested():
         distributed.initialize_distributed()
-    validate_config(config, num_devices=jax.device_count())
+    with _config_mistakes():
+        validate_config(config, num_devices=jax.device_count())
     times = StageTimes()
     with times.listening():
         return _run(config, strategies, times)
+
+
+@contextlib.contextmanager
+def _config_mistakes():
+    """ValueError/TypeError/FileNotFoundError of the checks before training -> ConfigMistake."""
+    try:
+        yield
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise ConfigMistake(str(e)) from e
 
 
 def _trainings_per_seed(config, strategies) -> int:
@@ -202,9 +233,10 @@ def _trainings_per_seed(config, strategies) -> int:
 def _run(config, strategies, times: StageTimes) -> ExperimentResult:
     start = time.perf_counter()
     with times.stage("data"):
-        dataset = data_lib.load(config.dataset, data_dir=config.data_dir or None)
-        check_against_dataset(config, dataset.info)
-        run_dir = prepare_run_dir(config)
+        with _config_mistakes():
+            dataset = data_lib.load(config.dataset, data_dir=config.data_dir or None)
+            check_against_dataset(config, dataset.info)
+            run_dir = prepare_run_dir(config)
         transfer_x = None
         if config.transfer.size:
             t0 = time.perf_counter()
