@@ -10,6 +10,7 @@ says where its time went even on a shared machine (CPU seconds do not count othe
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 
 import jax
@@ -28,7 +29,8 @@ COMPILE_EVENTS = (
 def log(message: str) -> None:
     """Print `message` on the first process only, above any progress bars."""
     if jax.process_index() == 0:
-        tqdm.tqdm.write(message)
+        tqdm.tqdm.write(message, file=sys.stdout)
+        sys.stdout.flush()
 
 
 class StageTimes:

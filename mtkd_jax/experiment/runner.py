@@ -34,7 +34,7 @@ from mtkd_jax import data as data_lib
 from mtkd_jax import distributed, parallel
 from mtkd_jax.experiment import compression, report, run_folder
 from mtkd_jax.experiment.analysis import analyse
-from mtkd_jax.experiment.config import parse_strategy, validate_config
+from mtkd_jax.experiment.config import parse_strategy, transfer_size, validate_config
 from mtkd_jax.experiment.context import Context
 from mtkd_jax.experiment.dataset_check import check_against_dataset
 from mtkd_jax.experiment.progress import RunProgress, StageTimes, log
@@ -219,13 +219,34 @@ def _config_mistakes():
         raise ConfigMistake(str(e)) from e
 
 
+def _load(config):
+    """`data.load` of the config's dataset; says what was carved, converted or resized."""
+    folder = config.dataset.startswith(data_lib.FOLDER_PREFIX)
+    kwargs = dict(image_size=tuple(config.image_size), color_mode=config.color_mode,
+                  flip=config.flip) if folder else {}
+    dataset = data_lib.load(config.dataset, data_dir=config.data_dir or None, **kwargs)
+    info = dataset.info
+    log(f"dataset {config.dataset}: {len(dataset.train)} train / {len(dataset.validation)} "
+        f"validation / {len(dataset.test)} test, inputs {tuple(info.input_shape)}, "
+        f"{info.num_classes} classes")
+    if folder:
+        log(f"  images read as {config.color_mode} and resized to {tuple(config.image_size)} "
+            f"where they differ; horizontal flips {'keep' if config.flip else 'change'} "
+            "the label (config.flip)")
+    for note in info.notes:
+        log(f"  {note}")
+    if config.transfer.size and not transfer_size(config):
+        log("  no transfer set: it is generated for mnist1d only (config.transfer.size)")
+    return dataset
+
+
 def _trainings_per_seed(config, strategies) -> int:
     """Trainings of one seed: the teachers (one stacked, or K), the student groups, and
     codistillation."""
     t = config.teachers
     teachers = 1 if len(set(tuple(t.models) or (t.model,))) == 1 else t.num
     groups = student_groups(strategies, [parse_strategy(n) for n in config.distill.train_only],
-                            use_transfer=config.transfer.size > 0,
+                            use_transfer=transfer_size(config) > 0,
                             soft_loss=config.distill.soft_loss)
     return teachers + len(groups) + any(s.kind == "codistill" for s in strategies)
 
@@ -234,14 +255,14 @@ def _run(config, strategies, times: StageTimes) -> ExperimentResult:
     start = time.perf_counter()
     with times.stage("data"):
         with _config_mistakes():
-            dataset = data_lib.load(config.dataset, data_dir=config.data_dir or None)
+            dataset = _load(config)
             check_against_dataset(config, dataset.info)
             run_dir = prepare_run_dir(config)
         transfer_x = None
-        if config.transfer.size:
+        if transfer_size(config):
             t0 = time.perf_counter()
             transfer_x = data_lib.mnist1d_transfer_set(
-                config.transfer.size, seed=config.transfer.seed, info=dataset.info
+                transfer_size(config), seed=config.transfer.seed, info=dataset.info
             )
             log(f"transfer set: {len(transfer_x)} unlabeled inputs "
                 f"({time.perf_counter() - t0:.1f} s)")
