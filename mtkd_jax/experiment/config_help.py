@@ -15,6 +15,9 @@ FIELD_HELP: dict[str, str] = {
     "dataset": "dataset name for mtkd_jax.data.load (mnist1d, digits, mnist, ...) or "
                "folder:PATH for an image folder",
     "data_dir": "TFDS data dir (empty: $TFDS_DATA_DIR or ~/tensorflow_datasets)",
+    "image_size": "image folders: resize every image to H,W (required for folder:PATH)",
+    "color_mode": "image folders: rgb or grayscale",
+    "flip": "image folders: whether a horizontal flip keeps the label (off: digits, text)",
     "seeds": "how many times the whole pipeline runs (mean ± std of every row)",
     "first_seed": "the first seed; the run uses first_seed, first_seed + 1, ...",
     "output_dir": "the run folder (results, plots, checkpoints); a rerun resumes it",
