@@ -43,6 +43,8 @@ LAYERS = {
     "loop": 3,
     "cache": 3,
     "experiment": 4,
+    "cli": 5,
+    "__main__": 6,
 }
 
 

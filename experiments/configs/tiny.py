@@ -30,5 +30,5 @@ def get_config():
     config.codistill.epochs = 1
     config.transfer.size = 128
     config.analysis.divergence_kinds = ("squared", "js")
-    config.compression.repeats = 1
+    config.compression.repeats = 5
     return config

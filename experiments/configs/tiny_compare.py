@@ -33,5 +33,5 @@ def get_config():
     config.analysis.divergence_kinds = ("kl",)
     config.checkpoints = False
     config.tensorboard = False
-    config.compression.repeats = 1
+    config.compression.repeats = 5
     return config

@@ -1,7 +1,7 @@
 """Images from folders, the layout of Keras' `flow_from_directory` (the article's project).
 
     root/train/<class>/*.png|jpg      (required)
-    root/val/<class>/...  or  root/validation/<class>/...   (optional)
+    root/val/<class>/...  (or valid/, validation/)          (optional)
     root/test/<class>/...                                   (optional)
 
 Class names are the sorted sub-folder names of `train`; labels are their positions. Images are
@@ -21,7 +21,8 @@ from mtkd_jax.data.dataset import Dataset, build_dataset
 __all__ = ["load_image_folder", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
-_SPLIT_DIRS = {"train": ("train",), "validation": ("val", "validation"), "test": ("test",)}
+_SPLIT_DIRS = {"train": ("train",), "validation": ("val", "valid", "validation"),
+               "test": ("test",)}
 _COLOR_MODES = {"rgb": "RGB", "grayscale": "L"}
 
 
@@ -75,7 +76,7 @@ def load_image_folder(
     *,
     image_size: int | tuple[int, int],
     color_mode: str = "rgb",
-    flip: bool = True,
+    flip: bool = False,
     validation_fraction: float = 0.1,
     split_seed: int = 0,
     normalize: bool = True,
@@ -86,7 +87,8 @@ def load_image_folder(
       root: the folder holding `train/` (and optionally `val/` or `validation/`, `test/`).
       image_size: `(H, W)` or one int for square images; every image is resized to it.
       color_mode: `"rgb"` (C = 3) or `"grayscale"` (C = 1).
-      flip: whether a horizontal flip keeps the label (recorded in `info.flip`).
+      flip: whether a horizontal flip keeps the label (recorded in `info.flip`); off by
+        default (wrong for digits and text).
       validation_fraction, split_seed, normalize: see `build_dataset`.
 
     Returns:

@@ -27,6 +27,8 @@ def load(
     normalize: bool = True,
     image_size: int | tuple[int, int] | None = None,
     download: bool = False,
+    color_mode: str = "rgb",
+    flip: bool = False,
 ) -> Dataset:
     """Load a dataset by name into memory: train / validation / test splits and its info.
 
@@ -45,6 +47,8 @@ def load(
       normalize: standardise inputs with the train statistics (kept in `info.mean/std`).
       image_size: `(H, W)` or an int to resize images to; required for folders.
       download: let TFDS download a missing TFDS dataset (needs network).
+      color_mode, flip: for image folders (see `load_image_folder`): ``"rgb"`` or
+        ``"grayscale"``, and whether a horizontal flip keeps the label.
 
     Returns:
       A `Dataset`: `.train`, `.validation`, `.test` (`Split` with `x` float32 `[N, ...]`,
@@ -72,7 +76,8 @@ def load(
             raise ValueError(
                 f"`image_size` (H, W) is required for image folders such as {name!r}."
             )
-        return load_image_folder(name[len(FOLDER_PREFIX):], image_size=image_size, **common)
+        return load_image_folder(name[len(FOLDER_PREFIX):], image_size=image_size,
+                                 color_mode=color_mode, flip=flip, **common)
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
     base = name.split("/")[0].split(":")[0]

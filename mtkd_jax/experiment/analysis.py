@@ -162,7 +162,8 @@ def analyse_teachers(val_logits: np.ndarray, val_y: np.ndarray, strategies, *, k
             m = evaluate_logits(log_probs(np.asarray(loo[i])), y)
             targets[f"leave_one_out[{i}]"] = {
                 "accuracy": m["accuracy"], "nll": m["nll"], "ece": m["ece"],
-                "entropy": float("nan"), "max_weight": float("nan"),
+                "entropy": float(_mean_entropy(loo[i])),
+                "max_weight": float("nan"),  # no weights: the plain mean of the others
             }
     return divergence, targets, weights
 

@@ -25,8 +25,10 @@ __all__ = [
     "STRATEGIES",
     "DIVERGENCE_KINDS",
     "default_config",
+    "model_kwargs",
     "parse_strategy",
     "strategy_names",
+    "transfer_size",
     "validate_config",
 ]
 
@@ -139,7 +141,8 @@ def default_config() -> ml_collections.ConfigDict:
 
     Fields (all overridable as ``--config.<path>=value``):
 
-    * `dataset`, `data_dir` (empty: `$TFDS_DATA_DIR` or `~/tensorflow_datasets`).
+    * `dataset`, `data_dir` (empty: `$TFDS_DATA_DIR` or `~/tensorflow_datasets`); for image
+      folders (``folder:PATH``) `image_size` (H, W), `color_mode` and `flip`.
     * `seeds`: how many times the whole pipeline is repeated (seeds `first_seed`, ...),
       for the mean +- std of every row.
     * `teachers`: `num` K, `model` and `model_kwargs` (a name of `mtkd_jax.models.MODELS`),
@@ -169,6 +172,9 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.dataset = "mnist1d"
     c.data_dir = ""
+    c.image_size = ()
+    c.color_mode = "rgb"
+    c.flip = False
     c.seeds = 3
     c.first_seed = 0
     c.output_dir = "runs/seed"
@@ -304,6 +310,14 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1) 
         raise TypeError(f"`config` must be an ml_collections.ConfigDict, got {type(config)}.")
     _require(isinstance(config.dataset, str) and bool(config.dataset),
              f"`config.dataset` must be a dataset name, got {config.dataset!r}.")
+    size = tuple(config.image_size)
+    _require(len(size) in (0, 2) and all(_is_int(v) and v > 0 for v in size),
+             f"`config.image_size` must be () or (H, W) positive ints, got {size!r}.")
+    _require(not config.dataset.startswith("folder:") or len(size) == 2,
+             f"`config.image_size` (H, W) is needed for the image folder {config.dataset!r}, "
+             "e.g. --config.image_size=28,28.")
+    _require(config.color_mode in ("rgb", "grayscale"),
+             f"`config.color_mode` must be 'rgb' or 'grayscale', got {config.color_mode!r}.")
     _positive_int(config.seeds, "seeds")
     _positive_int(config.first_seed, "first_seed", minimum=0)
     _positive_int(config.log_every, "log_every")
@@ -375,9 +389,11 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1) 
 
     _positive_int(config.transfer.size, "transfer.size", minimum=0)
     _positive_int(config.transfer.seed, "transfer.seed", minimum=0)
-    _require(config.transfer.size == 0 or config.dataset == "mnist1d",
+    _require(config.transfer.size == 0 or config.dataset == "mnist1d"
+             or config.transfer.size == default_config().transfer.size,
              f"`config.transfer.size` > 0 needs the 'mnist1d' dataset (it generates the "
-             f"extra inputs); got dataset {config.dataset!r}. Set transfer.size=0.")
+             f"extra inputs); got dataset {config.dataset!r}. Set transfer.size=0 (at its "
+             "default the transfer set is left out for other datasets).")
     _require(config.transfer.size > 0 or not d.train_only,
              "`config.distill.train_only` compares with and without a transfer set; it needs "
              "`config.transfer.size` > 0 (or set it to ()).")
@@ -394,3 +410,24 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1) 
                  f"`config.{path}` = {size} does not divide over the {num_devices} devices; "
                  f"use a multiple of {num_devices}.")
     return strategies
+
+
+def model_kwargs(section) -> dict:
+    """A config section's `model_kwargs` as keyword arguments (lists become tuples)."""
+    return {k: tuple(v) if isinstance(v, list) else v
+            for k, v in section.model_kwargs.to_dict().items()}
+
+
+def transfer_size(config: ml_collections.ConfigDict) -> int:
+    """The transfer set a run uses: `config.transfer.size` for MNIST-1D (which generates
+    it), none for other datasets.
+
+    Example:
+      >>> from mtkd_jax.experiment.config import default_config, transfer_size
+      >>> c = default_config()
+      >>> before = transfer_size(c)
+      >>> c.dataset = "digits"
+      >>> before, transfer_size(c)
+      (40000, 0)
+    """
+    return int(config.transfer.size) if config.dataset == "mnist1d" else 0

@@ -27,6 +27,8 @@ import optax
 
 from mtkd_jax import loop, models, parallel
 from mtkd_jax.experiment import summaries
+from mtkd_jax.experiment.config import model_kwargs
+from mtkd_jax.experiment.progress import RunProgress, StageTimes, log
 
 __all__ = [
     "Context",
@@ -44,23 +46,11 @@ _EVALS_PER_RUN = 5  # validation points per training run: learning curves, best 
 _INFER_CHUNK = 4096  # examples per teacher inference call when filling the logit cache
 
 
-def log(message: str) -> None:
-    """Print `message` on the first process only."""
-    if jax.process_index() == 0:
-        print(message, flush=True)
-
-
 def optimizer(learning_rate: float, total_steps: int, weight_decay: float):
     """AdamW with a cosine decay over `total_steps`."""
     # No tuning of a schedule per row: the same for every student.
     return optax.adamw(optax.cosine_decay_schedule(learning_rate, max(total_steps, 1)),
                        weight_decay=weight_decay)
-
-
-def model_kwargs(section) -> dict[str, Any]:
-    """A config section's `model_kwargs` as keyword arguments (lists become tuples)."""
-    return {k: tuple(v) if isinstance(v, list) else v
-            for k, v in section.model_kwargs.to_dict().items()}
 
 
 def to_global(batch: dict, mesh) -> dict:
@@ -85,10 +75,13 @@ class Context:
     """What every stage of one seed needs: config, data, devices, output paths, and the
     models and compiled steps shared by all seeds."""
 
-    def __init__(self, config, dataset, transfer_x, mesh, run_dir, seed, shared: dict):
+    def __init__(self, config, dataset, transfer_x, mesh, run_dir, seed, shared: dict, *,
+                 progress: RunProgress | None = None, times: StageTimes | None = None):
         self.config, self.ds, self.transfer_x = config, dataset, transfer_x
         self.mesh, self.run_dir, self.seed = mesh, run_dir, seed
         self.shared = shared
+        self.progress = progress or RunProgress(0, enabled=False)
+        self.times = times or StageTimes()
         self.key = jax.random.key(seed)
         self.num_classes = dataset.info.num_classes
         self.val_x = jnp.asarray(dataset.validation.x)
@@ -109,6 +102,19 @@ class Context:
             return model, models.apply_fn_of(model)
 
         return self.cached(("model", name, json.dumps(kwargs, sort_keys=True)), build)
+
+    def init(self, name: str, kwargs: dict[str, Any], key, example, *, stacked: bool = False):
+        """Initial params of the model `name` from `key` (`[K]` keys with `stacked`: params
+        `[K, ...]`) and an example batch; the init is compiled once per run (a fresh
+        `jax.jit(model.init)` per training would compile the random generator again)."""
+        model, _ = self.model(name, kwargs)
+
+        def build():
+            one = lambda k, x: models.init_params(model, k, x)  # noqa: E731
+            return jax.jit(jax.vmap(one, (0, None)) if stacked else one)
+
+        fn = self.cached(("init", name, json.dumps(kwargs, sort_keys=True), stacked), build)
+        return fn(key, example)
 
     def parallel(self, key, build_step: Callable):
         """(tx, data-parallel step) from `build_step() -> (tx, step)`, one per run and key."""
@@ -139,6 +145,7 @@ def fit(ctx: Context, name: str, state, step, batches_fn, *, steps_per_epoch, ep
     under ``checkpoints/seed<s>/<name>`` and TensorBoard events, best by accuracy."""
     total = steps_per_epoch * epochs
     log(f"[seed {ctx.seed}] {name}: {epochs} epochs x {steps_per_epoch} steps = {total} updates")
+    ctx.progress.start(f"seed {ctx.seed}: {name}")
     writer, log_fn = ctx.log_fn(name)
     try:
         result = loop.fit(
@@ -160,6 +167,11 @@ def fit(ctx: Context, name: str, state, step, batches_fn, *, steps_per_epoch, ep
     finally:
         if writer is not None:
             writer.close()
+    if result.resumed_from is not None:
+        done = "already finished" if result.resumed_from >= total else "continued from there"
+        log(f"[seed {ctx.seed}] {name}: restored its checkpoint at update "
+            f"{result.resumed_from} of {total} ({done})")
+    ctx.progress.finished()
     return result
 
 

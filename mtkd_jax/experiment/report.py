@@ -23,6 +23,7 @@ __all__ = [
     "verdicts",
     "markdown_table",
     "results_markdown",
+    "speed_ratio",
     "summary",
 ]
 
@@ -195,7 +196,7 @@ def _compression_table(rows) -> str:
             cells[2] += f" ({r['x_fewer_flops']:.1f}x)"
             for i, k in enumerate(lat):
                 b = k.removeprefix("latency_ms_b")
-                cells[3 + i] += f" ({r[f'x_faster_b{b}']:.1f}x faster)"
+                cells[3 + i] += f" ({speed_ratio(r[f'x_faster_b{b}'])})"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -256,6 +257,17 @@ def results_markdown(result, strategies, *, table, plots: Sequence[str] = ()) ->
         f"- test-set metrics, mean ± sample std over {n} seed(s) "
         f"({', '.join(str(s.seed) for s in result.seeds)}); "
         "agreement is with the original teacher ensemble",
+    ]
+    if getattr(result, "interrupted", False):
+        out.append(f"- **stopped by Ctrl-C after {n} of {config.seeds} seed(s)**: the rows "
+                   "below are those seeds'; the same command resumes the run")
+    times = getattr(result, "times", None) or {}
+    if times.get("wall"):
+        parts = ", ".join(f"{k} {v:.0f} s" for k, v in
+                          sorted(times["wall"].items(), key=lambda kv: -kv[1]))
+        out.append(f"- time per stage (wall): {parts}; compiling {times['compile']:.0f} s "
+                   "of it")
+    out += [
         "",
         "## Comparison",
         "",
@@ -295,7 +307,7 @@ def results_markdown(result, strategies, *, table, plots: Sequence[str] = ()) ->
                 "|---|---|---|---|---|---|"]
         for name, t in targets.items():
             out.append(f"| {name} | {100 * t['accuracy']:.1f} | {t['nll']:.3f} | "
-                       f"{t['ece']:.3f} | {t['entropy']:.3f} | {t['max_weight']:.3f} |")
+                       f"{t['ece']:.3f} | {_num(t['entropy'])} | {_num(t['max_weight'])} |")
         out.append("")
         if "confidence" in targets:
             out += ["The `confidence` target weighs teachers by their loss on the true label, so "
@@ -305,6 +317,23 @@ def results_markdown(result, strategies, *, table, plots: Sequence[str] = ()) ->
     if pngs:
         out += ["## Plots", ""] + [f"![{p}]({p})" for p in pngs] + [""]
     return "\n".join(out)
+
+
+def speed_ratio(x: float) -> str:
+    """A latency ratio (ensemble time / this model's time) in words.
+
+    Example:
+      >>> from mtkd_jax.experiment.report import speed_ratio
+      >>> speed_ratio(8.8), speed_ratio(0.05), speed_ratio(float("nan"))
+      ('8.8x faster', '20.0x slower', '—')
+    """
+    if x is None or not math.isfinite(x) or x <= 0:
+        return "—"
+    return f"{x:.1f}x faster" if x >= 1 else f"{1 / x:.1f}x slower"
+
+
+def _num(x: float) -> str:
+    return "—" if x is None or not math.isfinite(x) else f"{x:.3f}"
 
 
 def summary(result, strategies) -> str:
@@ -329,7 +358,7 @@ def summary(result, strategies) -> str:
         if "x_smaller" in s:
             lines += ["", f"{s['model']}: {s['x_smaller']:.1f}x fewer params, "
                           f"{s['x_fewer_flops']:.1f}x fewer FLOPs, "
-                          f"{s.get('x_faster_b1', float('nan')):.1f}x faster at batch 1 "
+                          f"{speed_ratio(s.get('x_faster_b1', float('nan')))} at batch 1 "
                           "than the ensemble"]
     lines.append(f"results: {os.path.join(result.run_dir, 'results.md')}")
     return "\n".join(lines)

@@ -53,7 +53,9 @@ class SeedResult:
 @dataclasses.dataclass
 class ExperimentResult:
     """What `mtkd_jax.experiment.run` returns: the per-seed results, the compression rows,
-    where and on what the run happened, and the files it wrote."""
+    where and on what the run happened, and the files it wrote; `times` is
+    `StageTimes.as_dict()` (wall/CPU seconds per stage, compile seconds) and `interrupted`
+    whether Ctrl-C stopped the run after `seeds`."""
 
     config: ml_collections.ConfigDict
     run_dir: str
@@ -62,3 +64,5 @@ class ExperimentResult:
     environment: dict[str, Any]
     wall_seconds: float
     files: list[str]
+    times: dict[str, Any] = dataclasses.field(default_factory=dict)
+    interrupted: bool = False

@@ -19,6 +19,7 @@ compiled data-parallel over all devices (`mtkd_jax.experiment.context`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -33,20 +34,38 @@ from mtkd_jax import data as data_lib
 from mtkd_jax import distributed, parallel
 from mtkd_jax.experiment import compression, report, run_folder, trust_plot
 from mtkd_jax.experiment.analysis import analyse
-from mtkd_jax.experiment.config import validate_config
-from mtkd_jax.experiment.context import Context, log
+from mtkd_jax.experiment.config import parse_strategy, transfer_size, validate_config
+from mtkd_jax.experiment.context import Context
+from mtkd_jax.experiment.dataset_check import check_against_dataset
 from mtkd_jax.experiment.multi_source import train_source_teachers
+from mtkd_jax.experiment.progress import RunProgress, StageTimes, log
 from mtkd_jax.experiment.results import ExperimentResult, SeedResult
-from mtkd_jax.experiment.students import train_students
+from mtkd_jax.experiment.students import student_groups, train_students
 from mtkd_jax.experiment.teachers import train_teachers
 
-__all__ = ["prepare_run_dir", "run_seed", "run"]
+__all__ = ["ConfigMistake", "Interrupted", "prepare_run_dir", "run_seed", "run"]
+
+
+class ConfigMistake(ValueError):
+    """A config that cannot run, found before anything trains: a bad value, an unknown
+    dataset, a model that does not fit the dataset, a run folder of another run."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C (SIGINT): `result` holds the seeds that finished (their report
+    is written to `run_dir`), or is None when none had; checkpoints are kept, so the same
+    command resumes. The `mtkd` command exits with code 130 on it."""
+
+    def __init__(self, run_dir: str, result):
+        super().__init__(run_dir)
+        self.run_dir, self.result = run_dir, result
 
 _IGNORED_KEYS = ("progress", "log_every")  # may change between a run and its resume
 
 
 def run_seed(config, seed: int, dataset, transfer_x, mesh, run_dir: str, strategies,
-             shared: dict | None = None):
+             shared: dict | None = None, *, progress: RunProgress | None = None,
+             times: StageTimes | None = None):
     """Run the whole pipeline once with `seed`; return a `SeedResult` and the trained models.
 
     Args:
@@ -58,21 +77,25 @@ def run_seed(config, seed: int, dataset, transfer_x, mesh, run_dir: str, strateg
       run_dir: the run folder (checkpoints, TensorBoard).
       strategies: the parsed `Strategy` rows.
       shared: a dict kept across the seeds of a run: models and compiled steps built once.
+      progress: the run's `RunProgress` (None: no bar).
+      times: the run's `StageTimes`, which the stages add their seconds to.
 
     Returns:
       `(SeedResult, models)` where `models` maps "teacher", "student", "ensemble" to
       `(apply_fn, params)` for the compression measurements.
     """
     ctx = Context(config, dataset, transfer_x, mesh, run_dir, seed,
-                  {} if shared is None else shared)
+                  {} if shared is None else shared, progress=progress, times=times)
     t0 = time.perf_counter()
-    if config.sources.kind == "same":
-        teachers = train_teachers(ctx)  # 1.
-    else:  # teachers from different sources (experiment/multi_source.py)
-        teachers = train_source_teachers(ctx)
+    with ctx.times.stage("teachers"):
+        if config.sources.kind == "same":
+            teachers = train_teachers(ctx)  # 1.
+        else:  # teachers from different sources (experiment/multi_source.py)
+            teachers = train_source_teachers(ctx)
     seconds = {"teachers": time.perf_counter() - t0}
     t0 = time.perf_counter()
-    analysis = analyse(ctx, teachers, strategies)  # 2-4.
+    with ctx.times.stage("analysis"):
+        analysis = analyse(ctx, teachers, strategies)  # 2-4.
     seconds["analysis"] = time.perf_counter() - t0
     students = train_students(ctx, teachers, analysis, strategies)  # 5-6.
     seconds.update(students.seconds)
@@ -102,7 +125,8 @@ def prepare_run_dir(config) -> str:
 
     Re-running the same command in the same folder resumes it: finished trainings are read
     back from their checkpoints and unfinished ones continue. A different config (other than
-    `progress` and `log_every`) in an existing folder is refused, so results never mix.
+    `progress` and `log_every`) in a folder that holds checkpoints or results is refused, so
+    results never mix; a folder whose run failed before saving anything is reused.
 
     Returns:
       The absolute run folder path.
@@ -114,7 +138,9 @@ def prepare_run_dir(config) -> str:
         with open(path) as f:
             saved = json.load(f)
         saved = {k: v for k, v in saved.items() if k not in _IGNORED_KEYS}
-        if saved != current:
+        if saved != current and not _holds_results(run_dir):
+            log(f"{run_dir}: replacing the config of a run that saved nothing")
+        elif saved != current:
             diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
             raise ValueError(
                 f"{run_dir} holds a run made with another config (differs in {diff}); use "
@@ -125,6 +151,16 @@ def prepare_run_dir(config) -> str:
         with open(path, "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     return run_dir
+
+
+def _holds_results(run_dir: str) -> bool:
+    """Whether a run folder holds a checkpoint or a report."""
+    if os.path.exists(os.path.join(run_dir, "results.md")):
+        return True
+    for _, _, files in os.walk(os.path.join(run_dir, "checkpoints")):
+        if files:
+            return True
+    return False
 
 
 def _compression_labels(config) -> dict[str, str]:
@@ -167,43 +203,113 @@ def run(config: ml_collections.ConfigDict) -> ExperimentResult:
       `results_per_seed.csv`, `analysis.json`, `histories.json`, PNG plots, TensorBoard
       events, `config.json` and checkpoints.
     """
-    strategies = validate_config(config)
+    with _config_mistakes():
+        strategies = validate_config(config)
     if config.distributed or distributed.distributed_requested():
         distributed.initialize_distributed()
-    validate_config(config, num_devices=jax.device_count())
+    with _config_mistakes():
+        validate_config(config, num_devices=jax.device_count())
+    times = StageTimes()
+    with times.listening():
+        return _run(config, strategies, times)
+
+
+@contextlib.contextmanager
+def _config_mistakes():
+    """ValueError/TypeError/FileNotFoundError of the checks before training -> ConfigMistake."""
+    try:
+        yield
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise ConfigMistake(str(e)) from e
+
+
+def _load(config):
+    """`data.load` of the config's dataset; says what was carved, converted or resized."""
+    folder = config.dataset.startswith(data_lib.FOLDER_PREFIX)
+    kwargs = dict(image_size=tuple(config.image_size), color_mode=config.color_mode,
+                  flip=config.flip) if folder else {}
+    dataset = data_lib.load(config.dataset, data_dir=config.data_dir or None, **kwargs)
+    info = dataset.info
+    log(f"dataset {config.dataset}: {len(dataset.train)} train / {len(dataset.validation)} "
+        f"validation / {len(dataset.test)} test, inputs {tuple(info.input_shape)}, "
+        f"{info.num_classes} classes")
+    if folder:
+        log(f"  images read as {config.color_mode} and resized to {tuple(config.image_size)} "
+            f"where they differ; horizontal flips {'keep' if config.flip else 'change'} "
+            "the label (config.flip)")
+    for note in info.notes:
+        log(f"  {note}")
+    if config.transfer.size and not transfer_size(config):
+        log("  no transfer set: it is generated for mnist1d only (config.transfer.size)")
+    return dataset
+
+
+def _trainings_per_seed(config, strategies) -> int:
+    """Trainings of one seed: the teachers (one stacked, or K), the student groups, and
+    codistillation."""
+    t = config.teachers
+    teachers = 1 if len(set(tuple(t.models) or (t.model,))) == 1 else t.num
+    groups = student_groups(strategies, [parse_strategy(n) for n in config.distill.train_only],
+                            use_transfer=transfer_size(config) > 0,
+                            soft_loss=config.distill.soft_loss)
+    return teachers + len(groups) + any(s.kind == "codistill" for s in strategies)
+
+
+def _run(config, strategies, times: StageTimes) -> ExperimentResult:
     start = time.perf_counter()
-    dataset = data_lib.load(config.dataset, data_dir=config.data_dir or None)
-    run_dir = prepare_run_dir(config)
-    transfer_x = None
-    if config.transfer.size:
-        t0 = time.perf_counter()
-        transfer_x = data_lib.mnist1d_transfer_set(
-            config.transfer.size, seed=config.transfer.seed, info=dataset.info
-        )
-        log(f"transfer set: {len(transfer_x)} unlabeled inputs "
-            f"({time.perf_counter() - t0:.1f} s)")
+    with times.stage("data"):
+        with _config_mistakes():
+            dataset = _load(config)
+            check_against_dataset(config, dataset.info)
+            run_dir = prepare_run_dir(config)
+        transfer_x = None
+        if transfer_size(config):
+            t0 = time.perf_counter()
+            transfer_x = data_lib.mnist1d_transfer_set(
+                transfer_size(config), seed=config.transfer.seed, info=dataset.info
+            )
+            log(f"transfer set: {len(transfer_x)} unlabeled inputs "
+                f"({time.perf_counter() - t0:.1f} s)")
     mesh = parallel.data_mesh()
     log(f"devices: {jax.device_count()} ({jax.default_backend()}), processes: "
         f"{jax.process_count()}; run folder: {run_dir}")
-    seeds, trained, shared = [], None, {}
-    for seed in range(config.first_seed, config.first_seed + config.seeds):
-        result, models_of_seed = run_seed(config, seed, dataset, transfer_x, mesh, run_dir,
-                                          strategies, shared)
-        seeds.append(result)
-        trained = trained or models_of_seed
+    per_seed = _trainings_per_seed(config, strategies)
+    progress = RunProgress(per_seed * config.seeds, enabled=config.progress)
+    seeds, trained, shared, interrupted = [], None, {}, False
+    try:
+        for seed in range(config.first_seed, config.first_seed + config.seeds):
+            result, models_of_seed = run_seed(config, seed, dataset, transfer_x, mesh, run_dir,
+                                              strategies, shared, progress=progress,
+                                              times=times)
+            seeds.append(result)
+            trained = trained or models_of_seed
+    except KeyboardInterrupt:
+        interrupted = True
+        progress.close()
+        log(f"\ninterrupted: {len(seeds)} of {config.seeds} seed(s) finished; checkpoints are "
+            "kept, the same command resumes")
+        if not seeds:
+            raise Interrupted(run_dir, None) from None
+    finally:
+        progress.close()
     comp = []
-    if config.compression.enabled:
-        comp = compression.measure(
-            trained, example_x=dataset.test.x, labels=_compression_labels(config),
-            repeats=config.compression.repeats,
-        )
+    if config.compression.enabled and not interrupted:
+        with times.stage("compression"):
+            comp = compression.measure(
+                trained, example_x=dataset.test.x, labels=_compression_labels(config),
+                repeats=config.compression.repeats,
+            )
     result = ExperimentResult(
         config=config, run_dir=run_dir, seeds=seeds, compression=comp,
         environment=_environment(), wall_seconds=time.perf_counter() - start, files=[],
+        times=times.as_dict(), interrupted=interrupted,
     )
     if jax.process_index() == 0:
         result.files = run_folder.write_run_folder(result, strategies)
         if config.plots and config.sources.kind != "same":  # experiment/trust_plot.py
             result.files.append(trust_plot.write_trust_plot(result, dataset))
         print(report.summary(result, strategies), flush=True)
+        print("time per stage:\n" + "\n".join(times.lines()), flush=True)
+    if interrupted:
+        raise Interrupted(run_dir, result)
     return result

@@ -8,9 +8,16 @@ run once per example instead of once per step. Then the article's worked variant
 teachers codistilled toward each other's leave-one-out targets. Every row is evaluated on
 the test set.
 
+The rows that learn from the same data with the same objective (e.g. every KL row on the
+transfer set) train at once, one stacked program (`stacked_step`): each row's fused target
+is computed once for the whole split from the cache (`distill_targets` with the row's
+weighting, exactly what a one-row step computes per batch, since every weighting is per
+example) and is the row's own single "teacher" (`per_model`). Every row starts from the same
+initial student and sees the same batches, as when the rows trained one after another.
+
 Engine calls (all in this module): `mtkd_jax.steps` (`make_supervised_step`,
-`make_distill_step`, `make_codistill_step`) and `mtkd_jax.state` (`init_train_state`,
-`init_stacked_train_state`).
+`make_distill_step`, `stacked_step`, `make_codistill_step`), `mtkd_jax.state`
+(`init_stacked_train_state`) and `mtkd_jax.targets.distill_targets`.
 """
 
 from __future__ import annotations
@@ -24,12 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtkd_jax import data as data_lib
-from mtkd_jax import models
 from mtkd_jax.experiment.analysis import Analysis, evaluate_logits, log_probs, softmax_np
 from mtkd_jax.experiment.config import Strategy, parse_strategy
 from mtkd_jax.experiment.context import (
     Context,
-    accuracy_eval,
     fit,
     model_kwargs,
     optimizer,
@@ -38,10 +43,63 @@ from mtkd_jax.experiment.context import (
     to_global,
 )
 from mtkd_jax.experiment.teachers import Teachers
-from mtkd_jax.state import init_stacked_train_state, init_train_state
-from mtkd_jax.steps import make_codistill_step, make_distill_step, make_supervised_step
+from mtkd_jax.state import init_stacked_train_state
+from mtkd_jax.steps import (
+    make_codistill_step,
+    make_distill_step,
+    make_supervised_step,
+    stacked_step,
+)
+from mtkd_jax.targets import distill_targets
 
-__all__ = ["Students", "codistill", "train_student", "train_students"]
+__all__ = ["Group", "Students", "codistill", "student_groups", "train_group", "train_students"]
+
+_TARGET_CHUNK = 8192  # examples per call when fusing a row's targets over its split
+_targets = jax.jit(distill_targets, static_argnames=("temperature", "weighting"))
+
+
+class Group(NamedTuple):
+    """Student rows trained at once: one data split, one kind of step, one soft loss.
+
+    Attributes:
+      name: the rows' names joined by ``+`` (its checkpoint folder and training key).
+      rows: the row names, e.g. ``("mean", "mean (no transfer)")``.
+      strategies: their `Strategy`, in the same order.
+      transfer: whether they learn on the train split plus the transfer set.
+      soft_loss: ``"kl"`` or ``"mse"`` (None for the supervised row).
+    """
+
+    name: str
+    rows: tuple[str, ...]
+    strategies: tuple[Strategy, ...]
+    transfer: bool
+    soft_loss: str | None
+
+
+def student_groups(strategies, train_only, *, use_transfer: bool, soft_loss: str) -> list:
+    """Group the student rows (every strategy but codistillation, and the `train_only` rows
+    without the transfer set) into `Group`s, in the order of their first row.
+
+    Example:
+      >>> from mtkd_jax.experiment.config import parse_strategy
+      >>> from mtkd_jax.experiment.students import student_groups
+      >>> rows = [parse_strategy(n) for n in ("alone", "mean", "mean_mse", "entropy")]
+      >>> [g.rows for g in student_groups(rows, [rows[1]], use_transfer=True, soft_loss="kl")]
+      [('alone',), ('mean', 'entropy'), ('mean_mse',), ('mean (no transfer)',)]
+    """
+    jobs = [(s.name, s, use_transfer) for s in strategies if s.kind == "distill"]
+    jobs = [(s.name, s, False) for s in strategies if s.kind == "supervised"] + jobs
+    if use_transfer:
+        jobs += [(f"{s.name} (no transfer)", s, False) for s in train_only]
+    order = {s.name: i for i, s in enumerate(strategies)}
+    jobs.sort(key=lambda j: (j[0].endswith("(no transfer)"), order.get(j[1].name, 0)))
+    groups: dict[tuple, list] = {}
+    for row, s, transfer in jobs:
+        loss = None if s.kind == "supervised" else (s.soft_loss or soft_loss)
+        groups.setdefault((s.kind, transfer, loss), []).append((row, s))
+    return [Group("+".join(r for r, _ in members), tuple(r for r, _ in members),
+                  tuple(s for _, s in members), transfer, loss)
+            for (_, transfer, loss), members in groups.items()]
 
 
 def _distill_split(ctx: Context, use_transfer: bool):
@@ -58,7 +116,22 @@ def _distill_split(ctx: Context, use_transfer: bool):
     return split, len(train)
 
 
-def _student_batches(ctx, split, n_labeled, cache, batch_size):
+def _row_logits(ctx: Context, cache, split, n_labeled, strategy, weighting, best):
+    """`[N, C]` logits whose softmax at T is the row's fused target over `split`."""
+    t = ctx.config.distill.temperature
+    if strategy.teachers == "best":
+        return cache[best]
+    out = []
+    for i in range(0, len(split), _TARGET_CHUNK):
+        idx = np.arange(i, min(i + _TARGET_CHUNK, len(split)))
+        mask = jnp.asarray(idx < n_labeled, jnp.float32)
+        fused = _targets(jnp.asarray(cache[:, idx]), jnp.asarray(split.y[idx]),
+                         label_mask=mask, temperature=t, weighting=weighting).targets
+        out.append(t * log_probs(np.asarray(fused)))  # softmax(t log p / t) = p
+    return np.concatenate(out)
+
+
+def _batches(ctx, split, n_labeled, row_logits, batch_size):
     def batches_fn(epoch, start):
         for b in data_lib.batches(split, batch_size=batch_size, seed=ctx.seed, epoch=epoch,
                                   start=start):
@@ -66,42 +139,67 @@ def _student_batches(ctx, split, n_labeled, cache, batch_size):
             out = {"x": b["x"], "y": b["y"]}
             if n_labeled < len(split):
                 out["label_mask"] = (idx < n_labeled).astype(np.float32)
-            if cache is not None:
-                out["teacher_logits"] = cache[:, idx]
+            if row_logits is not None:
+                out["teacher_logits"] = row_logits[:, idx]  # [R, B, C], row k's own target
             yield to_global(out, ctx.mesh)
 
     return batches_fn
 
 
-def train_student(ctx: Context, name: str, strategy: Strategy, *, cache, split, n_labeled,
-                  weighting, fingerprint):
-    """Train one student row; return (params, apply_fn, fit result, number of updates)."""
+def _member_history(history: dict, k: int) -> dict:
+    """Row k's history out of a stacked training's (every metric's leading axis is the row;
+    the eval accuracy is ``accuracy_per_teacher``)."""
+
+    def pick(record):
+        out = {}
+        for name, v in record.items():
+            if name == "accuracy_per_teacher":
+                out["accuracy"] = v[k]
+            elif name == "accuracy" and "accuracy_per_teacher" in record:
+                continue
+            elif isinstance(v, list):
+                out[name] = v[k]
+            else:
+                out[name] = v
+        return out
+
+    return {part: [pick(r) for r in records] for part, records in history.items()}
+
+
+def train_group(ctx: Context, group: Group, *, split, n_labeled, row_logits, fingerprint):
+    """Train a `Group`'s rows at once; return (stacked params, apply_fn, fit result, updates).
+
+    Args:
+      row_logits: `[R, N, C]` the rows' target logits over `split` (None when supervised).
+    """
     cfg, dcfg = ctx.config.student, ctx.config.distill
     model, apply_fn = ctx.model(cfg.model, model_kwargs(cfg))
     spe = data_lib.num_batches(split, batch_size=cfg.batch_size)
     epochs = max(1, round(cfg.steps / spe))
     total = spe * epochs
+    supervised = row_logits is None
 
     def build():
         tx = optimizer(cfg.learning_rate, total, cfg.weight_decay)
-        if strategy.kind == "supervised":
-            return tx, make_supervised_step(apply_fn, tx)
-        return tx, make_distill_step(
-            apply_fn, None, tx, weighting=weighting,
-            soft_loss=strategy.soft_loss or dcfg.soft_loss,
-            temperature=dcfg.temperature, alpha=dcfg.alpha,
-        )
+        if supervised:
+            return tx, stacked_step(make_supervised_step(apply_fn, tx))
+        one = make_distill_step(apply_fn, None, tx, soft_loss=group.soft_loss,
+                                temperature=dcfg.temperature, alpha=dcfg.alpha)
 
-    # Keyed by the weighting object too: the performance weights change with the seed.
-    tx, step = ctx.parallel(("student", name, total, weighting), build)
+        def own_teacher(state, batch, key):  # row k's target logits [B, C] -> [1, B, C]
+            return one(state, {**batch, "teacher_logits": batch["teacher_logits"][None]}, key)
+
+        return tx, stacked_step(own_teacher, per_model=("teacher_logits",))
+
+    tx, step = ctx.parallel(("students", group.name, total), build)
     key = jax.random.fold_in(ctx.key, 2)  # every row starts from the same initial student
-    params = models.init_params(model, key, jnp.asarray(split.x[:1]))
-    if strategy.kind == "supervised":
-        cache = None
-    result = fit(ctx, name, init_train_state(params, tx), step,
-                 _student_batches(ctx, split, n_labeled, cache, cfg.batch_size),
-                 steps_per_epoch=spe, epochs=epochs, eval_fn=accuracy_eval(ctx, apply_fn),
-                 fingerprint=fingerprint)
+    params = ctx.init(cfg.model, model_kwargs(cfg), key, jnp.asarray(split.x[:1]))
+    r = len(group.rows)
+    stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (r, *a.shape)), params)
+    result = fit(ctx, group.name, init_stacked_train_state(stacked, tx), step,
+                 _batches(ctx, split, n_labeled, row_logits, cfg.batch_size),
+                 steps_per_epoch=spe, epochs=epochs,
+                 eval_fn=stacked_accuracy_eval(ctx, apply_fn), fingerprint=fingerprint)
     return result.state.params, apply_fn, result, total
 
 
@@ -119,7 +217,7 @@ def codistill(ctx: Context, teacher_params, apply_fn, *, split, n_labeled, finge
     tx, step = ctx.parallel(("codistill", apply_fn, total), build)
     state = init_stacked_train_state(jax.tree.map(jnp.array, teacher_params), tx)
     result = fit(ctx, "codistill", state, step,
-                 _student_batches(ctx, split, n_labeled, None, ctx.config.teachers.batch_size),
+                 _batches(ctx, split, n_labeled, None, ctx.config.teachers.batch_size),
                  steps_per_epoch=spe, epochs=cfg.epochs,
                  eval_fn=stacked_accuracy_eval(ctx, apply_fn), fingerprint=fingerprint)
     return result.state.params, result, total
@@ -131,8 +229,9 @@ class Students(NamedTuple):
     Attributes:
       rows: test metrics of every student row and of ``codistill (each)`` /
         ``codistill (ensemble)``, in training order.
-      histories, steps, seconds: per row (``codistill`` for codistillation; seconds also
-        ``cache``, filling the logit cache).
+      histories, steps: per row (``codistill`` for codistillation).
+      seconds: per `Group` name, ``codistill``, and ``targets`` (the teachers' logit cache
+        and the rows' fused targets).
       student: `(apply_fn, params)` of the last student trained (for the compression
         measurements), or None.
     """
@@ -147,7 +246,7 @@ class Students(NamedTuple):
 def train_students(ctx: Context, teachers: Teachers, analysis: Analysis,
                    strategies) -> Students:
     """Stage 5: fill the logit cache of the distillation split, train and test every student
-    row, then codistil the teachers when a strategy asks for it."""
+    row (grouped, `student_groups`), then codistil the teachers when a strategy asks."""
     config, dataset = ctx.config, ctx.ds
     test_y, ens, best = dataset.test.y, analysis.ensemble_probs, analysis.best
     rows: dict[str, dict[str, float]] = {}
@@ -158,45 +257,48 @@ def train_students(ctx: Context, teachers: Teachers, analysis: Analysis,
     t0 = time.perf_counter()
     use_transfer = ctx.transfer_x is not None
     split, n_labeled = _distill_split(ctx, use_transfer)
-    cache = predict(teachers.apply, teachers.params, split.x)  # [K, N, C]
-    seconds["cache"] = time.perf_counter() - t0
+    groups = student_groups(strategies, [parse_strategy(n) for n in config.distill.train_only],
+                            use_transfer=use_transfer, soft_loss=config.distill.soft_loss)
+    data = {}
+    with ctx.times.stage("teacher logits, targets"):
+        cache = predict(teachers.apply, teachers.params, split.x)  # [K, N, C]
+        for g in groups:
+            if g.transfer:
+                sp, nl, ch = split, n_labeled, cache
+            else:  # the train split is the first rows of the distillation split
+                sp, nl, ch = dataset.train, len(dataset.train), cache[:, :len(dataset.train)]
+            logits = None if g.soft_loss is None else np.stack([
+                _row_logits(ctx, ch, sp, nl, s, analysis.weightings.get(s.name), best)
+                for s in g.strategies])
+            data[g.name] = (sp, nl, logits)
+    seconds["targets"] = time.perf_counter() - t0
 
-    def row_data(s: Strategy, with_transfer: bool):
-        """(split, labeled count, teacher logits or None) a student row learns from."""
-        if s.kind == "supervised":
-            return dataset.train, len(dataset.train), None
-        if with_transfer:
-            sp, nl, ch = split, n_labeled, cache
-        else:  # the train split is the first rows of the distillation split
-            sp, nl, ch = dataset.train, len(dataset.train), cache[:, :len(dataset.train)]
-        return sp, nl, (ch[best:best + 1] if s.teachers == "best" else ch)
-
-    no_transfer = [parse_strategy(n) for n in config.distill.train_only]
-    jobs = [(s.name, s, True) for s in strategies if s.kind != "codistill"]
-    if use_transfer:
-        jobs += [(f"{s.name} (no transfer)", s, False) for s in no_transfer]
     student = None
-    for row, s, with_transfer in jobs:
+    for g in groups:
         t0 = time.perf_counter()
-        sp, nl, ch = row_data(s, with_transfer)
-        params, s_apply, result, total = train_student(
-            ctx, row, s, cache=ch, split=sp, n_labeled=nl,
-            weighting=analysis.weightings.get(s.name, "uniform"),
-            fingerprint=teachers.fingerprint,
-        )
-        infer = ctx.cached(("jit", s_apply), lambda s_apply=s_apply: jax.jit(s_apply))
-        rows[row] = evaluate_logits(predict(infer, params, dataset.test.x), test_y, ens)
-        histories[row], steps[row] = result.history, total
-        seconds[row] = time.perf_counter() - t0
-        student = (s_apply, params)
+        sp, nl, logits = data.pop(g.name)
+        with ctx.times.stage("students"):
+            params, s_apply, result, total = train_group(
+                ctx, g, split=sp, n_labeled=nl, row_logits=logits,
+                fingerprint=teachers.fingerprint)
+        with ctx.times.stage("test evaluation"):
+            infer = ctx.cached(("vmapped", s_apply),
+                               lambda s_apply=s_apply: jax.jit(jax.vmap(s_apply, (0, None))))
+            test_logits = predict(infer, params, dataset.test.x)  # [R, N, C]
+            for k, row in enumerate(g.rows):
+                rows[row] = evaluate_logits(test_logits[k], test_y, ens)
+                histories[row], steps[row] = _member_history(result.history, k), total
+        seconds[g.name] = time.perf_counter() - t0
+        student = (s_apply, jax.tree.map(lambda a: a[-1], params))
+    rows = {row: rows[row] for row in _row_order(strategies, rows)}
 
     if any(s.kind == "codistill" for s in strategies):
         t0 = time.perf_counter()
-        co_split, co_labeled = _distill_split(ctx, use_transfer)
-        co_params, co_result, total = codistill(
-            ctx, teachers.params, teachers.members[0][0], split=co_split,
-            n_labeled=co_labeled, fingerprint=teachers.fingerprint,
-        )
+        with ctx.times.stage("codistillation"):
+            co_params, co_result, total = codistill(
+                ctx, teachers.params, teachers.members[0][0], split=split,
+                n_labeled=n_labeled, fingerprint=teachers.fingerprint,
+            )
         co_logits = predict(teachers.apply, co_params, dataset.test.x)
         each = [evaluate_logits(co_logits[i], test_y, ens) for i in range(config.teachers.num)]
         rows["codistill (each)"] = {m: float(np.mean([e[m] for e in each])) for m in each[0]}
@@ -205,3 +307,9 @@ def train_students(ctx: Context, teachers: Teachers, analysis: Analysis,
         histories["codistill"], steps["codistill"] = co_result.history, total
         seconds["codistill"] = time.perf_counter() - t0
     return Students(rows, histories, steps, seconds, student)
+
+
+def _row_order(strategies, rows) -> list[str]:
+    """The rows in the config's order, then the ``(no transfer)`` rows."""
+    first = [s.name for s in strategies if s.name in rows]
+    return first + [r for r in rows if r not in first]

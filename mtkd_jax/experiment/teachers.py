@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import optax
 
 from mtkd_jax import data as data_lib
-from mtkd_jax import models
 from mtkd_jax import teachers as teachers_lib
 from mtkd_jax.checkpoint import params_fingerprint
 from mtkd_jax.experiment.context import (
@@ -69,14 +68,19 @@ def teacher_names(k: int) -> list[str]:
     return [f"teacher_{i}" for i in range(k)]
 
 
+def _kwargs_of(ctx: Context, name: str) -> dict[str, Any]:
+    """`teachers.model_kwargs` for `teachers.model`; another architecture its defaults."""
+    cfg = ctx.config.teachers
+    return model_kwargs(cfg) if name == cfg.model else {}
+
+
 def _teacher_models(ctx: Context) -> list[tuple[str, Any, Callable]]:
     """(name, model, apply) per teacher: K of `teachers.model`, or `teachers.models`."""
     cfg = ctx.config.teachers
     names = tuple(cfg.models) or (cfg.model,) * cfg.num
     out = []
     for name in names:
-        # Another architecture than `teachers.model` gets its own defaults.
-        model, apply_fn = ctx.model(name, model_kwargs(cfg) if name == cfg.model else {})
+        model, apply_fn = ctx.model(name, _kwargs_of(ctx, name))
         out.append((name, model, apply_fn))
     return out
 
@@ -115,11 +119,12 @@ def _train(ctx: Context) -> Teachers:
     specs = _teacher_models(ctx)
     labels = tuple(name for name, _, _ in specs)
     if len(set(labels)) == 1:
-        _, model, apply_fn = specs[0]
+        _, _, apply_fn = specs[0]
         hyper = {"learning_rate": jnp.asarray(lrs, jnp.float32)} if lrs else None
         tx, step = ctx.parallel(("teachers", apply_fn, total), lambda: build_stacked(apply_fn))
-        init = jax.jit(jax.vmap(lambda key: models.init_params(model, key, example)))
-        state = init_stacked_train_state(init(keys), tx, hyperparams=hyper)
+        params = ctx.init(specs[0][0], _kwargs_of(ctx, specs[0][0]), keys, example,
+                          stacked=True)
+        state = init_stacked_train_state(params, tx, hyperparams=hyper)
         result = fit(ctx, "teachers", state, step, batches_fn, steps_per_epoch=spe,
                      epochs=cfg.epochs, eval_fn=stacked_accuracy_eval(ctx, apply_fn))
         params = result.state.params
@@ -132,10 +137,10 @@ def _train(ctx: Context) -> Teachers:
 
     # Mixed architectures: the same loop, one teacher after another.
     members, histories = [], {}
-    for i, (_, model, apply_fn) in enumerate(specs):
+    for i, (name, _, apply_fn) in enumerate(specs):
         tx, step = ctx.parallel(("teacher", apply_fn, total),
                                 lambda apply_fn=apply_fn: build_single(apply_fn))
-        state = init_train_state(models.init_params(model, keys[i], example), tx)
+        state = init_train_state(ctx.init(name, _kwargs_of(ctx, name), keys[i], example), tx)
         if lrs:
             state = set_hyperparams(state, {"learning_rate": lrs[i]})
         result = fit(ctx, f"teacher_{i}", state, step, batches_fn, steps_per_epoch=spe,

@@ -30,7 +30,7 @@ from mtkd_jax.weighting import get_weighting
 __all__ = ["stacked_step", "make_codistill_step"]
 
 
-def stacked_step(step: Callable) -> Callable:
+def stacked_step(step: Callable, *, per_model: tuple[str, ...] = ()) -> Callable:
     """Run a one-model step on K stacked models at once (one vmapped program).
 
     Every model sees the same batch; model k gets the key `jax.random.fold_in(key, k)`, so
@@ -40,6 +40,9 @@ def stacked_step(step: Callable) -> Callable:
     Args:
       step: `step(state, batch, key, **kw) -> (state, metrics)` for one model, e.g. from
         `make_supervised_step` (K teachers from different seeds) or `make_distill_step`.
+      per_model: batch entries with a leading K axis, model k getting entry `[k]` (e.g.
+        ``("teacher_logits",)`` `[K, B, C]` for a step that takes each model's own target
+        logits `[B, C]`); every other entry is shared.
 
     Returns:
       Un-jitted `step(state, batch, key, **kw) -> (state, metrics)` for a `TrainState` whose
@@ -64,13 +67,16 @@ def stacked_step(step: Callable) -> Callable:
     def run(state: TrainState, batch: dict, key: jax.Array, **kwargs):
         k = num_stacked(state.params, "state.params")
 
-        def one(params, opt_state, model_state, model_key):
+        own = {name: batch[name] for name in per_model}
+        shared = {name: v for name, v in batch.items() if name not in own}
+
+        def one(params, opt_state, model_state, model_key, own_entries):
             one_state = TrainState(state.step, params, opt_state, model_state)
-            new, metrics = step(one_state, batch, model_key, **kwargs)
+            new, metrics = step(one_state, {**shared, **own_entries}, model_key, **kwargs)
             return new.params, new.opt_state, new.model_state, metrics
 
         params, opt_state, model_state, metrics = jax.vmap(one)(
-            state.params, state.opt_state, state.model_state, model_keys(key, k)
+            state.params, state.opt_state, state.model_state, model_keys(key, k), own
         )
         return TrainState(state.step + 1, params, opt_state, model_state), metrics
 

@@ -1,0 +1,154 @@
+"""The `mtkd` command (`python -m mtkd_jax`): help, one-line config mistakes, Ctrl-C and
+resume, an image-folder experiment end to end.
+
+The runs use a micro config (the tiny one without transfer set, codistillation, plots,
+compression) so each is mostly compile time.
+"""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mtkd_jax import cli
+from mtkd_jax.experiment.config import default_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "experiments", "configs", "tiny.py")
+MICRO = ["--config.transfer.size=0", "--config.distill.train_only=()",
+         "--config.distill.strategies=alone,mean", "--config.compression.enabled=False",
+         "--config.plots=False", "--config.tensorboard=False",
+         "--config.analysis.divergence_kinds=squared", "--config.progress=False"]
+
+
+def _mtkd(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "mtkd_jax", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+def _one_line_error(proc):
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("mtkd: error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+def test_help_lists_config_keys_with_defaults():
+    proc = _mtkd("run", "--help", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for key, default in (("teachers.num", "3"), ("student.steps", "1500"),
+                         ("distill.temperature", "1.0"), ("image_size", "()")):
+        line = next(ln for ln in proc.stdout.splitlines() if ln.strip().startswith(key + " "))
+        assert line.split()[1] == default, line
+        assert len(line.split()) > 2, f"no meaning given for {key}: {line}"
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--config.teachrs.num=2"], ["'teachrs.num'", "did you mean 'teachers.num'"]),
+    (["--config.teachers.num=three"], ["config.teachers.num", "int"]),
+    (["--config.distill.strategies=mean,median"], ["'median'"]),
+    (["--config.student.learning_rate=-1"], ["config.student.learning_rate"]),
+])
+def test_config_mistakes_are_one_line_naming_the_key(tmp_path, capsys, args, names):
+    code = cli.main(["run", TINY, f"--config.output_dir={tmp_path / 'o'}", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("mtkd: error:")]
+    assert len(lines) == 1, err
+    for name in names:
+        assert name in lines[0], lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_model_that_does_not_fit_the_dataset_is_one_line_before_training(tmp_path):
+    # cnn1d teachers on 8x8 images: refused at the config check, naming the key.
+    line = _one_line_error(_mtkd(
+        "run", TINY, f"--config.output_dir={tmp_path / 'o'}", "--config.dataset=digits",
+        *MICRO, timeout=300))
+    assert "config.teachers.model" in line and "'digits'" in line and "(8, 8, 1)" in line
+
+
+def test_choosing_a_model_resets_its_kwargs():
+    config = cli.apply_overrides(default_config(), ["--config.teachers.model=convnet"])
+    assert config.teachers.model == "convnet" and config.teachers.model_kwargs.to_dict() == {}
+    config = cli.apply_overrides(default_config(), [
+        "--config.student.model_kwargs.features=(16,)", "--config.student.model=mlp"])
+    assert config.student.model_kwargs.features == (16,)  # same model: kwargs kept and set
+    config = cli.apply_overrides(default_config(), [
+        "--config.teachers.model_kwargs.features=(8,)", "--config.teachers.model=mlp"])
+    assert config.teachers.model_kwargs.to_dict() == {"features": (8,)}  # set after the reset
+
+
+def _per_seed_rows(out):
+    with open(out / "results_per_seed.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_ctrl_c_in_the_second_seed_keeps_the_first_and_a_rerun_resumes(tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "mtkd_jax", "run", TINY, f"--config.output_dir={out}",
+            "--config.seeds=2", *MICRO]
+    proc = subprocess.Popen(args, cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    lines = []
+    for line in proc.stdout:  # wait for the second seed's first training
+        lines.append(line)
+        if line.startswith("[seed 1] alone"):
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            break
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == cli.EXIT_INTERRUPTED, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    assert "stopped by Ctrl-C" in stderr
+    rows = _per_seed_rows(out)
+    assert {r["seed"] for r in rows} == {"0"}
+    assert "1 seed(s)" in (out / "results.md").read_text()
+    assert (out / "checkpoints" / "seed0" / "alone" / "latest").is_dir()
+
+    again = subprocess.run(args, cwd=ROOT, text=True, capture_output=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[seed 0] alone: restored its checkpoint at update" in again.stdout
+    assert "already finished" in again.stdout
+    rows2 = _per_seed_rows(out)
+    assert {r["seed"] for r in rows2} == {"0", "1"}
+    first = {r["row"]: float(r["accuracy"]) for r in rows}
+    for r in rows2:
+        if r["seed"] == "0":
+            np.testing.assert_allclose(float(r["accuracy"]), first[r["row"]], rtol=1e-6)
+
+
+def test_image_folder_experiment_end_to_end(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for split, n in (("train", 12), ("valid", 4), ("test", 4)):
+        for c in ("dark", "light"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                base = 40 if c == "dark" else 200
+                im = np.clip(base + rng.normal(0, 20, (10, 12, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(im).save(root / split / c / f"{i}.png")
+    out = tmp_path / "run"
+    proc = _mtkd("run", TINY, f"--config.output_dir={out}", f"--config.dataset=folder:{root}",
+                 "--config.image_size=8,8", "--config.color_mode=grayscale",
+                 "--config.teachers.model=mlp", *MICRO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "24 train / 8 validation / 8 test, inputs (8, 8, 1), 2 classes" in proc.stdout
+    assert "resized to (8, 8)" in proc.stdout
+    rows = {r["row"] for r in _per_seed_rows(out)}
+    assert {"teacher_0", "teacher_1", "alone", "mean"} <= rows
+    report = _mtkd("report", str(out), timeout=300)
+    assert report.returncode == 0 and "alone" in report.stdout
+
+
+def test_every_config_key_has_a_meaning():
+    from mtkd_jax.experiment.config_help import missing_help
+
+    assert missing_help(default_config()) == []
