@@ -20,6 +20,9 @@ The engine built on it (see docs/architecture.md):
 * `mtkd_jax.models`: the model protocol (`Model`: `as_model`, `linen_model`, `nnx_split`)
   and small XLA-friendly reference models in Linen and NNX; `mtkd_jax.precision`: the
   mixed-precision `Policy`.
+* `mtkd_jax.class_sets`: teachers that know different classes, fused in a global class space;
+  `mtkd_jax.sharding`: parameters sharded over a 2-D mesh (FSDP, tensor-parallel rules);
+  `mtkd_jax.token_metrics`: token-level metrics over valid (unpadded) positions.
 
 Every `make_*` factory returns an un-jitted function. `mtkd_jax.data` (TFDS and offline
 datasets), `mtkd_jax.experiment`, `mtkd_jax.cache` and `mtkd_jax.distributed` are imported on
@@ -30,15 +33,18 @@ import importlib
 
 from mtkd_jax import (
     checkpoint,
+    class_sets,
     evaluation,
     losses,
     metrics,
     models,
     parallel,
     precision,
+    sharding,
     state,
     steps,
     teachers,
+    token_metrics,
     weighting,
 )
 from mtkd_jax.batch import check_batch
@@ -131,6 +137,7 @@ __all__ = [
     "as_model",
     "check_batch",
     "checkpoint",
+    "class_sets",
     "choose_strategy",
     "cross_entropy",
     "data_mesh",
@@ -176,6 +183,7 @@ __all__ = [
     "save_teachers",
     "set_hyperparams",
     "shard_batch",
+    "sharding",
     "soft_kl",
     "soft_mse",
     "softmax_t",
@@ -184,6 +192,7 @@ __all__ = [
     "state",
     "steps",
     "teachers",
+    "token_metrics",
     "unstack_params",
     "variables_of",
     "weighting",
