@@ -193,6 +193,7 @@ def chunked_distill_sums(
     weighting: str | Callable = "uniform",
     soft_loss: str = "kl",
     divergence_kind: str = "squared",
+    known=None,
 ) -> DistillSums:
     r"""`distill_sums` of a sequence batch, computed `chunk_size` positions at a time.
 
@@ -214,7 +215,7 @@ def chunked_distill_sums(
       mask: optional `[B, L]` padding mask.
       label_mask: optional `[B]` or `[B, L]`.
       chunk_size: positions per chunk (static), >= 1; clipped to L.
-      temperature, weighting, soft_loss, divergence_kind: as in `distill_sums`.
+      temperature, weighting, soft_loss, divergence_kind, known: as in `distill_sums`.
 
     Returns:
       `DistillSums` (sums over all chunks).
@@ -261,7 +262,7 @@ def chunked_distill_sums(
         y = None if labels is None else _chunk(labels, start, size, 1)
         return distill_sums(logits, zt, y, mask=m, label_mask=lm, temperature=temperature,
                             weighting=weighting, soft_loss=soft_loss,
-                            divergence_kind=divergence_kind)
+                            divergence_kind=divergence_kind, known=known)
 
     one = jax.checkpoint(one)
     args = (head_params, features, teacher_inputs, teacher_params, labels, mask, label_mask)

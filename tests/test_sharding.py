@@ -399,6 +399,8 @@ def test_the_readme_example_runs():
 
     text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = text[text.index("## Teachers that do not fit on one device"):]
+    end = section.find("\n## ", 1)  # the next section, if any
+    section = section if end < 0 else section[:end]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     assert len(blocks) == 2  # the second needs several hosts
     namespace = {}
