@@ -4,9 +4,9 @@ Command:
     python experiments/seed.py --config experiments/configs/tiny_multi_source.py \
         --config.output_dir=/tmp/tiny_multi_source
 
-Expected: the run folder of `tiny.py` (no TensorBoard, no compression table) plus
-``teacher_trust.png``, with 2 teachers that each know half of the classes, in well under a
-minute on 2 idle CPUs. The numbers mean nothing.
+Expected: the run folder of `tiny.py` (no TensorBoard, checkpoints or compression table) plus
+``teacher_trust.png``, with 2 teachers that each know half of the classes, in 70-90 s
+on the shared 2-CPU machine (mostly compiling). The numbers mean nothing.
 """
 
 from mtkd_jax.experiment.config import default_config
@@ -26,10 +26,11 @@ def get_config():
     config.student.steps = 8
     config.student.batch_size = 256
     config.transfer.size = 128
-    config.analysis.divergence_kinds = ("squared", "js")
+    config.analysis.divergence_kinds = ("squared",)
     config.sources.kind = "classes"
-    config.distill.strategies = ("best_teacher", "mean", "calibrated", "gate")
+    config.distill.strategies = ("best_teacher", "gate")
     config.distill.train_only = ()
     config.compression.enabled = False
     config.tensorboard = False
+    config.checkpoints = False
     return config
