@@ -138,7 +138,14 @@ def test_image_folder_experiment_end_to_end(tmp_path):
     out = tmp_path / "run"
     proc = _mtkd("run", TINY, f"--config.output_dir={out}", f"--config.dataset=folder:{root}",
                  "--config.image_size=8,8", "--config.color_mode=grayscale",
-                 "--config.teachers.model=mlp", *MICRO, timeout=300)
+                 "--config.teachers.model=mlp", "--config.teachers.batch_size=8", *MICRO,
+                 timeout=300)
+    line = _one_line_error(proc)  # 256 > 24 train images: refused before training
+    assert "config.student.batch_size" in line
+    proc = _mtkd("run", TINY, f"--config.output_dir={out}", f"--config.dataset=folder:{root}",
+                 "--config.image_size=8,8", "--config.color_mode=grayscale",
+                 "--config.teachers.model=mlp", "--config.teachers.batch_size=8",
+                 "--config.student.batch_size=8", *MICRO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "24 train / 8 validation / 8 test, inputs (8, 8, 1), 2 classes" in proc.stdout
     assert "resized to (8, 8)" in proc.stdout

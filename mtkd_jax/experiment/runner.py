@@ -257,6 +257,12 @@ def _run(config, strategies, times: StageTimes) -> ExperimentResult:
         with _config_mistakes():
             dataset = _load(config)
             check_against_dataset(config, dataset.info)
+            for path, size in (("teachers.batch_size", config.teachers.batch_size),
+                               ("student.batch_size", config.student.batch_size)):
+                if size > len(dataset.train):
+                    raise ValueError(f"`config.{path}` = {size} is larger than the "
+                                     f"{len(dataset.train)} train examples of "
+                                     f"{config.dataset!r}; use at most {len(dataset.train)}.")
             run_dir = prepare_run_dir(config)
         transfer_x = None
         if transfer_size(config):
