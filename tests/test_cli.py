@@ -67,12 +67,16 @@ def test_config_mistakes_are_one_line_naming_the_key(tmp_path, capsys, args, nam
     assert not (tmp_path / "o").exists()
 
 
-def test_a_model_that_does_not_fit_the_dataset_is_one_line_before_training(tmp_path):
+def test_a_model_that_does_not_fit_the_dataset_is_one_line_before_training(tmp_path, capsys):
     # cnn1d teachers on 8x8 images: refused at the config check, naming the key.
-    line = _one_line_error(_mtkd(
-        "run", TINY, f"--config.output_dir={tmp_path / 'o'}", "--config.dataset=digits",
-        *MICRO, timeout=300))
-    assert "config.teachers.model" in line and "'digits'" in line and "(8, 8, 1)" in line
+    code = cli.main(["run", TINY, f"--config.output_dir={tmp_path / 'o'}",
+                     "--config.dataset=digits", *MICRO])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("mtkd: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "config.teachers.model" in lines[0] and "'digits'" in lines[0]
+    assert "(8, 8, 1)" in lines[0]
+    assert not (tmp_path / "o").exists()
 
 
 def test_choosing_a_model_resets_its_kwargs():

@@ -34,9 +34,9 @@ from mtkd_jax import data as data_lib
 from mtkd_jax import distributed, parallel
 from mtkd_jax.experiment import compression, report, run_folder
 from mtkd_jax.experiment.analysis import analyse
-from mtkd_jax.experiment.config import parse_strategy, transfer_size, validate_config
+from mtkd_jax.experiment.config import parse_strategy, validate_config
 from mtkd_jax.experiment.context import Context
-from mtkd_jax.experiment.dataset_check import check_against_dataset
+from mtkd_jax.experiment.dataset_check import check_against_dataset, transfer_size
 from mtkd_jax.experiment.progress import RunProgress, StageTimes, log
 from mtkd_jax.experiment.results import ExperimentResult, SeedResult
 from mtkd_jax.experiment.students import student_groups, train_students
