@@ -21,7 +21,9 @@ import csv
 import difflib
 import importlib.util
 import json
+import logging as py_logging
 import os
+import signal
 import sys
 
 import ml_collections
@@ -243,6 +245,16 @@ def _run(config) -> int:
     from mtkd_jax.experiment import runner
 
     logging.set_verbosity(logging.ERROR)  # orbax logs every checkpoint, TFDS its folders
+
+    def on_sigint(signum, frame):
+        # Checkpoint writes cut short by the stop log their own tracebacks: silence them,
+        # the message below says what happened. A second Ctrl-C stops at once.
+        logging.set_verbosity(logging.FATAL)
+        py_logging.getLogger().setLevel(py_logging.CRITICAL + 1)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         runner.run(config)
     except runner.ConfigMistake as e:
@@ -257,4 +269,6 @@ def _run(config) -> int:
     except KeyboardInterrupt:
         print("mtkd: stopped by Ctrl-C before the first training", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return 0

@@ -67,12 +67,16 @@ def test_config_mistakes_are_one_line_naming_the_key(tmp_path, capsys, args, nam
     assert not (tmp_path / "o").exists()
 
 
-def test_a_model_that_does_not_fit_the_dataset_is_one_line_before_training(tmp_path):
+def test_a_model_that_does_not_fit_the_dataset_is_one_line_before_training(tmp_path, capsys):
     # cnn1d teachers on 8x8 images: refused at the config check, naming the key.
-    line = _one_line_error(_mtkd(
-        "run", TINY, f"--config.output_dir={tmp_path / 'o'}", "--config.dataset=digits",
-        *MICRO, timeout=300))
-    assert "config.teachers.model" in line and "'digits'" in line and "(8, 8, 1)" in line
+    code = cli.main(["run", TINY, f"--config.output_dir={tmp_path / 'o'}",
+                     "--config.dataset=digits", *MICRO])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("mtkd: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "config.teachers.model" in lines[0] and "'digits'" in lines[0]
+    assert "(8, 8, 1)" in lines[0]
+    assert not (tmp_path / "o").exists()
 
 
 def test_choosing_a_model_resets_its_kwargs():
@@ -138,7 +142,14 @@ def test_image_folder_experiment_end_to_end(tmp_path):
     out = tmp_path / "run"
     proc = _mtkd("run", TINY, f"--config.output_dir={out}", f"--config.dataset=folder:{root}",
                  "--config.image_size=8,8", "--config.color_mode=grayscale",
-                 "--config.teachers.model=mlp", *MICRO, timeout=300)
+                 "--config.teachers.model=mlp", "--config.teachers.batch_size=8", *MICRO,
+                 timeout=300)
+    line = _one_line_error(proc)  # 256 > 24 train images: refused before training
+    assert "config.student.batch_size" in line
+    proc = _mtkd("run", TINY, f"--config.output_dir={out}", f"--config.dataset=folder:{root}",
+                 "--config.image_size=8,8", "--config.color_mode=grayscale",
+                 "--config.teachers.model=mlp", "--config.teachers.batch_size=8",
+                 "--config.student.batch_size=8", *MICRO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "24 train / 8 validation / 8 test, inputs (8, 8, 1), 2 classes" in proc.stdout
     assert "resized to (8, 8)" in proc.stdout

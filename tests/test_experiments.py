@@ -154,9 +154,10 @@ def test_seed_run_tensorboard_config_and_checkpoints(seed_run):
     out, _ = seed_run
     tb = out / "tensorboard" / "seed0"
     assert {p.name for p in tb.iterdir()} >= {"teachers", "alone", "mean", "codistill"}
+    # One event folder per stacked student training; metrics per row k of it ("/k").
     scalars = summaries.read_scalars(tb / "mean")
-    assert {"train/loss", "train/teacher_weights/0", "eval/accuracy"} <= set(scalars)
-    assert all(math.isfinite(v) for _, v in scalars["train/loss"])
+    assert {"train/loss/0", "train/agreement/0", "eval/accuracy_per_teacher/0"} <= set(scalars)
+    assert all(math.isfinite(v) for _, v in scalars["train/loss/0"])
     saved = json.loads((out / "config.json").read_text())
     assert saved["teachers"]["num"] == 2 and saved["output_dir"] == str(out)
     params, record = load_teachers(out / "checkpoints" / "seed0" / "teachers_final")
@@ -393,7 +394,7 @@ def test_rerun_in_the_same_folder_resumes_to_the_same_results(seed_run, tmp_path
 
 
 @pytest.mark.slow
-def test_default_seed_run_pays_within_ten_minutes(tmp_path):
+def test_default_seed_run_pays_within_five_minutes(tmp_path):
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # the real command, on this machine's devices
     out = tmp_path / "default"
@@ -404,7 +405,8 @@ def test_default_seed_run_pays_within_ten_minutes(tmp_path):
                           env=env)
     wall = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert wall < 600, f"the default run took {wall:.0f} s"
+    # 300 s on an idle 2-core CPU (README); a shared machine takes longer.
+    assert wall < 300 * max(1.0, os.getloadavg()[0] / 2), f"the default run took {wall:.0f} s"
     rows = {r["row"]: r for r in _read_csv(out / "results.csv")}
     assert all(r["n_seeds"] == "3" for r in rows.values())
     verdicts = json.loads((out / "analysis.json").read_text())["verdicts"]

@@ -6,8 +6,9 @@ Command:
 
 Expected: results.md with mean ± std over 2 seeds for the rows teacher_0, teacher_1,
 teachers (mean), ensemble, alone, best_teacher, confidence_mse, and the
-compression table (a CNN1D and an MLP teacher with different learning rates); in well under
-a minute on 2 CPUs. The numbers mean nothing (tiny models).
+compression table (a CNN1D and an MLP teacher with different learning rates); about as long
+as tiny.py (mostly compilation) on the project's 2-CPU machine. The numbers mean nothing
+(tiny models).
 """
 
 from mtkd_jax.experiment.config import default_config

@@ -27,10 +27,8 @@ __all__ = [
     "STRATEGIES",
     "DIVERGENCE_KINDS",
     "default_config",
-    "model_kwargs",
     "parse_strategy",
     "strategy_names",
-    "transfer_size",
     "validate_config",
 ]
 
@@ -311,24 +309,3 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1) 
                  f"`config.{path}` = {size} does not divide over the {num_devices} devices; "
                  f"use a multiple of {num_devices}.")
     return strategies
-
-
-def model_kwargs(section) -> dict:
-    """A config section's `model_kwargs` as keyword arguments (lists become tuples)."""
-    return {k: tuple(v) if isinstance(v, list) else v
-            for k, v in section.model_kwargs.to_dict().items()}
-
-
-def transfer_size(config: ml_collections.ConfigDict) -> int:
-    """The transfer set a run uses: `config.transfer.size` for MNIST-1D (which generates
-    it), none for other datasets.
-
-    Example:
-      >>> from mtkd_jax.experiment.config import default_config, transfer_size
-      >>> c = default_config()
-      >>> before = transfer_size(c)
-      >>> c.dataset = "digits"
-      >>> before, transfer_size(c)
-      (40000, 0)
-    """
-    return int(config.transfer.size) if config.dataset == "mnist1d" else 0

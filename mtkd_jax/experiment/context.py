@@ -27,7 +27,7 @@ import optax
 
 from mtkd_jax import loop, models, parallel
 from mtkd_jax.experiment import summaries
-from mtkd_jax.experiment.config import model_kwargs
+from mtkd_jax.experiment.dataset_check import model_kwargs
 from mtkd_jax.experiment.progress import RunProgress, StageTimes, log
 
 __all__ = [

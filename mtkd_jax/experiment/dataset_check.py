@@ -1,4 +1,5 @@
-"""The whole config checked against the loaded dataset, before anything trains.
+"""The config against the dataset: `check_against_dataset` before anything trains,
+`transfer_size` (the transfer set a dataset gets) and `model_kwargs`.
 
 `check_against_dataset` builds every teacher and the student and traces each abstractly on
 one example of the dataset (`jax.eval_shape`: nothing compiled, nothing trained), so a model
@@ -13,9 +14,30 @@ import jax.numpy as jnp
 import ml_collections
 
 from mtkd_jax import models
-from mtkd_jax.experiment.config import model_kwargs
 
-__all__ = ["check_against_dataset"]
+__all__ = ["check_against_dataset", "model_kwargs", "transfer_size"]
+
+
+def model_kwargs(section) -> dict:
+    """A config section's `model_kwargs` as keyword arguments (lists become tuples)."""
+    return {k: tuple(v) if isinstance(v, list) else v
+            for k, v in section.model_kwargs.to_dict().items()}
+
+
+def transfer_size(config: ml_collections.ConfigDict) -> int:
+    """The transfer set a run uses: `config.transfer.size` for MNIST-1D (which generates
+    it), none for other datasets.
+
+    Example:
+      >>> from mtkd_jax.experiment.config import default_config
+      >>> from mtkd_jax.experiment.dataset_check import transfer_size
+      >>> c = default_config()
+      >>> before = transfer_size(c)
+      >>> c.dataset = "digits"
+      >>> before, transfer_size(c)
+      (40000, 0)
+    """
+    return int(config.transfer.size) if config.dataset == "mnist1d" else 0
 
 
 def _model_fits(path: str, name: str, kwargs: dict, info) -> None:

@@ -34,9 +34,9 @@ from mtkd_jax import data as data_lib
 from mtkd_jax import distributed, parallel
 from mtkd_jax.experiment import compression, report, run_folder, trust_plot
 from mtkd_jax.experiment.analysis import analyse
-from mtkd_jax.experiment.config import parse_strategy, transfer_size, validate_config
+from mtkd_jax.experiment.config import parse_strategy, validate_config
 from mtkd_jax.experiment.context import Context
-from mtkd_jax.experiment.dataset_check import check_against_dataset
+from mtkd_jax.experiment.dataset_check import check_against_dataset, transfer_size
 from mtkd_jax.experiment.multi_source import train_source_teachers
 from mtkd_jax.experiment.progress import RunProgress, StageTimes, log
 from mtkd_jax.experiment.results import ExperimentResult, SeedResult
@@ -261,6 +261,12 @@ def _run(config, strategies, times: StageTimes) -> ExperimentResult:
         with _config_mistakes():
             dataset = _load(config)
             check_against_dataset(config, dataset.info)
+            for path, size in (("teachers.batch_size", config.teachers.batch_size),
+                               ("student.batch_size", config.student.batch_size)):
+                if size > len(dataset.train):
+                    raise ValueError(f"`config.{path}` = {size} is larger than the "
+                                     f"{len(dataset.train)} train examples of "
+                                     f"{config.dataset!r}; use at most {len(dataset.train)}.")
             run_dir = prepare_run_dir(config)
         transfer_x = None
         if transfer_size(config):
