@@ -12,14 +12,13 @@ MSE), on the 3600 labeled train examples plus 40000 unlabeled MNIST-1D inputs la
 by the teachers -> codistillation of the 3 teachers (the article's worked project) ->
 test metrics, over seeds 0, 1, 2. Outputs in runs/seed/.
 
-Measured 2026-12-02 on the 2-CPU x86_64 machine of this project, JAX 0.10.2 on CPU, while
-the machine was shared with other jobs (load average 10-16): 31.5 min wall but 11.4 min of
-CPU time (11.1 user + 0.3 sys), against 6.6 min CPU for one seed of the previous version
-(which took 393 s wall for 3 seeds at a load of 1-3); on an idle 2-CPU machine this suggests
-about 4-5 minutes. Where the time went (CPU seconds, 3 seeds): students 327 (4 stacked
-trainings per seed instead of 9 one by one), teachers 154, codistillation 100, data 39 (the
-40000 transfer inputs), teacher logits and targets 31, analysis 13, compression 5; compiling
-is paid once for the 3 seeds. Test accuracy %, mean ± std over 3 seeds (docs/results/):
+Measured 2026-12-02 on the idle 2-CPU x86_64 machine of this project, JAX 0.10.2 on CPU:
+361 s wall (`/usr/bin/time`; 348 s inside the run), 9.6 min of CPU time, peak RSS 1.1 GB.
+Where the time went (wall, 3 seeds): students 165 s (4 stacked trainings per seed instead
+of 9 one by one), teachers 76 s, codistillation 46 s, data 34 s (33 s of it generating the
+40000 transfer inputs, single-threaded in the mnist1d package), teacher logits and targets
+15 s, analysis 8 s, compression 3 s; 44 s of it compiling, paid once for the 3 seeds.
+Test accuracy %, mean ± std over 3 seeds (docs/results/):
 
     teachers 94.2 ± 0.3 each, their ensemble 96.2 ± 0.1
     student alone                        65.4 ± 1.1   (the MNIST-1D paper's MLP: 68)
