@@ -95,6 +95,7 @@ def _per_seed_rows(out):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # a whole run in a subprocess or many compiles: kept out of the 10-minute suite
 def test_ctrl_c_in_the_second_seed_keeps_the_first_and_a_rerun_resumes(tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "mtkd_jax", "run", TINY, f"--config.output_dir={out}",
@@ -129,6 +130,7 @@ def test_ctrl_c_in_the_second_seed_keeps_the_first_and_a_rerun_resumes(tmp_path)
             np.testing.assert_allclose(float(r["accuracy"]), first[r["row"]], rtol=1e-6)
 
 
+@pytest.mark.slow  # a whole run in a subprocess or many compiles: kept out of the 10-minute suite
 def test_image_folder_experiment_end_to_end(tmp_path):
     rng = np.random.default_rng(0)
     root = tmp_path / "images"

@@ -83,6 +83,7 @@ def test_trust_by_class_matches_a_loop():
     assert np.all(np.isnan(m[4]))  # no example of class 4
 
 
+@pytest.mark.slow  # a whole run in a subprocess or many compiles: kept out of the 10-minute suite
 def test_tiny_multi_source_run(tmp_path):
     """The tiny multi-source config end to end: every output, the routing rows, the plot."""
     out = tmp_path / "run"

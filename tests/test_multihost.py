@@ -261,6 +261,7 @@ def _complete_checkpoints(directory: Path) -> list[int]:
     return sorted(int(d.name) for d in latest.iterdir() if d.name.isdigit())
 
 
+@pytest.mark.slow  # a whole run in a subprocess or many compiles: kept out of the 10-minute suite
 @needs_gloo
 @pytest.mark.timeout(3 * RUN_TIMEOUT)
 def test_killed_process_stops_the_job_and_a_restart_resumes(start_job, reference, tmp_path):

@@ -182,6 +182,7 @@ def test_any_split_layout_and_either_mode_give_one_model(rng):
         step(state, {"x": x, "y": jnp.zeros(B, jnp.int32)}, KEY)
 
 
+@pytest.mark.slow  # a whole run in a subprocess or many compiles: kept out of the 10-minute suite
 def test_stacked_nnx_teachers_train_and_run_as_one_ensemble(rng):
     teachers = [
         nm.CNN1D(D, C, features=(4, 4), hidden=8, dropout=0.3, batch_norm=True,

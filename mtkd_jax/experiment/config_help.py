@@ -56,6 +56,13 @@ FIELD_HELP: dict[str, str] = {
     "codistill.alpha": "codistillation hard-label weight",
     "transfer.size": "extra unlabeled MNIST-1D inputs labeled by the teachers (0: none)",
     "transfer.seed": "generator seed of the transfer set",
+    "sources.kind": "where each teacher's training data comes from: 'same' (all of it), "
+                    "'dirichlet' (class shares drawn from Dirichlet(alpha)), 'classes' "
+                    "(disjoint class groups)",
+    "sources.alpha": "Dirichlet concentration of the 'dirichlet' split (small: skewed shards)",
+    "sources.groups": "the class groups of the 'classes' split, one tuple per teacher "
+                      "(empty: K contiguous blocks)",
+    "sources.seed": "seed of the split between teachers (combined with the run's seed)",
     "analysis.divergence_kinds": "pairwise divergences to report (squared, euclidean, kl, js)",
     "compression.enabled": "measure parameters, FLOPs and latency",
     "compression.repeats": "latency: timed calls per measurement (the median is reported)",
