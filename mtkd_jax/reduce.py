@@ -43,8 +43,6 @@ def masked_sum(values: jax.Array, weights: jax.Array | None = None) -> jax.Array
         raise ValueError(
             f"`weights` {w.shape} must match the leading axes of `values` {values.shape}."
         )
-    if w.ndim == 1:
-        return jnp.tensordot(w, values, axes=(0, 0))
     values = jnp.where(_expand(w, values.ndim) > 0, values, 0)
     return jnp.tensordot(w, values, axes=w.ndim)
 
@@ -137,13 +135,10 @@ def global_mean(values: jax.Array, weights: jax.Array | None = None, *, axis_nam
     if weights is None:
         weights = jnp.ones(values.shape[:1], values.dtype)
     w = jnp.asarray(weights, values.dtype)
-    local_sum = masked_sum(values, w)
-    count = jnp.sum(w)
-    if axis_name is not None:
-        count = jax.lax.psum(count, axis_name)
     # The count carries no gradient (it is a mask sum), so dividing by it keeps the gradient
     # of the pmean equal to the gradient of the global mean.
-    return normalize(local_sum, jax.lax.stop_gradient(count), axis_name=axis_name)
+    count = global_count(w, axis_name=axis_name)
+    return normalize(masked_sum(values, w), count, axis_name=axis_name)
 
 
 def pmean(tree, axis_name):
