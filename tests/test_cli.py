@@ -55,6 +55,7 @@ def test_help_lists_config_keys_with_defaults():
     (["--config.teachers.num=three"], ["config.teachers.num", "int"]),
     (["--config.distill.strategies=mean,median"], ["'median'"]),
     (["--config.student.learning_rate=-1"], ["config.student.learning_rate"]),
+    (["--config.distill.gate_hidden=-1"], ["config.distill.gate_hidden"]),
 ])
 def test_config_mistakes_are_one_line_naming_the_key(tmp_path, capsys, args, names):
     code = cli.main(["run", TINY, f"--config.output_dir={tmp_path / 'o'}", *args])

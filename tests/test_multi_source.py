@@ -98,3 +98,16 @@ def test_tiny_multi_source_run(tmp_path):
     png = out / "teacher_trust.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert isinstance(default_config().sources, ml_collections.ConfigDict)
+
+
+def test_the_run_progress_counts_each_source_teacher_as_a_training():
+    # Multi-source teachers train one by one (their data differ), not as one stacked program.
+    from mtkd_jax.experiment.config import parse_strategy
+    from mtkd_jax.experiment.runner import _trainings_per_seed
+
+    for kind, teachers in (("same", 1), ("dirichlet", 3), ("classes", 3)):
+        c = _config(kind)
+        c.distill.strategies = ("alone", "mean", "gate") if kind != "same" else ("alone", "mean")
+        c.distill.train_only = ()
+        strategies = [parse_strategy(n) for n in c.distill.strategies]
+        assert _trainings_per_seed(c, strategies) == teachers + 2, kind

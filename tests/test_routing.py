@@ -182,3 +182,67 @@ def test_fit_gate_with_features_routes_where_the_energy_cannot(rng):
         w = weighting.get_weighting("gate", **fitted)(z, logits=z)
         acc[name] = np.mean(np.argmax(np.asarray(w), 0) == owner)
     assert acc["rich"] > 0.8 and acc["rich"] > acc["plain"] + 0.2, acc
+
+
+def np_gate_inputs(z):
+    """float64 reference of `gate_inputs`: per teacher [logsumexp z, max z, max(log p, -30)],
+    teachers side by side."""
+    z = np.asarray(z, np.float64)
+    lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) + z.max(
+        -1, keepdims=True)
+    f = np.concatenate([lse, z.max(-1, keepdims=True),
+                        np.maximum(np_log_softmax(z), -30.0)], -1)
+    return np.moveaxis(f, 0, -2).reshape(z.shape[1], -1)
+
+
+def test_gate_with_a_hidden_layer_matches_numpy(rng):
+    z = rng.normal(scale=3.0, size=(K, 6, C)).astype(np.float32)
+    z[1, :, 0] = -80.0  # a log-probability under the floor
+    h = 5
+    mlp = {"w1": rng.normal(size=(K * (C + 2), h)), "b1": rng.normal(size=h),
+           "w2": rng.normal(size=(h, K)), "b2": rng.normal(size=K)}
+    scale, bias = rng.normal(size=K), rng.normal(size=K)
+    u = np_gate_inputs(z)
+    assert u[:, C + 2 + 2].min() == -30.0  # teacher 1's class 0 sits at the floor
+    np.testing.assert_allclose(weighting.gate_inputs(z), u, rtol=1e-5, atol=1e-5)
+    e = np.log(np.exp(np.asarray(z, np.float64)).sum(-1))
+    g = (scale[:, None] * e + bias[:, None]
+         + (np.tanh(u @ mlp["w1"] + mlp["b1"]) @ mlp["w2"] + mlp["b2"]).T)
+    ref = np.exp(g - g.max(0)) / np.exp(g - g.max(0)).sum(0)
+    fn = weighting.get_weighting("gate", scale=scale, bias=bias, mlp=mlp)
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda z: fn(z, logits=z))(z)), ref,
+                               rtol=1e-4, atol=1e-6)
+    zero_out = {**mlp, "w2": np.zeros((h, K)), "b2": np.zeros(K)}
+    np.testing.assert_allclose(weighting.gate(z, logits=z, scale=scale, bias=bias, mlp=zero_out),
+                               weighting.gate(z, logits=z, scale=scale, bias=bias), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"`mlp\['w1'\]` must have shape \(33, 5\)"):
+        weighting.gate(z, logits=z, scale=scale, bias=bias, mlp={**mlp, "w1": mlp["w1"][1:]})
+    with pytest.raises(ValueError, match=r"`mlp` must be a dict with keys"):
+        weighting.gate(z, logits=z, scale=scale, bias=bias, mlp={"w1": mlp["w1"]})
+
+
+def test_fit_gate_with_a_hidden_layer_routes_where_a_linear_gate_cannot(rng):
+    """Every teacher is equally sure of one of two classes of its group; which of teachers
+    0 and 1 owns the input is the XOR of their two choices (teacher 2 is noise). A gate
+    linear in the teachers' outputs gets at most 3/4 of that right; one hidden layer over
+    all of them can route it."""
+    n = 600
+    choice = rng.integers(0, 2, size=(K, n))  # each teacher's class: the first two of its group
+    owner = ((choice[0] == 0) ^ (choice[1] == 0)).astype(int)
+    y = np.array(GROUPS)[owner, choice[owner, np.arange(n)]]
+    z = rng.normal(scale=0.3, size=(K, n, C)).astype(np.float32)
+    for k in range(K):
+        z[k, np.arange(n), np.array(GROUPS[k])[choice[k]]] += 4.0
+    z = np.asarray(class_sets.mask_unknown(z, KNOWN))
+    train, test = slice(0, 400), slice(400, n)
+    acc = {}
+    for name, kw in (("linear", {"features": True, "steps": 2000, "learning_rate": 3e-3}),
+                     ("hidden", {"features": True, "hidden": 16, "key": jax.random.key(0),
+                                 "steps": 2000, "learning_rate": 3e-3})):
+        fitted = weighting.fit_gate(z[:, train], y[train].astype(np.int32), **kw)
+        w = np.asarray(weighting.get_weighting("gate", **fitted)(z[:, test], logits=z[:, test]))
+        np.testing.assert_allclose(w.sum(0), 1.0, rtol=1e-5)
+        acc[name] = np.mean(np.argmax(w, 0) == owner[test])
+    assert acc["hidden"] > 0.95 and acc["linear"] < 0.85, acc
+    with pytest.raises(ValueError, match=r"`key` \(a PRNG key"):
+        weighting.fit_gate(z, y.astype(np.int32), hidden=4)

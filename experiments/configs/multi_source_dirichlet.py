@@ -12,11 +12,14 @@ are divided between the 3 teachers in proportions drawn from Dirichlet(alpha = 0
 toward a few classes, and still knows all 10 classes. The rows: each teacher, their ensemble, the
 student alone, from the best single teacher, and from every strategy, including the
 label-free routing ones (energy; calibrated, with temperatures fitted on each teacher's own
-validation share; gate, fitted on the labeled train and validation splits). Plus
+validation share; gate, one hidden layer over the teachers' outputs, fitted on the labeled
+train and validation splits). Plus
 ``teacher_trust.png``: which teacher each strategy trusts, per true class.
 Outputs in runs/multi_source_dirichlet/.
 
-Expected: see docs/results/multi_source.md (measured numbers, 3 seeds).
+Measured 2026-12-02 on the idle 2-CPU machine: 171 s wall. Gate student 82.3 ± 1.8 %, +11.5 ± 4.4
+points over the best single teacher's student (70.8 ± 5.8).
+All rows: docs/results/multi_source.md (3 seeds).
 """
 
 from mtkd_jax.experiment.config import default_config
@@ -31,7 +34,6 @@ def get_config():
         "alone", "best_teacher", "mean", "scores", "confidence", "entropy", "agreement",
         "energy", "calibrated", "gate",
     )
-    config.student.steps = 1000  # ~6 epochs of the 43600 inputs: the run fits in ~15 min
     config.distill.train_only = ()
     config.analysis.divergence_kinds = ("squared", "js")
     config.compression.repeats = 5

@@ -114,6 +114,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.distill.alpha = 0.0
     c.distill.soft_loss = "kl"
     c.distill.scores_temperature = 0.01
+    c.distill.gate_hidden = 16
     c.distill.train_only = ("mean",)
 
     c.codistill = ml_collections.ConfigDict()
@@ -266,6 +267,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1) 
     _unit(d.alpha, "distill.alpha")
     _soft_loss(d.soft_loss, "distill.soft_loss")
     _positive_float(d.scores_temperature, "distill.scores_temperature")
+    _positive_int(d.gate_hidden, "distill.gate_hidden", minimum=0)
     _require(len(set(archs)) <= 1 or all(x.kind != "codistill" for x in strategies),
              f"Codistillation trains the K teachers as one stacked program and needs one "
              f"architecture; `config.teachers.models` mixes {sorted(set(archs))}. Drop "

@@ -48,6 +48,8 @@ FIELD_HELP: dict[str, str] = {
     "distill.alpha": "weight of the hard-label loss, in [0, 1]",
     "distill.soft_loss": "kl or mse (the article's squared error)",
     "distill.scores_temperature": "tau of the performance weights softmax(acc / tau)",
+    "distill.gate_hidden": "hidden units of the 'gate' row's network over the teachers' "
+                           "outputs (0: linear gate)",
     "distill.train_only": "rows also trained without the transfer set",
     "codistill.epochs": "codistillation epochs",
     "codistill.learning_rate": "codistillation learning rate",

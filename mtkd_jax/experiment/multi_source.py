@@ -127,9 +127,10 @@ def routing_weightings(ctx: Context, teachers: Teachers, strategies,
     * ``energy``, ``max_logit``: the raw logits (their papers' definition), sharpness 1;
     * ``calibrated``: temperatures from `fit_temperature` of teacher k on its own validation
       share (the part of the validation split from its source);
-    * ``gate``: `fit_gate(features=True)` on the labeled examples, the train and validation
-      splits (the labels say which teacher explains each example best; the gate then routes
-      every input, the unlabeled transfer set included, without labels).
+    * ``gate``: `fit_gate(features=True, hidden=config.distill.gate_hidden)` on the labeled
+      examples, the train and validation splits (the labels say which teacher explains each
+      example best; the gate then routes every input, the unlabeled transfer set included,
+      without labels).
     """
     rows = [s for s in strategies if s.kind == "distill" and s.weighting in ROUTING]
     out = {}
@@ -144,8 +145,12 @@ def routing_weightings(ctx: Context, teachers: Teachers, strategies,
             train_logits = predict(teachers.apply, teachers.params, ctx.ds.train.x)
             z = np.concatenate([train_logits, val_logits], axis=1)
             y = np.concatenate([ctx.ds.train.y, ctx.ds.validation.y]).astype(np.int32)
-            fitted = fit_gate(z, y, features=True)
-            out[s.name] = get_weighting("gate", **{k: np.asarray(v) for k, v in fitted.items()})
+            hidden = ctx.config.distill.gate_hidden
+            # The hidden layer needs more, smaller steps than the linear gate's default.
+            fitted = fit_gate(z, y, features=True, hidden=hidden,
+                              key=jax.random.fold_in(ctx.key, 5) if hidden else None,
+                              **({"steps": 2000, "learning_rate": 3e-3} if hidden else {}))
+            out[s.name] = get_weighting("gate", **jax.tree.map(np.asarray, fitted))
         else:
             out[s.name] = get_weighting(s.weighting)
     return out

@@ -248,7 +248,8 @@ def _trainings_per_seed(config, strategies) -> int:
     """Trainings of one seed: the teachers (one stacked, or K), the student groups, and
     codistillation."""
     t = config.teachers
-    teachers = 1 if len(set(tuple(t.models) or (t.model,))) == 1 else t.num
+    one_program = len(set(tuple(t.models) or (t.model,))) == 1 and config.sources.kind == "same"
+    teachers = 1 if one_program else t.num  # multi-source teachers train one by one
     groups = student_groups(strategies, [parse_strategy(n) for n in config.distill.train_only],
                             use_transfer=transfer_size(config) > 0,
                             soft_loss=config.distill.soft_loss)

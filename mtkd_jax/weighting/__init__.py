@@ -14,10 +14,10 @@ one (a new strategy is one function and one test: the property tests run over th
 and `get_weighting(name, **hyperparameters)` binds hyperparameters, checked against the
 function's signature.
 
-Label-free routing (`mtkd_jax.weighting.routing`): ``energy``, ``max_logit``,
-``calibrated`` and ``gate`` weight each example by what each teacher can tell from the input
-alone (for teachers from different sources, `mtkd_jax.class_sets`); `fit_temperature` and
-`fit_gate` fit their hyperparameters.
+Label-free routing (`mtkd_jax.weighting.routing`, `mtkd_jax.weighting.gate`): ``energy``,
+``max_logit``, ``calibrated`` and ``gate`` weight each example by what the teachers can tell
+from the input alone (for teachers from different sources, `mtkd_jax.class_sets`);
+`fit_temperature` and `fit_gate` fit their hyperparameters.
 
 Scale conventions of other implementations (the formulas match; the scale does not):
 CA-MKD and big_vision **sum** per-teacher losses (K times a weighted mean: multiply the
@@ -26,21 +26,14 @@ K - 1 (a factor K - 1 on the soft loss); TextBrewer has no T^2 factor on its KL 
 soft loss by T^2, see `mtkd_jax.losses.soft_kl`).
 """
 
+from mtkd_jax.weighting.gate import fit_gate, gate, gate_features, gate_inputs
 from mtkd_jax.weighting.registry import (
     PROTOCOL_KEYWORDS,
     WEIGHTINGS,
     get_weighting,
     register_weighting,
 )
-from mtkd_jax.weighting.routing import (
-    calibrated,
-    energy,
-    fit_gate,
-    fit_temperature,
-    gate,
-    gate_features,
-    max_logit,
-)
+from mtkd_jax.weighting.routing import calibrated, energy, fit_temperature, max_logit
 from mtkd_jax.weighting.strategies import (
     agreement,
     confidence,
@@ -62,6 +55,7 @@ __all__ = [
     "calibrated",
     "gate",
     "gate_features",
+    "gate_inputs",
     "fit_temperature",
     "fit_gate",
     "WEIGHTINGS",

@@ -8,7 +8,8 @@ from collections.abc import Callable
 
 import jax
 
-from mtkd_jax.weighting.routing import calibrated, energy, gate, max_logit
+from mtkd_jax.weighting.gate import gate
+from mtkd_jax.weighting.routing import calibrated, energy, max_logit
 from mtkd_jax.weighting.strategies import (
     agreement,
     confidence,
@@ -109,8 +110,9 @@ def get_weighting(name_or_fn: str | Callable, **hyperparameters) -> Callable[...
       **hyperparameters: the strategy's keyword-only hyperparameters (e.g. `lambdas=[K]` for
         ``"static"``, `scores=[K]` and `temperature` for ``"from_scores"``, `kind` and
         `sharpness` for ``"agreement"``, `sharpness` and `temperatures=[K]` for the
-        routing strategies, `scale=[K]` and `bias=[K]` for ``"gate"``). A missing required
-        one or an unknown one is an error, so a typo cannot be silently ignored.
+        routing strategies, `scale=[K]` and `bias=[K]` (optionally `coefficients`, `mlp`)
+        for ``"gate"``). A missing required one or an unknown one is an error, so a typo
+        cannot be silently ignored.
 
     Returns:
       `fn(probs, *, logits=None, labels=None, label_mask=None) -> [K, ...]`.

@@ -11,8 +11,8 @@ label, so they weight labeled and unlabeled (transfer-set) examples alike:
 * ``calibrated``: its calibrated confidence, the largest temperature-scaled probability
   (Hendrycks & Gimpel 2017; Guo et al. 2017), temperatures fitted on each teacher's own
   validation data with `fit_temperature`;
-* ``gate``: a small gate over the teachers' energies, per-teacher scale and bias fitted on
-  labeled examples as a mixture of experts (`fit_gate`; Jacobs et al. 1991).
+* ``gate`` (`mtkd_jax.weighting.gate`): a small network over all the teachers' outputs,
+  fitted on labeled examples as a mixture of experts (`fit_gate`; Jacobs et al. 1991).
 
 All take optional per-teacher `temperatures` `[K]` (:math:`\tau_k`, from `fit_temperature`):
 teachers trained separately have logits of different scales, and dividing by the fitted
@@ -26,7 +26,6 @@ References:
   Hendrycks & Gimpel, "A Baseline for Detecting Misclassified and Out-of-Distribution
   Examples in Neural Networks", ICLR 2017.
   Guo, Pleiss, Sun & Weinberger, "On Calibration of Modern Neural Networks", ICML 2017.
-  Jacobs, Jordan, Nowlan & Hinton, "Adaptive Mixtures of Local Experts", Neural Comp. 1991.
 """
 
 from __future__ import annotations
@@ -34,14 +33,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from mtkd_jax import _checks
-from mtkd_jax.class_sets import UNKNOWN_LOGIT, check_known, mask_unknown
+from mtkd_jax.class_sets import UNKNOWN_LOGIT, check_known
 
-__all__ = [
-    "energy", "max_logit", "calibrated", "gate", "gate_features", "fit_temperature", "fit_gate",
-]
+__all__ = ["energy", "max_logit", "calibrated", "fit_temperature"]
 
 
 def _scaled_logits(logits, temperatures, strategy: str) -> jax.Array:
@@ -176,82 +172,6 @@ def calibrated(probs: jax.Array, *, logits: jax.Array | None = None, labels=None
     return _route(log_conf, sharpness).astype(jnp.result_type(probs))
 
 
-def gate_features(logits: jax.Array, temperatures=None) -> jax.Array:
-    r"""The ``gate``'s per-teacher features `[K, ..., F]`, F = 2 + 2C, at :math:`\tau_k`.
-
-    :math:`\phi_k = [\max_c z_{kc},\ \max_c \log p_{kc},\ p_k,\ \bar p_{-k}]`: teacher
-    k's max logit and max log-probability, its probabilities `[C]` and the mean
-    probabilities of the other teachers `[C]` (what they think the input is). Symmetric in
-    the other teachers, so a gate over them permutes with the teachers.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from mtkd_jax.weighting.routing import gate_features
-      >>> gate_features(jnp.zeros((3, 5, 4))).shape
-      (3, 5, 10)
-    """
-    z = _scaled_logits(logits, temperatures, "gate")
-    k = z.shape[0]
-    logp = jax.nn.log_softmax(z, axis=-1)
-    p = jnp.exp(logp)
-    others = (jnp.sum(p, axis=0, keepdims=True) - p) / max(k - 1, 1)
-    return jnp.concatenate([jnp.max(z, -1, keepdims=True), jnp.max(logp, -1, keepdims=True),
-                            p, others], axis=-1)
-
-
-def gate(probs: jax.Array, *, scale, bias, logits: jax.Array | None = None, labels=None,
-         label_mask=None, temperatures=None, coefficients=None) -> jax.Array:
-    r"""A small gate over the teachers' outputs: :math:`w_k = \mathrm{softmax}_k(a_k E_k +
-    b_k + \theta_k \cdot \phi_k)`, :math:`E_k = \log \sum_{c \in S_k} e^{z_{kc}/\tau_k}`.
-
-    :math:`\phi_k` are `gate_features` (teacher k's max logit, max log-probability and
-    probabilities, and the other teachers' mean probabilities), :math:`\theta_k` the
-    optional `coefficients`. Scale, bias (and coefficients) are fitted by `fit_gate` as a
-    mixture of experts on labeled examples (e.g. the labeled train and validation splits),
-    then used label-free on every input, the transfer set included. ``energy`` is the gate
-    with :math:`a_k = s, b_k = 0, \theta = 0`. Labels are not used here.
-
-    Bounds: none.
-
-    Args:
-      probs: `[K, ..., C]` teacher probabilities (only the shape is used).
-      scale: `[K]` per-teacher scales :math:`a_k`.
-      bias: `[K]` per-teacher biases :math:`b_k`.
-      logits: `[K, ..., C]` raw teacher logits (required).
-      temperatures: optional `[K]` per-teacher temperatures.
-      coefficients: optional `[K, 2 + 2C]` :math:`\theta` (None: 0).
-
-    Returns:
-      `[K, ...]` per-example weights.
-
-    Example:
-      >>> import jax, jax.numpy as jnp
-      >>> from mtkd_jax import weighting
-      >>> z = jnp.zeros((2, 1, 3))
-      >>> w = weighting.gate(jax.nn.softmax(z), logits=z, scale=jnp.ones(2),
-      ...                    bias=jnp.array([0.0, jnp.log(3.0)]))
-      >>> [round(x, 3) for x in w[:, 0].tolist()]
-      [0.25, 0.75]
-    """
-    z = _scaled_logits(logits, temperatures, "gate")
-    k = z.shape[0]
-    for name, v in (("scale", scale), ("bias", bias)):
-        if jnp.shape(v) != (k,):
-            raise ValueError(f"`{name}` must have shape [K]=({k},), one per teacher; got "
-                             f"{jnp.shape(v)}.")
-    shape = (k,) + (1,) * (z.ndim - 2)
-    g = (jnp.asarray(scale, z.dtype).reshape(shape) * jax.nn.logsumexp(z, axis=-1)
-         + jnp.asarray(bias, z.dtype).reshape(shape))
-    if coefficients is not None:
-        f = gate_features(z)  # z is already scaled
-        if jnp.shape(coefficients) != (k, f.shape[-1]):
-            raise ValueError(f"`coefficients` must have shape [K, 2 + 2C]={(k, f.shape[-1])}, "
-                             f"got {jnp.shape(coefficients)}.")
-        theta = jnp.asarray(coefficients, z.dtype).reshape(shape + (f.shape[-1],))
-        g = g + jnp.sum(theta * f, axis=-1)
-    return jax.nn.softmax(g, axis=0).astype(jnp.result_type(probs))
-
-
 def fit_temperature(logits, labels, *, known=None) -> float:
     r"""The temperature scaling of one teacher (Guo et al. 2017): the T > 0 that minimises
     the NLL of `softmax(logits / T)` on held-out labeled data.
@@ -312,85 +232,3 @@ def fit_temperature(logits, labels, *, known=None) -> float:
             b = lo + g * (hi - lo)
             fb = nll(np.exp(b))
     return float(1.0 / np.exp(0.5 * (lo + hi)))
-
-
-def fit_gate(logits, labels, *, temperatures=None, known=None, features: bool = False,
-             steps: int = 500, learning_rate: float = 0.05, l2: float = 1e-3) -> dict:
-    r"""Fit the ``gate`` on labeled examples as a mixture of experts (Jacobs et al. 1991).
-
-    Maximises :math:`\frac1N \sum_n \log \sum_k w_k(x_n)\, p_k(y_n \mid x_n)` with
-    :math:`p_k` the teacher's softmax at :math:`\tau_k` (renormalised over its classes),
-    minus `l2` times the squared coefficients, by full-batch Adam from the ``energy`` routing
-    (:math:`a = 1, b = 0, \theta = 0`) on standardised features (folded back into the
-    returned values). Deterministic: no key.
-
-    Args:
-      logits: `[K, N, C]` the teachers' logits on labeled examples.
-      labels: `[N]` int labels.
-      temperatures: optional `[K]` (as the gate will be called with).
-      known: optional `[K, C]` known mask.
-      features: also fit the `coefficients` over `gate_features`.
-      steps: Adam steps.
-      learning_rate: Adam's learning rate.
-      l2: weight decay of the coefficients.
-
-    Returns:
-      ``{"scale": [K], "bias": [K]}`` (and ``"coefficients": [K, 2 + 2C]``) float32, for
-      `get_weighting("gate", temperatures=..., **fitted)`.
-
-    Example:
-      >>> import numpy as np
-      >>> from mtkd_jax.weighting import fit_gate
-      >>> z = np.zeros((2, 4, 2), np.float32); z[0, :, 0] = 3.0     # teacher 0 always says 0
-      >>> g = fit_gate(z, np.zeros(4, np.int32), steps=100)
-      >>> bool(g["bias"][0] > g["bias"][1])
-      True
-    """
-    z = jnp.asarray(logits)
-    k = _checks.check_teachers(z, "logits")
-    if z.ndim != 3:
-        raise ValueError(f"`logits` must have shape [K, N, C], got {z.shape}.")
-    _checks.check_labels(labels, "labels", z.shape[1:2])
-    _checks.check_int(steps, "steps")
-    if known is not None:
-        z = mask_unknown(z, known)
-    z = _scaled_logits(z, temperatures, "gate")
-    y = jnp.asarray(labels)
-    log_py = jnp.take_along_axis(jax.nn.log_softmax(z, -1), y[None, :, None], -1)[..., 0]
-    lse = jax.nn.logsumexp(z, axis=-1)  # [K, N]
-    offset = jnp.mean(lse, axis=1)
-    lse = lse - offset[:, None]  # centred: the bias absorbs the offset
-    f = gate_features(z)  # [K, N, F]
-    mu, sd = jnp.mean(f, axis=1), jnp.std(f, axis=1) + 1e-6  # [K, F]
-    fs = (f - mu[:, None]) / sd[:, None]
-    tx = optax.adam(learning_rate)
-
-    def loss(p):
-        g = p["scale"][:, None] * lse + p["bias"][:, None]
-        if features:
-            g = g + jnp.einsum("knf,kf->kn", fs, p["coefficients"])
-        nll = -jnp.mean(jax.nn.logsumexp(jax.nn.log_softmax(g, 0) + log_py, axis=0))
-        return nll + l2 * jnp.sum(jnp.square(p.get("coefficients", 0.0)))
-
-    @jax.jit
-    def run(p):
-        def body(carry, _):
-            p, s = carry
-            grads = jax.grad(loss)(p)
-            updates, s = tx.update(grads, s, p)
-            return (optax.apply_updates(p, updates), s), None
-
-        (p, _), _ = jax.lax.scan(body, (p, tx.init(p)), None, length=steps)
-        return p
-
-    init = {"scale": jnp.ones(k), "bias": jnp.zeros(k)}
-    if features:
-        init["coefficients"] = jnp.zeros(f.shape[::2])
-    p = run(init)
-    # Undo the centring: a (E - mean E) + b = a E + (b - a mean E); likewise for theta.
-    out = {"scale": p["scale"], "bias": p["bias"] - p["scale"] * offset}
-    if features:
-        theta = p["coefficients"] / sd
-        out["coefficients"] = theta
-        out["bias"] = out["bias"] - jnp.sum(theta * mu, axis=1)
-    return out
