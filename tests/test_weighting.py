@@ -369,6 +369,32 @@ def test_registry_properties(inputs, perm):
         np.testing.assert_allclose(w_perm, w[perm], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+@settings(max_examples=12)
+@given(inputs=strategy_inputs(), perm=st.permutations(range(4)))
+def test_gate_with_a_hidden_layer_has_the_registry_properties(inputs, perm):
+    """The gate's optional parts (coefficients, hidden layer) keep the properties; the teacher
+    blocks of the hidden layer's weights permute with the teachers."""
+    z, y, mask, t = inputs
+    perm = np.asarray(perm)
+    rng = np.random.default_rng(1)
+    k, c, h = 4, 5, 3
+    hyper = {"scale": rng.uniform(0.1, 2.0, k), "bias": rng.normal(size=k),
+             "coefficients": rng.normal(size=(k, 2 + 2 * c)),
+             "mlp": {"w1": rng.normal(size=(k * (c + 2), h)), "b1": rng.normal(size=h),
+                     "w2": rng.normal(size=(h, k)), "b2": rng.normal(size=k)}}
+    hyper = jax.tree.map(lambda a: np.asarray(a, np.float32), hyper)
+    w = _weights("gate", z, y, mask, t, hyper)
+    assert np.all(np.isfinite(w)) and np.all(w >= 0)
+    np.testing.assert_allclose(w.sum(0), 1.0, rtol=1e-5)
+    m = hyper["mlp"]
+    permuted = {"scale": hyper["scale"][perm], "bias": hyper["bias"][perm],
+                "coefficients": hyper["coefficients"][perm],
+                "mlp": {"w1": m["w1"].reshape(k, c + 2, h)[perm].reshape(-1, h), "b1": m["b1"],
+                        "w2": m["w2"][:, perm], "b2": m["b2"][perm]}}
+    np.testing.assert_allclose(_weights("gate", z[perm], y, mask, t, permuted), w[perm],
+                               rtol=1e-4, atol=1e-5)
+
+
 @settings(max_examples=10)
 @given(inputs=strategy_inputs())
 def test_confidence_and_entropy_never_exceed_one_over_k_minus_one(inputs):
