@@ -117,21 +117,22 @@ def batch_parts(batch) -> BatchParts:
             raise ValueError("`batch['label_mask']` is given but `batch['y']` (the labels) is not.")
     tl = batch.get("teacher_logits")
     if tl is not None:
-        want = BatchParts(x, labels, mask, b, token_mask).lead or (b,)
-        if jnp.ndim(tl) != len(want) + 2 or tuple(jnp.shape(tl)[1:-1]) != want:
-            if len(want) == 1:
-                raise ValueError(
-                    f"`batch['teacher_logits']` must have shape [K, B, C] with B={b} (the "
-                    f"batch size of 'x'), got {jnp.shape(tl)}."
-                )
-            raise ValueError(
-                f"`batch['teacher_logits']` must have shape [K, B, L, V] with [B, L]={want} "
-                f"(the shape of 'y' / 'mask'), got {jnp.shape(tl)}."
-            )
-        _checks.check_float(tl, "batch['teacher_logits']")
+        lead = BatchParts(x, labels, mask, b, token_mask).lead or (b,)
+        _check_teacher_logits(tl, lead, "`batch['teacher_logits']`")
     if token_mask is None and labels is not None and jnp.ndim(labels) >= 2:
         token_mask = jnp.ones(jnp.shape(labels), jnp.float32)  # token labels, no padding
     return BatchParts(x, labels, mask, b, token_mask)
+
+
+def _check_teacher_logits(z, lead: tuple, name: str) -> None:
+    """`z` must be `[K, *lead, C]` floats, `lead` the batch's `(B,)` or `(B, L)`."""
+    if jnp.ndim(z) != len(lead) + 2 or tuple(jnp.shape(z)[1:-1]) != tuple(lead):
+        layout, axes, lead_from = (
+            ("[K, B, C]", f"B={lead[0]}", "the batch size of 'x'") if len(lead) == 1
+            else ("[K, B, L, V]", f"[B, L]={tuple(lead)}", "the shape of 'y' / 'mask'"))
+        raise ValueError(f"{name} must have shape {layout} with {axes} ({lead_from}), got "
+                         f"{jnp.shape(z)}.")
+    _checks.check_float(z, name.strip("`"))
 
 
 def teacher_logits_of(
@@ -177,17 +178,7 @@ def teacher_logits_of(
                 "`step(state, batch, key, teacher_params=tp)`."
             )
         z = teacher_apply(teacher_params, x)
-    want = (b,) if lead is None else tuple(lead)
-    if jnp.ndim(z) != len(want) + 2 or tuple(jnp.shape(z)[1:-1]) != want:
-        if len(want) == 1:
-            raise ValueError(
-                f"teacher logits must have shape [K, B, C] with B={b}, got {jnp.shape(z)}."
-            )
-        raise ValueError(
-            f"teacher logits must have shape [K, B, L, V] with [B, L]={want}, got "
-            f"{jnp.shape(z)}."
-        )
-    _checks.check_float(z, "teacher logits")
+    _check_teacher_logits(z, (b,) if lead is None else tuple(lead), "teacher logits")
     # bfloat16 teachers: softmaxes, weights and targets in float32 (mtkd_jax.precision).
     return jax.lax.stop_gradient(at_least_float32(z))
 

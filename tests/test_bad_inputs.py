@@ -162,6 +162,20 @@ def test_nan_cached_teacher_logits_are_refused_on_the_host(rng):
         step(state, {**batch, "teacher_logits": tl}, KEY)
 
 
+def test_teacher_logits_of_the_wrong_batch_size_are_named(rng):
+    batch, _, state = _problem(rng)
+    tl = rng.normal(size=(K, B + 1, C)).astype(np.float32)
+    step = jax.jit(mk.make_distill_step(_linear, None, TX))
+    with pytest.raises(ValueError, match=rf"`batch\['teacher_logits'\]` must have shape "
+                                         rf"\[K, B, C\] with B={B} \(the batch size of 'x'\)"):
+        step(state, {**batch, "teacher_logits": tl}, KEY)
+    online = jax.jit(mk.make_distill_step(_linear, lambda tp, x: tp[:, 1:], TX))
+    with pytest.raises(ValueError, match=rf"teacher logits must have shape \[K, B, C\] with "
+                                         rf"B={B} \(the batch size of 'x'\), got "
+                                         rf"\({K}, {B - 1}, {C}\)"):
+        online(state, batch, KEY, teacher_params=jnp.asarray(tl[:, :B]))
+
+
 # 7. A step with online teachers called without their params.
 def test_missing_teacher_params_is_named(rng):
     batch, _, state = _problem(rng)
