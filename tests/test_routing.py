@@ -237,8 +237,7 @@ def test_fit_gate_with_a_hidden_layer_routes_where_a_linear_gate_cannot(rng):
     train, test = slice(0, 400), slice(400, n)
     acc = {}
     for name, kw in (("linear", {"features": True, "steps": 2000, "learning_rate": 3e-3}),
-                     ("hidden", {"features": True, "hidden": 16, "key": jax.random.key(0),
-                                 "steps": 2000, "learning_rate": 3e-3})):
+                     ("hidden", {"features": True, "hidden": 16, "key": jax.random.key(0)})):
         fitted = weighting.fit_gate(z[:, train], y[train].astype(np.int32), **kw)
         w = np.asarray(weighting.get_weighting("gate", **fitted)(z[:, test], logits=z[:, test]))
         np.testing.assert_allclose(w.sum(0), 1.0, rtol=1e-5)

@@ -146,10 +146,8 @@ def routing_weightings(ctx: Context, teachers: Teachers, strategies,
             z = np.concatenate([train_logits, val_logits], axis=1)
             y = np.concatenate([ctx.ds.train.y, ctx.ds.validation.y]).astype(np.int32)
             hidden = ctx.config.distill.gate_hidden
-            # The hidden layer needs more, smaller steps than the linear gate's default.
             fitted = fit_gate(z, y, features=True, hidden=hidden,
-                              key=jax.random.fold_in(ctx.key, 5) if hidden else None,
-                              **({"steps": 2000, "learning_rate": 3e-3} if hidden else {}))
+                              key=jax.random.fold_in(ctx.key, 5) if hidden else None)
             out[s.name] = get_weighting("gate", **jax.tree.map(np.asarray, fitted))
         else:
             out[s.name] = get_weighting(s.weighting)

@@ -161,8 +161,8 @@ def _standardised(f: jax.Array, axis: int):
 
 
 def fit_gate(logits, labels, *, temperatures=None, known=None, features: bool = False,
-             hidden: int = 0, key: jax.Array | None = None, steps: int = 500,
-             learning_rate: float = 0.05, l2: float = 1e-3) -> dict:
+             hidden: int = 0, key: jax.Array | None = None, steps: int | None = None,
+             learning_rate: float | None = None, l2: float = 1e-3) -> dict:
     r"""Fit the ``gate`` on labeled examples as a mixture of experts (Jacobs et al. 1991).
 
     Maximises :math:`\frac1N \sum_n \log \sum_k w_k(x_n)\, p_k(y_n \mid x_n)` with
@@ -181,8 +181,9 @@ def fit_gate(logits, labels, *, temperatures=None, known=None, features: bool = 
       features: also fit the linear `coefficients` over `gate_features`.
       hidden: H > 0 also fits a hidden layer of H tanh units over `gate_inputs` (``mlp``).
       key: PRNG key of the hidden layer's initial weights (required when hidden > 0).
-      steps: Adam steps.
-      learning_rate: Adam's learning rate.
+      steps: Adam steps; default 500, or 2000 with a hidden layer.
+      learning_rate: Adam's learning rate; default 0.05, or 3e-3 with a hidden layer (the
+        values docs/results/multi_source.md was measured with).
       l2: weight decay of the coefficients and hidden-layer weights.
 
     Returns:
@@ -203,8 +204,11 @@ def fit_gate(logits, labels, *, temperatures=None, known=None, features: bool = 
     if z.ndim != 3:
         raise ValueError(f"`logits` must have shape [K, N, C], got {z.shape}.")
     _checks.check_labels(labels, "labels", z.shape[1:2])
-    _checks.check_int(steps, "steps")
     _checks.check_int(hidden, "hidden", minimum=0)
+    # The hidden layer needs more, smaller steps than the few linear coefficients.
+    steps = _checks.check_int((2000 if hidden else 500) if steps is None else steps, "steps")
+    if learning_rate is None:
+        learning_rate = 3e-3 if hidden else 0.05
     if hidden and key is None:
         raise ValueError("`key` (a PRNG key for the hidden layer's initial weights) is needed "
                          f"with hidden={hidden}.")
