@@ -200,8 +200,14 @@ def test_shards_are_read_together(tmp_path, setup, rng):
 
 
 def test_builder_streams(tmp_path, rng):
-    """The builder holds at most two batches, and resident memory does not track the file."""
-    n, b, c = 60_000, 2_000, 100
+    """The builder holds at most two batches, and resident memory does not track the file.
+
+    The builder's working set (two batches in flight, their host copies, allocator slack) is
+    a constant 19-26 MB on this machine whatever the file size, so the file is made large
+    (288 MB) enough that a builder keeping its rows would be far over the bound.
+    """
+    n, b, c = 240_000, 2_000, 100
+    peak = [0]
     tp = jnp.asarray(rng.normal(size=(K, c, D)), jnp.float32)
     x = rng.normal(size=(b, D)).astype(np.float32)
     alive = []
@@ -212,6 +218,7 @@ def test_builder_streams(tmp_path, rng):
             alive.append(weakref.ref(batch["index"]))
             held = sum(r() is not None for r in alive[:-1])
             assert held <= 2, f"the builder holds {held} earlier batches"
+            peak[0] = max(peak[0], rss_bytes())
             yield batch
 
     def rss_bytes():
@@ -238,10 +245,10 @@ def test_builder_streams(tmp_path, rng):
         dtype=np.float32,
         progress=False,
     )
-    grown = rss_bytes() - before
+    grown = max(peak[0], rss_bytes()) - before  # the peak while writing, not only the end
     file_bytes = os.path.getsize(tmp_path / "big" / "values.npy")
     assert file_bytes > n * K * c * 4
-    assert grown < file_bytes / 4, (grown, file_bytes)
+    assert grown < file_bytes / 5, (grown, file_bytes)
     assert cache.num_written == n and len(alive) == n // b
 
 
