@@ -104,7 +104,7 @@ def test_batch_stats_change_in_training_and_not_in_eval(rng):
     module.train()
     teacher = mk.make_stacked_apply(module, strategy="loop")
     variables = mk.stack_params([mk.model_variables(params, trained)])
-    np.testing.assert_allclose(teacher(variables, x)[0], logits, rtol=1e-6)
+    np.testing.assert_allclose(teacher(variables, x)[0], logits, rtol=1e-6, atol=1e-6)
 
 
 def _linen_to_nnx(lp, lstate, module):
@@ -170,7 +170,7 @@ def test_any_split_layout_and_either_mode_give_one_model(rng):
     frozen = jax.jit(mk.nnx_apply_fn(graphdef, rest))
     np.testing.assert_allclose(
         frozen(p, x), ref_model.eval_apply(mk.model_variables(params, model_state), x),
-        rtol=1e-6,
+        rtol=1e-6, atol=1e-6,
     )
     graphdef, everything = nnx.split(module)
     with pytest.raises(ValueError, match="nnx_split"):

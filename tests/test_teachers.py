@@ -200,8 +200,8 @@ def test_heterogeneous_ensemble(mlp_setup, conv_setup):
     teacher_apply = make_heterogeneous_apply((apply_fn_of(mlp), conv_apply))
     got = teacher_apply([mlp_params, conv_params[0]], x_img)
     assert got.shape == (2, x_img.shape[0], 5)
-    np.testing.assert_allclose(got[0], apply_fn_of(mlp)(mlp_params, x_img), rtol=1e-6)
-    np.testing.assert_allclose(got[1], conv_apply(conv_params[0], x_img), rtol=1e-6)
+    np.testing.assert_allclose(got[0], apply_fn_of(mlp)(mlp_params, x_img), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got[1], conv_apply(conv_params[0], x_img), rtol=1e-6, atol=1e-6)
 
     three = MLP(num_classes=3, features=(8,))
     three_params = init_params(three, _rbg(8), x_img[:1])
