@@ -203,8 +203,9 @@ def test_builder_streams(tmp_path, rng):
     """The builder holds at most two batches, and resident memory does not track the file.
 
     The builder's working set (two batches in flight, their host copies, allocator slack) is
-    a constant 19-26 MB on this machine whatever the file size, so the file is made large
-    (288 MB) enough that a builder keeping its rows would be far over the bound.
+    a constant 19-26 MB on this machine whatever the file size, so the file is large (288 MB)
+    and the bound (a fifth of it) is twice that working set and a fifth of what a builder
+    keeping its rows grows by.
     """
     n, b, c = 240_000, 2_000, 100
     peak = [0]
