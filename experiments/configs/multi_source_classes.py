@@ -16,7 +16,8 @@ train and validation splits). Plus
 Outputs in runs/multi_source_classes/.
 
 Measured 2026-12-02 on the idle 2-CPU machine: 202 s wall. Gate student 81.4 ± 0.2 % (the
-ensemble 58.6 ± 6.6, the best single teacher's student 38.7 ± 0.5).
+ensemble 58.6 ± 6.6, the best single teacher's student 38.7 ± 0.5); on a second host 120 s
+and 82.4 ± 0.6, every other row identical (the gate fit's float results differ by CPU).
 All rows: docs/results/multi_source.md (3 seeds).
 """
 

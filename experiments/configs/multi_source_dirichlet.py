@@ -18,7 +18,8 @@ train and validation splits). Plus
 Outputs in runs/multi_source_dirichlet/.
 
 Measured 2026-12-02 on the idle 2-CPU machine: 171 s wall. Gate student 82.3 ± 1.8 %, +11.5 ± 4.4
-points over the best single teacher's student (70.8 ± 5.8).
+points over the best single teacher's student (70.8 ± 5.8); on a second host 123 s and
+82.1 ± 1.3, every other row identical (the gate fit's float results differ by CPU).
 All rows: docs/results/multi_source.md (3 seeds).
 """
 
