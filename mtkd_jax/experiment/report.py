@@ -160,7 +160,7 @@ def _cell(rec: dict, metric: str) -> str:
         return "-"
     if metric in _PERCENT:
         return f"{100 * mean:.1f} ± {100 * std:.1f}"
-    return f"{mean:.3f} ± {std:.3f}"
+    return f"{_num(mean)} ± {_num(std)}"
 
 
 def markdown_table(rows: Sequence[dict[str, Any]],
@@ -306,7 +306,7 @@ def results_markdown(result, strategies, *, table, plots: Sequence[str] = ()) ->
                 "| target | accuracy % | NLL | ECE | entropy | mean max weight (at T) |",
                 "|---|---|---|---|---|---|"]
         for name, t in targets.items():
-            out.append(f"| {name} | {100 * t['accuracy']:.1f} | {t['nll']:.3f} | "
+            out.append(f"| {name} | {100 * t['accuracy']:.1f} | {_num(t['nll'])} | "
                        f"{t['ece']:.3f} | {_num(t['entropy'])} | {_num(t['max_weight'])} |")
         out.append("")
         if "confidence" in targets:
@@ -333,7 +333,17 @@ def speed_ratio(x: float) -> str:
 
 
 def _num(x: float) -> str:
-    return "—" if x is None or not math.isfinite(x) else f"{x:.3f}"
+    """Three decimals; scientific past 1e4 (a partial-class teacher's NLL is ~6e8: the
+    log-probability of a class it does not know is that of `UNKNOWN_LOGIT`).
+
+    Example:
+      >>> from mtkd_jax.experiment.report import _num
+      >>> _num(0.12345), _num(598999872.0), _num(float("nan"))
+      ('0.123', '5.99e+08', '—')
+    """
+    if x is None or not math.isfinite(x):
+        return "—"
+    return f"{x:.3f}" if abs(x) < 1e4 else f"{x:.2e}"
 
 
 def summary(result, strategies) -> str:
