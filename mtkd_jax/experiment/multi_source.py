@@ -69,7 +69,7 @@ def train_source_teachers(ctx: Context) -> Teachers:
     train = ctx.ds.train
     model, apply_fn = ctx.model(cfg.model, model_kwargs(cfg))
     example = jnp.asarray(train.x[:1])
-    keys = jax.random.split(jax.random.fold_in(ctx.key, 1), cfg.num)
+    keys = jax.random.split(ctx.key_for("teacher init"), cfg.num)
     lrs = tuple(cfg.learning_rates) or (cfg.learning_rate,) * cfg.num
     train_idx, _ = _splits(ctx)
     members, histories, steps = [], {}, 0
@@ -147,7 +147,7 @@ def routing_weightings(ctx: Context, teachers: Teachers, strategies,
             y = np.concatenate([ctx.ds.train.y, ctx.ds.validation.y]).astype(np.int32)
             hidden = ctx.config.distill.gate_hidden
             fitted = fit_gate(z, y, features=True, hidden=hidden,
-                              key=jax.random.fold_in(ctx.key, 5) if hidden else None)
+                              key=ctx.key_for("gate init") if hidden else None)
             out[s.name] = get_weighting("gate", **jax.tree.map(np.asarray, fitted))
         else:
             out[s.name] = get_weighting(s.weighting)

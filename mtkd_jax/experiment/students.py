@@ -192,7 +192,7 @@ def train_group(ctx: Context, group: Group, *, split, n_labeled, row_logits, fin
         return tx, stacked_step(own_teacher, per_model=("teacher_logits",))
 
     tx, step = ctx.parallel(("students", group.name, total), build)
-    key = jax.random.fold_in(ctx.key, 2)  # every row starts from the same initial student
+    key = ctx.key_for("student init")  # every row starts from the same initial student
     params = ctx.init(cfg.model, model_kwargs(cfg), key, jnp.asarray(split.x[:1]))
     r = len(group.rows)
     stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (r, *a.shape)), params)

@@ -108,7 +108,7 @@ def _train(ctx: Context) -> Teachers:
         return tx, make_supervised_step(apply_fn, tx)
 
     example = jnp.asarray(train.x[:1])
-    keys = jax.random.split(jax.random.fold_in(ctx.key, 1), cfg.num)
+    keys = jax.random.split(ctx.key_for("teacher init"), cfg.num)
     lrs = tuple(cfg.learning_rates)
 
     def batches_fn(epoch, start):
