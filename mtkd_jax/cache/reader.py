@@ -186,7 +186,7 @@ def open_cache(
     Args:
       path: the cache directory.
       expect_fingerprint: the teachers the caller distills from
-        (`mtkd_jax.checkpoint.params_fingerprint(tp)`, or its sha256); a cache built from
+        (`mtkd_jax.training.checkpoint.params_fingerprint(tp)`, or its sha256); a cache built from
         other teachers is refused.
       fill: reconstruction of top-k entries, ``"renormalize"`` or ``"uniform"``
         (`DEFAULT_FILL`; see `mtkd_jax.cache.topk`).

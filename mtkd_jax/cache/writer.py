@@ -14,12 +14,12 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mtkd_jax import _checks
 from mtkd_jax.cache.format import FORMAT, create_row_files, header_file, index_dtype, write_header
 from mtkd_jax.cache.reader import TeacherCache, open_cache
 from mtkd_jax.cache.topk import check_top_k, top_k_of_logits
-from mtkd_jax.checkpoint import params_fingerprint
-from mtkd_jax.sharding import mesh_of, place
+from mtkd_jax.core import checks as _checks
+from mtkd_jax.parallel import mesh_of, place
+from mtkd_jax.training.checkpoint import params_fingerprint
 
 __all__ = ["build_cache"]
 
@@ -127,7 +127,7 @@ def build_cache(
       dtype: storage dtype of the values (float16 or float32; bfloat16 is not a numpy type).
       shard: this process's shard name for multi-host builds (e.g. `f"p{jax.process_index()}"`).
       fingerprint: identity of the teachers (a JSON-serialisable dict); default
-        `mtkd_jax.checkpoint.params_fingerprint(teacher_params)`.
+        `mtkd_jax.training.checkpoint.params_fingerprint(teacher_params)`.
       meta: JSON-serialisable notes kept in the header (dataset, split, augmentation seed).
       tokenizer: for a sequence cache, the fingerprint of the tokenization of the inputs
         (e.g. `mtkd_jax.data.text.vocab_fingerprint(vocab)`), checked by
@@ -135,7 +135,7 @@ def build_cache(
       overwrite: replace an existing cache (shard) in `path`.
       progress: show a progress bar (tqdm) on stderr.
       teacher_shardings: None, or `NamedSharding`s of `teacher_params` over one mesh
-        (`mtkd_jax.sharding.tree_shardings`) for teachers that fit only when sharded: the
+        (`mtkd_jax.parallel.tree_shardings`) for teachers that fit only when sharded: the
         params are placed so and the teachers run as one program over that mesh (each batch
         replicated on it).
 

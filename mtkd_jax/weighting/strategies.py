@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtkd_jax import _checks
-from mtkd_jax.divergence import pairwise_divergence
+from mtkd_jax.core import checks as _checks
+from mtkd_jax.core.divergence import pairwise_divergence
 
 __all__ = ["uniform", "static", "from_scores", "confidence", "entropy", "agreement"]
 
@@ -25,7 +25,7 @@ def uniform(probs: jax.Array, *, logits=None, labels=None, label_mask=None) -> j
     """Equal weights `1/K` for every teacher and example (the plain mean target).
 
     Labels are not used. Bounds: exactly `1/K`; with teachers from different sources
-    (`mtkd_jax.class_sets`) this is the naive ensemble, blind to which teacher knows the input.
+    (`mtkd_jax.core.class_sets`) this is the naive ensemble, blind to which teacher knows the input.
 
     Args:
       probs: `[K, ..., C]` teacher probabilities (only the shape is used).
@@ -162,7 +162,7 @@ def confidence(
 
     Bound: no teacher ever gets more than :math:`1/(K-1)` (at K = 3, 0.5), however sure it is;
     a teacher that gives the label probability 0 (a class it does not know,
-    `mtkd_jax.class_sets`) gets weight 0 on a labeled example.
+    `mtkd_jax.core.class_sets`) gets weight 0 on a labeled example.
 
     Args:
       probs: `[K, ..., C]` teacher probabilities (only the shape is checked).
