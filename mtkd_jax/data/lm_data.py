@@ -50,8 +50,8 @@ class LMData:
       packed: `packed[domain][split]` is a `PackedSplit` (memory-mapped `[N, L]` arrays).
       domains: the domain names, in the order given.
       root: the cache directory `<data_dir>/mtkd_lm`.
-      timings: seconds spent here on `load_domains`, `tokenizer_train` (0 when cached or
-        given), `tokenize` and `pack` (0 when everything was cached).
+      timings: seconds this call spent on `load_domains`, `tokenizer_train`, `tokenize` and
+        `pack`; work found in the cache (or a given tokenizer) counts 0.
     """
 
     tokenizer: TextTokenizer
@@ -197,13 +197,15 @@ def prepare_lm_data(
         for split in SPLITS:
             base = os.path.join(root, tok.fingerprint[:16], f"{d.name}-"
                                 f"{d.fingerprint(split)[:16]}-{split}")
+            where = os.path.join(base, f"packed-L{seq_len}-seed"
+                                 f"{seed if split == 'train' else 'none'}")
+            fresh = (not os.path.isfile(os.path.join(base, "lengths.npy")),
+                     not os.path.isfile(os.path.join(where, "meta.json")))
             start = time.perf_counter()
             tokens, lengths = tokenize_split(d[split], tok, base)
-            timings["tokenize"] += time.perf_counter() - start
+            timings["tokenize"] += (time.perf_counter() - start) * fresh[0]
             start = time.perf_counter()
-            packed[d.name][split] = _pack_split(
-                tokens, lengths, tok, os.path.join(base, f"packed-L{seq_len}-seed"
-                                                   f"{seed if split == 'train' else 'none'}"),
-                seq_len=seq_len, seed=seed if split == "train" else None)
-            timings["pack"] += time.perf_counter() - start
+            packed[d.name][split] = _pack_split(tokens, lengths, tok, where, seq_len=seq_len,
+                                                seed=seed if split == "train" else None)
+            timings["pack"] += (time.perf_counter() - start) * fresh[1]
     return LMData(tokenizer=tok, packed=packed, domains=names, root=root, timings=timings)
