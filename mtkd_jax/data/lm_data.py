@@ -39,6 +39,7 @@ __all__ = ["LMData", "prepare_lm_data", "tokenize_split"]
 
 SPLITS = ("train", "validation", "test")
 _VERSION = 1
+_COUNTS = ("num_tokens", "num_bytes", "num_docs")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -59,6 +60,30 @@ class LMData:
     domains: tuple[str, ...]
     root: str
     timings: dict[str, float]
+
+    def mixture(self, split: str = "train") -> tuple[PackedSplit, np.ndarray]:
+        """All domains' rows of `split` in one `PackedSplit` (in memory, domains in order,
+        in their natural proportions) and each row's domain: int32 `[N]` indexing
+        `domains`. A batch's `"index"` picks its rows' domains out of it.
+
+        Example:
+          >>> import numpy as np
+          >>> from mtkd_jax.data import PackedSplit
+          >>> a = PackedSplit(*[np.zeros((2, 4), np.int32)] * 5, np.ones(2, np.int64),
+          ...                 num_tokens=8, num_bytes=2, num_docs=1)
+          >>> b = PackedSplit(*[np.ones((1, 4), np.int32)] * 5, np.ones(1, np.int64),
+          ...                 num_tokens=4, num_bytes=1, num_docs=1)
+          >>> data = LMData(None, {"p": {"test": a}, "q": {"test": b}}, ("p", "q"), "", {})
+          >>> mixed, domain = data.mixture("test")
+          >>> len(mixed), mixed.num_tokens, domain.tolist()
+          (3, 12, [0, 0, 1])
+        """
+        parts = [self.packed[d][split] for d in self.domains]
+        fields = {f.name: np.concatenate([getattr(p, f.name) for p in parts])
+                  for f in dataclasses.fields(PackedSplit) if f.name not in _COUNTS}
+        counts = {c: sum(getattr(p, c) for p in parts) for c in _COUNTS}
+        domain = np.concatenate([np.full(len(p), i, np.int32) for i, p in enumerate(parts)])
+        return PackedSplit(**fields, **counts), domain
 
     def summary(self) -> dict[str, dict[str, dict[str, int]]]:
         """`{domain: {split: {"docs", "rows", "tokens", "bytes"}}}`."""
@@ -153,7 +178,7 @@ def prepare_lm_data(
     domains: Sequence[str | TextDomain] = TEXT_DOMAINS, *, seq_len: int = 256, seed: int = 0,
     vocab_size: int = 8192, tokenizer: str | os.PathLike | TextTokenizer | None = None,
     data_dir: str | None = None, split_seed: int = 0, validation_fraction: float = 0.05,
-    test_fraction: float = 0.05,
+    test_fraction: float = 0.05, max_documents: int | None = None,
 ) -> LMData:
     """Domains of text to packed, tokenized rows (cached; see the module docstring).
 
@@ -167,6 +192,8 @@ def prepare_lm_data(
         path, or a `TextTokenizer`.
       data_dir: the TFDS data dir (default `default_data_dir()`).
       split_seed, validation_fraction, test_fraction: the built-in domains' split.
+      max_documents: keep at most this many documents per split of each domain
+        (`TextDomain.take`), for quick runs and tests; None keeps all.
 
     Returns:
       `LMData`.
@@ -184,6 +211,8 @@ def prepare_lm_data(
     loaded = [d if isinstance(d, TextDomain) else load_domain(
         d, data_dir=data_dir, split_seed=split_seed, validation_fraction=validation_fraction,
         test_fraction=test_fraction) for d in domains]
+    if max_documents is not None:
+        loaded = [d.take(max_documents) for d in loaded]
     names = tuple(d.name for d in loaded)
     if not names or len(set(names)) != len(names):
         raise ValueError(f"`domains` must be non-empty with unique names, got {names}.")
