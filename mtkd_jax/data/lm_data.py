@@ -9,8 +9,8 @@ under `<data_dir>/mtkd_lm/` (`data_dir`: the TFDS data dir, where the built-in d
 documents are prepared too), keyed by content, so a second call only opens memory maps:
 
     <data_dir>/mtkd_lm/tokenizers/<key>/tokenizer.json     trained tokenizer (+ meta.json)
-    <data_dir>/mtkd_lm/<tok fp>/<domain>-<split fp>/tokens.npy, lengths.npy
-    <data_dir>/mtkd_lm/<tok fp>/<domain>-<split fp>/packed-L<L>-seed<s>/{x,y,mask,...}.npy
+    <data_dir>/mtkd_lm/<tok fp>/<domain>-<split fp>-<split>-v1/tokens.bin, lengths.npy
+    <data_dir>/mtkd_lm/<tok fp>/<domain>-<split fp>-<split>-v1/packed-L<L>-seed<s>/*.npy
 
 `<key>` hashes the training splits' fingerprints, the vocabulary size and this layout's
 version; `<tok fp>` is the tokenizer's fingerprint (first 16 hex digits); `<split fp>` the
@@ -104,7 +104,8 @@ def _publish(tmp: str, final: str) -> None:
 
 def tokenize_split(texts: Sequence[str], tokenizer: TextTokenizer, path: str | os.PathLike,
                    *, batch_docs: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of `texts`, cached in `path` (`tokens.npy` concatenated, `lengths.npy`).
+    """Token ids of `texts`, cached in `path` (`tokens.bin`: int32 ids of all documents
+    end to end, streamed to disk; `lengths.npy`).
 
     Returns memory-mapped `(tokens [T] int32, lengths [n_docs] int64)`; document i is
     `tokens[offset_i : offset_i + lengths[i]]` with offsets the cumulative lengths.
@@ -113,21 +114,22 @@ def tokenize_split(texts: Sequence[str], tokenizer: TextTokenizer, path: str | o
     if not os.path.isfile(os.path.join(path, "lengths.npy")):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=".tmp-")
-        lengths = []
-        with open(os.path.join(tmp, "tokens.bin"), "wb") as f:
-            for i in range(0, len(texts), batch_docs):
-                for ids in tokenizer.encode(texts[i:i + batch_docs]):
-                    if ids.size == 0:
-                        raise ValueError(f"Document {i} encodes to no tokens.")
-                    f.write(ids.astype(np.int32).tobytes())
-                    lengths.append(ids.size)
-        raw = np.fromfile(os.path.join(tmp, "tokens.bin"), np.int32)
-        np.save(os.path.join(tmp, "tokens.npy"), raw)
-        del raw
-        os.remove(os.path.join(tmp, "tokens.bin"))
-        np.save(os.path.join(tmp, "lengths.npy"), np.asarray(lengths, np.int64))
+        try:
+            lengths = []
+            with open(os.path.join(tmp, "tokens.bin"), "wb") as f:
+                for i in range(0, len(texts), batch_docs):
+                    for j, ids in enumerate(tokenizer.encode(texts[i:i + batch_docs])):
+                        if ids.size == 0:
+                            raise ValueError(f"Document {i + j} is empty: it encodes to no "
+                                             "tokens.")
+                        f.write(ids.astype(np.int32).tobytes())
+                        lengths.append(ids.size)
+            np.save(os.path.join(tmp, "lengths.npy"), np.asarray(lengths, np.int64))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         _publish(tmp, path)
-    return (np.load(os.path.join(path, "tokens.npy"), mmap_mode="r"),
+    return (np.memmap(os.path.join(path, "tokens.bin"), np.int32, mode="r"),
             np.load(os.path.join(path, "lengths.npy")))
 
 
@@ -142,9 +144,13 @@ def _pack_split(tokens, lengths, tokenizer: TextTokenizer, path: str, *, seq_len
     tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=".tmp-")
     chunks = pack_documents(docs, seq_len=seq_len, eos_id=tokenizer.eos_id,
                             pad_id=tokenizer.pad_id, token_bytes=tokenizer.token_bytes)
-    write_packed(tmp, chunks, num_rows=num_rows(lengths, seq_len=seq_len), seq_len=seq_len,
-                 meta={"num_docs": len(lengths), "seed": seed,
-                       "tokenizer": tokenizer.fingerprint})
+    try:
+        write_packed(tmp, chunks, num_rows=num_rows(lengths, seq_len=seq_len),
+                     seq_len=seq_len, meta={"num_docs": len(lengths), "seed": seed,
+                                            "tokenizer": tokenizer.fingerprint})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _publish(tmp, path)
     return open_packed(path)
 
@@ -225,7 +231,7 @@ def prepare_lm_data(
         packed[d.name] = {}
         for split in SPLITS:
             base = os.path.join(root, tok.fingerprint[:16], f"{d.name}-"
-                                f"{d.fingerprint(split)[:16]}-{split}")
+                                f"{d.fingerprint(split)[:16]}-{split}-v{_VERSION}")
             where = os.path.join(base, f"packed-L{seq_len}-seed"
                                  f"{seed if split == 'train' else 'none'}")
             fresh = (not os.path.isfile(os.path.join(base, "lengths.npy")),
