@@ -18,7 +18,9 @@ The reference models live apart, in `zoo/` (`zoo.linen`, `zoo.nnx`: `MLP`, `CNN1
   `nnx_apply_fn` for a frozen NNX module split with `nnx.split`;
 * `counting`: `count_params`, `flops_per_example`;
 * `stacking`: K models of one architecture as one pytree with a leading K axis
-  (`num_stacked`, `stack_params`, `unstack_params`).
+  (`num_stacked`, `stack_params`, `unstack_params`);
+* `transformer`: `Transformer` and `TransformerConfig`, the decoder-only transformer family
+  (Llama / Qwen / Gemma options; presets in `transformer.preset`).
 
 Every name is importable from `mtkd_jax.models` directly.
 """
@@ -29,6 +31,7 @@ from mtkd_jax.models.functional import apply_fn_of, init_params, nnx_apply_fn
 from mtkd_jax.models.linen_adapter import linen_model, linen_variables
 from mtkd_jax.models.nnx_adapter import nnx_split
 from mtkd_jax.models.protocol import Model, function_model, model_variables
+from mtkd_jax.models.transformer import Transformer, TransformerConfig
 from mtkd_jax.models.zoo.layers import global_avg_pool, max_pool_2x2
 from mtkd_jax.models.zoo.linen import CNN1D, MLP, ConvNet, ResNet, SmallConvNet
 from mtkd_jax.models.zoo.registry import MODELS, NNX_MODELS, make_model
@@ -57,4 +60,6 @@ __all__ = [
     "nnx_apply_fn",
     "count_params",
     "flops_per_example",
+    "Transformer",
+    "TransformerConfig",
 ]

@@ -8,7 +8,9 @@ A batch is a dict::
 A sequence batch adds a token axis L: "y" `[B, L]`, "mask" `[B, L]` (1 = a real token,
 0 = padding, counted in no loss, weight or metric), "teacher_logits" `[K, B, L, V]`, and
 the models' logits are `[B, L, V]`; "label_mask" may then be `[B]` or `[B, L]`. A
-classification batch is the L-less case of the same code.
+classification batch is the L-less case of the same code. "x" may be a dict of `[B, ...]`
+arrays (one B): packed token rows are ``{"tokens": [B, L], "segment_ids": [B, L]}``
+(`mtkd_jax.models.transformer`), whose segment ids `check_batch` checks are non-decreasing.
 
 `batch_parts` checks what is known while tracing (keys, shapes, dtypes, B >= 1); it runs
 inside every step. `check_batch` checks what only concrete values tell (labels in range,
@@ -78,12 +80,11 @@ def batch_parts(batch) -> BatchParts:
         keys = f" with keys {sorted(batch)}" if isinstance(batch, dict) else ""
         raise ValueError(f"`batch` must be a dict {_LAYOUT}; got {type(batch).__name__}{keys}.")
     x = batch["x"]
-    if jnp.ndim(x) < 1:
-        raise ValueError(f"`batch['x']` must have a leading batch axis, got shape {jnp.shape(x)}.")
-    b = jnp.shape(x)[0]
+    b = _checks.batch_size(x, "batch['x']")
     if b == 0:
         raise ValueError(
-            f"`batch['x']` is empty (shape {jnp.shape(x)}): a batch needs at least one example."
+            f"`batch['x']` is empty (shape {_checks.shapes(x)}): a batch needs at least one "
+            "example."
         )
     token_mask = batch.get("mask")
     if token_mask is not None:
@@ -160,7 +161,7 @@ def teacher_logits_of(
       ...                   (jnp.eye(3), jnp.eye(3))).shape
       (2, 2, 3)
     """
-    b = jnp.shape(x)[0]
+    b = _checks.batch_size(x)
     if teacher_apply is None:
         if "teacher_logits" not in batch:
             if not required:
@@ -240,6 +241,12 @@ def check_batch(batch: dict, *, num_classes: int | None = None) -> int:
                 f"`batch['mask']` (shape {token_mask.shape}) is 0 everywhere: an all-padding "
                 "batch has no token to learn from or to evaluate. Drop it from the stream."
             )
+    if isinstance(parts.x, dict) and "segment_ids" in parts.x:
+        ids = _host(parts.x["segment_ids"])
+        if ids is not None:
+            pad = parts.x.get("mask", parts.mask)
+            _checks.check_segment_ids(ids, None if pad is None else _host(pad),
+                                      name="batch['x']['segment_ids']")
     labels = None if parts.labels is None else _host(parts.labels)
     if labels is not None:
         keep = np.ones(labels.shape, bool)
