@@ -44,7 +44,10 @@ TEXTS = (
     "A good student keeps what is true from every voice.",
     "Maps are promises.",
 )
-LENGTHS = (12, 9, 5)  # right padding: the rows are cut to these lengths in an [3, 12] batch
+LENGTHS = (12, 9, 8)
+"""Right padding: the rows are cut to these lengths in one [3, 12] batch. A padded query
+whose whole sliding window is padding gets NaN in the reference (0 * NaN in its attention
+sums), so no row is shorter than 12 - window + 1."""
 
 COMMON = dict(
     vocab_size=VOCAB,
@@ -96,7 +99,7 @@ def _families():
         "gemma2": ("Gemma2Config", dict(
             COMMON, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
             hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=24,
-            attn_logit_softcapping=2.0, final_logit_softcapping=8.0, sliding_window=4,
+            attn_logit_softcapping=2.0, final_logit_softcapping=8.0, sliding_window=5,
             layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True,
             rope_parameters=dict(rope_type="default", rope_theta=10000.0),
         ), dict(seed=5, offset_norms=True)),
@@ -105,7 +108,7 @@ def _families():
         "gemma3": ("Gemma3TextConfig", dict(
             COMMON, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
             hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16,
-            sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+            sliding_window=5, layer_types=["sliding_attention", "full_attention"],
             tie_word_embeddings=True,
             rope_parameters={
                 "full_attention": dict(rope_type="linear", rope_theta=1000000.0, factor=2.0),
@@ -198,10 +201,15 @@ def build(name: str, spec, tok, ids, mask) -> None:
         refs["logits_f32"] = _logits(model, ids, mask, torch.float64)
     else:
         refs["logits"] = _logits(model, ids, mask, torch.float64)
+    for key in [k for k in refs if k.startswith("logits")]:
+        if not np.isfinite(refs[key][mask.astype(bool)]).all():
+            raise RuntimeError(f"{name}: non-finite reference {key} at a real token")
     save_file(refs, str(out / "reference.safetensors"),
-              metadata={"texts": json.dumps(list(TEXTS)), "lengths": json.dumps(LENGTHS),
-                        "reference": f"transformers {transformers.__version__}, eager "
-                                     "attention; logits in float64 unless noted"})
+              # One metadata key: safetensors writes several in an arbitrary order.
+              metadata={"fixture": json.dumps({
+                  "texts": list(TEXTS), "lengths": list(LENGTHS),
+                  "reference": f"transformers {transformers.__version__}, eager attention, "
+                               "run in float64 (logits: bf16 in llama_bf16)"}, sort_keys=True)})
 
 
 def main(argv=None) -> int:
