@@ -149,6 +149,8 @@ def _weights(model, seed: int, *, offset_norms: bool) -> dict:
         else:  # [out, in] linear weights
             w = rng.standard_normal(shape) / np.sqrt(shape[-1])
         out[name] = w
+    if model.config.tie_word_embeddings and "lm_head.weight" in out:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]  # one tensor, one value
     return out
 
 
