@@ -14,10 +14,11 @@ non-zero, so that every mapped option changes the logits. The options are set sm
 a published value would not act on 12-token sequences (softcaps, sliding windows, the
 llama3 rope's original context), so a loader that ignored one would fail the 1e-4 test.
 
-Float32 fixtures: the reference is the model run in float64 (saved as float32). The bf16
-fixture (`llama_bf16`, same config as `llama`, its own weights) keeps bf16 weights and has
-two references: `logits` from the model run in bf16 as published, and `logits_f32` from
-the same bf16 weights run in float64.
+The references come from the saved directory loaded back with `from_pretrained`, as a user
+loads a published model. Float32 fixtures: the reference is the model run in float64
+(saved as float32). The bf16 fixture (`llama_bf16`, same config as `llama`, its own
+weights) keeps bf16 weights and has two references: `logits` from the model loaded and run
+in bf16, and `logits_f32` from the same bf16 weights loaded in float64.
 
 Deterministic: running it twice gives byte-identical files (single-threaded torch; sorted
 JSON; safetensors without time stamps). Run from the repository root:
@@ -154,10 +155,15 @@ def _weights(model, seed: int, *, offset_norms: bool) -> dict:
     return out
 
 
-def _logits(model, ids, mask, dtype):
+def _logits(directory: pathlib.Path, ids, mask, dtype):
+    """Logits of the checkpoint loaded back from `directory` as a user would (from_pretrained
+    keeps the rotary frequencies in float32 whatever the dtype; `.to(dtype)` would not)."""
     import torch
+    import transformers
 
-    model = model.to(dtype)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, dtype=dtype, attn_implementation="eager")
+    model.eval()
     with torch.no_grad():
         out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
     return out.logits.to(torch.float64).numpy().astype(np.float32)
@@ -199,10 +205,10 @@ def build(name: str, spec, tok, ids, mask) -> None:
 
     refs = {"input_ids": ids, "attention_mask": mask}
     if bf16:
-        refs["logits"] = _logits(model, ids, mask, torch.bfloat16)
-        refs["logits_f32"] = _logits(model, ids, mask, torch.float64)
+        refs["logits"] = _logits(out, ids, mask, torch.bfloat16)
+        refs["logits_f32"] = _logits(out, ids, mask, torch.float64)
     else:
-        refs["logits"] = _logits(model, ids, mask, torch.float64)
+        refs["logits"] = _logits(out, ids, mask, torch.float64)
     for key in [k for k in refs if k.startswith("logits")]:
         if not np.isfinite(refs[key][mask.astype(bool)]).all():
             raise RuntimeError(f"{name}: non-finite reference {key} at a real token")
