@@ -19,12 +19,17 @@ One job per module:
 * `adapt`: `as_model` (any of those, or a plain function) and `eval_apply_of`;
 * `functional`: `init_params` and `apply_fn_of` for a stateless Linen module,
   `nnx_apply_fn` for a frozen NNX module split with `nnx.split`;
-* `counting`: `count_params`, `flops_per_example`.
+* `counting`: `count_params`, `flops_per_example`;
+* `checkpoints`: `load_pretrained` (a published Llama / Qwen2 / Qwen3 / Gemma checkpoint
+  directory as the `transformer.Transformer`, with its tokenizer), `tokenizer_fingerprint`;
+  `checkpoint_config`: `transformer_config` (a `config.json` as a `TransformerConfig`).
 
 Every name is importable from `mtkd_jax.models` directly.
 """
 
 from mtkd_jax.models.adapt import as_model, eval_apply_of
+from mtkd_jax.models.checkpoint_config import transformer_config
+from mtkd_jax.models.checkpoints import Pretrained, load_pretrained, tokenizer_fingerprint
 from mtkd_jax.models.counting import count_params, flops_per_example
 from mtkd_jax.models.functional import apply_fn_of, init_params, nnx_apply_fn
 from mtkd_jax.models.layers import global_avg_pool, max_pool_2x2
@@ -58,4 +63,8 @@ __all__ = [
     "nnx_apply_fn",
     "count_params",
     "flops_per_example",
+    "Pretrained",
+    "load_pretrained",
+    "tokenizer_fingerprint",
+    "transformer_config",
 ]
