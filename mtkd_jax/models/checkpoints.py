@@ -19,8 +19,10 @@ tokenizer's fingerprint. Nothing is downloaded and PyTorch is not needed.
   directory lacks, a tokenizer with more tokens than the embedding has rows.
 
 The tokenizer's fingerprint (`tokenizer_fingerprint`) is the SHA-256 of its canonical JSON
-(keys sorted, no whitespace), so the same tokenizer saved pretty or compact has one
-fingerprint; a sequence cache stores it to know which tokenizer its inputs speak.
+(keys sorted, no whitespace, ASCII-escaped), so the same tokenizer saved pretty or compact
+has one fingerprint; a sequence cache stores it to know which tokenizer its inputs speak.
+(The same definition as the text data's `TextTokenizer.fingerprint`, being written on
+another branch: one of the two should call the other once both land.)
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
       (64, False)
     """
     canonical = json.dumps(json.loads(tokenizer.to_str()), sort_keys=True,
-                           separators=(",", ":"), ensure_ascii=False)
+                           separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
