@@ -94,6 +94,13 @@ def _families():
             tie_word_embeddings=False, hidden_act="silu", attention_bias=False,
             rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
         ), dict(seed=4)),
+        # Gemma (1): multi-query attention, (1 + w) norms, embedding scaled by sqrt(width),
+        # tanh-GELU, head_dim independent of the width, tied.
+        "gemma": ("GemmaConfig", dict(
+            COMMON, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+            hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+        ), dict(seed=7, offset_norms=True)),
         # Logit soft-caps on attention and output, sandwich norms, (1 + w) norms, embedding
         # scaled by sqrt(width), tanh-GELU, query_pre_attn_scalar != head_dim, sliding window
         # on the first layer, tied.

@@ -26,7 +26,7 @@ from mtkd_jax.sharding import fsdp, make_mesh
 from mtkd_jax.teachers.published import load_published_teachers
 
 ROOT = pathlib.Path(__file__).resolve().parent / "fixtures" / "checkpoints"
-FLOAT32 = ["llama", "qwen2", "qwen3", "gemma2", "gemma3"]
+FLOAT32 = ["llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"]
 
 
 def _reference(name):
@@ -165,6 +165,7 @@ def _within(tree, template):
 CHANGES = {
     "llama": [dict(rope_scaling=None), dict(kv_heads=4, heads=4)],
     "qwen3": [dict(qk_norm=False)],
+    "gemma": [dict(embed_scale=False), dict(activation="silu")],
     "gemma2": [dict(attn_logit_softcap=None), dict(final_logit_softcap=None),
                dict(query_scale=None), dict(embed_scale=False), dict(norm_offset=0.0),
                dict(post_norms=False), dict(layer_types=("full_attention",) * 2)],
