@@ -73,11 +73,12 @@ def load_published_teachers(
         each); the errors of `load_pretrained`.
 
     Example:
-      >>> import pathlib, jax.numpy as jnp
+      >>> import pathlib, jax, jax.numpy as jnp
       >>> from mtkd_jax.teachers.published import load_published_teachers
-      >>> root = pathlib.Path("tests/fixtures/checkpoints")
+      >>> root = pathlib.Path("tests/fixtures/checkpoints")  # from the repository root
       >>> t = load_published_teachers([root / "qwen3", root / "llama"])
-      >>> t.stacked, t.teacher_apply(t.teacher_params, jnp.ones((2, 5), jnp.int32)).shape
+      >>> x = jnp.ones((2, 5), jnp.int32)
+      >>> t.stacked, jax.jit(t.teacher_apply)(t.teacher_params, x).shape
       (False, (2, 2, 5, 256))
     """
     if isinstance(paths, str | os.PathLike) or not paths:
