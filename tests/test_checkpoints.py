@@ -103,6 +103,26 @@ def test_sharded_load_on_8_devices_gives_the_same_logits(name):
     np.testing.assert_array_equal(out.argmax(-1)[real], ref["logits"].argmax(-1)[real])
 
 
+def test_bf16_checkpoint_loads_into_shards_as_bf16():
+    pre = load_pretrained(ROOT / "llama_bf16", mesh=make_mesh(2, 4), rule=fsdp(min_size=256))
+    embedding = pre.model.embed.embedding[...]
+    assert embedding.dtype == jnp.bfloat16
+    assert embedding.sharding.spec == jax.sharding.PartitionSpec("model")
+
+
+def test_a_stacked_ensemble_loads_into_shards():
+    """Each teacher placed into its shards, then stacked: the K axis whole, each slice laid
+    out by the rule (as `sharding.stacked(rule)`)."""
+    teachers = load_published_teachers([ROOT / "llama", ROOT / "llama_bf16"], dtype="float32",
+                                       mesh=make_mesh(2, 4), rule=fsdp(min_size=256))
+    embedding = teachers.teacher_params["embed"]["embedding"][...]
+    assert embedding.shape == (2, 256, 32)
+    assert embedding.sharding.spec == jax.sharding.PartitionSpec(None, "model")
+    x, ref, real = _reference("llama")
+    out = np.asarray(jax.jit(teachers.teacher_apply)(teachers.teacher_params, x))
+    np.testing.assert_allclose(out[0][real], ref["logits"][real], atol=1e-4, rtol=0)
+
+
 def test_two_checkpoints_of_one_family_stack_into_one_teacher():
     teachers = load_published_teachers([ROOT / "llama", ROOT / "llama_bf16"], dtype="float32")
     assert teachers.stacked and teachers.names == ("llama", "llama_bf16")
