@@ -42,7 +42,7 @@ from flax import nnx
 from mtkd_jax.models.checkpoint_config import transformer_config
 from mtkd_jax.models.transformer import Transformer, TransformerConfig
 
-__all__ = ["Pretrained", "load_pretrained", "load_tokenizer", "tokenizer_fingerprint",
+__all__ = ["Pretrained", "load_pretrained", "tokenizer_fingerprint",
            "checkpoint_tensor_names"]
 
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq")
@@ -86,7 +86,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def load_tokenizer(path: str, *, vocab_size: int | None = None):
+def _checkpoint_tokenizer(path: str, *, vocab_size: int | None = None):
     """The `tokenizers.Tokenizer` of `path/tokenizer.json`, checked against `vocab_size`.
 
     A checkpoint's embedding may have more rows than its tokenizer has tokens (Qwen2 pads
@@ -268,7 +268,7 @@ def load_pretrained(
         reader = _Reader(files, stack)
         param_dtype = dtype if dtype is not None else _checkpoint_dtype(reader)
         cfg = transformer_config(raw, max_len=max_len, param_dtype=param_dtype)
-        tok = load_tokenizer(path, vocab_size=cfg.vocab_size) if tokenizer else None
+        tok = _checkpoint_tokenizer(path, vocab_size=cfg.vocab_size) if tokenizer else None
         abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
         graphdef, state = nnx.split(abstract, nnx.Param)
         target = nnx.to_pure_dict(state)
