@@ -20,6 +20,8 @@ One job per module:
 * `functional`: `init_params` and `apply_fn_of` for a stateless Linen module,
   `nnx_apply_fn` for a frozen NNX module split with `nnx.split`;
 * `counting`: `count_params`, `flops_per_example`;
+* `transformer`: `Transformer` and `TransformerConfig`, the decoder-only transformer family
+  (Llama / Qwen / Gemma options; presets in `transformer.preset`).
 * `checkpoints`: `load_pretrained` (a published Llama / Qwen2 / Qwen3 / Gemma checkpoint
   directory as the `transformer.Transformer`, with its tokenizer), `tokenizer_fingerprint`;
   `checkpoint_config`: `transformer_config` (a `config.json` as a `TransformerConfig`).
@@ -38,6 +40,7 @@ from mtkd_jax.models.linen_adapter import linen_model, linen_variables
 from mtkd_jax.models.nnx_adapter import nnx_split
 from mtkd_jax.models.protocol import Model, function_model, model_variables
 from mtkd_jax.models.registry import MODELS, NNX_MODELS, make_model
+from mtkd_jax.models.transformer import Transformer, TransformerConfig
 
 __all__ = [
     "MLP",
@@ -63,6 +66,8 @@ __all__ = [
     "nnx_apply_fn",
     "count_params",
     "flops_per_example",
+    "Transformer",
+    "TransformerConfig",
     "Pretrained",
     "load_pretrained",
     "tokenizer_fingerprint",
