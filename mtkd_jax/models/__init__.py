@@ -21,7 +21,7 @@ One job per module:
   `nnx_apply_fn` for a frozen NNX module split with `nnx.split`;
 * `counting`: `count_params`, `flops_per_example`;
 * `transformer`: `Transformer` and `TransformerConfig`, the decoder-only transformer family
-  (Llama / Qwen / Gemma options; presets in `transformer.preset`).
+  (Llama / Qwen / Gemma options; presets in `transformer.preset`);
 * `checkpoints`: `load_pretrained` (a published Llama / Qwen2 / Qwen3 / Gemma checkpoint
   directory as the `transformer.Transformer`, with its tokenizer), `tokenizer_fingerprint`;
   `checkpoint_config`: `transformer_config` (a `config.json` as a `TransformerConfig`).
