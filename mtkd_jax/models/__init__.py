@@ -20,12 +20,17 @@ The reference models live apart, in `zoo/` (`zoo.linen`, `zoo.nnx`: `MLP`, `CNN1
 * `stacking`: K models of one architecture as one pytree with a leading K axis
   (`num_stacked`, `stack_params`, `unstack_params`);
 * `transformer`: `Transformer` and `TransformerConfig`, the decoder-only transformer family
-  (Llama / Qwen / Gemma options; presets in `transformer.preset`).
+  (Llama / Qwen / Gemma options; presets in `transformer.preset`);
+* `checkpoints`: `load_pretrained` (a published Llama / Qwen2 / Qwen3 / Gemma checkpoint
+  directory as the `transformer.Transformer`, with its tokenizer), `tokenizer_fingerprint`;
+  `checkpoint_config`: `transformer_config` (a `config.json` as a `TransformerConfig`).
 
 Every name is importable from `mtkd_jax.models` directly.
 """
 
 from mtkd_jax.models.adapt import as_model, eval_apply_of
+from mtkd_jax.models.checkpoint_config import transformer_config
+from mtkd_jax.models.checkpoints import Pretrained, load_pretrained, tokenizer_fingerprint
 from mtkd_jax.models.counting import count_params, flops_per_example
 from mtkd_jax.models.functional import apply_fn_of, init_params, nnx_apply_fn
 from mtkd_jax.models.linen_adapter import linen_model, linen_variables
@@ -62,4 +67,8 @@ __all__ = [
     "flops_per_example",
     "Transformer",
     "TransformerConfig",
+    "Pretrained",
+    "load_pretrained",
+    "tokenizer_fingerprint",
+    "transformer_config",
 ]

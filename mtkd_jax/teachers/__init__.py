@@ -7,7 +7,9 @@
 * `io`: `save_teachers`, `load_teachers` (orbax, checked against
   `mtkd_jax.training.checkpoint.params_fingerprint`);
 * `own_checkpoints`: `load_orbax_teachers`, teachers saved by your own orbax code
-  (StandardCheckpointer or CheckpointManager; Linen or NNX; K of them stacked).
+  (StandardCheckpointer or CheckpointManager; Linen or NNX; K of them stacked);
+* `published`: `load_published_teachers`, published Llama / Qwen / Gemma checkpoints
+  (safetensors) as one ensemble, stacked when they share a config.
 
 A teacher is a plain `apply_fn(params, x)` or a `mtkd_jax.models.Model` (Linen, NNX), run
 frozen in evaluation mode on its variables (`mtkd_jax.variables_of`).
@@ -22,11 +24,14 @@ from mtkd_jax.teachers.autotune import choose_strategy, time_strategies
 from mtkd_jax.teachers.inference import STRATEGIES, make_heterogeneous_apply, make_stacked_apply
 from mtkd_jax.teachers.io import load_teachers, save_teachers
 from mtkd_jax.teachers.own_checkpoints import load_orbax_teachers
+from mtkd_jax.teachers.published import PublishedTeachers, load_published_teachers
 
 __all__ = [
     "STRATEGIES",
     "choose_strategy",
     "load_orbax_teachers",
+    "load_published_teachers",
+    "PublishedTeachers",
     "load_teachers",
     "make_heterogeneous_apply",
     "make_stacked_apply",
