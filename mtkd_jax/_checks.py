@@ -148,3 +148,44 @@ def check_labels(labels, name: str, batch_shape: tuple[int, ...]) -> None:
             f"`{name}` must have shape {tuple(batch_shape)} (the batch dims of the logits), "
             f"got {tuple(jnp.shape(labels))}."
         )
+
+
+def check_segment_ids(segment_ids, mask=None, *, name: str = "segment_ids") -> None:
+    """Raise ValueError when concrete segment ids decrease along a row (traced ids pass).
+
+    A packed row holds its documents one after another, so its segment ids are
+    non-decreasing; ids that go back (`[1, 1, 2, 1]`) would let a token attend to another
+    document. Only real tokens count (`mask` > 0, when given): padding may carry any id.
+
+    Args:
+      segment_ids: `[B, L]` int.
+      mask: optional `[B, L]`, 1 = token, 0 = padding.
+      name: the argument's name in the message.
+
+    Example:
+      >>> import numpy as np
+      >>> from mtkd_jax._checks import check_segment_ids
+      >>> check_segment_ids(np.array([[0, 0, 1], [3, 3, 3]]))
+      >>> check_segment_ids(np.array([[0, 1, 0]]))
+      Traceback (most recent call last):
+      ...
+      ValueError: `segment_ids` must be non-decreasing along each row ... row 0 has id 0 at ...
+    """
+    if is_traced(segment_ids) or (mask is not None and is_traced(mask)):
+        return
+    ids = np.asarray(segment_ids)
+    if ids.ndim != 2:
+        raise ValueError(f"`{name}` must have shape [B, L], got {ids.shape}.")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"`{name}` must be integers, got dtype {ids.dtype}.")
+    keep = np.ones(ids.shape, bool) if mask is None else np.asarray(mask) > 0
+    # The largest id of a real token so far; a real token below it breaks the order.
+    seen = np.maximum.accumulate(np.where(keep, ids, np.iinfo(ids.dtype).min), axis=-1)
+    bad = keep[:, 1:] & (ids[:, 1:] < seen[:, :-1])
+    if bad.any():
+        row, at = (int(i[0]) for i in np.nonzero(bad))
+        raise ValueError(
+            f"`{name}` must be non-decreasing along each row (packed documents one after "
+            f"another); row {row} has id {ids[row, at + 1]} at position {at + 1} after id "
+            f"{seen[row, at]}."
+        )

@@ -8,7 +8,9 @@ A batch is a dict::
 A sequence batch adds a token axis L: "y" `[B, L]`, "mask" `[B, L]` (1 = a real token,
 0 = padding, counted in no loss, weight or metric), "teacher_logits" `[K, B, L, V]`, and
 the models' logits are `[B, L, V]`; "label_mask" may then be `[B]` or `[B, L]`. A
-classification batch is the L-less case of the same code.
+classification batch is the L-less case of the same code. "x" may be a dict of `[B, ...]`
+arrays (one B): packed token rows are ``{"tokens": [B, L], "segment_ids": [B, L]}``
+(`mtkd_jax.models.transformer`), whose segment ids `check_batch` checks are non-decreasing.
 
 `batch_parts` checks what is known while tracing (keys, shapes, dtypes, B >= 1); it runs
 inside every step. `check_batch` checks what only concrete values tell (labels in range,
@@ -29,7 +31,7 @@ from mtkd_jax import _checks
 from mtkd_jax.precision import at_least_float32
 from mtkd_jax.reduce import combine_masks
 
-__all__ = ["BatchParts", "batch_parts", "check_batch", "teacher_logits_of"]
+__all__ = ["BatchParts", "batch_parts", "batch_size_of", "check_batch", "teacher_logits_of"]
 
 _LAYOUT = (
     "{'x': [B, ...], 'y': [B] int labels (optional), 'label_mask': [B] (optional), "
@@ -78,12 +80,10 @@ def batch_parts(batch) -> BatchParts:
         keys = f" with keys {sorted(batch)}" if isinstance(batch, dict) else ""
         raise ValueError(f"`batch` must be a dict {_LAYOUT}; got {type(batch).__name__}{keys}.")
     x = batch["x"]
-    if jnp.ndim(x) < 1:
-        raise ValueError(f"`batch['x']` must have a leading batch axis, got shape {jnp.shape(x)}.")
-    b = jnp.shape(x)[0]
+    b = batch_size_of(x, "batch['x']")
     if b == 0:
         raise ValueError(
-            f"`batch['x']` is empty (shape {jnp.shape(x)}): a batch needs at least one example."
+            f"`batch['x']` is empty (shape {_shapes(x)}): a batch needs at least one example."
         )
     token_mask = batch.get("mask")
     if token_mask is not None:
@@ -124,6 +124,30 @@ def batch_parts(batch) -> BatchParts:
     return BatchParts(x, labels, mask, b, token_mask)
 
 
+def _shapes(x):
+    return jax.tree.map(jnp.shape, x) if isinstance(x, dict) else jnp.shape(x)
+
+
+def batch_size_of(x, name: str = "x") -> int:
+    """B, the leading axis of `x`: an array `[B, ...]` or a dict of them (e.g. a packed
+    token batch ``{"tokens": [B, L], "segment_ids": [B, L]}``), every leaf with that B.
+
+    Example:
+      >>> import numpy as np
+      >>> from mtkd_jax.batch import batch_size_of
+      >>> batch_size_of({"tokens": np.zeros((2, 5), int), "segment_ids": np.zeros((2, 5), int)})
+      2
+    """
+    leaves = jax.tree.leaves(x) if isinstance(x, dict) else [x]
+    sizes = {jnp.shape(leaf)[0] for leaf in leaves if jnp.ndim(leaf) >= 1}
+    if not leaves or len(sizes) != 1 or any(jnp.ndim(leaf) < 1 for leaf in leaves):
+        raise ValueError(
+            f"`{name}` must be an array with a leading batch axis [B, ...] (or a dict of such "
+            f"arrays with one B), got shape {_shapes(x)}."
+        )
+    return sizes.pop()
+
+
 def _check_teacher_logits(z, lead: tuple, name: str) -> None:
     """`z` must be `[K, *lead, C]` floats, `lead` the batch's `(B,)` or `(B, L)`."""
     if jnp.ndim(z) != len(lead) + 2 or tuple(jnp.shape(z)[1:-1]) != tuple(lead):
@@ -160,7 +184,7 @@ def teacher_logits_of(
       ...                   (jnp.eye(3), jnp.eye(3))).shape
       (2, 2, 3)
     """
-    b = jnp.shape(x)[0]
+    b = batch_size_of(x)
     if teacher_apply is None:
         if "teacher_logits" not in batch:
             if not required:
@@ -240,6 +264,12 @@ def check_batch(batch: dict, *, num_classes: int | None = None) -> int:
                 f"`batch['mask']` (shape {token_mask.shape}) is 0 everywhere: an all-padding "
                 "batch has no token to learn from or to evaluate. Drop it from the stream."
             )
+    if isinstance(parts.x, dict) and "segment_ids" in parts.x:
+        ids = _host(parts.x["segment_ids"])
+        if ids is not None:
+            pad = parts.x.get("mask", parts.mask)
+            _checks.check_segment_ids(ids, None if pad is None else _host(pad),
+                                      name="batch['x']['segment_ids']")
     labels = None if parts.labels is None else _host(parts.labels)
     if labels is not None:
         keep = np.ones(labels.shape, bool)

@@ -192,7 +192,7 @@ def open_cache(
         (`DEFAULT_FILL`; see `mtkd_jax.cache.topk`).
       shards: shard names to read (default all).
       expect_tokenizer: the tokenization fingerprint of the caller's inputs (e.g.
-        `mtkd_jax.data.text.vocab_fingerprint`); a sequence cache built with another
+        `mtkd_jax.data.TextTokenizer.fingerprint`); a sequence cache built with another
         tokenization (or a cache that records none) is refused.
 
     Returns:
