@@ -110,6 +110,11 @@ def test_prepare_lm_data_end_to_end(tmp_path):
             assert p.num_bytes == d.num_bytes(s)  # the bits-per-byte denominator, exactly
             assert p.num_docs == len(d[s]) and p.seq_len == 16
             assert p.num_tokens == int(p.mask.sum())
+    mixed, domain = a.mixture("train")
+    sizes = [len(a.packed[d]["train"]) for d in a.domains]
+    assert np.bincount(domain).tolist() == sizes and len(mixed) == sum(sizes)
+    np.testing.assert_array_equal(mixed.x[domain == 1], a.packed["code"]["train"].x)
+    assert mixed.num_bytes == sum(d.num_bytes("train") for d in domains)
     again = prepare_lm_data(domains, seq_len=16, seed=0, vocab_size=300,
                             data_dir=tmp_path / "a")
     assert again.timings["tokenizer_train"] == again.timings["tokenize"] == 0.0
@@ -123,6 +128,9 @@ def test_prepare_lm_data_end_to_end(tmp_path):
     assert not np.array_equal(seed1.packed["code"]["train"].x, a.packed["code"]["train"].x)
     np.testing.assert_array_equal(seed1.packed["code"]["test"].x, a.packed["code"]["test"].x)
     assert seed1.summary()["code"]["train"] == a.summary()["code"]["train"]
+    few = prepare_lm_data(domains, seq_len=16, tokenizer=a.tokenizer, max_documents=3,
+                          data_dir=tmp_path / "a")
+    assert [few.packed["prose"][s].num_docs for s in ("train", "validation", "test")] == [3, 1, 3]
     with pytest.raises(ValueError, match="unique names"):
         prepare_lm_data([domains[0], domains[0]], data_dir=tmp_path / "a")
 

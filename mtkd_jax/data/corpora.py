@@ -59,6 +59,23 @@ class TextDomain:
             h.update(doc_id.encode() + b"\x00" + text.encode() + b"\x01")
         return h.hexdigest()
 
+    def take(self, max_documents: int) -> TextDomain:
+        """At most `max_documents` of each split, evenly spaced in id order (for quick runs).
+
+        Example:
+          >>> d = split_documents("toy", [(f"d{i:02d}", "t") for i in range(40)])
+          >>> [len(d.take(5)[s]) for s in ("train", "validation", "test")]
+          [5, 2, 2]
+        """
+        if not isinstance(max_documents, int) or max_documents < 1:
+            raise ValueError(f"`max_documents` must be a positive int, got {max_documents!r}.")
+        keep = {s: np.unique(np.linspace(0, len(self[s]) - 1, min(max_documents, len(self[s])))
+                             .round().astype(int)) for s in _SPLITS}
+        return TextDomain(
+            name=self.name, texts={s: tuple(self.texts[s][i] for i in keep[s]) for s in _SPLITS},
+            ids={s: tuple(self.ids[s][i] for i in keep[s]) for s in _SPLITS},
+            source=f"{self.source}; at most {max_documents} documents per split")
+
     def num_bytes(self, split: str) -> int:
         """UTF-8 bytes of the split's documents."""
         return sum(len(t.encode()) for t in self[split])

@@ -9,8 +9,8 @@ under `<data_dir>/mtkd_lm/` (`data_dir`: the TFDS data dir, where the built-in d
 documents are prepared too), keyed by content, so a second call only opens memory maps:
 
     <data_dir>/mtkd_lm/tokenizers/<key>/tokenizer.json     trained tokenizer (+ meta.json)
-    <data_dir>/mtkd_lm/<tok fp>/<domain>-<split fp>/tokens.npy, lengths.npy
-    <data_dir>/mtkd_lm/<tok fp>/<domain>-<split fp>/packed-L<L>-seed<s>/{x,y,mask,...}.npy
+    <data_dir>/mtkd_lm/<tok fp>/<domain>-<split fp>-<split>-v1/tokens.bin, lengths.npy
+    <data_dir>/mtkd_lm/<tok fp>/<domain>-<split fp>-<split>-v1/packed-L<L>-seed<s>/*.npy
 
 `<key>` hashes the training splits' fingerprints, the vocabulary size and this layout's
 version; `<tok fp>` is the tokenizer's fingerprint (first 16 hex digits); `<split fp>` the
@@ -39,6 +39,7 @@ __all__ = ["LMData", "prepare_lm_data", "tokenize_split"]
 
 SPLITS = ("train", "validation", "test")
 _VERSION = 1
+_COUNTS = ("num_tokens", "num_bytes", "num_docs")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -60,6 +61,30 @@ class LMData:
     root: str
     timings: dict[str, float]
 
+    def mixture(self, split: str = "train") -> tuple[PackedSplit, np.ndarray]:
+        """All domains' rows of `split` in one `PackedSplit` (in memory, domains in order,
+        in their natural proportions) and each row's domain: int32 `[N]` indexing
+        `domains`. A batch's `"index"` picks its rows' domains out of it.
+
+        Example:
+          >>> import numpy as np
+          >>> from mtkd_jax.data import PackedSplit
+          >>> a = PackedSplit(*[np.zeros((2, 4), np.int32)] * 5, np.ones(2, np.int64),
+          ...                 num_tokens=8, num_bytes=2, num_docs=1)
+          >>> b = PackedSplit(*[np.ones((1, 4), np.int32)] * 5, np.ones(1, np.int64),
+          ...                 num_tokens=4, num_bytes=1, num_docs=1)
+          >>> data = LMData(None, {"p": {"test": a}, "q": {"test": b}}, ("p", "q"), "", {})
+          >>> mixed, domain = data.mixture("test")
+          >>> len(mixed), mixed.num_tokens, domain.tolist()
+          (3, 12, [0, 0, 1])
+        """
+        parts = [self.packed[d][split] for d in self.domains]
+        fields = {f.name: np.concatenate([getattr(p, f.name) for p in parts])
+                  for f in dataclasses.fields(PackedSplit) if f.name not in _COUNTS}
+        counts = {c: sum(getattr(p, c) for p in parts) for c in _COUNTS}
+        domain = np.concatenate([np.full(len(p), i, np.int32) for i, p in enumerate(parts)])
+        return PackedSplit(**fields, **counts), domain
+
     def summary(self) -> dict[str, dict[str, dict[str, int]]]:
         """`{domain: {split: {"docs", "rows", "tokens", "bytes"}}}`."""
         return {d: {s: {"docs": p.num_docs, "rows": len(p), "tokens": p.num_tokens,
@@ -79,7 +104,8 @@ def _publish(tmp: str, final: str) -> None:
 
 def tokenize_split(texts: Sequence[str], tokenizer: TextTokenizer, path: str | os.PathLike,
                    *, batch_docs: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of `texts`, cached in `path` (`tokens.npy` concatenated, `lengths.npy`).
+    """Token ids of `texts`, cached in `path` (`tokens.bin`: int32 ids of all documents
+    end to end, streamed to disk; `lengths.npy`).
 
     Returns memory-mapped `(tokens [T] int32, lengths [n_docs] int64)`; document i is
     `tokens[offset_i : offset_i + lengths[i]]` with offsets the cumulative lengths.
@@ -88,21 +114,22 @@ def tokenize_split(texts: Sequence[str], tokenizer: TextTokenizer, path: str | o
     if not os.path.isfile(os.path.join(path, "lengths.npy")):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=".tmp-")
-        lengths = []
-        with open(os.path.join(tmp, "tokens.bin"), "wb") as f:
-            for i in range(0, len(texts), batch_docs):
-                for ids in tokenizer.encode(texts[i:i + batch_docs]):
-                    if ids.size == 0:
-                        raise ValueError(f"Document {i} encodes to no tokens.")
-                    f.write(ids.astype(np.int32).tobytes())
-                    lengths.append(ids.size)
-        raw = np.fromfile(os.path.join(tmp, "tokens.bin"), np.int32)
-        np.save(os.path.join(tmp, "tokens.npy"), raw)
-        del raw
-        os.remove(os.path.join(tmp, "tokens.bin"))
-        np.save(os.path.join(tmp, "lengths.npy"), np.asarray(lengths, np.int64))
+        try:
+            lengths = []
+            with open(os.path.join(tmp, "tokens.bin"), "wb") as f:
+                for i in range(0, len(texts), batch_docs):
+                    for j, ids in enumerate(tokenizer.encode(texts[i:i + batch_docs])):
+                        if ids.size == 0:
+                            raise ValueError(f"Document {i + j} is empty: it encodes to no "
+                                             "tokens.")
+                        f.write(ids.astype(np.int32).tobytes())
+                        lengths.append(ids.size)
+            np.save(os.path.join(tmp, "lengths.npy"), np.asarray(lengths, np.int64))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         _publish(tmp, path)
-    return (np.load(os.path.join(path, "tokens.npy"), mmap_mode="r"),
+    return (np.memmap(os.path.join(path, "tokens.bin"), np.int32, mode="r"),
             np.load(os.path.join(path, "lengths.npy")))
 
 
@@ -117,9 +144,13 @@ def _pack_split(tokens, lengths, tokenizer: TextTokenizer, path: str, *, seq_len
     tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=".tmp-")
     chunks = pack_documents(docs, seq_len=seq_len, eos_id=tokenizer.eos_id,
                             pad_id=tokenizer.pad_id, token_bytes=tokenizer.token_bytes)
-    write_packed(tmp, chunks, num_rows=num_rows(lengths, seq_len=seq_len), seq_len=seq_len,
-                 meta={"num_docs": len(lengths), "seed": seed,
-                       "tokenizer": tokenizer.fingerprint})
+    try:
+        write_packed(tmp, chunks, num_rows=num_rows(lengths, seq_len=seq_len),
+                     seq_len=seq_len, meta={"num_docs": len(lengths), "seed": seed,
+                                            "tokenizer": tokenizer.fingerprint})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _publish(tmp, path)
     return open_packed(path)
 
@@ -153,7 +184,7 @@ def prepare_lm_data(
     domains: Sequence[str | TextDomain] = TEXT_DOMAINS, *, seq_len: int = 256, seed: int = 0,
     vocab_size: int = 8192, tokenizer: str | os.PathLike | TextTokenizer | None = None,
     data_dir: str | None = None, split_seed: int = 0, validation_fraction: float = 0.05,
-    test_fraction: float = 0.05,
+    test_fraction: float = 0.05, max_documents: int | None = None,
 ) -> LMData:
     """Domains of text to packed, tokenized rows (cached; see the module docstring).
 
@@ -167,6 +198,8 @@ def prepare_lm_data(
         path, or a `TextTokenizer`.
       data_dir: the TFDS data dir (default `default_data_dir()`).
       split_seed, validation_fraction, test_fraction: the built-in domains' split.
+      max_documents: keep at most this many documents per split of each domain
+        (`TextDomain.take`), for quick runs and tests; None keeps all.
 
     Returns:
       `LMData`.
@@ -184,6 +217,8 @@ def prepare_lm_data(
     loaded = [d if isinstance(d, TextDomain) else load_domain(
         d, data_dir=data_dir, split_seed=split_seed, validation_fraction=validation_fraction,
         test_fraction=test_fraction) for d in domains]
+    if max_documents is not None:
+        loaded = [d.take(max_documents) for d in loaded]
     names = tuple(d.name for d in loaded)
     if not names or len(set(names)) != len(names):
         raise ValueError(f"`domains` must be non-empty with unique names, got {names}.")
@@ -196,7 +231,7 @@ def prepare_lm_data(
         packed[d.name] = {}
         for split in SPLITS:
             base = os.path.join(root, tok.fingerprint[:16], f"{d.name}-"
-                                f"{d.fingerprint(split)[:16]}-{split}")
+                                f"{d.fingerprint(split)[:16]}-{split}-v{_VERSION}")
             where = os.path.join(base, f"packed-L{seq_len}-seed"
                                  f"{seed if split == 'train' else 'none'}")
             fresh = (not os.path.isfile(os.path.join(base, "lengths.npy")),

@@ -222,7 +222,10 @@ def batches(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Batches of rows `{"x", "y", "mask", "segment_ids", "positions"}` `[B, L]` and
     `"index"` `[B]` (row numbers, for a teacher cache), in `epoch_order(seed, epoch)`,
-    from batch `start` on (a resumed run skips what it did).
+    from batch `start` on (a resumed run skips what it did). One host: every call yields
+    the whole global batch. A model that takes packed rows as one input (the transformer's
+    ``{"tokens", "segment_ids", "positions"}``) gets them as
+    ``{"tokens": b["x"], "segment_ids": b["segment_ids"], "positions": b["positions"]}``.
 
     Example:
       >>> import numpy as np

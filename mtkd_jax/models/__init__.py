@@ -19,7 +19,9 @@ One job per module:
 * `adapt`: `as_model` (any of those, or a plain function) and `eval_apply_of`;
 * `functional`: `init_params` and `apply_fn_of` for a stateless Linen module,
   `nnx_apply_fn` for a frozen NNX module split with `nnx.split`;
-* `counting`: `count_params`, `flops_per_example`.
+* `counting`: `count_params`, `flops_per_example`;
+* `transformer`: `Transformer` and `TransformerConfig`, the decoder-only transformer family
+  (Llama / Qwen / Gemma options; presets in `transformer.preset`).
 
 Every name is importable from `mtkd_jax.models` directly.
 """
@@ -33,6 +35,7 @@ from mtkd_jax.models.linen_adapter import linen_model, linen_variables
 from mtkd_jax.models.nnx_adapter import nnx_split
 from mtkd_jax.models.protocol import Model, function_model, model_variables
 from mtkd_jax.models.registry import MODELS, NNX_MODELS, make_model
+from mtkd_jax.models.transformer import Transformer, TransformerConfig
 
 __all__ = [
     "MLP",
@@ -58,4 +61,6 @@ __all__ = [
     "nnx_apply_fn",
     "count_params",
     "flops_per_example",
+    "Transformer",
+    "TransformerConfig",
 ]

@@ -158,7 +158,7 @@ class TransformerConfig:
     Example:
       >>> from mtkd_jax.models.transformer import TransformerConfig
       >>> cfg = TransformerConfig(vocab_size=32, dim=16, depth=2, heads=4, kv_heads=2)
-      >>> cfg.head_dim, cfg.mlp_dim, cfg.layer_types
+      >>> cfg.head_dim, cfg.mlp_dim, cfg.attention_types
       (4, 64, ('full_attention', 'full_attention'))
     """
 
@@ -216,21 +216,18 @@ class TransformerConfig:
             if value is not None and not (isinstance(value, int | float) and value > 0
                                           and math.isfinite(value)):
                 raise ValueError(f"`{name}` must be a finite number > 0 or None, got {value!r}.")
-        types = self.layer_types
-        if types is None:
-            kind = LAYER_TYPES[1] if self.sliding_window is not None else LAYER_TYPES[0]
-            types = (kind,) * self.depth
-        types = tuple(types)
-        if len(types) != self.depth or any(t not in LAYER_TYPES for t in types):
-            raise ValueError(
-                f"`layer_types` must hold {self.depth} (depth) entries from {LAYER_TYPES}, "
-                f"got {types}."
-            )
-        if LAYER_TYPES[1] in types and self.sliding_window is None:
-            raise ValueError(
-                "`layer_types` names sliding-attention layers but `sliding_window` is None."
-            )
-        set_("layer_types", types)
+        if self.layer_types is not None:
+            types = tuple(self.layer_types)
+            if len(types) != self.depth or any(t not in LAYER_TYPES for t in types):
+                raise ValueError(
+                    f"`layer_types` must hold {self.depth} (depth) entries from "
+                    f"{LAYER_TYPES}, got {types}."
+                )
+            if LAYER_TYPES[1] in types and self.sliding_window is None:
+                raise ValueError(
+                    "`layer_types` names sliding-attention layers but `sliding_window` is None."
+                )
+            set_("layer_types", types)
         for name in ("dtype", "param_dtype"):
             value = getattr(self, name)
             if value is not None:
@@ -240,6 +237,14 @@ class TransformerConfig:
                 set_(name, dtype)
         if self.param_dtype is None:
             raise TypeError("`param_dtype` must be a floating dtype, got None.")
+
+    @property
+    def attention_types(self) -> tuple[str, ...]:
+        """Each layer's entry of `LAYER_TYPES`: `layer_types`, or its default (all
+        ``"sliding_attention"`` with a `sliding_window`, else all ``"full_attention"``)."""
+        if self.layer_types is not None:
+            return self.layer_types
+        return (LAYER_TYPES[1] if self.sliding_window is not None else LAYER_TYPES[0],) * self.depth
 
     @property
     def rope_scaling_dict(self) -> dict | None:
@@ -559,7 +564,7 @@ class Transformer(nnx.Module):
                                rngs=rngs)
         self.layers = nnx.List([
             Block(cfg, sliding=kind == "sliding_attention", rngs=rngs)
-            for kind in cfg.layer_types
+            for kind in cfg.attention_types
         ])
         self.norm = _norm(cfg, cfg.dim)
         self.out = None if cfg.tie_embeddings else nnx.Linear(

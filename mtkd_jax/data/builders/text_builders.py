@@ -2,10 +2,11 @@
 
 * `python_code`: the Python standard library's own modules (`sysconfig`'s `stdlib` path),
   one document per `.py` file, with their docstrings removed (those are `python_docs`' text,
-  so the two domains share no text). Left out: the test suites (`test/`, `tests/`,
-  `idle_test/`: deliberately odd files, bad encodings and bad syntax among them, and twice the
-  size of the library), `encodings/` (generated codec tables rather than code),
-  `pydoc_data/` (documentation, in `python_docs`) and `site-packages/`.
+  so the two domains share no text; a file left empty is skipped). Left out: the test
+  suites (`test/`, `tests/`, `idle_test/`: deliberately odd files, bad encodings and bad
+  syntax among them, and twice the size of the library), `encodings/` (generated codec
+  tables rather than code), `pydoc_data/` (documentation, in `python_docs`) and
+  `site-packages/`.
 * `python_docs`: English technical prose: the language reference and library topics that
   ship with Python (`pydoc_data.topics`, one document per topic) and the docstrings of the
   same modules as `python_code` (one document per module, its docstrings in source order,
