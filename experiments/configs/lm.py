@@ -39,7 +39,8 @@ def get_config(variant: str = ""):
     c.weighting_kwargs = ml_collections.ConfigDict({"posterior": {"sharpness": 1.0}})
     c.online_weighting = "posterior"  # also trained with online teachers ("" for none)
     c.data = ml_collections.ConfigDict(dict(
-        domains=("python_code", "python_docs", "shakespeare"), vocab_size=8192, seq_len=128))
+        domains=("python_code", "python_docs", "shakespeare"), vocab_size=8192, seq_len=128,
+        max_documents=0))  # 0: every document; n: at most n per split of each domain
     c.teachers = ml_collections.ConfigDict(dict(
         size="small", overrides={}, steps=1200, batch_size=32, learning_rate=3e-3,
         warmup_steps=100, weight_decay=0.01))
@@ -48,8 +49,9 @@ def get_config(variant: str = ""):
         learning_rate=3e-3, warmup_steps=30, weight_decay=0.01))
     if variant == "quick":
         c.output_dir = "runs/lm_quick"
-        c.seeds = 2
+        c.seeds = 1
         c.progress = False
+        c.weightings = ("uniform", "posterior")
         c.val_rows = 12
         c.test_rows = 8
         c.eval_batch_size = 8
@@ -57,6 +59,7 @@ def get_config(variant: str = ""):
         c.chunk_size = 16
         c.data.seq_len = 32
         c.data.vocab_size = 512
+        c.data.max_documents = 40
         c.teachers.update(size="tiny", overrides={"dim": 32, "mlp_dim": 64}, steps=6,
                           batch_size=8, warmup_steps=2)
         c.student.update(overrides={"dim": 16, "heads": 2, "kv_heads": 1, "mlp_dim": 32},

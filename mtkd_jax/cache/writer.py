@@ -31,13 +31,16 @@ def _batch_rows(batch, num_examples: int, num_views: int):
             "each batch must be a dict with 'x' [B, ...] and 'index' [B] (and 'view' [B] when "
             f"num_views > 1); got {sorted(batch) if isinstance(batch, dict) else type(batch)}."
         )
-    if np.ndim(batch["x"]) < 1 or np.shape(batch["x"])[0] == 0:
+    # `x` may be a pytree (e.g. a transformer's {"tokens", "segment_ids", ...}): B is the
+    # leading axis of its leaves.
+    shapes = [np.shape(leaf) for leaf in jax.tree.leaves(batch["x"])]
+    if not shapes or any(len(s) < 1 or s[0] != shapes[0][0] or s[0] == 0 for s in shapes):
         raise ValueError(
-            f"batch['x'] must be a non-empty batch [B, ...] with B >= 1, got shape "
-            f"{np.shape(batch['x'])}."
+            f"batch['x'] must be a non-empty batch [B, ...] with B >= 1 (every leaf with the "
+            f"same B), got shapes {shapes}."
         )
     index = np.asarray(batch["index"])
-    b = np.shape(batch["x"])[0]
+    b = shapes[0][0]
     if index.shape != (b,) or not np.issubdtype(index.dtype, np.integer):
         raise ValueError(
             f"batch['index'] must be [B]=({b},) integers, got {index.dtype}{list(index.shape)}."
@@ -198,14 +201,16 @@ def build_cache(
 
     def check_logits(x) -> None:
         """The logits' shape for this batch's `x` (again whenever the shape of `x` changes)."""
-        signature = (np.shape(x), jnp.result_type(x))
+        leaves = jax.tree.leaves(x)
+        signature = tuple((np.shape(leaf), jnp.result_type(leaf)) for leaf in leaves)
         if sizes["x"] == signature:
             return
         sizes["x"] = signature
         shape = jax.eval_shape(teacher_apply, teacher_params, x).shape
-        if len(shape) not in (3, 4) or shape[1] != np.shape(x)[0]:
+        b = np.shape(leaves[0])[0]
+        if len(shape) not in (3, 4) or shape[1] != b:
             raise ValueError(
-                f"`teacher_apply` must return logits [K, B, C] with B={np.shape(x)[0]} (the "
+                f"`teacher_apply` must return logits [K, B, C] with B={b} (the "
                 f"batch), or [K, B, L, V] for sequences, got {shape}."
             )
         seq_len = shape[2] if len(shape) == 4 else None

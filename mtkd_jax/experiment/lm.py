@@ -319,7 +319,8 @@ def run_lm(cfg) -> dict:
     with run.times.listening():
         with run.times.stage("data"):
             data = prepare_lm_data(tuple(d.domains), seq_len=d.seq_len, seed=0,
-                                   vocab_size=d.vocab_size)
+                                   vocab_size=d.vocab_size,
+                                   max_documents=d.max_documents or None)
         domains = data.domains
         vocab = data.tokenizer.vocab_size
         models = _Models(cfg, vocab)
