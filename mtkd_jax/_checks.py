@@ -150,6 +150,31 @@ def check_labels(labels, name: str, batch_shape: tuple[int, ...]) -> None:
         )
 
 
+def shapes(x):
+    """The shape of an array, or the shapes of a dict of arrays (for messages)."""
+    return jax.tree.map(jnp.shape, x) if isinstance(x, dict) else jnp.shape(x)
+
+
+def batch_size(x, name: str = "x") -> int:
+    """B, the leading axis of `x`: an array `[B, ...]` or a dict of them (e.g. packed token
+    rows ``{"tokens": [B, L], "segment_ids": [B, L]}``), every leaf with that B.
+
+    Example:
+      >>> import numpy as np
+      >>> from mtkd_jax._checks import batch_size
+      >>> batch_size({"tokens": np.zeros((2, 5), int), "segment_ids": np.zeros((2, 5), int)})
+      2
+    """
+    leaves = jax.tree.leaves(x) if isinstance(x, dict) else [x]
+    if not leaves or any(jnp.ndim(leaf) < 1 for leaf in leaves) or len(
+            {jnp.shape(leaf)[0] for leaf in leaves}) != 1:
+        raise ValueError(
+            f"`{name}` must be an array with a leading batch axis [B, ...] (or a dict of such "
+            f"arrays with one B), got shape {shapes(x)}."
+        )
+    return jnp.shape(leaves[0])[0]
+
+
 def check_segment_ids(segment_ids, mask=None, *, name: str = "segment_ids") -> None:
     """Raise ValueError when concrete segment ids decrease along a row (traced ids pass).
 

@@ -31,7 +31,7 @@ from mtkd_jax import _checks
 from mtkd_jax.precision import at_least_float32
 from mtkd_jax.reduce import combine_masks
 
-__all__ = ["BatchParts", "batch_parts", "batch_size_of", "check_batch", "teacher_logits_of"]
+__all__ = ["BatchParts", "batch_parts", "check_batch", "teacher_logits_of"]
 
 _LAYOUT = (
     "{'x': [B, ...], 'y': [B] int labels (optional), 'label_mask': [B] (optional), "
@@ -80,10 +80,11 @@ def batch_parts(batch) -> BatchParts:
         keys = f" with keys {sorted(batch)}" if isinstance(batch, dict) else ""
         raise ValueError(f"`batch` must be a dict {_LAYOUT}; got {type(batch).__name__}{keys}.")
     x = batch["x"]
-    b = batch_size_of(x, "batch['x']")
+    b = _checks.batch_size(x, "batch['x']")
     if b == 0:
         raise ValueError(
-            f"`batch['x']` is empty (shape {_shapes(x)}): a batch needs at least one example."
+            f"`batch['x']` is empty (shape {_checks.shapes(x)}): a batch needs at least one "
+            "example."
         )
     token_mask = batch.get("mask")
     if token_mask is not None:
@@ -124,30 +125,6 @@ def batch_parts(batch) -> BatchParts:
     return BatchParts(x, labels, mask, b, token_mask)
 
 
-def _shapes(x):
-    return jax.tree.map(jnp.shape, x) if isinstance(x, dict) else jnp.shape(x)
-
-
-def batch_size_of(x, name: str = "x") -> int:
-    """B, the leading axis of `x`: an array `[B, ...]` or a dict of them (e.g. a packed
-    token batch ``{"tokens": [B, L], "segment_ids": [B, L]}``), every leaf with that B.
-
-    Example:
-      >>> import numpy as np
-      >>> from mtkd_jax.batch import batch_size_of
-      >>> batch_size_of({"tokens": np.zeros((2, 5), int), "segment_ids": np.zeros((2, 5), int)})
-      2
-    """
-    leaves = jax.tree.leaves(x) if isinstance(x, dict) else [x]
-    sizes = {jnp.shape(leaf)[0] for leaf in leaves if jnp.ndim(leaf) >= 1}
-    if not leaves or len(sizes) != 1 or any(jnp.ndim(leaf) < 1 for leaf in leaves):
-        raise ValueError(
-            f"`{name}` must be an array with a leading batch axis [B, ...] (or a dict of such "
-            f"arrays with one B), got shape {_shapes(x)}."
-        )
-    return sizes.pop()
-
-
 def _check_teacher_logits(z, lead: tuple, name: str) -> None:
     """`z` must be `[K, *lead, C]` floats, `lead` the batch's `(B,)` or `(B, L)`."""
     if jnp.ndim(z) != len(lead) + 2 or tuple(jnp.shape(z)[1:-1]) != tuple(lead):
@@ -184,7 +161,7 @@ def teacher_logits_of(
       ...                   (jnp.eye(3), jnp.eye(3))).shape
       (2, 2, 3)
     """
-    b = batch_size_of(x)
+    b = _checks.batch_size(x)
     if teacher_apply is None:
         if "teacher_logits" not in batch:
             if not required:

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from mtkd_jax.batch import check_batch
+from mtkd_jax.cache import build_cache, open_cache, with_cached_logits
 from mtkd_jax.models import nnx_split
 from mtkd_jax.models.token import token_model_fns
 from mtkd_jax.models.transformer import (
@@ -394,6 +395,26 @@ def test_distill_step_chunked_equals_unchunked(rng):
     for a, c in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params), strict=True):
         np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-6)
     assert not np.allclose(jax.tree.leaves(s1.params)[0], jax.tree.leaves(params)[0])
+
+
+def test_top_k_cache_of_transformer_teachers_on_packed_rows(tmp_path, rng):
+    """Packed rows (dict `x`) go through the sequence cache: built from stacked transformer
+    teachers, read back next to the same batches."""
+    cfg = preset("tiny", vocab_size=V, dim=32, depth=1, mlp_dim=64)
+    t_model, t_params, t_state = nnx_split([_randomized(cfg, 20 + k) for k in range(2)])
+    teacher_apply = make_stacked_apply(t_model.eval_apply, strategy="vmap")
+    tp = {"params": t_params, "model_state": t_state}
+    tokens = rng.integers(0, V, size=(6, 8))
+    seg = np.sort(rng.integers(0, 3, size=(6, 8)), axis=1)
+    batches = lambda: ({"x": {"tokens": tokens[i:i + 3], "segment_ids": seg[i:i + 3]},  # noqa: E731
+                        "index": np.arange(i, i + 3)} for i in (0, 3))
+    cache = build_cache(tmp_path, teacher_apply, tp, batches(), num_examples=6, top_k=V - 1,
+                        tokenizer="test", progress=False)
+    assert (cache.seq_len, cache.num_written) == (8, 6)
+    for batch in with_cached_logits(batches(), open_cache(tmp_path, expect_tokenizer="test")):
+        want = jax.nn.softmax(teacher_apply(tp, batch["x"]), -1)
+        np.testing.assert_allclose(jax.nn.softmax(batch["teacher_logits"], -1), want,
+                                   atol=2e-3)
 
 
 # ----------------------------------------------------------------------------- errors

@@ -31,16 +31,13 @@ def _batch_rows(batch, num_examples: int, num_views: int):
             "each batch must be a dict with 'x' [B, ...] and 'index' [B] (and 'view' [B] when "
             f"num_views > 1); got {sorted(batch) if isinstance(batch, dict) else type(batch)}."
         )
-    # `x` may be a pytree (e.g. a transformer's {"tokens", "segment_ids", ...}): B is the
-    # leading axis of its leaves.
-    shapes = [np.shape(leaf) for leaf in jax.tree.leaves(batch["x"])]
-    if not shapes or any(len(s) < 1 or s[0] != shapes[0][0] or s[0] == 0 for s in shapes):
+    b = _checks.batch_size(batch["x"], "batch['x']")
+    if b == 0:
         raise ValueError(
-            f"batch['x'] must be a non-empty batch [B, ...] with B >= 1 (every leaf with the "
-            f"same B), got shapes {shapes}."
+            f"batch['x'] must be a non-empty batch [B, ...] with B >= 1, got shape "
+            f"{_checks.shapes(batch['x'])}."
         )
     index = np.asarray(batch["index"])
-    b = shapes[0][0]
     if index.shape != (b,) or not np.issubdtype(index.dtype, np.integer):
         raise ValueError(
             f"batch['index'] must be [B]=({b},) integers, got {index.dtype}{list(index.shape)}."
@@ -133,8 +130,7 @@ def build_cache(
         `mtkd_jax.checkpoint.params_fingerprint(teacher_params)`.
       meta: JSON-serialisable notes kept in the header (dataset, split, augmentation seed).
       tokenizer: for a sequence cache, the fingerprint of the tokenization of the inputs
-        (`mtkd_jax.data.TextTokenizer.fingerprint`, the sha256 of its tokenizer.json;
-        `mtkd_jax.data.text.vocab_fingerprint(vocab)` for the procedural source), checked by
+        (e.g. `mtkd_jax.data.text.vocab_fingerprint(vocab)`), checked by
         `open_cache(expect_tokenizer=...)`.
       overwrite: replace an existing cache (shard) in `path`.
       progress: show a progress bar (tqdm) on stderr.
@@ -201,13 +197,12 @@ def build_cache(
 
     def check_logits(x) -> None:
         """The logits' shape for this batch's `x` (again whenever the shape of `x` changes)."""
-        leaves = jax.tree.leaves(x)
-        signature = tuple((np.shape(leaf), jnp.result_type(leaf)) for leaf in leaves)
+        signature = jax.tree.map(lambda a: (np.shape(a), jnp.result_type(a)), x)
         if sizes["x"] == signature:
             return
         sizes["x"] = signature
         shape = jax.eval_shape(teacher_apply, teacher_params, x).shape
-        b = np.shape(leaves[0])[0]
+        b = _checks.batch_size(x)
         if len(shape) not in (3, 4) or shape[1] != b:
             raise ValueError(
                 f"`teacher_apply` must return logits [K, B, C] with B={b} (the "

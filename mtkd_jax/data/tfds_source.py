@@ -63,7 +63,8 @@ def tfds_names(data_dir: str | None = None) -> list[str]:
     names = set(tfds.list_builders(with_community_datasets=False))
     if os.path.isdir(data_dir):
         names.update(d for d in os.listdir(data_dir)
-                     if os.path.isdir(os.path.join(data_dir, d)) and d != "downloads")
+                     if os.path.isdir(os.path.join(data_dir, d))
+                     and d not in ("downloads", "mtkd_lm"))  # mtkd_lm: lm_data's caches
     return sorted(names)
 
 

@@ -36,11 +36,14 @@ leading axis is read from any leaf), so a packed batch is ``{"x": {"tokens": ...
 "segment_ids": ...}, "y": [B, L], "mask": [B, L]}``.
 
 **Checks.** At trace time (shapes): a row longer than `max_len` (the rotary table) is a
-ValueError, as is a dict with unknown keys or mismatched shapes. On concrete inputs (on the
-host, outside `jax.jit`: eager calls, and `mtkd_jax.batch.check_batch`, which training loops
-call on every batch before the compiled step): segment ids that decrease along a row
-(`check_segment_ids`), positions outside `[0, max_len)`, tokens outside `[0, V)`. Inside
-`jax.jit` values cannot be read: an out-of-range position gives NaN outputs.
+ValueError, as is a dict with unknown keys or mismatched shapes. On concrete inputs, in an
+eager call (outside `jax.jit`): segment ids that decrease along a row (`check_segment_ids`),
+positions outside `[0, max_len)`, tokens outside `[0, V)`. The segment ids of a batch's dict
+`x` are also checked on the host by `mtkd_jax.batch.check_batch`, which the training loops
+and `evaluate` call on every batch before the compiled step. Inside
+`jax.jit` values cannot be read: there a position past `max_len` is not detected (its
+rotation is computed from the position itself, so the output is defined, but the model was
+never meant to see it) and an out-of-range token gives NaN features (`nnx.Embed`).
 
 **Sequence-model protocol.** `features(x) -> [B, L, E]` (after the final norm) and
 `head(f) -> [B, L, V]` float32 logits (soft-capped when set), `model(x)` both; so
@@ -130,7 +133,7 @@ class TransformerConfig:
       head_dim: D. None: E // H.
       mlp_dim: F, the hidden width of the gated MLP. None: 4 * E.
       max_len: the longest row (and largest position + 1) the model accepts: the length of
-        its rotary table.
+        its rotary table (the angles are computed from the positions on the fly).
       rope_theta: rotary base.
       rope_scaling: None, or a dict ``{"rope_type": "linear", "factor": f}`` or
         ``{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
