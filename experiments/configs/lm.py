@@ -42,11 +42,11 @@ def get_config(variant: str = ""):
         domains=("python_code", "python_docs", "shakespeare"), vocab_size=8192, seq_len=128,
         max_documents=0))  # 0: every document; n: at most n per split of each domain
     c.teachers = ml_collections.ConfigDict(dict(
-        size="small", overrides={}, steps=1200, batch_size=32, learning_rate=3e-3,
+        size="small", overrides={}, steps=300, batch_size=32, learning_rate=3e-3,
         warmup_steps=100, weight_decay=0.01))
     c.student = ml_collections.ConfigDict(dict(
-        size="tiny", overrides={}, steps=300, batch_size=32, transfer_rows=4800,
-        learning_rate=3e-3, warmup_steps=30, weight_decay=0.01))
+        size="tiny", overrides={}, steps=120, batch_size=16, transfer_rows=1920,
+        learning_rate=3e-3, warmup_steps=12, weight_decay=0.01))
     if variant == "quick":
         c.output_dir = "runs/lm_quick"
         c.seeds = 1
