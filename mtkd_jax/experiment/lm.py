@@ -538,7 +538,7 @@ def _report(run, cfg, data, seed_rows, teacher_rows, weights, best, cache_bytes,
         "(teacher rows: one run).", "",
         *lines, "",
         "Checks (paired over seeds):", "", *checks, "",
-        f"Average per-token teacher weight by domain (test tokens):", "", *wlines, "",
+        "Average per-token teacher weight by domain (test tokens):", "", *wlines, "",
         f"Cache: top-{cfg.cache_top_k} log-probabilities, {cache_bytes:.0f} bytes per token "
         f"per teacher (DistillKit: about 300 at top-128).", "",
         f"Wall time {seconds:.0f} s ({times}; JAX compile {run.times.compile_seconds:.0f} s).",
