@@ -130,8 +130,7 @@ def build_cache(
         `mtkd_jax.training.checkpoint.params_fingerprint(teacher_params)`.
       meta: JSON-serialisable notes kept in the header (dataset, split, augmentation seed).
       tokenizer: for a sequence cache, the fingerprint of the tokenization of the inputs
-        (`mtkd_jax.data.TextTokenizer.fingerprint`, the sha256 of its tokenizer.json;
-        `mtkd_jax.data.text.vocab_fingerprint(vocab)` for the procedural source), checked by
+        (e.g. `mtkd_jax.data.text.vocab_fingerprint(vocab)`), checked by
         `open_cache(expect_tokenizer=...)`.
       overwrite: replace an existing cache (shard) in `path`.
       progress: show a progress bar (tqdm) on stderr.

@@ -134,13 +134,18 @@ def batch_specs(
 
 def _batch_size(batch: dict, batch_axes: Mapping[str, int]) -> int:
     sizes = {}
-    for k, v in batch.items():
+    for k, entry in batch.items():
         ax = batch_axes.get(k, 0)
-        if np.ndim(v) <= ax:
-            raise ValueError(
-                f"`batch[{k!r}]` has shape {np.shape(v)}: no batch axis at position {ax}."
-            )
-        sizes[k] = np.shape(v)[ax]
+        # An entry may be a pytree (a transformer's {"tokens", "segment_ids"} input): every
+        # leaf has the batch axis at the same position.
+        for path, v in jax.tree_util.tree_leaves_with_path(entry):
+            name = f"{k}{jax.tree_util.keystr(path)}"
+            if np.ndim(v) <= ax:
+                raise ValueError(
+                    f"`batch[{name!r}]` has shape {np.shape(v)}: no batch axis at position "
+                    f"{ax}."
+                )
+            sizes[name] = np.shape(v)[ax]
     if len(set(sizes.values())) != 1:
         raise ValueError(f"Batch entries disagree on the batch size: {sizes}.")
     return next(iter(sizes.values()))
@@ -232,7 +237,8 @@ def global_batch_from_local(
     )
     specs = batch_specs(local_batch, axis, batch_axes=batch_axes)
     return {
-        k: jax.make_array_from_process_local_data(NamedSharding(mesh, specs[k]), np.asarray(v))
+        k: jax.tree.map(lambda leaf, spec=specs[k]: jax.make_array_from_process_local_data(
+            NamedSharding(mesh, spec), np.asarray(leaf)), v)
         for k, v in local_batch.items()
     }
 

@@ -39,6 +39,7 @@ from mtkd_jax.weighting.strategies import (
     confidence,
     entropy,
     from_scores,
+    posterior,
     static,
     uniform,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "confidence",
     "entropy",
     "agreement",
+    "posterior",
     "energy",
     "max_logit",
     "calibrated",
