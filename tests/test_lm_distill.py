@@ -11,12 +11,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mtkd_jax.losses_chunked import distill_sums, finish_distill
-from mtkd_jax.models.token import token_model_fns
 from mtkd_jax.models.transformer import Transformer, TransformerConfig
+from mtkd_jax.models.zoo.token import token_model_fns
+from mtkd_jax.objective.loss import distill_sums, finish_distill
 from mtkd_jax.parallel import data_mesh, data_parallel_step
-from mtkd_jax.state import init_train_state
-from mtkd_jax.steps import make_distill_step
+from mtkd_jax.training.state import init_train_state
+from mtkd_jax.training.steps import make_distill_step
 from mtkd_jax.weighting import get_weighting
 
 V, L, B, K = 37, 12, 8, 3

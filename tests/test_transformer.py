@@ -11,10 +11,8 @@ import optax
 import pytest
 from flax import nnx
 
-from mtkd_jax.training.batch import check_batch
 from mtkd_jax.cache import build_cache, open_cache, with_cached_logits
 from mtkd_jax.models import nnx_split
-from mtkd_jax.models.zoo.token import token_model_fns
 from mtkd_jax.models.transformer import (
     Transformer,
     TransformerConfig,
@@ -24,9 +22,11 @@ from mtkd_jax.models.transformer import (
     rope_frequencies,
     segment_positions,
 )
+from mtkd_jax.models.zoo.token import token_model_fns
+from mtkd_jax.teachers import make_stacked_apply
+from mtkd_jax.training.batch import check_batch
 from mtkd_jax.training.state import init_train_state
 from mtkd_jax.training.steps import make_distill_step
-from mtkd_jax.teachers import make_stacked_apply
 
 V = 40
 

@@ -40,17 +40,17 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mtkd_jax import loop
 from mtkd_jax.cache import build_cache, open_cache, with_cached_logits
 from mtkd_jax.data import LMData, PackedSplit, prepare_lm_data
 from mtkd_jax.data.packing import batches as packed_batches
-from mtkd_jax.evaluation import evaluate, make_eval_step
 from mtkd_jax.experiment import report, summaries
 from mtkd_jax.experiment.progress import RunProgress, StageTimes, log
-from mtkd_jax.models.token import token_model_fns
 from mtkd_jax.models.transformer import Transformer, preset
-from mtkd_jax.state import init_train_state
-from mtkd_jax.steps import make_distill_step, make_supervised_step
+from mtkd_jax.models.zoo.token import token_model_fns
+from mtkd_jax.training import fit as loop
+from mtkd_jax.training.evaluation import evaluate, make_eval_step
+from mtkd_jax.training.state import init_train_state
+from mtkd_jax.training.steps import make_distill_step, make_supervised_step
 from mtkd_jax.weighting import get_weighting
 
 __all__ = ["run_lm", "METRICS"]
@@ -138,7 +138,7 @@ def _optimizer(spec, total_steps: int):
 # ---------------------------------------------------------------------------- training
 def _train(run, name: str, state, step, batches_fn, *, steps: int, steps_per_epoch: int,
            eval_fn, seed: int):
-    """`mtkd_jax.loop.fit` for one model: checkpoints and TensorBoard under the run folder."""
+    """`mtkd_jax.training.fit.fit` for one model: checkpoints and TensorBoard under the run folder."""
     cfg = run.cfg
     epochs = max(1, math.ceil(steps / steps_per_epoch))
     per_epoch = min(steps, steps_per_epoch)

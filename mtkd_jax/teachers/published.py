@@ -20,9 +20,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from mtkd_jax.models.checkpoints import Pretrained, load_pretrained
+from mtkd_jax.models.stacking import stack_params
 from mtkd_jax.models.zoo.token import token_model_fns
 from mtkd_jax.teachers.inference import make_heterogeneous_apply, make_stacked_apply
-from mtkd_jax.models.stacking import stack_params
 
 __all__ = ["PublishedTeachers", "load_published_teachers"]
 
