@@ -22,7 +22,7 @@ from safetensors.numpy import load_file, save_file
 from mtkd_jax.models.checkpoint_config import transformer_config
 from mtkd_jax.models.checkpoints import load_pretrained, tokenizer_fingerprint
 from mtkd_jax.models.transformer import Transformer
-from mtkd_jax.parallel import fsdp, make_mesh
+from mtkd_jax.parallel import fsdp, make_mesh, tree_shardings
 from mtkd_jax.teachers.published import load_published_teachers
 
 ROOT = pathlib.Path(__file__).resolve().parent / "fixtures" / "checkpoints"
@@ -93,7 +93,8 @@ def test_bf16_checkpoint_cast_to_float32_matches_exactly():
 def test_sharded_load_on_8_devices_gives_the_same_logits(name):
     assert jax.device_count() == 8
     mesh = make_mesh(2, 4)
-    pre = load_pretrained(ROOT / name, mesh=mesh, rule=fsdp(min_size=256))
+    pre = load_pretrained(ROOT / name, shardings=lambda params: tree_shardings(
+        params, mesh, fsdp(min_size=256)))
     embedding = pre.model.embed.embedding[...]
     assert embedding.sharding.spec == jax.sharding.PartitionSpec("model")
     assert {s.data.shape for s in embedding.addressable_shards} == {
@@ -105,7 +106,9 @@ def test_sharded_load_on_8_devices_gives_the_same_logits(name):
 
 
 def test_bf16_checkpoint_loads_into_shards_as_bf16():
-    pre = load_pretrained(ROOT / "llama_bf16", mesh=make_mesh(2, 4), rule=fsdp(min_size=256))
+    mesh = make_mesh(2, 4)
+    pre = load_pretrained(ROOT / "llama_bf16", shardings=lambda params: tree_shardings(
+        params, mesh, fsdp(min_size=256)))
     embedding = pre.model.embed.embedding[...]
     assert embedding.dtype == jnp.bfloat16
     assert embedding.sharding.spec == jax.sharding.PartitionSpec("model")

@@ -10,10 +10,10 @@ tokenizer's fingerprint. Nothing is downloaded and PyTorch is not needed.
   Flax reader on the host CPU, numpy having no bfloat16), converted to the transformer's
   layout (a `[out, in]` linear weight becomes `kernel [in..., out...]`, heads split out)
   and kept in the checkpoint's dtype (bfloat16 stays bfloat16) unless `dtype` is given.
-* With a `mesh`, each weight is placed straight into its shards by the sharding `rule`
-  (`mtkd_jax.parallel`, default `fsdp()`): `jax.make_array_from_callback` cuts each device's
-  part from the host copy of that one tensor, so no device ever holds a whole model it
-  cannot fit.
+* With `shardings=` (e.g. a mesh and a rule of `mtkd_jax.parallel`, as
+  `mtkd_jax.teachers.load_published_teachers` gives them), each weight is placed straight
+  into its shards: `jax.make_array_from_callback` cuts each device's part from the host copy
+  of that one tensor, so no device ever holds a whole model it cannot fit.
 * Errors name what is wrong: a missing or unexpected tensor (by name), a tensor whose shape
   differs from what the config needs (both shapes), a shard file the index names but the
   directory lacks, a tokenizer with more tokens than the embedding has rows.
@@ -33,6 +33,7 @@ import math
 import os
 import re
 from contextlib import ExitStack, nullcontext
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -235,8 +236,7 @@ def load_pretrained(
     path: str | os.PathLike,
     *,
     dtype: Any = None,
-    mesh: jax.sharding.Mesh | None = None,
-    rule: Any = None,
+    shardings: Callable[[Any], Any] | None = None,
     max_len: int | None = None,
     tokenizer: bool = True,
 ) -> Pretrained:
@@ -246,9 +246,12 @@ def load_pretrained(
       path: the directory (`config.json`, `model.safetensors` or its shards and index,
         `tokenizer.json`).
       dtype: the params' dtype (default: the checkpoint's, e.g. bfloat16 stays bfloat16).
-      mesh: place each weight into its shards on this mesh (`mtkd_jax.parallel.make_mesh`);
-        None: on the default device.
-      rule: the sharding rule with a `mesh` (default `mtkd_jax.parallel.fsdp()`).
+      shardings: None (every weight on the default device), or a function of the abstract
+        params (a nested dict of `jax.ShapeDtypeStruct`) returning a matching pytree of
+        `jax.sharding.Sharding`: each weight is then read straight into its shards
+        (`jax.make_array_from_callback`), so a model too big for one device loads. With a
+        mesh and a rule of `mtkd_jax.parallel`, `mtkd_jax.teachers.load_published_teachers`
+        builds it (`parallel.tree_shardings(params, mesh, rule)`).
       max_len: the longest row the model accepts (default `max_position_embeddings`).
       tokenizer: load `tokenizer.json` and check it against the embedding.
 
@@ -274,12 +277,13 @@ def load_pretrained(
         target = nnx.to_pure_dict(state)
         flat = jax.tree_util.tree_flatten_with_path(target)
         names = [jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in flat[0]]
-        shardings = None
-        if mesh is not None:
-            from mtkd_jax.parallel.rules import fsdp, tree_shardings
-
-            shardings = jax.tree.leaves(tree_shardings(
-                target, mesh, fsdp() if rule is None else rule))
+        placed = None
+        if shardings is not None:
+            placed = jax.tree.leaves(shardings(target),
+                                     is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+            if len(placed) != len(flat[0]):
+                raise ValueError(f"`shardings` returned {len(placed)} shardings for the "
+                                 f"{len(flat[0])} params.")
         wanted = {name: _hf_name(name, cfg) for name in names}
         used = {hf for hf, _ in wanted.values()}
         missing = sorted(hf for hf in used if hf not in files)
@@ -298,11 +302,11 @@ def load_pretrained(
         for i, (name, (_, sds)) in enumerate(zip(names, flat[0], strict=True)):
             hf, n_in = wanted[name]
             host = _converted(reader, hf, n_in, name, sds)
-            if shardings is None:
+            if placed is None:
                 leaves.append(jax.device_put(host))
             else:
                 leaves.append(jax.make_array_from_callback(
-                    host.shape, shardings[i], lambda index, h=host: h[index]))
+                    host.shape, placed[i], lambda index, h=host: h[index]))
     params = jax.tree.unflatten(flat[1], leaves)
     nnx.replace_by_pure_dict(state, params)
     model = nnx.merge(graphdef, state)

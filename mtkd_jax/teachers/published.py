@@ -64,7 +64,9 @@ def load_published_teachers(
       paths: K >= 1 checkpoint directories (see `mtkd_jax.models.load_pretrained`).
       dtype: the params' dtype (default each checkpoint's own; stacking needs one dtype,
         so give it when bfloat16 and float32 checkpoints of one size are mixed).
-      mesh, rule: place each teacher's weights into shards (`load_pretrained`).
+      mesh, rule: place each teacher's weights straight into their shards on `mesh`
+        (`mtkd_jax.parallel.make_mesh`) by the sharding `rule` (default
+        `mtkd_jax.parallel.fsdp()`); None: on the default device.
       strategy: `make_stacked_apply`'s strategy for a stacked ensemble ("vmap", "loop";
         "auto" is not offered here, it needs an example batch).
 
@@ -84,7 +86,14 @@ def load_published_teachers(
     if isinstance(paths, str | os.PathLike) or not paths:
         raise ValueError(f"`paths` must be a non-empty list of checkpoint directories, "
                          f"got {paths!r}.")
-    loaded = tuple(load_pretrained(p, dtype=dtype, mesh=mesh, rule=rule) for p in paths)
+    shardings = None
+    if mesh is not None:
+        from mtkd_jax.parallel.rules import fsdp, tree_shardings
+
+        def shardings(params):
+            return tree_shardings(params, mesh, fsdp() if rule is None else rule)
+
+    loaded = tuple(load_pretrained(p, dtype=dtype, shardings=shardings) for p in paths)
     names = tuple(os.path.basename(os.path.normpath(p.path)) for p in loaded)
     prints = {p.tokenizer_fingerprint for p in loaded}
     if len(prints) > 1:
