@@ -549,7 +549,7 @@ class Transformer(nnx.Module):
       >>> import jax.numpy as jnp
       >>> from flax import nnx
       >>> from mtkd_jax.models.transformer import Transformer, preset
-      >>> model = Transformer(preset("tiny", vocab_size=32), rngs=nnx.Rngs(0))
+      >>> model = Transformer(preset("tiny", vocab_size=32, depth=1), rngs=nnx.Rngs(0))
       >>> x = {"tokens": jnp.ones((2, 6), jnp.int32),
       ...      "segment_ids": jnp.array([[1, 1, 1, 2, 2, 2]] * 2)}
       >>> model.features(x).shape, model(x).shape
