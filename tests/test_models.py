@@ -238,6 +238,7 @@ def test_package_reexports_every_public_name():
         nnx_adapter,
         protocol,
         registry,
+        transformer,
     )
 
     for name in models.__all__:
@@ -245,7 +246,7 @@ def test_package_reexports_every_public_name():
     owners = {
         n: m
         for m in (counting, functional, layers, linen, registry, protocol, linen_adapter,
-                  nnx_adapter, adapt)
+                  nnx_adapter, adapt, transformer)
         for n in m.__all__
     }
     assert set(models.__all__) <= set(owners)
