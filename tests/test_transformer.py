@@ -59,7 +59,7 @@ def _randomized(cfg, seed):
     params = nnx.state(model, nnx.Param)
 
     def fresh(path, leaf):
-        names = [str(getattr(p, "key", p)) for p in path]
+        names = [str(p.key) for p in path if hasattr(p, "key")]  # drops the Variable's .value
         shape = leaf.shape
         if any("norm" in n for n in names):
             value = 1.0 - cfg.norm_offset + 0.3 * rng.standard_normal(shape)
@@ -367,30 +367,32 @@ def test_bfloat16_close_to_float32(name, rng):
 
 
 def test_distill_step_chunked_equals_unchunked(rng):
-    """The transformer as student (features + head, chunked loss) and as online teachers
-    (stacked), on packed rows with padding: the chunked step equals the unchunked one."""
+    """The transformer as student (features + head, chunked loss) with the logits of stacked
+    transformer teachers, on packed rows with padding: the chunked step equals the unchunked
+    one (loss and updated params)."""
     cfg = preset("tiny", vocab_size=V, dim=32, mlp_dim=64)
     fns, params = token_model_fns(_randomized(cfg, 8))
     teachers = [_randomized(cfg.replace(depth=1), 10 + k) for k in range(2)]
     t_model, t_params, t_state = nnx_split(teachers)
-    teacher_apply = make_stacked_apply(t_model.eval_apply, strategy="vmap")
-    tp = {"params": t_params, "model_state": t_state}
+    teacher_apply = jax.jit(make_stacked_apply(t_model.eval_apply, strategy="vmap"))
     b, length = 3, 10
     x = {"tokens": jnp.asarray(rng.integers(0, V, size=(b, length))),
          "segment_ids": jnp.asarray([[0] * 4 + [1] * 6, [2] * 10, [0] * 7 + [3] * 3])}
     mask = np.ones((b, length), np.float32)
     mask[2, 7:] = 0
     batch = {"x": x, "y": jnp.asarray(rng.integers(0, V, size=(b, length))),
-             "mask": jnp.asarray(mask)}
+             "mask": jnp.asarray(mask),
+             "teacher_logits": teacher_apply({"params": t_params, "model_state": t_state}, x)}
+    assert batch["teacher_logits"].shape == (2, b, length, V)
     check_batch(batch, num_classes=V)
     tx = optax.sgd(0.1)
     state = init_train_state(params, tx)
     options = dict(weighting="entropy", temperature=2.0, alpha=0.3)
-    chunked = jax.jit(make_distill_step(fns.features, teacher_apply, tx, student_head=fns.head,
+    chunked = jax.jit(make_distill_step(fns.features, None, tx, student_head=fns.head,
                                         chunk_size=4, **options))
-    whole = jax.jit(make_distill_step(fns.logits, teacher_apply, tx, **options))
-    s1, m1 = chunked(state, batch, jax.random.key(0), teacher_params=tp)
-    s2, m2 = whole(state, batch, jax.random.key(0), teacher_params=tp)
+    whole = jax.jit(make_distill_step(fns.logits, None, tx, **options))
+    s1, m1 = chunked(state, batch, jax.random.key(0))
+    s2, m2 = whole(state, batch, jax.random.key(0))
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
     for a, c in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params), strict=True):
         np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-6)
@@ -421,7 +423,7 @@ def test_top_k_cache_of_transformer_teachers_on_packed_rows(tmp_path, rng):
 
 
 def test_row_longer_than_rotary_table_is_an_error_at_trace_time():
-    model = Transformer(preset("tiny", vocab_size=V, max_len=8), rngs=nnx.Rngs(0))
+    model = _randomized(preset("tiny", vocab_size=V, max_len=8), 0)
     fns, params = token_model_fns(model)
     with pytest.raises(ValueError, match="max_len=8"):
         jax.jit(fns.logits)(params, jnp.zeros((1, 9), jnp.int32))
@@ -430,7 +432,7 @@ def test_row_longer_than_rotary_table_is_an_error_at_trace_time():
 
 
 def test_decreasing_segment_ids_are_an_error_on_the_host():
-    model = Transformer(preset("tiny", vocab_size=V), rngs=nnx.Rngs(0))
+    model = _randomized(preset("tiny", vocab_size=V), 0)
     tokens = jnp.zeros((2, 4), jnp.int32)
     bad = jnp.array([[0, 0, 1, 1], [1, 2, 1, 2]])
     with pytest.raises(ValueError, match="row 1 has id 1 at position 2 after id 2"):
@@ -463,7 +465,7 @@ def test_config_errors(changes, match):
 
 
 def test_input_errors():
-    model = Transformer(preset("tiny", vocab_size=V), rngs=nnx.Rngs(0))
+    model = _randomized(preset("tiny", vocab_size=V), 0)
     tokens = jnp.zeros((1, 4), jnp.int32)
     with pytest.raises(ValueError, match="got keys"):
         model({"tokens": tokens, "segments": tokens})

@@ -12,7 +12,7 @@ vocabulary, E width `dim`, H query heads, G key/value heads, D `head_dim`, F `ml
   document boundaries (segment ids), padding and an optional sliding window;
 * `Attention`: causal self-attention with grouped-query attention (G key/value heads shared
   by H / G query heads each), optional QK-norm, q/k/v biases and logit soft-capping;
-* `MLP`: the gated MLP `down(act(gate(x)) * up(x))`;
+* `GatedMLP`: the gated MLP `down(act(gate(x)) * up(x))`;
 * `Block`: pre-norm decoder block, optionally with "sandwich" post-norms (Gemma 2/3);
 * `Transformer`: embedding (optionally scaled by sqrt(E)), the blocks, a final RMSNorm, the
   output head (tied to the embedding or not) with optional final soft-capping.
@@ -97,7 +97,7 @@ __all__ = [
     "attention_mask",
     "check_segment_ids",
     "Attention",
-    "MLP",
+    "GatedMLP",
     "Block",
     "Transformer",
 ]
@@ -490,7 +490,7 @@ class Attention(nnx.Module):
         return self.o(out)
 
 
-class MLP(nnx.Module):
+class GatedMLP(nnx.Module):
     """Gated MLP `down(act(gate(x)) * up(x))`, `[B, L, E] -> [B, L, E]`.
 
     Params: `gate/kernel` and `up/kernel` `[E, F]`, `down/kernel` `[F, E]`.
@@ -519,7 +519,7 @@ class Block(nnx.Module):
         self.attn_norm = _norm(cfg, cfg.dim)
         self.attn = Attention(cfg, sliding=sliding, rngs=rngs)
         self.mlp_norm = _norm(cfg, cfg.dim)
-        self.mlp = MLP(cfg, rngs=rngs)
+        self.mlp = GatedMLP(cfg, rngs=rngs)
         self.attn_post_norm = _norm(cfg, cfg.dim) if cfg.post_norms else None
         self.mlp_post_norm = _norm(cfg, cfg.dim) if cfg.post_norms else None
 
@@ -549,7 +549,7 @@ class Transformer(nnx.Module):
       >>> import jax.numpy as jnp
       >>> from flax import nnx
       >>> from mtkd_jax.models.transformer import Transformer, preset
-      >>> model = Transformer(preset("tiny", vocab_size=32), rngs=nnx.Rngs(0))
+      >>> model = Transformer(preset("tiny", vocab_size=32, depth=1), rngs=nnx.Rngs(0))
       >>> x = {"tokens": jnp.ones((2, 6), jnp.int32),
       ...      "segment_ids": jnp.array([[1, 1, 1, 2, 2, 2]] * 2)}
       >>> model.features(x).shape, model(x).shape
