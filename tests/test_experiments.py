@@ -281,14 +281,13 @@ def test_the_plan_derives_each_value_once_from_the_config():
     assert plan.teacher_models == ("cnn1d", "cnn1d") and plan.teachers_stacked
     assert [g.rows for g in plan.groups] == [("alone",), ("mean",), ("mean (no transfer)",)]
     assert plan.codistill and plan.trainings_per_seed == 1 + 3 + 1
-    config = _quick()
-    config.dataset = "digits"  # no transfer set: no rows without it either
-    config.transfer.size = 0
-    config.teachers.models = ("cnn1d", "mlp")
+    config = config_lib.default_config()
+    config.dataset = "digits"  # no transfer set (at its default size): no rows without it
+    config.teachers.models = ("cnn1d", "mlp", "mlp")
     config.distill.strategies = ("alone", "mean")
     plan = config_lib.validate_config(config)
     assert plan.transfer_size == 0 and plan.train_only == ()
-    assert not plan.teachers_stacked and plan.trainings_per_seed == 2 + 2
+    assert not plan.teachers_stacked and plan.trainings_per_seed == 3 + 2
 
 
 def test_batch_that_does_not_divide_over_devices_is_refused():
