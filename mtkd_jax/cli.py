@@ -431,7 +431,7 @@ def _run(experiment: Experiment, config) -> int:
               "command resumes)", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        print("mtkd: stopped by Ctrl-C before the first training", file=sys.stderr)
+        print("mtkd: stopped by Ctrl-C before anything was reported", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGINT, previous)
