@@ -79,7 +79,7 @@ def entry_points(tmp_path_factory):
         )
     out = {}
     for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=300)
+        stdout, stderr = proc.communicate(timeout=600)  # a hang guard; loaded machines are slow
         out[name] = (root / name, subprocess.CompletedProcess(proc.args, proc.returncode,
                                                               stdout, stderr))
     return out
