@@ -3,6 +3,7 @@ compression table (parameters, FLOPs, latency of the student vs the teachers).
 
     python experiments/compare.py                      # experiments/configs/compare.py
     python experiments/compare.py --config.seeds=5 --config.distill.temperature=4.0
+    python experiments/compare.py --quick              # a seconds-long smoke run
 
 The same as `mtkd run experiments/configs/compare.py [--config.KEY=VALUE ...]` with a config
 that asks for more rows (every strategy with the KL and the article's MSE objective, with

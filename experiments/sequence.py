@@ -2,33 +2,20 @@
 alone vs best single teacher vs several teachers (mean and per-token weightings), 3 seeds.
 
     python experiments/sequence.py                          # ~4-8 min on 2 shared CPUs
+    python experiments/sequence.py --quick                  # a seconds-long smoke run
     python experiments/sequence.py --config.seeds=1 --config.output_dir=/tmp/seq
 
-The work is in `mtkd_jax.experiment.sequence.run_sequence`; outputs go to
+The same as `mtkd sequence experiments/configs/sequence.py [--quick] [--config.KEY=VALUE ...]`
+(`mtkd_jax.cli`); the work is in `mtkd_jax.experiment.sequence.run_sequence`. Outputs go to
 `config.output_dir` (results.md, results.json, perplexity.png, accuracy.png, TensorBoard).
 """
 
 import os
+import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from mtkd_jax.cli import main
 
-from mtkd_jax.experiment.sequence import run_sequence
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "configs", "sequence.py"),
-    "Experiment config file (a get_config() returning a ConfigDict).", lock_config=True,
-)
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    result = run_sequence(_CONFIG.value)
-    print(result["markdown"])
-
+_DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sequence.py")
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main(["sequence", "--config", _DEFAULT, *sys.argv[1:]]))

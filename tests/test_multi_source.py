@@ -73,6 +73,14 @@ def test_bad_sources_config(kw, match):
         validate_config(c)
 
 
+def test_teachers_from_different_sources_share_one_architecture():
+    c = _config("dirichlet")
+    c.teachers.models = ("cnn1d", "mlp", "cnn1d")
+    c.distill.strategies = ("alone", "mean")
+    with pytest.raises(ValueError, match=r"share one architecture; leave `config.teachers.models"):
+        validate_config(c)
+
+
 def test_trust_by_class_matches_a_loop():
     rng = np.random.default_rng(1)
     w = rng.dirichlet(np.ones(3), size=50).T
@@ -84,12 +92,16 @@ def test_trust_by_class_matches_a_loop():
 
 
 @pytest.mark.slow  # a whole run in a subprocess or many compiles: kept out of the 10-minute suite
-def test_tiny_multi_source_run(tmp_path):
-    """The tiny multi-source config end to end: every output, the routing rows, the plot."""
+def test_quick_multi_source_run(tmp_path):
+    """The multi-source config's quick variant end to end: every output, the routing rows,
+    the plot."""
     out = tmp_path / "run"
     cmd = [sys.executable, os.path.join(ROOT, "experiments", "seed.py"),
-           f"--config={os.path.join(ROOT, 'experiments', 'configs', 'tiny_multi_source.py')}",
-           f"--config.output_dir={out}", "--config.progress=False"]
+           f"--config={os.path.join(ROOT, 'experiments', 'configs', 'multi_source_classes.py')}",
+           "--quick", f"--config.output_dir={out}", "--config.progress=False",
+           "--config.distill.strategies=best_teacher,gate", "--config.compression.enabled=False",
+           "--config.analysis.divergence_kinds=squared", "--config.tensorboard=False",
+           "--config.checkpoints=False"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(out / "results.csv") as f:
@@ -102,12 +114,8 @@ def test_tiny_multi_source_run(tmp_path):
 
 def test_the_run_progress_counts_each_source_teacher_as_a_training():
     # Multi-source teachers train one by one (their data differ), not as one stacked program.
-    from mtkd_jax.experiment.config import parse_strategy
-    from mtkd_jax.experiment.runner import _trainings_per_seed
-
     for kind, teachers in (("same", 1), ("dirichlet", 3), ("classes", 3)):
         c = _config(kind)
         c.distill.strategies = ("alone", "mean", "gate") if kind != "same" else ("alone", "mean")
         c.distill.train_only = ()
-        strategies = [parse_strategy(n) for n in c.distill.strategies]
-        assert _trainings_per_seed(c, strategies) == teachers + 2, kind
+        assert validate_config(c).trainings_per_seed == teachers + 2, kind

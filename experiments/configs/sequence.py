@@ -1,8 +1,8 @@
 """Token-level multi-teacher distillation on the procedural token source, 3 seeds.
 
 Command:
-    python experiments/sequence.py
-    # the same as: python experiments/sequence.py --config experiments/configs/sequence.py
+    mtkd sequence experiments/configs/sequence.py      # or: python experiments/sequence.py
+    mtkd sequence experiments/configs/sequence.py --quick   # a seconds-long smoke run
 
 What it does: per seed, 3000 train / 300 validation / 1000 test sequences of 8-32 tokens
 from a second-order Markov source over 32 tokens (`mtkd_jax.data.text`, the source fixed,
@@ -22,28 +22,8 @@ student beats the student alone on every seed (-0.72); several teachers beat the
 single one on 3/3 seeds but only by 0.04-0.05.
 """
 
-import ml_collections
+from mtkd_jax.experiment.sequence import sequence_config
 
 
 def get_config():
-    c = ml_collections.ConfigDict()
-    c.output_dir = "runs/sequence"
-    c.seeds = 3
-    c.batch_size = 32
-    c.learning_rate = 3e-3
-    c.teacher_epochs = 6
-    c.student_epochs = 3
-    c.temperature = 1.0
-    c.alpha = 0.5
-    c.chunk_size = 8
-    c.cache_top_k = 8
-    c.weightings = ("uniform", "confidence", "entropy")
-    c.data = ml_collections.ConfigDict(dict(
-        vocab_size=32, branching=4, source_seed=0, max_len=32, min_len=8,
-        num_train=3000, num_val=300, num_test=1000,
-    ))
-    c.teachers = ml_collections.ConfigDict(dict(
-        dims=(64, 48, 32), depths=(2, 2, 2), contexts=(3, 3, 3),
-    ))
-    c.student = ml_collections.ConfigDict(dict(dim=16, depth=1, context=3))
-    return c
+    return sequence_config()

@@ -3,7 +3,9 @@
 * `run(config)`: train K teachers, analyse their predictions, distil a student with every
   strategy, codistil, evaluate, over several seeds; write the run folder. `run_seed` is one
   seed of it; `prepare_run_dir` the run folder's `config.json` check.
-* `default_config()`, `validate_config(config)`, `STRATEGIES`, `strategy_names()`.
+* `default_config()`, `quick(config)` (its seconds-long variant), `validate_config(config)`
+  (the one check; returns the `RunPlan`, what the run derives from the config),
+  `ConfigError` (every config mistake), `STRATEGIES`, `strategy_names()`.
 * `evaluate_logits`, `analyse_teachers`, `target_name`: the test metrics and the analysis of
   the teachers' predictions; `SeedResult`, `ExperimentResult`, `METRICS`: what a run measures.
 * `report`, `plots`, `run_folder`, `compression`, `summaries`: tables, PNGs, the run folder's
@@ -17,9 +19,12 @@ from mtkd_jax.experiment import compression, plots, report, run_folder, summarie
 from mtkd_jax.experiment.analysis import analyse_teachers, evaluate_logits, target_name
 from mtkd_jax.experiment.config import (
     STRATEGIES,
+    ConfigError,
+    RunPlan,
     Strategy,
     default_config,
     parse_strategy,
+    quick,
     strategy_names,
     validate_config,
 )
@@ -29,7 +34,9 @@ from mtkd_jax.experiment.runner import prepare_run_dir, run, run_seed
 __all__ = [
     "METRICS",
     "STRATEGIES",
+    "ConfigError",
     "ExperimentResult",
+    "RunPlan",
     "SeedResult",
     "Strategy",
     "analyse_teachers",
@@ -39,6 +46,7 @@ __all__ = [
     "parse_strategy",
     "plots",
     "prepare_run_dir",
+    "quick",
     "report",
     "run",
     "run_folder",

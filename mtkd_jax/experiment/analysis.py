@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtkd_jax.core.divergence import pairwise_divergence, softmax_t
-from mtkd_jax.experiment.config import Strategy, parse_strategy
 from mtkd_jax.experiment.context import Context, predict
 from mtkd_jax.experiment.multi_source import ROUTING, routing_weightings
+from mtkd_jax.experiment.strategies import Strategy
 from mtkd_jax.experiment.teachers import Teachers, teacher_names
 from mtkd_jax.metrics import batch_stats, compute_metrics
 from mtkd_jax.objective.targets import distill_targets, leave_one_out_targets
@@ -103,7 +103,7 @@ def target_name(strategy: Strategy) -> str:
     (``mean`` and ``mean_mse``) share one.
 
     Example:
-      >>> from mtkd_jax.experiment.config import parse_strategy
+      >>> from mtkd_jax.experiment.strategies import parse_strategy
       >>> from mtkd_jax.experiment import target_name
       >>> target_name(parse_strategy("mean_mse")), target_name(parse_strategy("best_teacher"))
       ('mean', 'best_teacher')
@@ -192,12 +192,11 @@ class Analysis(NamedTuple):
     weights: dict[str, np.ndarray]
 
 
-def _weightings(config, strategies, val_acc) -> dict[str, Callable]:
+def _weightings(config, plan, val_acc) -> dict[str, Callable]:
     """Strategy name -> weighting function of every distillation row, with and without the
     transfer set."""
-    no_transfer = [parse_strategy(n) for n in config.distill.train_only]
     weightings = {}
-    for s in [*strategies, *no_transfer]:
+    for s in [*plan.strategies, *plan.train_only]:
         if s.kind != "distill" or s.weighting in ROUTING:  # routing: fitted in multi_source
             continue
         if s.weighting == "from_scores":
@@ -210,9 +209,9 @@ def _weightings(config, strategies, val_acc) -> dict[str, Callable]:
     return weightings
 
 
-def analyse(ctx: Context, teachers: Teachers, strategies) -> Analysis:
+def analyse(ctx: Context, teachers: Teachers) -> Analysis:
     """Stages 2-4: the teachers' predictions, their test rows, divergences and targets."""
-    config, dataset = ctx.config, ctx.ds
+    config, dataset, strategies = ctx.config, ctx.ds, ctx.plan.strategies
     k = config.teachers.num
     names = teacher_names(k)
     val_logits = predict(teachers.apply, teachers.params, dataset.validation.x)
@@ -228,7 +227,7 @@ def analyse(ctx: Context, teachers: Teachers, strategies) -> Analysis:
     rows["ensemble"] = evaluate_logits(log_probs(ens), test_y, ens)
 
     best = int(np.argmax(val_acc))
-    weightings = _weightings(config, strategies, val_acc)
+    weightings = _weightings(config, ctx.plan, val_acc)
     weightings.update(routing_weightings(ctx, teachers, strategies, val_logits))  # fitted routing
     divergence, targets, weights = analyse_teachers(
         val_logits, dataset.validation.y, strategies,

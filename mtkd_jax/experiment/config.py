@@ -1,38 +1,57 @@
-"""The experiment's configuration: defaults and checks before training (strategies: strategies.py).
+"""The experiment's configuration: its defaults, its quick variant, and the one check that
+turns it into a `RunPlan` (strategies: strategies.py).
 
 A run is described by one `ml_collections.ConfigDict` (see `default_config`); the files in
-`experiments/configs/` start from it and change what they need. The dict is locked, so a
-command-line override of an unknown field, or with a value of the wrong type
-(``--config.teachers.num=three``), is refused by `ml_collections` while the flags are parsed,
-before anything is trained. `validate_config` checks the values (names, ranges, how they fit
-together) with messages that list the valid choices.
+`experiments/configs/` start from it and change what they need, and `quick` shrinks any of
+them to a seconds-long smoke run (`mtkd run CONFIG --quick`). `validate_config` checks the
+values (names, ranges, how they fit together) with messages that list the valid choices,
+and returns the `RunPlan`: everything the run derives from the config (the parsed rows,
+the transfer set, the teachers, the student trainings), computed once. Every config mistake
+is a `ConfigError`: the `mtkd` command prints it as one line and exits with code 2.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 
 import ml_collections
 
-from mtkd_jax.core import checks as _checks
-from mtkd_jax.core.losses import SOFT_LOSSES
-from mtkd_jax.experiment.sources import sources_config, validate_sources  # multi-source
+from mtkd_jax.experiment.sources import SOURCE_KINDS, sources_config  # multi-source
 
 # The strategy table lives in experiment/strategies.py; re-exported here for configs.
-from mtkd_jax.experiment.strategies import STRATEGIES, Strategy, parse_strategy, strategy_names
+from mtkd_jax.experiment.strategies import (
+    STRATEGIES,
+    Group,
+    Strategy,
+    parse_strategy,
+    strategy_names,
+    student_groups,
+)
+from mtkd_jax.core.losses import SOFT_LOSSES
 from mtkd_jax.models import MODELS
 
 __all__ = [
+    "ConfigError",
+    "RunPlan",
     "Strategy",
     "STRATEGIES",
     "DIVERGENCE_KINDS",
     "default_config",
     "parse_strategy",
+    "quick",
     "strategy_names",
     "validate_config",
 ]
 
 DIVERGENCE_KINDS = ("squared", "euclidean", "kl", "js")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run, found before anything trains: a config file that does not
+    load, an unknown key, a value of the wrong type or out of range, an unknown dataset, a
+    model that does not fit the dataset, a run folder of another run. The `mtkd` command
+    prints it as one line on stderr and exits with code 2."""
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -141,9 +160,100 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+_QUICK_MODEL_KWARGS = {"cnn1d": {"features": (4, 4), "hidden": 8}, "mlp": {"features": (8,)}}
+
+
+def quick(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` shrunk to a seconds-long smoke run (``mtkd run CONFIG --quick``), in place.
+
+    The same pipeline and rows at the smallest sizes: one seed, at most 2 teachers (one
+    learning rate and architecture each where the config lists them; as many as the class
+    groups where it sets them), one teacher and codistillation epoch, 8 student updates,
+    batches of 256, at most 128 transfer inputs, tiny `cnn1d`/`mlp` models, the squared and
+    JS divergences, 5 latency repeats, and the run folder ``<output_dir>_quick``. The numbers
+    of such a run mean nothing; it shows that every stage and output works.
+
+    Example:
+      >>> from mtkd_jax.experiment.config import default_config, quick
+      >>> c = quick(default_config())
+      >>> c.seeds, c.teachers.num, c.student.steps, c.output_dir
+      (1, 2, 8, 'runs/seed_quick')
+    """
+    c, t, s = config, config.teachers, config.student
+    c.output_dir = f"{c.output_dir.rstrip('/')}_quick"
+    c.seeds, c.log_every = 1, 1
+    t.num = len(c.sources.groups) if c.sources.groups else min(t.num, 2)
+    t.learning_rates = tuple(t.learning_rates)[:t.num]
+    t.models = tuple(t.models)[:t.num]
+    t.epochs, t.batch_size = 1, 256
+    s.steps, s.batch_size = 8, 256
+    for section in (t, s):
+        if section.model in _QUICK_MODEL_KWARGS:
+            with section.unlocked():
+                section.model_kwargs = ml_collections.ConfigDict(
+                    _QUICK_MODEL_KWARGS[section.model])
+    c.codistill.epochs = 1
+    c.transfer.size = min(c.transfer.size, 128)
+    if c.analysis.divergence_kinds:
+        c.analysis.divergence_kinds = ("squared", "js")
+    c.compression.repeats = 5
+    return c
+
+
+def transfer_size(config: ml_collections.ConfigDict) -> int:
+    """The transfer set a run uses: `config.transfer.size` for MNIST-1D (which generates
+    it), none for other datasets (`RunPlan.transfer_size`).
+
+    Example:
+      >>> from mtkd_jax.experiment.config import default_config, transfer_size
+      >>> c = default_config()
+      >>> before = transfer_size(c)
+      >>> c.dataset = "digits"
+      >>> before, transfer_size(c)
+      (40000, 0)
+    """
+    return int(config.transfer.size) if config.dataset == "mnist1d" else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """What a run derives from its config, computed once by `validate_config`; every stage
+    reads it instead of deriving it again.
+
+    Attributes:
+      strategies: the `Strategy` of each entry of `config.distill.strategies`, in order.
+      train_only: the rows trained again without the transfer set
+        (`config.distill.train_only`; empty when the run has no transfer set).
+      transfer_size: unlabeled transfer inputs the run generates (0: none; only MNIST-1D
+        generates them).
+      teacher_models: the K teachers' model names (`teachers.models`, or K x
+        `teachers.model`).
+      teachers_stacked: whether the K teachers train as one vmapped program (one
+        architecture, one source) rather than one after another.
+      groups: the student trainings of a seed (`student_groups`), in training order.
+      codistill: whether the teachers are codistilled (a ``codistill`` row).
+      num_devices: the devices each batch is split over.
+    """
+
+    strategies: tuple[Strategy, ...]
+    train_only: tuple[Strategy, ...]
+    transfer_size: int
+    teacher_models: tuple[str, ...]
+    teachers_stacked: bool
+    groups: tuple[Group, ...]
+    codistill: bool
+    num_devices: int
+
+    @property
+    def trainings_per_seed(self) -> int:
+        """The teachers (one stacked training, or K), the student groups, codistillation."""
+        teachers = 1 if self.teachers_stacked else len(self.teacher_models)
+        return teachers + len(self.groups) + int(self.codistill)
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
-        raise ValueError(message)
+        raise ConfigError(message)
 
 
 def _is_int(value) -> bool:
@@ -151,7 +261,8 @@ def _is_int(value) -> bool:
 
 
 def _positive_int(value, path: str, *, minimum: int = 1) -> None:
-    _checks.check_int(value, f"config.{path}", minimum=minimum)
+    _require(_is_int(value) and value >= minimum,
+             f"`config.{path}` must be an int >= {minimum}, got {value!r}.")
 
 
 def _positive_float(value, path: str, *, allow_zero: bool = False) -> None:
@@ -176,35 +287,74 @@ def _model(section, path: str) -> None:
              f"`config.{path}.model` must be one of {sorted(MODELS)}, got {section.model!r}.")
 
 
-def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> list:
-    """Check a config before anything is trained; return the parsed `Strategy` rows.
+def _strategies(names, path: str) -> tuple[Strategy, ...]:
+    out = []
+    for name in names:
+        _require(isinstance(name, str), f"`config.{path}` must hold strategy names, got "
+                                        f"{name!r} in {tuple(names)!r}.")
+        try:
+            out.append(parse_strategy(name))
+        except ValueError as e:
+            raise ConfigError(f"`config.{path}`: {e}") from None
+    return tuple(out)
 
-    Names (strategies, models, losses, divergence kinds) are checked against their
+
+def _check_sources(config) -> None:
+    """`config.sources` (names, ranges, groups against K); see experiment/sources.py."""
+    s, k = config.sources, config.teachers.num
+    _require(s.kind in SOURCE_KINDS,
+             f"`config.sources.kind` must be one of {list(SOURCE_KINDS)}, got {s.kind!r}.")
+    _positive_float(s.alpha, "sources.alpha")
+    _positive_int(s.seed, "sources.seed", minimum=0)
+    groups = tuple(s.groups)
+    _require(all(isinstance(g, tuple | list) and all(_is_int(c) and c >= 0 for c in g)
+                 for g in groups),
+             f"`config.sources.groups` must hold one tuple of class ids per teacher, e.g. "
+             f"((0, 1), (2, 3)), got {groups!r}.")
+    if s.kind == "classes" and groups:
+        _require(len(groups) == k, f"`config.sources.groups` must hold one class group per "
+                                   f"teacher ({k}), got {len(groups)}.")
+        flat = [c for g in groups for c in g]
+        _require(len(set(flat)) == len(flat) and all(len(g) for g in groups),
+                 f"`config.sources.groups` must be disjoint, non-empty class groups, got "
+                 f"{[list(g) for g in groups]}.")
+    _require(s.kind == "same" or len(set(config.teachers.models)) <= 1,
+             "Teachers from different sources (`config.sources.kind` = "
+             f"{s.kind!r}) share one architecture; leave `config.teachers.models` empty.")
+
+
+def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> RunPlan:
+    """Check a config before anything is trained; return its `RunPlan`.
+
+    Names (strategies, models, losses, divergence kinds, sources) are checked against their
     registries and the message lists the valid ones; numbers against their ranges; and the
     fields against each other (K >= 2 where teachers are compared, a transfer set only for
-    MNIST-1D, batch sizes that divide over `num_devices`). The dataset name itself is checked
-    by `mtkd_jax.data.load`, the first thing a run does.
+    MNIST-1D, batch sizes that divide over `num_devices`). What needs the data (the dataset
+    name, models against its inputs, batches against its size) is checked by
+    `mtkd_jax.experiment.dataset_check.check_against_dataset` once it is loaded.
 
     Args:
       config: a config built from `default_config`.
       num_devices: devices the data-parallel steps split each batch over.
 
     Returns:
-      The `Strategy` of each entry of `config.distill.strategies`, in order.
+      The `RunPlan`: the parsed rows, the transfer set, the teachers and the student
+      trainings of the run.
 
     Raises:
-      ValueError: naming the field and what it accepts.
+      ConfigError: naming the field and what it accepts.
 
     Example:
       >>> from mtkd_jax.experiment.config import default_config, validate_config
       >>> c = default_config()
-      >>> [s.kind for s in validate_config(c)][:3]
-      ['supervised', 'distill', 'distill']
+      >>> plan = validate_config(c)
+      >>> [s.kind for s in plan.strategies][:3], plan.transfer_size, plan.trainings_per_seed
+      (['supervised', 'distill', 'distill'], 40000, 6)
       >>> c.distill.strategies = ("mean", "median")
       >>> validate_config(c)
       Traceback (most recent call last):
       ...
-      ValueError: Unknown strategy 'median'; valid strategies: [...].
+      mtkd_jax.experiment.config.ConfigError: `config.distill.strategies`: Unknown ...
     """
     if not isinstance(config, ml_collections.ConfigDict):
         raise TypeError(f"`config` must be an ml_collections.ConfigDict, got {type(config)}.")
@@ -255,13 +405,13 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1) 
 
     d = config.distill
     _require(len(d.strategies) > 0, "`config.distill.strategies` must name at least one row.")
-    strategies = [parse_strategy(name) for name in d.strategies]
+    strategies = _strategies(d.strategies, "distill.strategies")
     _require(len(set(d.strategies)) == len(d.strategies),
              f"`config.distill.strategies` has duplicates: {tuple(d.strategies)}.")
-    for name in d.train_only:
-        strategy = parse_strategy(name)
+    train_only = _strategies(d.train_only, "distill.train_only")
+    for strategy in train_only:
         _require(strategy.kind == "distill",
-                 f"`config.distill.train_only` lists {name!r}, but only distillation "
+                 f"`config.distill.train_only` lists {strategy.name!r}, but only distillation "
                  "strategies use the transfer set.")
     _positive_float(d.temperature, "distill.temperature")
     _unit(d.alpha, "distill.alpha")
@@ -303,11 +453,26 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1) 
                  f"`config.analysis.divergence_kinds` must hold names from "
                  f"{list(DIVERGENCE_KINDS)}, got {kind!r}.")
     _positive_int(config.compression.repeats, "compression.repeats")
-    validate_sources(config)
+    _check_sources(config)
 
+    _positive_int(num_devices, "num_devices (devices)")
     for path, size in (("teachers.batch_size", t.batch_size),
                        ("student.batch_size", s.batch_size)):
         _require(size % num_devices == 0,
                  f"`config.{path}` = {size} does not divide over the {num_devices} devices; "
                  f"use a multiple of {num_devices}.")
-    return strategies
+
+    transfer = transfer_size(config)
+    teacher_models = archs or (t.model,) * t.num
+    train_only = train_only if transfer else ()
+    return RunPlan(
+        strategies=strategies,
+        train_only=train_only,
+        transfer_size=transfer,
+        teacher_models=teacher_models,
+        teachers_stacked=len(set(teacher_models)) == 1 and config.sources.kind == "same",
+        groups=tuple(student_groups(strategies, train_only, use_transfer=transfer > 0,
+                                    soft_loss=d.soft_loss)),
+        codistill=any(x.kind == "codistill" for x in strategies),
+        num_devices=num_devices,
+    )

@@ -1,4 +1,5 @@
-"""One line per config field: what it means (`mtkd run --help` prints it with the default).
+"""One line per config field: what it means (`mtkd run --help` and `mtkd sequence --help`
+print it with the default).
 
 Example:
   >>> from mtkd_jax.experiment.config import default_config
@@ -9,7 +10,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["FIELD_HELP", "missing_help"]
+__all__ = ["FIELD_HELP", "SEQUENCE_HELP", "missing_help"]
 
 FIELD_HELP: dict[str, str] = {
     "dataset": "dataset name for mtkd_jax.data.load (mnist1d, digits, mnist, ...) or "
@@ -70,6 +71,35 @@ FIELD_HELP: dict[str, str] = {
     "compression.repeats": "latency: timed calls per measurement (the median is reported)",
 }
 """One line per config field: what `mtkd run --help` prints next to its default."""
+
+SEQUENCE_HELP: dict[str, str] = {
+    "output_dir": "the run folder (results.md, results.json, plots, TensorBoard, cache)",
+    "seeds": "how many times the whole experiment runs (seeds 0, 1, ...)",
+    "batch_size": "sequences per batch (teachers and students)",
+    "learning_rate": "Adam learning rate (teachers and students)",
+    "teacher_epochs": "teacher training epochs",
+    "student_epochs": "student training epochs (every row)",
+    "temperature": "T of the softmax of teachers and student",
+    "alpha": "weight of the hard-label (next-token) loss, in [0, 1]",
+    "chunk_size": "positions per chunk of the chunked distillation loss",
+    "cache_top_k": "teacher log-probabilities kept per token in the cache",
+    "weightings": "the multi-teacher rows: weighting names (uniform, confidence, entropy, ...)",
+    "data.vocab_size": "tokens of the procedural source",
+    "data.branching": "next tokens each context allows",
+    "data.source_seed": "seed of the source (fixed across the run's seeds)",
+    "data.max_len": "longest sequence",
+    "data.min_len": "shortest sequence",
+    "data.num_train": "train sequences per seed",
+    "data.num_val": "validation sequences per seed (picks the best teacher)",
+    "data.num_test": "test sequences per seed",
+    "teachers.dims": "one width per teacher (K = its length)",
+    "teachers.depths": "one depth per teacher",
+    "teachers.contexts": "one causal context width per teacher",
+    "student.dim": "student width",
+    "student.depth": "student depth",
+    "student.context": "student causal context width",
+}
+"""One line per field of the sequence experiment's config (`mtkd sequence --help`)."""
 
 
 def missing_help(config, prefix: str = "") -> list[str]:

@@ -76,12 +76,13 @@ def _slug(name: str) -> str:
 
 
 class Context:
-    """What every stage of one seed needs: config, data, devices, output paths, and the
-    models and compiled steps shared by all seeds."""
+    """What every stage of one seed needs: config and its `RunPlan`, data, devices, output
+    paths, and the models and compiled steps shared by all seeds."""
 
-    def __init__(self, config, dataset, transfer_x, mesh, run_dir, seed, shared: dict, *,
-                 progress: RunProgress | None = None, times: StageTimes | None = None):
-        self.config, self.ds, self.transfer_x = config, dataset, transfer_x
+    def __init__(self, config, plan, dataset, transfer_x, mesh, run_dir, seed, shared: dict,
+                 *, progress: RunProgress | None = None, times: StageTimes | None = None):
+        self.config, self.plan = config, plan
+        self.ds, self.transfer_x = dataset, transfer_x
         self.mesh, self.run_dir, self.seed = mesh, run_dir, seed
         self.shared = shared
         self.progress = progress or RunProgress(0, enabled=False)

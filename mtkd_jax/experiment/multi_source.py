@@ -65,9 +65,6 @@ def train_source_teachers(ctx: Context) -> Teachers:
     """Train teacher k on its own source only; return the K teachers as one stacked,
     global-space ensemble (`Teachers`), fingerprinted and (with `config.checkpoints`) saved."""
     config, cfg = ctx.config, ctx.config.teachers
-    if cfg.models and len(set(cfg.models)) > 1:
-        raise ValueError("multi-source teachers share one architecture; leave "
-                         "`config.teachers.models` empty.")
     train = ctx.ds.train
     model, apply_fn = ctx.model(cfg.model, model_kwargs(cfg))
     example = jnp.asarray(train.x[:1])

@@ -54,8 +54,9 @@ class SeedResult:
 class ExperimentResult:
     """What `mtkd_jax.experiment.run` returns: the per-seed results, the compression rows,
     where and on what the run happened, and the files it wrote; `times` is
-    `StageTimes.as_dict()` (wall/CPU seconds per stage, compile seconds) and `interrupted`
-    whether Ctrl-C stopped the run after `seeds`."""
+    `StageTimes.as_dict()` (wall/CPU seconds per stage, compile seconds), `interrupted`
+    whether Ctrl-C stopped the run after `seeds`, and `plan` the config's `RunPlan` (what the
+    run derived from it: rows, transfer set, teachers)."""
 
     config: ml_collections.ConfigDict
     run_dir: str
@@ -66,3 +67,4 @@ class ExperimentResult:
     files: list[str]
     times: dict[str, Any] = dataclasses.field(default_factory=dict)
     interrupted: bool = False
+    plan: Any = None

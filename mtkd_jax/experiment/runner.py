@@ -11,7 +11,8 @@ Per seed (`run_seed`), following the article's sections 2, 3 and 5:
 6. evaluation on the test set: accuracy, macro recall, macro F1 (the article's), NLL, ECE and
    agreement with the teacher ensemble, for every student, teacher and the ensemble.
 
-`run` checks the config, loads the data, repeats this over `config.seeds` seeds, measures
+`run` checks the config once (`validate_config`, which returns the run's `RunPlan`; then
+`check_against_dataset` once the data is loaded), repeats this over `config.seeds` seeds, measures
 the compression (parameters, FLOPs, latency), and writes the run folder
 (`mtkd_jax.experiment.run_folder`). Every train loop is `mtkd_jax.training.fit.fit` over a step
 compiled data-parallel over all devices (`mtkd_jax.experiment.context`).
@@ -34,21 +35,16 @@ from mtkd_jax import data as data_lib
 from mtkd_jax import parallel
 from mtkd_jax.experiment import compression, report, run_folder, trust_plot
 from mtkd_jax.experiment.analysis import analyse
-from mtkd_jax.experiment.config import parse_strategy, validate_config
+from mtkd_jax.experiment.config import ConfigError, RunPlan, validate_config
 from mtkd_jax.experiment.context import Context
-from mtkd_jax.experiment.dataset_check import check_against_dataset, transfer_size
+from mtkd_jax.experiment.dataset_check import check_against_dataset
 from mtkd_jax.experiment.multi_source import train_source_teachers
 from mtkd_jax.experiment.progress import RunProgress, StageTimes, log
 from mtkd_jax.experiment.results import ExperimentResult, SeedResult
-from mtkd_jax.experiment.students import student_groups, train_students
+from mtkd_jax.experiment.students import train_students
 from mtkd_jax.experiment.teachers import train_teachers
 
-__all__ = ["ConfigMistake", "Interrupted", "prepare_run_dir", "run_seed", "run"]
-
-
-class ConfigMistake(ValueError):
-    """A config that cannot run, found before anything trains: a bad value, an unknown
-    dataset, a model that does not fit the dataset, a run folder of another run."""
+__all__ = ["Interrupted", "prepare_run_dir", "run_seed", "run"]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -60,22 +56,23 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(run_dir)
         self.run_dir, self.result = run_dir, result
 
+
 _IGNORED_KEYS = ("progress", "log_every")  # may change between a run and its resume
 
 
-def run_seed(config, seed: int, dataset, transfer_x, mesh, run_dir: str, strategies,
+def run_seed(config, plan: RunPlan, seed: int, dataset, transfer_x, mesh, run_dir: str,
              shared: dict | None = None, *, progress: RunProgress | None = None,
              times: StageTimes | None = None):
     """Run the whole pipeline once with `seed`; return a `SeedResult` and the trained models.
 
     Args:
-      config: a validated config (`validate_config`).
+      config: a validated config.
+      plan: its `RunPlan` (`validate_config`).
       seed: seeds the teachers' and the student's initialisation and the data order.
       dataset: the `mtkd_jax.data.Dataset`.
-      transfer_x: `[M, ...]` unlabeled transfer inputs, or None.
+      transfer_x: `[M, ...]` unlabeled transfer inputs (`plan.transfer_size`), or None.
       mesh: the data-parallel mesh.
       run_dir: the run folder (checkpoints, TensorBoard).
-      strategies: the parsed `Strategy` rows.
       shared: a dict kept across the seeds of a run: models and compiled steps built once.
       progress: the run's `RunProgress` (None: no bar).
       times: the run's `StageTimes`, which the stages add their seconds to.
@@ -84,7 +81,7 @@ def run_seed(config, seed: int, dataset, transfer_x, mesh, run_dir: str, strateg
       `(SeedResult, models)` where `models` maps "teacher", "student", "ensemble" to
       `(apply_fn, params)` for the compression measurements.
     """
-    ctx = Context(config, dataset, transfer_x, mesh, run_dir, seed,
+    ctx = Context(config, plan, dataset, transfer_x, mesh, run_dir, seed,
                   {} if shared is None else shared, progress=progress, times=times)
     t0 = time.perf_counter()
     with ctx.times.stage("teachers"):
@@ -95,9 +92,9 @@ def run_seed(config, seed: int, dataset, transfer_x, mesh, run_dir: str, strateg
     seconds = {"teachers": time.perf_counter() - t0}
     t0 = time.perf_counter()
     with ctx.times.stage("analysis"):
-        analysis = analyse(ctx, teachers, strategies)  # 2-4.
+        analysis = analyse(ctx, teachers)  # 2-4.
     seconds["analysis"] = time.perf_counter() - t0
-    students = train_students(ctx, teachers, analysis, strategies)  # 5-6.
+    students = train_students(ctx, teachers, analysis)  # 5-6.
     seconds.update(students.seconds)
 
     result = SeedResult(
@@ -163,10 +160,9 @@ def _holds_results(run_dir: str) -> bool:
     return False
 
 
-def _compression_labels(config) -> dict[str, str]:
-    t = config.teachers
-    names = tuple(t.models) or (t.model,) * t.num
-    ensemble = f"{t.num} x {names[0]}" if len(set(names)) == 1 else " + ".join(names)
+def _compression_labels(config, plan: RunPlan) -> dict[str, str]:
+    names = plan.teacher_models
+    ensemble = f"{len(names)} x {names[0]}" if len(set(names)) == 1 else " + ".join(names)
     return {"student": f"student ({config.student.model})",
             "teacher": f"one teacher ({names[0]})", "ensemble": f"ensemble ({ensemble})"}
 
@@ -189,9 +185,10 @@ def _environment() -> dict[str, Any]:
 def run(config: ml_collections.ConfigDict) -> ExperimentResult:
     """Run the pipeline over `config.seeds` seeds and write the run folder.
 
-    The config is checked first (`validate_config`), before any data is loaded or model
-    trained. With `config.distributed` (or `MTKD_*` variables that ask for it, see
-    `mtkd_jax.parallel`), `initialize_distributed()` is called before any other JAX work,
+    The config is checked once (`validate_config`, which returns the `RunPlan` every stage
+    reads), before any data is loaded or model trained; a mistake is a `ConfigError`. With
+    `config.distributed` (or `MTKD_*` variables that ask for it, see
+    `mtkd_jax.parallel`), `initialize_distributed()` is called first, before any JAX work,
     taking the coordinator, process count and id from `MTKD_*` variables or JAX's cluster
     detection, and every host feeds its slice of each global batch.
 
@@ -202,28 +199,33 @@ def run(config: ml_collections.ConfigDict) -> ExperimentResult:
       An `ExperimentResult`; the run folder holds `results.md`, `results.csv`,
       `results_per_seed.csv`, `analysis.json`, `histories.json`, PNG plots, TensorBoard
       events, `config.json` and checkpoints.
+
+    Raises:
+      ConfigError: a config mistake, found before anything trains.
+      Interrupted: Ctrl-C.
     """
-    with _config_mistakes():
-        strategies = validate_config(config)
     if config.distributed or parallel.distributed_requested():
         parallel.initialize_distributed()
-    with _config_mistakes():
-        validate_config(config, num_devices=jax.device_count())
+    plan = validate_config(config, num_devices=jax.device_count())
     times = StageTimes()
     with times.listening():
-        return _run(config, strategies, times)
+        return _run(config, plan, times)
 
 
 @contextlib.contextmanager
 def _config_mistakes():
-    """ValueError/TypeError/FileNotFoundError of the checks before training -> ConfigMistake."""
+    """The data's errors before training (an unknown dataset, a missing or unreadable image
+    folder, a run folder of another run: ValueError/TypeError/FileNotFoundError) are the
+    config's: `ConfigError`."""
     try:
         yield
+    except ConfigError:
+        raise
     except (ValueError, TypeError, FileNotFoundError) as e:
-        raise ConfigMistake(str(e)) from e
+        raise ConfigError(str(e)) from e
 
 
-def _load(config):
+def _load(config, plan: RunPlan):
     """`data.load` of the config's dataset; says what was carved, converted or resized."""
     folder = config.dataset.startswith(data_lib.FOLDER_PREFIX)
     kwargs = dict(image_size=tuple(config.image_size), color_mode=config.color_mode,
@@ -239,55 +241,35 @@ def _load(config):
             "the label (config.flip)")
     for note in info.notes:
         log(f"  {note}")
-    if config.transfer.size and not transfer_size(config):
+    if config.transfer.size and not plan.transfer_size:
         log("  no transfer set: it is generated for mnist1d only (config.transfer.size)")
     return dataset
 
 
-def _trainings_per_seed(config, strategies) -> int:
-    """Trainings of one seed: the teachers (one stacked, or K), the student groups, and
-    codistillation."""
-    t = config.teachers
-    one_program = len(set(tuple(t.models) or (t.model,))) == 1 and config.sources.kind == "same"
-    teachers = 1 if one_program else t.num  # multi-source teachers train one by one
-    groups = student_groups(strategies, [parse_strategy(n) for n in config.distill.train_only],
-                            use_transfer=transfer_size(config) > 0,
-                            soft_loss=config.distill.soft_loss)
-    return teachers + len(groups) + any(s.kind == "codistill" for s in strategies)
-
-
-def _run(config, strategies, times: StageTimes) -> ExperimentResult:
+def _run(config, plan: RunPlan, times: StageTimes) -> ExperimentResult:
     start = time.perf_counter()
     with times.stage("data"):
         with _config_mistakes():
-            dataset = _load(config)
-            check_against_dataset(config, dataset.info)
-            for path, size in (("teachers.batch_size", config.teachers.batch_size),
-                               ("student.batch_size", config.student.batch_size)):
-                if size > len(dataset.train):
-                    raise ValueError(f"`config.{path}` = {size} is larger than the "
-                                     f"{len(dataset.train)} train examples of "
-                                     f"{config.dataset!r}; use at most {len(dataset.train)}.")
+            dataset = _load(config, plan)
+            check_against_dataset(config, dataset)
             run_dir = prepare_run_dir(config)
         transfer_x = None
-        if transfer_size(config):
+        if plan.transfer_size:
             t0 = time.perf_counter()
             transfer_x = data_lib.mnist1d_transfer_set(
-                transfer_size(config), seed=config.transfer.seed, info=dataset.info
+                plan.transfer_size, seed=config.transfer.seed, info=dataset.info
             )
             log(f"transfer set: {len(transfer_x)} unlabeled inputs "
                 f"({time.perf_counter() - t0:.1f} s)")
     mesh = parallel.data_mesh()
     log(f"devices: {jax.device_count()} ({jax.default_backend()}), processes: "
         f"{jax.process_count()}; run folder: {run_dir}")
-    per_seed = _trainings_per_seed(config, strategies)
-    progress = RunProgress(per_seed * config.seeds, enabled=config.progress)
+    progress = RunProgress(plan.trainings_per_seed * config.seeds, enabled=config.progress)
     seeds, trained, shared, interrupted = [], None, {}, False
     try:
         for seed in range(config.first_seed, config.first_seed + config.seeds):
-            result, models_of_seed = run_seed(config, seed, dataset, transfer_x, mesh, run_dir,
-                                              strategies, shared, progress=progress,
-                                              times=times)
+            result, models_of_seed = run_seed(config, plan, seed, dataset, transfer_x, mesh,
+                                              run_dir, shared, progress=progress, times=times)
             seeds.append(result)
             trained = trained or models_of_seed
     except KeyboardInterrupt:
@@ -303,19 +285,19 @@ def _run(config, strategies, times: StageTimes) -> ExperimentResult:
     if config.compression.enabled and not interrupted:
         with times.stage("compression"):
             comp = compression.measure(
-                trained, example_x=dataset.test.x, labels=_compression_labels(config),
+                trained, example_x=dataset.test.x, labels=_compression_labels(config, plan),
                 repeats=config.compression.repeats,
             )
     result = ExperimentResult(
         config=config, run_dir=run_dir, seeds=seeds, compression=comp,
         environment=_environment(), wall_seconds=time.perf_counter() - start, files=[],
-        times=times.as_dict(), interrupted=interrupted,
+        times=times.as_dict(), interrupted=interrupted, plan=plan,
     )
     if jax.process_index() == 0:
-        result.files = run_folder.write_run_folder(result, strategies)
+        result.files = run_folder.write_run_folder(result, plan.strategies)
         if config.plots and config.sources.kind != "same":  # experiment/trust_plot.py
             result.files.append(trust_plot.write_trust_plot(result, dataset))
-        print(report.summary(result, strategies), flush=True)
+        print(report.summary(result, plan.strategies), flush=True)
         print("time per stage:\n" + "\n".join(times.lines()), flush=True)
     if interrupted:
         raise Interrupted(run_dir, result)

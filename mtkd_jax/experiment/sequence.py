@@ -20,19 +20,117 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 
 from mtkd_jax.cache import build_cache, open_cache, with_cached_logits
 from mtkd_jax.data import text
-from mtkd_jax.experiment import plots, report, summaries
-from mtkd_jax.models.zoo.token import CausalTokenModel, token_model_fns
 from mtkd_jax.training.evaluation import evaluate, make_eval_step
+from mtkd_jax.experiment import plots, report, summaries
+from mtkd_jax.experiment.config import ConfigError
+from mtkd_jax.models.zoo.token import CausalTokenModel, token_model_fns
 from mtkd_jax.training.state import init_train_state
 from mtkd_jax.training.steps import make_distill_step, make_supervised_step
+from mtkd_jax.weighting import WEIGHTINGS
 
-__all__ = ["run_sequence"]
+__all__ = ["quick_sequence", "run_sequence", "sequence_config", "validate_sequence_config"]
+
+
+def sequence_config() -> ml_collections.ConfigDict:
+    """The default sequence experiment (`mtkd sequence`, experiments/configs/sequence.py):
+    3 causal token teachers of widths 64, 48, 32, a width-16 student, 3 seeds, a 32-token
+    procedural source.
+
+    Example:
+      >>> from mtkd_jax.experiment.sequence import sequence_config
+      >>> c = sequence_config()
+      >>> c.teachers.dims, c.student.dim
+      ((64, 48, 32), 16)
+    """
+    c = ml_collections.ConfigDict()
+    c.output_dir = "runs/sequence"
+    c.seeds = 3
+    c.batch_size = 32
+    c.learning_rate = 3e-3
+    c.teacher_epochs = 6
+    c.student_epochs = 3
+    c.temperature = 1.0
+    c.alpha = 0.5
+    c.chunk_size = 8
+    c.cache_top_k = 8
+    c.weightings = ("uniform", "confidence", "entropy")
+    c.data = ml_collections.ConfigDict(dict(
+        vocab_size=32, branching=4, source_seed=0, max_len=32, min_len=8,
+        num_train=3000, num_val=300, num_test=1000,
+    ))
+    c.teachers = ml_collections.ConfigDict(dict(
+        dims=(64, 48, 32), depths=(2, 2, 2), contexts=(3, 3, 3),
+    ))
+    c.student = ml_collections.ConfigDict(dict(dim=16, depth=1, context=3))
+    c.lock()
+    return c
+
+
+def quick_sequence(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`cfg` shrunk to a seconds-long smoke run (``mtkd sequence --quick``), in place: one
+    seed and epoch, 2 teachers of widths 8 and 6, a width-4 student, 32 train sequences of
+    3-8 tokens over 12 tokens, the entropy row; run folder ``<output_dir>_quick``.
+
+    Example:
+      >>> from mtkd_jax.experiment.sequence import quick_sequence, sequence_config
+      >>> quick_sequence(sequence_config()).output_dir
+      'runs/sequence_quick'
+    """
+    cfg.output_dir = f"{cfg.output_dir.rstrip('/')}_quick"
+    cfg.seeds = 1
+    cfg.teacher_epochs = cfg.student_epochs = 1
+    cfg.batch_size = 16
+    cfg.weightings = ("entropy",)
+    cfg.data.update(dict(vocab_size=12, max_len=8, min_len=3, num_train=32, num_val=16,
+                         num_test=16))
+    cfg.teachers.update(dict(dims=(8, 6), depths=(1, 1), contexts=(2, 2)))
+    cfg.student.update(dict(dim=4, depth=1, context=2))
+    cfg.chunk_size = 4
+    cfg.cache_top_k = 4
+    return cfg
+
+
+def validate_sequence_config(cfg) -> None:
+    """Check a sequence config before anything trains; `ConfigError` naming the key."""
+    def require(ok, message):
+        if not ok:
+            raise ConfigError(message)
+
+    def positive_int(path, minimum=1):
+        value = cfg
+        for part in path.split("."):
+            value = value[part]
+        require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+                f"`config.{path}` must be an int >= {minimum}, got {value!r}.")
+
+    for path in ("seeds", "batch_size", "teacher_epochs", "student_epochs", "chunk_size",
+                 "cache_top_k", "data.vocab_size", "data.branching", "data.max_len",
+                 "data.min_len", "data.num_train", "data.num_val", "data.num_test",
+                 "student.dim", "student.depth", "student.context"):
+        positive_int(path)
+    t = cfg.teachers
+    require(len(t.dims) >= 1 and len(t.dims) == len(t.depths) == len(t.contexts),
+            f"`config.teachers.dims`, `depths` and `contexts` must hold one value per teacher, "
+            f"got {tuple(t.dims)}, {tuple(t.depths)}, {tuple(t.contexts)}.")
+    require(cfg.data.min_len <= cfg.data.max_len,
+            f"`config.data.min_len` ({cfg.data.min_len}) must be <= `config.data.max_len` "
+            f"({cfg.data.max_len}).")
+    for name in cfg.weightings:
+        require(name in WEIGHTINGS, f"`config.weightings` must hold names from "
+                                    f"{sorted(WEIGHTINGS)}, got {name!r}.")
+    require(isinstance(cfg.learning_rate, float | int) and cfg.learning_rate > 0,
+            f"`config.learning_rate` must be a number > 0, got {cfg.learning_rate!r}.")
+    require(isinstance(cfg.temperature, float | int) and cfg.temperature > 0,
+            f"`config.temperature` must be a number > 0, got {cfg.temperature!r}.")
+    require(isinstance(cfg.alpha, float | int) and 0 <= cfg.alpha <= 1,
+            f"`config.alpha` must be a number in [0, 1], got {cfg.alpha!r}.")
 
 METRICS = ("perplexity", "accuracy", "agreement")
 
@@ -220,12 +318,17 @@ def _verdict_lines(seed_rows, multi_rows) -> list[str]:
 
 
 def run_sequence(cfg) -> dict:
-    """Run the experiment of `cfg` (`experiments/configs/sequence.py`); write results.md,
-    results.json, perplexity.png, accuracy.png and TensorBoard events to `cfg.output_dir`.
+    """Run the experiment of `cfg` (`sequence_config`, `mtkd sequence`); write results.md,
+    results.json, perplexity.png, accuracy.png and TensorBoard events to `cfg.output_dir`,
+    and print results.md.
 
     Returns:
       `{"table": aggregate rows, "seeds": per-seed rows, "markdown": results.md text}`.
+
+    Raises:
+      ConfigError: a config mistake (`validate_sequence_config`), before anything trains.
     """
+    validate_sequence_config(cfg)
     start = time.perf_counter()
     out = os.path.abspath(cfg.output_dir)
     os.makedirs(out, exist_ok=True)
@@ -264,4 +367,6 @@ def run_sequence(cfg) -> dict:
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"table": table, "seeds": seed_rows, "best_teacher": best,
                    "seconds": seconds}, f, indent=1)
+    if jax.process_index() == 0:
+        print(md, flush=True)
     return {"table": table, "seeds": seed_rows, "markdown": md, "seconds": seconds}

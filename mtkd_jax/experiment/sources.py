@@ -1,6 +1,7 @@
 """Teachers from different sources: how the training data is split between the K teachers.
 
-`config.sources.kind` says where each teacher's data comes from:
+`config.sources.kind` says where each teacher's data comes from (checked by
+`mtkd_jax.experiment.config.validate_config`):
 
 * ``"same"`` (the default experiment): every teacher sees the whole train split;
 * ``"dirichlet"``: the examples of each class are divided between the K teachers in
@@ -22,12 +23,9 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
-from mtkd_jax.core.class_sets import known_mask
-
 __all__ = [
     "SOURCE_KINDS",
     "sources_config",
-    "validate_sources",
     "class_groups",
     "dirichlet_split",
     "class_group_split",
@@ -63,26 +61,6 @@ def class_groups(config, num_classes: int) -> list[list[int]]:
     if config.sources.groups:
         return [list(g) for g in config.sources.groups]
     return [b.tolist() for b in np.array_split(np.arange(num_classes), k)]
-
-
-def validate_sources(config, num_classes: int | None = None) -> None:
-    """Check `config.sources` (names, ranges, groups against K and C); ValueError if wrong."""
-    s, k = config.sources, config.teachers.num
-    if s.kind not in SOURCE_KINDS:
-        raise ValueError(f"`config.sources.kind` must be one of {list(SOURCE_KINDS)}, got "
-                         f"{s.kind!r}.")
-    if not (isinstance(s.alpha, int | float) and s.alpha > 0):
-        raise ValueError(f"`config.sources.alpha` must be a number > 0, got {s.alpha!r}.")
-    if s.kind == "classes" and s.groups and len(s.groups) != k:
-        raise ValueError(f"`config.sources.groups` must hold one class group per teacher "
-                         f"({k}), got {len(s.groups)}.")
-    if s.kind == "classes" and s.groups:
-        flat = [c for g in s.groups for c in g]
-        if len(set(flat)) != len(flat) or any(len(g) == 0 for g in s.groups):
-            raise ValueError(f"`config.sources.groups` must be disjoint, non-empty class "
-                             f"groups, got {[list(g) for g in s.groups]}.")
-        if num_classes is not None:
-            known_mask(class_groups(config, num_classes), num_classes=num_classes)
 
 
 def dirichlet_split(labels: np.ndarray, *, num_sources: int, alpha: float,

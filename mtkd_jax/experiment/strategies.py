@@ -1,12 +1,15 @@
-"""The rows of the comparison: how each is trained, by name (`Strategy`, `parse_strategy`)."""
+"""The rows of the comparison: how each is trained, by name (`Strategy`, `parse_strategy`),
+and which rows train together (`Group`, `student_groups`)."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 from mtkd_jax.core.losses import SOFT_LOSSES
 
-__all__ = ["Strategy", "STRATEGIES", "parse_strategy", "strategy_names"]
+__all__ = ["Group", "Strategy", "STRATEGIES", "parse_strategy", "strategy_names",
+           "student_groups"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,3 +111,46 @@ def parse_strategy(name: str) -> Strategy:
             description=f"{STRATEGIES[base].description}; {loss.upper()} objective",
         )
     raise ValueError(f"Unknown strategy {name!r}; valid strategies: {strategy_names()}.")
+
+
+class Group(NamedTuple):
+    """Student rows trained at once: one data split, one kind of step, one soft loss.
+
+    Attributes:
+      name: the rows' names joined by ``+`` (its checkpoint folder and training key).
+      rows: the row names, e.g. ``("mean", "mean (no transfer)")``.
+      strategies: their `Strategy`, in the same order.
+      transfer: whether they learn on the train split plus the transfer set.
+      soft_loss: ``"kl"`` or ``"mse"`` (None for the supervised row).
+    """
+
+    name: str
+    rows: tuple[str, ...]
+    strategies: tuple[Strategy, ...]
+    transfer: bool
+    soft_loss: str | None
+
+
+def student_groups(strategies, train_only, *, use_transfer: bool, soft_loss: str) -> list:
+    """Group the student rows (every strategy but codistillation, and the `train_only` rows
+    without the transfer set) into `Group`s, in the order of their first row.
+
+    Example:
+      >>> from mtkd_jax.experiment.strategies import parse_strategy, student_groups
+      >>> rows = [parse_strategy(n) for n in ("alone", "mean", "mean_mse", "entropy")]
+      >>> [g.rows for g in student_groups(rows, [rows[1]], use_transfer=True, soft_loss="kl")]
+      [('alone',), ('mean', 'entropy'), ('mean_mse',), ('mean (no transfer)',)]
+    """
+    jobs = [(s.name, s, use_transfer) for s in strategies if s.kind == "distill"]
+    jobs = [(s.name, s, False) for s in strategies if s.kind == "supervised"] + jobs
+    if use_transfer:
+        jobs += [(f"{s.name} (no transfer)", s, False) for s in train_only]
+    order = {s.name: i for i, s in enumerate(strategies)}
+    jobs.sort(key=lambda j: (j[0].endswith("(no transfer)"), order.get(j[1].name, 0)))
+    groups: dict[tuple, list] = {}
+    for row, s, transfer in jobs:
+        loss = None if s.kind == "supervised" else (s.soft_loss or soft_loss)
+        groups.setdefault((s.kind, transfer, loss), []).append((row, s))
+    return [Group("+".join(r for r, _ in members), tuple(r for r, _ in members),
+                  tuple(s for _, s in members), transfer, loss)
+            for (_, transfer, loss), members in groups.items()]

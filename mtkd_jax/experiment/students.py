@@ -32,7 +32,6 @@ import numpy as np
 
 from mtkd_jax import data as data_lib
 from mtkd_jax.experiment.analysis import Analysis, evaluate_logits, log_probs, softmax_np
-from mtkd_jax.experiment.config import Strategy, parse_strategy
 from mtkd_jax.experiment.context import (
     Context,
     fit,
@@ -42,6 +41,7 @@ from mtkd_jax.experiment.context import (
     stacked_accuracy_eval,
     to_global,
 )
+from mtkd_jax.experiment.strategies import Group
 from mtkd_jax.experiment.teachers import Teachers
 from mtkd_jax.objective.targets import distill_targets
 from mtkd_jax.training.state import init_stacked_train_state
@@ -52,60 +52,16 @@ from mtkd_jax.training.steps import (
     stacked_step,
 )
 
-__all__ = ["Group", "Students", "codistill", "student_groups", "train_group", "train_students"]
+__all__ = ["Students", "codistill", "train_group", "train_students"]
 
 _TARGET_CHUNK = 8192  # examples per call when fusing a row's targets over its split
 _targets = jax.jit(distill_targets, static_argnames=("temperature", "weighting"))
 
 
-class Group(NamedTuple):
-    """Student rows trained at once: one data split, one kind of step, one soft loss.
-
-    Attributes:
-      name: the rows' names joined by ``+`` (its checkpoint folder and training key).
-      rows: the row names, e.g. ``("mean", "mean (no transfer)")``.
-      strategies: their `Strategy`, in the same order.
-      transfer: whether they learn on the train split plus the transfer set.
-      soft_loss: ``"kl"`` or ``"mse"`` (None for the supervised row).
-    """
-
-    name: str
-    rows: tuple[str, ...]
-    strategies: tuple[Strategy, ...]
-    transfer: bool
-    soft_loss: str | None
-
-
-def student_groups(strategies, train_only, *, use_transfer: bool, soft_loss: str) -> list:
-    """Group the student rows (every strategy but codistillation, and the `train_only` rows
-    without the transfer set) into `Group`s, in the order of their first row.
-
-    Example:
-      >>> from mtkd_jax.experiment.config import parse_strategy
-      >>> from mtkd_jax.experiment.students import student_groups
-      >>> rows = [parse_strategy(n) for n in ("alone", "mean", "mean_mse", "entropy")]
-      >>> [g.rows for g in student_groups(rows, [rows[1]], use_transfer=True, soft_loss="kl")]
-      [('alone',), ('mean', 'entropy'), ('mean_mse',), ('mean (no transfer)',)]
-    """
-    jobs = [(s.name, s, use_transfer) for s in strategies if s.kind == "distill"]
-    jobs = [(s.name, s, False) for s in strategies if s.kind == "supervised"] + jobs
-    if use_transfer:
-        jobs += [(f"{s.name} (no transfer)", s, False) for s in train_only]
-    order = {s.name: i for i, s in enumerate(strategies)}
-    jobs.sort(key=lambda j: (j[0].endswith("(no transfer)"), order.get(j[1].name, 0)))
-    groups: dict[tuple, list] = {}
-    for row, s, transfer in jobs:
-        loss = None if s.kind == "supervised" else (s.soft_loss or soft_loss)
-        groups.setdefault((s.kind, transfer, loss), []).append((row, s))
-    return [Group("+".join(r for r, _ in members), tuple(r for r, _ in members),
-                  tuple(s for _, s in members), transfer, loss)
-            for (_, transfer, loss), members in groups.items()]
-
-
 def _distill_split(ctx: Context, use_transfer: bool):
     """The split a student learns from: train (+ transfer inputs with placeholder labels)."""
     train = ctx.ds.train
-    if not use_transfer or ctx.transfer_x is None:
+    if not use_transfer:
         return train, len(train)
     n = len(ctx.transfer_x)
     split = data_lib.Split(
@@ -243,11 +199,11 @@ class Students(NamedTuple):
     student: tuple[Callable, Any] | None
 
 
-def train_students(ctx: Context, teachers: Teachers, analysis: Analysis,
-                   strategies) -> Students:
+def train_students(ctx: Context, teachers: Teachers, analysis: Analysis) -> Students:
     """Stage 5: fill the logit cache of the distillation split, train and test every student
-    row (grouped, `student_groups`), then codistil the teachers when a strategy asks."""
-    config, dataset = ctx.config, ctx.ds
+    row (in the plan's groups, `RunPlan.groups`), then codistil the teachers when the plan
+    asks (`RunPlan.codistill`)."""
+    config, dataset, plan = ctx.config, ctx.ds, ctx.plan
     test_y, ens, best = dataset.test.y, analysis.ensemble_probs, analysis.best
     rows: dict[str, dict[str, float]] = {}
     histories: dict[str, dict] = {}
@@ -255,10 +211,8 @@ def train_students(ctx: Context, teachers: Teachers, analysis: Analysis,
     seconds: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    use_transfer = ctx.transfer_x is not None
-    split, n_labeled = _distill_split(ctx, use_transfer)
-    groups = student_groups(strategies, [parse_strategy(n) for n in config.distill.train_only],
-                            use_transfer=use_transfer, soft_loss=config.distill.soft_loss)
+    split, n_labeled = _distill_split(ctx, plan.transfer_size > 0)
+    groups = plan.groups
     data = {}
     with ctx.times.stage("teacher logits, targets"):
         cache = predict(teachers.apply, teachers.params, split.x)  # [K, N, C]
@@ -290,9 +244,9 @@ def train_students(ctx: Context, teachers: Teachers, analysis: Analysis,
                 histories[row], steps[row] = _member_history(result.history, k), total
         seconds[g.name] = time.perf_counter() - t0
         student = (s_apply, jax.tree.map(lambda a: a[-1], params))
-    rows = {row: rows[row] for row in _row_order(strategies, rows)}
+    rows = {row: rows[row] for row in _row_order(plan.strategies, rows)}
 
-    if any(s.kind == "codistill" for s in strategies):
+    if plan.codistill:
         t0 = time.perf_counter()
         with ctx.times.stage("codistillation"):
             co_params, co_result, total = codistill(

@@ -75,11 +75,9 @@ def _kwargs_of(ctx: Context, name: str) -> dict[str, Any]:
 
 
 def _teacher_models(ctx: Context) -> list[tuple[str, Any, Callable]]:
-    """(name, model, apply) per teacher: K of `teachers.model`, or `teachers.models`."""
-    cfg = ctx.config.teachers
-    names = tuple(cfg.models) or (cfg.model,) * cfg.num
+    """(name, model, apply) per teacher (`RunPlan.teacher_models`)."""
     out = []
-    for name in names:
+    for name in ctx.plan.teacher_models:
         model, apply_fn = ctx.model(name, _kwargs_of(ctx, name))
         out.append((name, model, apply_fn))
     return out
@@ -118,7 +116,7 @@ def _train(ctx: Context) -> Teachers:
 
     specs = _teacher_models(ctx)
     labels = tuple(name for name, _, _ in specs)
-    if len(set(labels)) == 1:
+    if ctx.plan.teachers_stacked:
         _, _, apply_fn = specs[0]
         hyper = {"learning_rate": jnp.asarray(lrs, jnp.float32)} if lrs else None
         tx, step = ctx.parallel(("teachers", apply_fn, total), lambda: build_stacked(apply_fn))
