@@ -31,11 +31,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mtkd_jax.models.zoo.token import token_model_fns
 from mtkd_jax.models.transformer import Transformer, TransformerConfig
+from mtkd_jax.models.zoo.token import token_model_fns
+from mtkd_jax.teachers import load_published_teachers
 from mtkd_jax.training.state import init_train_state
 from mtkd_jax.training.steps import make_distill_step
-from mtkd_jax.teachers import load_published_teachers
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "checkpoints"
 QUICK = dict(paths=[FIXTURES / "llama", FIXTURES / "llama_bf16"],

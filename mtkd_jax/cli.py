@@ -92,6 +92,15 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
                 "(procedural source)",
         field_help="mtkd_jax.experiment.config_help:SEQUENCE_HELP",
     ),
+    Experiment(
+        "lm",
+        config="mtkd_jax.experiment.lm:lm_config",
+        run="mtkd_jax.experiment.lm:run_lm",
+        quick="mtkd_jax.experiment.lm:quick_lm",
+        summary="language models on real text: one transformer teacher per domain -> one "
+                "student (per-token weightings, top-k cache)",
+        field_help="mtkd_jax.experiment.lm:LM_HELP",
+    ),
 )}
 """Every experiment kind of the launcher, by subcommand name."""
 

@@ -6,17 +6,12 @@ import os
 
 import numpy as np
 
-from mtkd_jax.experiment.lm import run_lm
+from mtkd_jax import cli
+from mtkd_jax.experiment.lm import lm_config, quick_lm, run_lm
 
 
 def _config(out):
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs", "lm.py")
-    spec = importlib.util.spec_from_file_location("lm_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config("quick")
+    cfg = quick_lm(lm_config())
     cfg.output_dir = str(out)
     return cfg
 
@@ -55,3 +50,13 @@ def test_quick_run_reports_every_row_and_resumes_identically(tmp_path):
     again = run_lm(cfg)
     assert json.loads(row_file.read_text())["metrics"] == before["metrics"]
     assert [r["row"] for r in again["table"]] == [r["row"] for r in result["table"]]
+
+
+def test_config_mistakes_are_one_line_exit_2(tmp_path, capsys):
+    out = f"--config.output_dir={tmp_path}"
+    for arg, words in (("--config.weightings=uniform,best", "'best'"),
+                       ("--config.teachers.size=huge", "config.teachers.size"),
+                       ("--config.data.domains=python_code", "at least 2 domains")):
+        assert cli.main(["lm", "--quick", out, arg]) == 2, arg
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err

@@ -17,6 +17,7 @@ import numbers
 
 import ml_collections
 
+from mtkd_jax.core.losses import SOFT_LOSSES
 from mtkd_jax.experiment.sources import SOURCE_KINDS, sources_config  # multi-source
 
 # The strategy table lives in experiment/strategies.py; re-exported here for configs.
@@ -28,7 +29,6 @@ from mtkd_jax.experiment.strategies import (
     strategy_names,
     student_groups,
 )
-from mtkd_jax.core.losses import SOFT_LOSSES
 from mtkd_jax.models import MODELS
 
 __all__ = [

@@ -36,6 +36,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -44,20 +45,182 @@ from mtkd_jax.cache import build_cache, open_cache, with_cached_logits
 from mtkd_jax.data import LMData, PackedSplit, prepare_lm_data
 from mtkd_jax.data.packing import batches as packed_batches
 from mtkd_jax.experiment import report, summaries
+from mtkd_jax.experiment.config import ConfigError
 from mtkd_jax.experiment.progress import RunProgress, StageTimes, log
-from mtkd_jax.models.transformer import Transformer, preset
+from mtkd_jax.models.transformer import PRESETS, Transformer, preset
 from mtkd_jax.models.zoo.token import token_model_fns
 from mtkd_jax.training import fit as loop
 from mtkd_jax.training.evaluation import evaluate, make_eval_step
 from mtkd_jax.training.state import init_train_state
 from mtkd_jax.training.steps import make_distill_step, make_supervised_step
-from mtkd_jax.weighting import get_weighting
+from mtkd_jax.weighting import WEIGHTINGS, get_weighting
 
-__all__ = ["run_lm", "METRICS"]
+__all__ = ["LM_HELP", "METRICS", "lm_config", "quick_lm", "run_lm", "validate_lm_config"]
 
 METRICS = ("perplexity", "bpb", "accuracy", "agreement")
 _MIX = "mixture"
 _LN2 = math.log(2.0)
+
+
+# ---------------------------------------------------------------------------- config
+def lm_config() -> ml_collections.ConfigDict:
+    """The default experiment (``mtkd lm``, experiments/configs/lm.py).
+
+    Three domains of real text (Python standard-library code, Python documentation prose,
+    Shakespeare's plays), a byte-level BPE tokenizer of 8192 tokens, rows of 128 tokens; one
+    ``small`` transformer teacher per domain (300 updates of 32 rows on its own domain,
+    trained once and shared by the seeds); per seed a ``tiny`` student (120 updates of 16
+    rows of a fixed sample of 1920 mixture rows): alone, from the best single teacher and
+    from all teachers with ``uniform``, ``confidence``, ``entropy`` and ``posterior``
+    (top-32 cache), and ``posterior`` with online teachers; 3 seeds.
+
+    Example:
+      >>> from mtkd_jax.experiment.lm import lm_config
+      >>> c = lm_config()
+      >>> c.data.vocab_size, c.teachers.size, c.student.size, c.seeds
+      (8192, 'small', 'tiny', 3)
+    """
+    c = ml_collections.ConfigDict()
+    c.output_dir = "runs/lm"
+    c.seeds = 3
+    c.progress = True
+    c.checkpoints = True
+    c.save_every = 100
+    c.log_every = 20
+    c.evals_per_training = 6
+    c.eval_batch_size = 32
+    c.val_rows = 96
+    c.test_rows = 256
+    c.temperature = 1.0
+    c.alpha = 0.5
+    c.chunk_size = 32
+    c.cache_top_k = 32
+    c.weightings = ("uniform", "confidence", "entropy", "posterior")
+    c.posterior_sharpness = 1.0
+    c.online_weighting = "posterior"
+    c.data = ml_collections.ConfigDict(dict(
+        domains=("python_code", "python_docs", "shakespeare"), vocab_size=8192, seq_len=128,
+        max_documents=0))
+    c.teachers = ml_collections.ConfigDict(dict(
+        size="small", model_kwargs={}, steps=300, batch_size=32, learning_rate=3e-3,
+        warmup_steps=30, weight_decay=0.01))
+    c.student = ml_collections.ConfigDict(dict(
+        size="tiny", model_kwargs={}, steps=120, batch_size=16, transfer_rows=1920,
+        learning_rate=3e-3, warmup_steps=12, weight_decay=0.01))
+    return c
+
+
+def quick_lm(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`cfg` shrunk to a test-sized run (``mtkd lm --quick``), in place: one seed, 40
+    documents per split, V = 512, rows of 32 tokens, narrow models, a few updates, the
+    ``uniform`` and ``posterior`` rows; run folder ``<output_dir>_quick``.
+
+    Example:
+      >>> from mtkd_jax.experiment.lm import lm_config, quick_lm
+      >>> quick_lm(lm_config()).output_dir
+      'runs/lm_quick'
+    """
+    cfg.output_dir = f"{cfg.output_dir.rstrip('/')}_quick"
+    cfg.seeds = 1
+    cfg.progress = False
+    cfg.weightings = ("uniform", "posterior")
+    cfg.val_rows, cfg.test_rows, cfg.eval_batch_size = 12, 8, 8
+    cfg.cache_top_k, cfg.chunk_size = 8, 16
+    cfg.data.update(dict(seq_len=32, vocab_size=512, max_documents=40))
+    cfg.teachers.update(dict(size="tiny", steps=6, batch_size=8, warmup_steps=2))
+    cfg.student.update(dict(steps=4, batch_size=8, transfer_rows=32, warmup_steps=1))
+    with cfg.teachers.model_kwargs.unlocked():
+        cfg.teachers.model_kwargs.update(dict(dim=32, mlp_dim=64))
+    with cfg.student.model_kwargs.unlocked():
+        cfg.student.model_kwargs.update(dict(dim=16, heads=2, kv_heads=1, mlp_dim=32))
+    return cfg
+
+
+LM_HELP: dict[str, str] = {
+    "output_dir": "the run folder (results.md, results.json, plots, TensorBoard, checkpoints, "
+                  "caches, finished rows)",
+    "seeds": "student seeds (initial weights and data order); the teachers are trained once",
+    "progress": "show the whole-run progress bar and each training's bar",
+    "checkpoints": "checkpoint every training (a rerun resumes it)",
+    "save_every": "updates between checkpoints of a training",
+    "log_every": "updates between TensorBoard points",
+    "evals_per_training": "validation points per training (learning curves)",
+    "eval_batch_size": "rows per evaluation batch",
+    "val_rows": "validation rows (per domain for a teacher; in all for the students)",
+    "test_rows": "test rows per domain, at most (the same rows for every row of the table)",
+    "temperature": "distillation temperature T",
+    "alpha": "weight of the next-token cross-entropy in the student's loss (1 - alpha: KL)",
+    "chunk_size": "positions per chunk of the student's soft loss",
+    "cache_top_k": "log-probabilities kept per token and teacher in the cache",
+    "weightings": "per-token teacher weightings, one student row each (from the cache)",
+    "posterior_sharpness": "the posterior weighting's sharpness s (1: Bayes' rule)",
+    "online_weighting": "a weighting also trained with online teachers ('' for none)",
+    "data.domains": "text domains (built-in: python_code, python_docs, shakespeare)",
+    "data.vocab_size": "tokenizer vocabulary V (a byte-level BPE trained on the train splits)",
+    "data.seq_len": "tokens per packed row",
+    "data.max_documents": "documents per split of each domain, at most (0: all)",
+    "teachers.size": f"the teachers' transformer preset ({', '.join(sorted(PRESETS))})",
+    "teachers.steps": "updates of each teacher on its own domain",
+    "teachers.batch_size": "rows per teacher update",
+    "teachers.learning_rate": "peak AdamW learning rate (warmup, then cosine decay)",
+    "teachers.warmup_steps": "linear warmup updates",
+    "teachers.weight_decay": "AdamW weight decay",
+    "student.size": f"the student's transformer preset ({', '.join(sorted(PRESETS))})",
+    "student.steps": "updates of every student row",
+    "student.batch_size": "rows per student update",
+    "student.transfer_rows": "mixture training rows the students learn from (fixed sample)",
+    "student.learning_rate": "peak AdamW learning rate (warmup, then cosine decay)",
+    "student.warmup_steps": "linear warmup updates",
+    "student.weight_decay": "AdamW weight decay",
+}
+"""`mtkd lm --help`: the meaning of every key (`model_kwargs.*` override preset fields)."""
+
+
+def validate_lm_config(cfg) -> None:
+    """Check an LM config before anything trains; `ConfigError` naming the key."""
+    def require(ok, message):
+        if not ok:
+            raise ConfigError(message)
+
+    def get(path):
+        value = cfg
+        for part in path.split("."):
+            value = value[part]
+        return value
+
+    for path in ("seeds", "save_every", "log_every", "evals_per_training", "eval_batch_size",
+                 "val_rows", "test_rows", "chunk_size", "cache_top_k", "data.vocab_size",
+                 "data.seq_len", "teachers.steps", "teachers.batch_size", "student.steps",
+                 "student.batch_size", "student.transfer_rows"):
+        v = get(path)
+        require(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                f"`config.{path}` must be an int >= 1, got {v!r}.")
+    for path in ("temperature", "posterior_sharpness", "teachers.learning_rate",
+                 "student.learning_rate"):
+        v = get(path)
+        require(isinstance(v, float | int) and v > 0,
+                f"`config.{path}` must be a number > 0, got {v!r}.")
+    require(isinstance(cfg.alpha, float | int) and 0 <= cfg.alpha <= 1,
+            f"`config.alpha` must be a number in [0, 1], got {cfg.alpha!r}.")
+    require(len(cfg.data.domains) >= 2,
+            f"`config.data.domains` must name at least 2 domains (one teacher each), got "
+            f"{tuple(cfg.data.domains)}.")
+    for section in ("teachers", "student"):
+        require(cfg[section].size in PRESETS,
+                f"`config.{section}.size` must be one of {sorted(PRESETS)}, got "
+                f"{cfg[section].size!r}.")
+    for name in (*cfg.weightings, *([cfg.online_weighting] if cfg.online_weighting else [])):
+        require(name in WEIGHTINGS,
+                f"`config.weightings` / `online_weighting` must be names from "
+                f"{sorted(WEIGHTINGS)}, got {name!r}.")
+    require(cfg.cache_top_k <= cfg.data.vocab_size,
+            f"`config.cache_top_k` ({cfg.cache_top_k}) must be <= `config.data.vocab_size` "
+            f"({cfg.data.vocab_size}).")
+
+
+def _weighting(cfg, name: str):
+    return get_weighting(name, **({"sharpness": cfg.posterior_sharpness}
+                                  if name == "posterior" else {}))
 
 
 # ---------------------------------------------------------------------------- data
@@ -113,7 +276,7 @@ class _Models:
     def config(self, which: str):
         spec = self.cfg.teachers if which == "teacher" else self.cfg.student
         return preset(spec.size, vocab_size=self.vocab_size, max_len=self.cfg.data.seq_len,
-                      **dict(spec.overrides))
+                      **spec.model_kwargs.to_dict())
 
     def init(self, which: str, seed: int):
         """(fns, params) of a fresh model; fns shared by every model of the same kind."""
@@ -138,7 +301,7 @@ def _optimizer(spec, total_steps: int):
 # ---------------------------------------------------------------------------- training
 def _train(run, name: str, state, step, batches_fn, *, steps: int, steps_per_epoch: int,
            eval_fn, seed: int):
-    """`mtkd_jax.training.fit.fit` for one model: checkpoints and TensorBoard under the run folder."""
+    """`fit` for one model: checkpoints and TensorBoard under the run folder."""
     cfg = run.cfg
     epochs = max(1, math.ceil(steps / steps_per_epoch))
     per_epoch = min(steps, steps_per_epoch)
@@ -274,7 +437,7 @@ def _weights_per_domain(run, data, teacher_fn, t_params, tests) -> dict:
     cfg = run.cfg
 
     def sums_for(name):
-        fn = get_weighting(name, **dict(cfg.weighting_kwargs.get(name, {})))
+        fn = _weighting(cfg, name)
 
         @jax.jit
         def sums(tp, batch):
@@ -313,6 +476,7 @@ def run_lm(cfg) -> dict:
     Returns:
       `{"table", "seeds", "teachers", "markdown", "seconds"}`.
     """
+    validate_lm_config(cfg)
     start = time.perf_counter()
     run = _Run(cfg)
     d = cfg.data
@@ -420,16 +584,14 @@ def _one_seed(run, models, seed, transfer, val_mix, caches, test_sets, teacher_f
             run.progress.start(name)
             run.progress.finished()
             continue
-        kwargs = dict(cfg.weighting_kwargs.get(weighting, {})) if weighting else {}
-
-        def build(weighting=weighting, which=which, kwargs=kwargs):
+        def build(weighting=weighting, which=which):
             if weighting is None:
                 return jax.jit(make_supervised_step(fns.logits, tx))
             return jax.jit(make_distill_step(
                 fns.features, teacher_fn if which == "online" else None, tx,
                 student_head=fns.head, chunk_size=cfg.chunk_size,
                 temperature=cfg.temperature, alpha=cfg.alpha,
-                weighting=get_weighting(weighting, **kwargs)))
+                weighting=_weighting(cfg, weighting)))
 
         step = models.cached(("student step", row), build)
         if which == "online":

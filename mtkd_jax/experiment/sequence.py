@@ -27,10 +27,10 @@ from flax import nnx
 
 from mtkd_jax.cache import build_cache, open_cache, with_cached_logits
 from mtkd_jax.data import text
-from mtkd_jax.training.evaluation import evaluate, make_eval_step
 from mtkd_jax.experiment import plots, report, summaries
 from mtkd_jax.experiment.config import ConfigError
 from mtkd_jax.models.zoo.token import CausalTokenModel, token_model_fns
+from mtkd_jax.training.evaluation import evaluate, make_eval_step
 from mtkd_jax.training.state import init_train_state
 from mtkd_jax.training.steps import make_distill_step, make_supervised_step
 from mtkd_jax.weighting import WEIGHTINGS

@@ -32,8 +32,8 @@ import json
 import math
 import os
 import re
-from contextlib import ExitStack, nullcontext
 from collections.abc import Callable
+from contextlib import ExitStack, nullcontext
 from typing import Any, NamedTuple
 
 import jax
