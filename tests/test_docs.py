@@ -159,6 +159,10 @@ def test_every_page_is_collected():
     """README.md and every docs/*.md page (not docs/results/) are read; README has blocks."""
     want = {"README.md"} | {f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md")}
     assert set(BLOCKS) == want and BLOCKS["README.md"]
+    # Python under another fence name would be shown but never run.
+    other = re.compile(r"^ {0,3}(?:`{3,}|~{3,})\s*(py|python3|pycon|ipython)\s*$", re.M | re.I)
+    found = [(p.name, m.group(1)) for p in PAGES for m in other.finditer(p.read_text())]
+    assert not found, f"use ```python for Python blocks: {found}"
 
 
 @pytest.mark.parametrize("block", _params())
