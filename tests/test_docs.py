@@ -165,6 +165,18 @@ def test_every_page_is_collected():
     assert not found, f"use ```python for Python blocks: {found}"
 
 
+def test_relative_links_resolve():
+    """Every relative markdown link or image of the pages names a file that exists."""
+    link = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+    broken = []
+    for page in PAGES:
+        for target in link.findall(page.read_text()):
+            path = target.split("#", 1)[0]
+            if path and not re.match(r"[a-z]+:", path) and not (page.parent / path).exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, broken
+
+
 @pytest.mark.parametrize("block", _params())
 def test_doc_block(block: Block, tmp_path_factory):
     name = "_docs_" + re.sub(r"\W", "_", block.page)
