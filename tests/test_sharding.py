@@ -391,24 +391,3 @@ def test_teacher_inference_and_cache_build_under_shardings(problem, tmp_path):
                                     teacher_shardings=sh)
     stored = cache.lookup(np.arange(B))  # [K, B, C]
     np.testing.assert_allclose(stored, want, **TOL)
-
-
-def test_the_readme_example_runs():
-    """README's "Teachers that do not fit on one device": the first block, as written."""
-    import pathlib
-    import re
-
-    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text[text.index("## Teachers that do not fit on one device"):]
-    end = section.find("\n## ", 1)  # the next section, if any
-    section = section if end < 0 else section[:end]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert len(blocks) == 2  # the second needs several hosts
-    namespace = {}
-    exec(blocks[0], namespace)
-    state, t_sh = namespace["state"], namespace["t_sh"]
-    assert int(state.step) == 1 and np.isfinite(float(namespace["metrics"]["loss"]))
-    assert t_sh["w1"].spec == P(None, None, "model") and t_sh["w2"].spec == P(None, "model")
-    # Restored onto the 4 x 2 mesh: the student's first weight split 2 ways.
-    assert state.params["w1"].sharding.mesh.shape == {"data": 4, "model": 2}
-    assert state.params["w1"].addressable_shards[0].data.shape == (64, 64)

@@ -170,8 +170,9 @@ def fit_gate(logits, labels, *, temperatures=None, known=None, features: bool = 
     minus `l2` times the squared coefficients and hidden-layer weights, by full-batch Adam
     from the ``energy`` routing (:math:`a = 1, b = 0`, the rest 0 at the output) on
     standardised features (the standardisation is folded back into the returned values).
-    Fit it on examples the teachers did not train on where there are enough of them: a
-    teacher is surer on its own training examples than on new inputs.
+    Fit it on every labeled example there is, the teachers' own training examples included
+    (the experiment's train + validation splits measured better than the validation split
+    alone, see docs/multi_source.md).
 
     Args:
       logits: `[K, N, C]` the teachers' logits on labeled examples.
