@@ -162,7 +162,7 @@ def main(argv=None) -> dict:
     ds = data.load("mnist1d")
     teacher_apply_1, tp, teacher_acc = train_teachers(ds, t_epochs, log)
     teacher_apply = jax.jit(teachers.make_stacked_apply(
-        teacher_apply_1, strategy="auto", example_params=tp, example_x=ds.train.x[:BATCH]
+        teacher_apply_1, runner="auto", example_params=tp, example_x=ds.train.x[:BATCH]
     ))
     ens = jnp.mean(jax.nn.softmax(teacher_apply(tp, ds.test.x), -1), 0)
     ensemble_acc = float(jnp.mean(jnp.argmax(ens, -1) == ds.test.y))

@@ -227,8 +227,8 @@ def library_units(cfg, dtype, batches, strategy, cache_dir, results, wanted):
     t0 = time.perf_counter()
     chosen = strategy
     if strategy == "auto":
-        chosen = teachers.choose_strategy(t_apply, tp, dev[0]["x"], num_repeats=1)
-    teacher_apply = teachers.make_stacked_apply(t_apply, strategy=chosen)
+        chosen = teachers.choose_runner(t_apply, tp, dev[0]["x"], num_repeats=1)
+    teacher_apply = teachers.make_stacked_apply(t_apply, runner=chosen)
     teachers_jit = jax.jit(teacher_apply)
     results["strategy"] = {
         "requested": strategy,
@@ -332,7 +332,7 @@ def bf16_units(t_apply, s_apply, tp, strategy, student_params, dev, tx, kw, b, f
     t_model = models.as_model(t_apply, policy="bfloat16")
     s_model = models.as_model(s_apply, policy="mixed_bfloat16")
     tv = models.model_variables(t_model.cast_to_params(tp))  # stacked, stored in bfloat16
-    teacher_apply = teachers.make_stacked_apply(t_model, strategy=strategy)
+    teacher_apply = teachers.make_stacked_apply(t_model, runner=strategy)
     teachers_jit = jax.jit(teacher_apply)
     key = jax.random.key(0)
     out, it = {}, {"i": 0}
@@ -545,7 +545,7 @@ def parse(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (smoke run)")
     p.add_argument("--workload", choices=sorted(WORKLOADS), default="standard")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--strategy", choices=teachers.STRATEGIES, default="auto")
+    p.add_argument("--strategy", choices=teachers.RUNNERS, default="auto")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 7)")
     p.add_argument(
         "--target-seconds",

@@ -128,7 +128,7 @@ def main(argv=None) -> dict:
     r = np.random.default_rng(0)
     batch = {"x": r.normal(size=(b, d)).astype(np.float32),
              "y": r.integers(0, c, size=b).astype(np.int32)}
-    step_fn = make_distill_step(mlp, make_stacked_apply(mlp, strategy="vmap"), tx,
+    step_fn = make_distill_step(mlp, make_stacked_apply(mlp, runner="vmap"), tx,
                                 temperature=4.0, alpha=0.5)
 
     table = variants(256 if args.quick else 2**14)

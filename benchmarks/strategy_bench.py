@@ -62,13 +62,13 @@ def bench_one(name, kwargs, shape, classes, batch, rounds, dtype):
     apply = models.apply_fn_of(model)
     t0 = time.perf_counter()
     # As a user would call it: the library's default number of timing repeats.
-    chosen = teachers.choose_strategy(apply, tp, x)
-    auto = jax.jit(teachers.make_stacked_apply(apply, strategy="auto", example_params=tp,
+    chosen = teachers.choose_runner(apply, tp, x)
+    auto = jax.jit(teachers.make_stacked_apply(apply, runner="auto", example_params=tp,
                                                example_x=x))
     choice_s = time.perf_counter() - t0
     fns = {
-        "vmap": jax.jit(teachers.make_stacked_apply(apply, strategy="vmap")),
-        "loop": jax.jit(teachers.make_stacked_apply(apply, strategy="loop")),
+        "vmap": jax.jit(teachers.make_stacked_apply(apply, runner="vmap")),
+        "loop": jax.jit(teachers.make_stacked_apply(apply, runner="loop")),
         "auto": auto,
     }
     single = []

@@ -142,12 +142,13 @@ def part2_distil(linen_dirs, manager_dir, cfg):
     linen = mk.linen_model(LinenCNN())
     linen_target = jax.eval_shape(lambda: LinenCNN().init(jax.random.key(0), x[:1], train=False))
     nnx_target = nnx.eval_shape(lambda: NNXMLP(rngs=nnx.Rngs(0)))
-    linen_variables = mk.models.linen_variables(mk.load_orbax_teachers(linen_dirs, linen_target))
+    linen_stacked = mk.teachers.load_orbax_teachers(linen_dirs, linen_target)
+    linen_variables = mk.models.linen_variables(linen_stacked)
     nnx_teacher = mk.as_model(nnx_target)
-    nnx_variables = mk.load_orbax_teachers(manager_dir, nnx_target)  # newest step
+    nnx_variables = mk.teachers.load_orbax_teachers(manager_dir, nnx_target)  # newest step
 
     # One frozen ensemble of 3: the two stacked Linen CNNs, then the NNX MLP (eval mode).
-    run_linen = mk.make_stacked_apply(linen, strategy="loop")
+    run_linen = mk.make_stacked_apply(linen, runner="loop")
 
     def teacher_apply(tp, xb):
         return jnp.concatenate([run_linen(tp[0], xb), nnx_teacher.eval_apply(tp[1], xb)[None]])

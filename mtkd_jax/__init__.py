@@ -1,37 +1,34 @@
 """mtkd_jax: multi-teacher knowledge distillation for JAX/Flax.
 
-The functional core (pure functions over arrays, teacher axis first `[K, ..., C]`):
+One name per concept here; everything else lives in its module (see docs/architecture.md for
+the layers, bottom up):
 
-* `softmax_t`, `pairwise_divergence`: teacher predictions and their differences;
-* `mtkd_jax.weighting`: teacher weights, one protocol and one registry (`WEIGHTINGS`);
-* `fuse_targets`, `leave_one_out_targets`, `fuse_logits`, `distill_targets`: targets;
-* `mtkd_jax.core.losses`: per-example soft losses (`soft_kl`, `soft_mse`), CE, their mix and
-  its masked batch mean.
-
-The engine built on it (see docs/architecture.md):
-
-* `mtkd_jax.training.state.TrainState`, one state for students and teachers (one or K stacked),
-  with the model's non-parameter state (BatchNorm statistics);
-* `mtkd_jax.training.steps`: supervised / distill / codistill step factories, `stacked_step` for K
-  models at once; `mtkd_jax.training.evaluation`: eval step and `evaluate`;
-* `mtkd_jax.teachers`: stacked (vmap/loop/auto) and heterogeneous frozen ensembles, orbax
-  save/load; `mtkd_jax.parallel`: the same steps data-parallel over a `("data",)` mesh;
-* `mtkd_jax.training.fit.fit` with `mtkd_jax.training.checkpoint.Checkpointer`: kill-safe training;
+* `mtkd_jax.core`: the functional core: `softmax_t`, `pairwise_divergence`, the per-example
+  losses `soft_kl`, `soft_mse`, `cross_entropy`, `distillation_loss`, `per_teacher_soft_kl`
+  (teacher axis first, `[K, ..., C]`);
+* `mtkd_jax.weighting`: teacher weights, one protocol and one registry (`WEIGHTINGS`,
+  `get_weighting`, `register_weighting`);
+* `mtkd_jax.objective`: targets (`fuse_targets`, `leave_one_out_targets`, `distill_targets`)
+  and the batch objective, whole or chunked (`mean_distillation_loss`);
 * `mtkd_jax.models`: the model protocol (`Model`: `as_model`, `linen_model`, `nnx_split`)
-  and small XLA-friendly reference models in Linen and NNX; `mtkd_jax.core.precision`: the
-  mixed-precision `Policy`.
-* `mtkd_jax.core.class_sets`: teachers that know different classes, fused in a global class space;
-  `mtkd_jax.parallel`: parameters sharded over a 2-D mesh (FSDP, tensor-parallel rules);
-  `mtkd_jax.metrics.tokens`: token-level metrics over valid (unpadded) positions.
+  and, apart, the reference models (`mtkd_jax.models.zoo`);
+* `mtkd_jax.training`: `TrainState`, the step factories (`make_supervised_step`,
+  `make_distill_step`, `make_codistill_step`, `stacked_step`), `make_eval_step` and
+  `evaluate`, the kill-safe `fit` and its `Checkpointer`;
+* `mtkd_jax.parallel`: one mesh builder (`make_mesh`), `place`, `data_parallel_step`,
+  `shard_batch`, sharded parameters and several hosts;
+* `mtkd_jax.teachers`: frozen ensembles (`make_stacked_apply`, `make_heterogeneous_apply`),
+  orbax save/load;
+* `mtkd_jax.metrics`, `mtkd_jax.data`, `mtkd_jax.cache`, `mtkd_jax.experiment`.
 
 Every `make_*` factory returns an un-jitted function. `mtkd_jax.data` (TFDS and offline
-datasets), `mtkd_jax.experiment`, `mtkd_jax.cache` and `mtkd_jax.parallel` are imported on
-first access, since TFDS is slow to import and the functional core does not need them.
+datasets), `mtkd_jax.experiment` and `mtkd_jax.cache` are imported on first access, since TFDS
+is slow to import and the functional core does not need them.
 """
 
 import importlib
 
-from mtkd_jax import (
+from mtkd_jax import (  # noqa: F401 (the layers, as attributes of the namespace)
     core,
     metrics,
     models,
@@ -41,58 +38,33 @@ from mtkd_jax import (
     training,
     weighting,
 )
-from mtkd_jax.core.divergence import DIVERGENCES, log_softmax_t, pairwise_divergence, softmax_t
+from mtkd_jax.core.divergence import pairwise_divergence, softmax_t
 from mtkd_jax.core.losses import (
-    SOFT_LOSSES,
     cross_entropy,
     distillation_loss,
-    mean_distillation_loss,
     per_teacher_soft_kl,
     soft_kl,
     soft_mse,
 )
 from mtkd_jax.core.precision import Policy
-from mtkd_jax.core.reduce import global_mean
-from mtkd_jax.models import (
-    MODELS,
-    NNX_MODELS,
-    Model,
-    apply_fn_of,
-    as_model,
-    init_params,
-    linen_model,
-    make_model,
-    model_variables,
-    nnx_apply_fn,
-    nnx_split,
-)
-from mtkd_jax.objective.targets import (
-    DistillTargets,
-    distill_targets,
-    fuse_logits,
-    fuse_targets,
-    leave_one_out_targets,
-)
-from mtkd_jax.parallel import data_mesh, data_parallel_step, replicate, shard_batch
+from mtkd_jax.models import Model, as_model, linen_model, nnx_split
+from mtkd_jax.objective.loss import mean_distillation_loss
+from mtkd_jax.objective.targets import distill_targets, fuse_targets, leave_one_out_targets
+from mtkd_jax.parallel import data_parallel_step, make_mesh, place, shard_batch
 from mtkd_jax.teachers import (
-    choose_strategy,
-    load_orbax_teachers,
     load_teachers,
     make_heterogeneous_apply,
     make_stacked_apply,
     save_teachers,
     stack_params,
-    unstack_params,
 )
-from mtkd_jax.training.batch import check_batch
-from mtkd_jax.training.checkpoint import Checkpointer, params_fingerprint
+from mtkd_jax.training.checkpoint import Checkpointer
 from mtkd_jax.training.evaluation import evaluate, make_eval_step
 from mtkd_jax.training.fit import FitResult, NonFiniteLossError, fit
 from mtkd_jax.training.state import (
     TrainState,
     init_stacked_train_state,
     init_train_state,
-    set_hyperparams,
     variables_of,
 )
 from mtkd_jax.training.steps import (
@@ -115,73 +87,52 @@ def __getattr__(name):
 
 
 __all__ = [
-    "DIVERGENCES",
-    "MODELS",
-    "NNX_MODELS",
-    "SOFT_LOSSES",
-    "WEIGHTINGS",
-    "Checkpointer",
-    "DistillTargets",
-    "FitResult",
-    "Model",
-    "NonFiniteLossError",
-    "Policy",
-    "TrainState",
-    "apply_fn_of",
-    "as_model",
-    "check_batch",
-    "choose_strategy",
-    "cross_entropy",
-    "data_mesh",
-    "data_parallel_step",
-    "distill_targets",
-    "distillation_loss",
-    "evaluate",
-    "fit",
-    "fuse_logits",
-    "fuse_targets",
-    "get_weighting",
-    "global_mean",
-    "init_params",
-    "init_stacked_train_state",
-    "init_train_state",
-    "leave_one_out_targets",
-    "linen_model",
-    "load_orbax_teachers",
-    "load_teachers",
-    "log_softmax_t",
-    "make_codistill_step",
-    "make_distill_step",
-    "make_eval_step",
-    "make_heterogeneous_apply",
-    "make_model",
-    "make_stacked_apply",
-    "make_supervised_step",
-    "mean_distillation_loss",
-    "metrics",
-    "model_variables",
-    "models",
-    "nnx_apply_fn",
-    "nnx_split",
+    # functional core: divergences, per-example losses, targets, the batch objective
+    "softmax_t",
     "pairwise_divergence",
-    "parallel",
-    "params_fingerprint",
-    "per_teacher_soft_kl",
-    "register_weighting",
-    "replicate",
-    "save_teachers",
-    "set_hyperparams",
-    "shard_batch",
     "soft_kl",
     "soft_mse",
-    "softmax_t",
-    "stack_params",
-    "stacked_step",
-    "teachers",
-    "unstack_params",
+    "cross_entropy",
+    "distillation_loss",
+    "per_teacher_soft_kl",
+    "mean_distillation_loss",
+    "fuse_targets",
+    "leave_one_out_targets",
+    "distill_targets",
+    # teacher weights
+    "WEIGHTINGS",
+    "get_weighting",
+    "register_weighting",
+    # models
+    "Model",
+    "as_model",
+    "linen_model",
+    "nnx_split",
+    "Policy",
+    # training
+    "TrainState",
+    "init_train_state",
+    "init_stacked_train_state",
     "variables_of",
-    "weighting",
-    "core",
-    "objective",
-    "training",
+    "make_supervised_step",
+    "make_distill_step",
+    "make_codistill_step",
+    "stacked_step",
+    "make_eval_step",
+    "evaluate",
+    "fit",
+    "FitResult",
+    "NonFiniteLossError",
+    "Checkpointer",
+    # devices
+    "make_mesh",
+    "place",
+    "shard_batch",
+    "data_parallel_step",
+    # teachers
+    "make_stacked_apply",
+    "make_heterogeneous_apply",
+    "stack_params",
+    "save_teachers",
+    "load_teachers",
 ]

@@ -68,14 +68,14 @@ def _teachers(strategy="vmap"):
     """The frozen teachers: `(teacher_apply, stacked params, strategy)`.
 
     With "auto" each process times both strategies on its own and process 0's choice is
-    broadcast (`choose_strategy`); the reference run uses "vmap".
+    broadcast (`choose_runner`); the reference run uses "vmap".
     """
-    from mtkd_jax.teachers import choose_strategy, make_stacked_apply
+    from mtkd_jax.teachers import choose_runner, make_stacked_apply
 
     split, params, _ = _problem()
     if strategy == "auto":
-        strategy = choose_strategy(_teacher_apply, params, split.x[:BATCH], num_repeats=1)
-    return make_stacked_apply(_teacher_apply, strategy=strategy), params, strategy
+        strategy = choose_runner(_teacher_apply, params, split.x[:BATCH], num_repeats=1)
+    return make_stacked_apply(_teacher_apply, runner=strategy), params, strategy
 
 
 def _split_timings(process_index):
@@ -83,7 +83,7 @@ def _split_timings(process_index):
     from mtkd_jax.teachers import autotune
 
     fast, slow = ("vmap", "loop") if process_index == 0 else ("loop", "vmap")
-    autotune.time_strategies = lambda *a, **k: {fast: 1.0, slow: 9.0}
+    autotune.time_runners = lambda *a, **k: {fast: 1.0, slow: 9.0}
 
 
 def build_cache(path, *, process_index, process_count):
@@ -130,7 +130,7 @@ def train(
 
     from mtkd_jax.cache import with_cached_logits
     from mtkd_jax.data import batches
-    from mtkd_jax.parallel import data_parallel_step, global_batches, replicate
+    from mtkd_jax.parallel import data_parallel_step, global_batches, place
     from mtkd_jax.training.fit import fit
     from mtkd_jax.training.state import init_train_state
     from mtkd_jax.training.steps import make_distill_step
@@ -149,7 +149,7 @@ def train(
     step = data_parallel_step(step, mesh)
     if cache is None:  # replicated arguments of the compiled step, passed at every call
         step = functools.partial(step, teacher_params=teacher_params)
-    state = replicate(init_train_state(student_params, tx), mesh)
+    state = place(init_train_state(student_params, tx), mesh)
     loaded = []
 
     def local_batches(epoch, start):
@@ -212,13 +212,13 @@ def main(argv=None):
         initialization_timeout=60,
         shutdown_timeout_seconds=30,
     )
-    from mtkd_jax.parallel import data_mesh
+    from mtkd_jax.parallel import make_mesh
 
     def log_fn(step, metrics):
         if "train/loss" in metrics:
             print(f"step {step}", flush=True)
 
-    mesh = data_mesh()
+    mesh = make_mesh()
     if args.strategy == "auto-split":
         _split_timings(info.process_index)
     teachers = _teachers("vmap" if args.strategy == "vmap" else "auto")

@@ -62,13 +62,13 @@ def test_labels_out_of_range_are_refused_by_fit(rng, label):
 def test_labels_out_of_range_are_refused_by_data_parallel_step(rng, label):
     batch, tp, state = _problem(rng)
     batch["y"][0] = label
-    step = mk.data_parallel_step(mk.make_distill_step(_linear, _teachers, TX), mk.data_mesh(),
+    step = mk.data_parallel_step(mk.make_distill_step(_linear, _teachers, TX), mk.make_mesh(),
                                  num_classes=C)
     with pytest.raises(ValueError, match=r"`batch\['y'\]` labels must be in \[0, 5\)"):
         step(state, batch, KEY, teacher_params=tp)
     if label < 0:  # negative labels are refused even without num_classes
         plain = mk.data_parallel_step(mk.make_distill_step(_linear, _teachers, TX),
-                                      mk.data_mesh())
+                                      mk.make_mesh())
         with pytest.raises(ValueError, match=r"`batch\['y'\]` labels must be in \[0, C\)"):
             plain(state, batch, KEY, teacher_params=tp)
 
@@ -109,7 +109,7 @@ def test_empty_batch_is_refused_not_a_zero_loss_step(rng):
     with pytest.raises(ValueError, match=r"`batch\['x'\]` is empty"):
         jax.jit(mk.make_supervised_step(_linear, TX))(state, empty, KEY)
     with pytest.raises(ValueError, match=r"`batch\['x'\]` is empty"):
-        mk.check_batch(empty)
+        mk.training.batch.check_batch(empty)
 
 
 # 5. An infinite (or NaN) temperature.
@@ -157,7 +157,7 @@ def test_nan_cached_teacher_logits_are_refused_on_the_host(rng):
     batch, _, state = _problem(rng)
     tl = rng.normal(size=(K, B, C)).astype(np.float32)
     tl[1, 2, 3] = np.nan
-    step = mk.data_parallel_step(mk.make_distill_step(_linear, None, TX), mk.data_mesh())
+    step = mk.data_parallel_step(mk.make_distill_step(_linear, None, TX), mk.make_mesh())
     with pytest.raises(ValueError, match=r"`batch\['teacher_logits'\]` holds 1 NaN/inf"):
         step(state, {**batch, "teacher_logits": tl}, KEY)
 
@@ -179,7 +179,7 @@ def test_teacher_logits_of_the_wrong_batch_size_are_named(rng):
 # 7. A step with online teachers called without their params.
 def test_missing_teacher_params_is_named(rng):
     batch, _, state = _problem(rng)
-    stacked = mk.make_stacked_apply(lambda w, x: x @ w, strategy="vmap")
+    stacked = mk.make_stacked_apply(lambda w, x: x @ w, runner="vmap")
     for teacher_apply in (_teachers, stacked):
         step = jax.jit(mk.make_distill_step(_linear, teacher_apply, TX))
         with pytest.raises(ValueError, match=r"`teacher_params` is needed"):

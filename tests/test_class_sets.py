@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import np_softmax
 
 from mtkd_jax import pairwise_divergence, weighting
 from mtkd_jax.core import class_sets
@@ -19,12 +20,6 @@ from mtkd_jax.training.steps import make_distill_step
 C = 7
 MAPS = [[0, 1, 2], [3, 4], [5, 6]]  # disjoint groups
 KNOWN = class_sets.known_mask(MAPS, num_classes=C)
-
-
-def np_softmax(z, axis=-1):
-    z = np.asarray(z, np.float64)
-    e = np.exp(z - z.max(axis, keepdims=True))
-    return e / e.sum(axis, keepdims=True)
 
 
 def np_renormalised(z, known, t=1.0):

@@ -10,29 +10,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import SHAPE, TOL, np_log_softmax, np_softmax, random_probs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
 
-from mtkd_jax import DIVERGENCES, log_softmax_t, pairwise_divergence, softmax_t
+from mtkd_jax import pairwise_divergence, softmax_t
+from mtkd_jax.core.divergence import DIVERGENCES, log_softmax_t
 
 KINDS = ("squared", "euclidean", "kl", "js")
 SYMMETRIC = ("squared", "euclidean", "js")
-SHAPE = (3, 2, 4, 5)  # [K, B1, B2, C]
-TOL = dict(rtol=2e-5, atol=2e-6)
 
 
 # ---------------------------------------------------------------- float64 NumPy references
-def np_log_softmax(z, temperature=1.0):
-    z = np.asarray(z, np.float64) / temperature
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
-def np_softmax(z, temperature=1.0):
-    return np.exp(np_log_softmax(z, temperature))
-
-
 def np_kl(p, q):
     """KL(p || q) over the last axis, 0 log 0 = 0; q > 0 wherever p > 0."""
     p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
@@ -62,10 +52,6 @@ def np_pairwise(probs, kind):
         for j in range(k):
             out[..., i, j] = np_divergence(probs[i], probs[j], kind)
     return out
-
-
-def random_probs(rng, shape=SHAPE, dtype=np.float32):
-    return rng.dirichlet(np.ones(shape[-1]), size=shape[:-1]).astype(dtype)
 
 
 def probs_with_zeros():

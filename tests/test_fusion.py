@@ -12,19 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import SHAPE, np_softmax
 
-from mtkd_jax import fuse_logits, fuse_targets, per_teacher_soft_kl, soft_kl
-
-SHAPE = (3, 2, 4, 5)  # [K, B1, B2, C]
+from mtkd_jax import fuse_targets, per_teacher_soft_kl, soft_kl
+from mtkd_jax.objective.targets import fuse_logits
 
 
 # ---------------------------------------------------------------- float64 NumPy references
-def np_softmax(z, temperature=1.0):
-    z = np.asarray(z, np.float64) / temperature
-    e = np.exp(z - z.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
 def np_kl(p, q):
     p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
     return np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0) / q), 0.0), -1)

@@ -14,7 +14,7 @@ from flax import nnx
 from mtkd_jax.models.transformer import Transformer, TransformerConfig
 from mtkd_jax.models.zoo.token import token_model_fns
 from mtkd_jax.objective.loss import distill_sums, finish_distill
-from mtkd_jax.parallel import data_mesh, data_parallel_step
+from mtkd_jax.parallel import data_parallel_step, make_mesh
 from mtkd_jax.training.state import init_train_state
 from mtkd_jax.training.steps import make_distill_step
 from mtkd_jax.weighting import get_weighting
@@ -86,8 +86,8 @@ def test_step_on_one_device_equals_eight(rng):
     step = make_distill_step(fns.features, teacher_apply, tx, student_head=fns.head,
                              chunk_size=5, weighting="posterior", alpha=0.5, temperature=2.0)
     state = init_train_state(sp, tx)
-    one = data_parallel_step(step, data_mesh(jax.devices()[:1]))
-    eight = data_parallel_step(step, data_mesh())
+    one = data_parallel_step(step, make_mesh(devices=jax.devices()[:1]))
+    eight = data_parallel_step(step, make_mesh())
     s1, m1 = one(state, batch, jax.random.key(0), teacher_params=tp)
     s8, m8 = eight(state, batch, jax.random.key(0), teacher_params=tp)
     np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)

@@ -23,7 +23,7 @@ import pytest
 
 from mtkd_jax import parallel
 from mtkd_jax.cache import open_cache
-from mtkd_jax.parallel import data_mesh, shard_batch
+from mtkd_jax.parallel import make_mesh, shard_batch
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
 TOTAL_DEVICES = 4  # 2 processes x 2 devices, or 4 x 1: the reference runs on 4 devices
@@ -174,7 +174,7 @@ def start_job(tmp_path_factory, tmp_path):
 @pytest.fixture(scope="module")
 def reference():
     """The single-process run on 4 devices: final params and the global batches' indices."""
-    mesh = data_mesh(jax.devices()[:TOTAL_DEVICES])
+    mesh = make_mesh(devices=jax.devices()[:TOTAL_DEVICES])
     result, loaded = multihost_worker.train(mesh, process_index=0, process_count=1)
     return multihost_worker.host_params(result.state.params), loaded
 
@@ -377,7 +377,7 @@ def test_initialize_distributed_without_any_cluster_in_a_fresh_process():
 
 
 def test_global_batches_equal_shard_batch_on_one_process(rng):
-    mesh = data_mesh(jax.devices()[:4])
+    mesh = make_mesh(devices=jax.devices()[:4])
     local = [
         {
             "x": rng.normal(size=(8, 3)).astype(np.float32),

@@ -43,7 +43,7 @@ def test_dropout_masks_come_from_the_step_key(rng):
     assert not np.allclose(a, b)
     np.testing.assert_array_equal(a, run(jax.random.key(1)))
     # Evaluation: no dropout, deterministic, no key needed.
-    variables = mk.model_variables(params, model_state)
+    variables = mk.models.model_variables(params, model_state)
     e = model.eval_apply(variables, x)
     np.testing.assert_array_equal(e, model.eval_apply(variables, x))
     assert not np.allclose(a, e)
@@ -102,8 +102,8 @@ def test_batch_stats_change_in_training_and_not_in_eval(rng):
     np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-5)
     # Teachers and evaluate run frozen, in eval mode, whatever the module's own mode.
     module.train()
-    teacher = mk.make_stacked_apply(module, strategy="loop")
-    variables = mk.stack_params([mk.model_variables(params, trained)])
+    teacher = mk.make_stacked_apply(module, runner="loop")
+    variables = mk.stack_params([mk.models.model_variables(params, trained)])
     np.testing.assert_allclose(teacher(variables, x)[0], logits, rtol=1e-6, atol=1e-6)
 
 
@@ -158,7 +158,7 @@ def test_any_split_layout_and_either_mode_give_one_model(rng):
         nnx.split(module, nnx.Param, nnx.BatchStat, nnx.RngState),
     ]
     ref = ref_model(params, model_state, x, train=True, key=KEY)
-    assert not np.allclose(ref[0], ref_model.eval_apply(mk.model_variables(params,
+    assert not np.allclose(ref[0], ref_model.eval_apply(mk.models.model_variables(params,
                                                                            model_state), x))
     for graphdef, *states in layouts:
         model, p, s = mk.nnx_split(graphdef, *states)
@@ -167,15 +167,15 @@ def test_any_split_layout_and_either_mode_give_one_model(rng):
     # The plain frozen apply_fn takes the three-way split, and names the mistake of
     # differentiating RNG state.
     graphdef, p, rest = nnx.split(module, nnx.Param, ...)
-    frozen = jax.jit(mk.nnx_apply_fn(graphdef, rest))
+    frozen = jax.jit(mk.models.nnx_apply_fn(graphdef, rest))
     np.testing.assert_allclose(
-        frozen(p, x), ref_model.eval_apply(mk.model_variables(params, model_state), x),
+        frozen(p, x), ref_model.eval_apply(mk.models.model_variables(params, model_state), x),
         rtol=1e-6, atol=1e-6,
     )
     graphdef, everything = nnx.split(module)
     with pytest.raises(ValueError, match="nnx_split"):
-        mk.nnx_apply_fn(graphdef)(everything, x)
-    step = mk.make_supervised_step(mk.nnx_apply_fn(graphdef, rest), optax.sgd(0.1),
+        mk.models.nnx_apply_fn(graphdef)(everything, x)
+    step = mk.make_supervised_step(mk.models.nnx_apply_fn(graphdef, rest), optax.sgd(0.1),
                                    pass_key=True)
     state = mk.init_train_state(p, optax.sgd(0.1))
     with pytest.raises(ValueError, match="takes no key"):
@@ -198,7 +198,7 @@ def test_stacked_nnx_teachers_train_and_run_as_one_ensemble(rng):
         state, metrics = step(state, batch, KEY)
     assert metrics["loss"].shape == (K,)
     variables = mk.variables_of(state)
-    outs = {s: jax.jit(mk.make_stacked_apply(model, strategy=s))(variables, batch["x"])
+    outs = {s: jax.jit(mk.make_stacked_apply(model, runner=s))(variables, batch["x"])
             for s in ("vmap", "loop")}
     np.testing.assert_allclose(outs["vmap"], outs["loop"], rtol=1e-5, atol=1e-6)
     one = mk.teachers.unstack_params(variables)[1]
@@ -206,7 +206,7 @@ def test_stacked_nnx_teachers_train_and_run_as_one_ensemble(rng):
     # Distil an NNX student with Dropout and BatchNorm from them; codistil them.
     student, sp, ss = mk.nnx_split(_student())
     s_state = mk.init_train_state(sp, tx, model_state=ss)
-    dstep = jax.jit(mk.make_distill_step(student, mk.make_stacked_apply(model, strategy="loop"),
+    dstep = jax.jit(mk.make_distill_step(student, mk.make_stacked_apply(model, runner="loop"),
                                          tx, temperature=2.0, alpha=0.5))
     s_state, dm = dstep(s_state, batch, KEY, teacher_params=variables)
     assert np.isfinite(float(dm["loss"])) and _max_diff(s_state.model_state, ss) > 0
@@ -214,7 +214,7 @@ def test_stacked_nnx_teachers_train_and_run_as_one_ensemble(rng):
     assert cm["model_loss"].shape == (K,) and _max_diff(cstate.model_state,
                                                        state.model_state) > 0
     report = mk.evaluate(mk.make_eval_step(student, mk.make_stacked_apply(model,
-                                                                           strategy="loop")),
+                                                                           runner="loop")),
                          mk.variables_of(s_state), [batch], teacher_params=variables)
     assert sorted(report) == ["ensemble", "student", "teacher_0", "teacher_1", "teacher_2"]
 
@@ -225,9 +225,9 @@ def test_batch_norm_student_data_parallel_equals_one_device(rng):
     batch = _data(rng, b=32)
     out = []
     for devices in (jax.devices()[:1], jax.devices()):
-        mesh = mk.data_mesh(devices)
+        mesh = mk.make_mesh(devices=devices)
         step = mk.data_parallel_step(mk.make_supervised_step(model, tx), mesh, num_classes=C)
-        state = mk.replicate(mk.init_train_state(params, tx, model_state=model_state), mesh)
+        state = mk.place(mk.init_train_state(params, tx, model_state=model_state), mesh)
         for _ in range(2):
             state, _ = step(state, batch, KEY)
         out.append(jax.device_get(state))
@@ -264,9 +264,9 @@ def test_model_errors():
 )
 def test_nnx_reference_models_match_linen_in_size_and_shape(name, kwargs, in_kwargs, x_shape):
     x = jnp.zeros(x_shape)
-    linen = mk.linen_model(mk.make_model(name, num_classes=C, **kwargs))
+    linen = mk.linen_model(mk.models.make_model(name, num_classes=C, **kwargs))
     lp, lstate = jax.eval_shape(linen.init, jax.random.key(0), x)
-    module = nnx.eval_shape(lambda: mk.make_model(name, num_classes=C, api="nnx", **kwargs,
+    module = nnx.eval_shape(lambda: mk.models.make_model(name, num_classes=C, api="nnx", **kwargs,
                                                   **in_kwargs, rngs=nnx.Rngs(0)))
     _, params, model_state = mk.nnx_split(module)
     assert mk.models.count_params(params) == mk.models.count_params(lp)
@@ -280,10 +280,10 @@ def test_batch_norm_student_in_a_per_device_step_keeps_one_state(rng):
     """shard_map: statistics of each device's rows, averaged over the devices after the step."""
     model, params, model_state = mk.nnx_split(_student())
     tx = optax.sgd(0.1)
-    mesh = mk.data_mesh()
+    mesh = mk.make_mesh()
     step = mk.data_parallel_step(mk.make_supervised_step(model, tx, axis_name="data"), mesh,
                                  mode="shard_map", num_classes=C)
-    state = mk.replicate(mk.init_train_state(params, tx, model_state=model_state), mesh)
+    state = mk.place(mk.init_train_state(params, tx, model_state=model_state), mesh)
     batch = _data(rng, b=32)
     state, metrics = step(state, batch, KEY)
     mean = state.model_state["norms"][0]["mean"][...]

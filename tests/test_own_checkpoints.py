@@ -35,7 +35,7 @@ def test_standard_checkpointer_linen_params_stacked(tmp_path):
     stacked = load_orbax_teachers(paths, abstract)
     assert mk.teachers.num_stacked(stacked) == 2
     x = jnp.asarray(np.random.default_rng(0).normal(size=(B, D)), jnp.float32)
-    logits = jax.jit(mk.make_stacked_apply(mk.apply_fn_of(model), strategy="loop"))(stacked, x)
+    logits = jax.jit(mk.make_stacked_apply(mk.models.apply_fn_of(model), runner="loop"))(stacked, x)
     np.testing.assert_array_equal(logits[1], model.apply({"params": p1}, x))
     # One path: one teacher's tree, unstacked.
     one = load_orbax_teachers(paths[0], abstract)
@@ -60,7 +60,7 @@ def test_checkpoint_manager_nnx_with_batch_norm(tmp_path):
     assert float(jnp.abs(variables["model_state"]["norms"][0]["mean"][...]).max()) > 0
     # An explicit step, and a stack of two checkpoints of one architecture.
     stacked = load_orbax_teachers([tmp_path / "mgr", tmp_path / "mgr"], abstract, step=1)
-    logits = mk.make_stacked_apply(model, strategy="vmap")(stacked, x)
+    logits = mk.make_stacked_apply(model, runner="vmap")(stacked, x)
     assert logits.shape == (2, B, C)
 
 

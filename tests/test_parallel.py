@@ -10,10 +10,10 @@ from jax.sharding import PartitionSpec as P
 
 from mtkd_jax.core.reduce import global_mean
 from mtkd_jax.parallel import (
-    data_mesh,
     data_parallel_step,
     global_batch_from_local,
-    replicate,
+    make_mesh,
+    place,
     shard_batch,
 )
 from mtkd_jax.training.evaluation import make_eval_step
@@ -90,8 +90,8 @@ def reference(problem):
 
 def test_eight_devices_equal_one(problem, reference, num_devices):
     assert num_devices == 8
-    one = data_parallel_step(_step(), data_mesh(jax.devices()[:1]))
-    eight = data_parallel_step(_step(), data_mesh())
+    one = data_parallel_step(_step(), make_mesh(devices=jax.devices()[:1]))
+    eight = data_parallel_step(_step(), make_mesh())
     run8 = _run(eight, *problem)
     _assert_same(_run(one, *problem), reference)
     _assert_same(run8, reference)
@@ -103,7 +103,7 @@ def test_eight_devices_equal_one(problem, reference, num_devices):
 
 def test_shard_map_and_pmap_equal_mesh_step(problem, reference):
     """The axis_name step in shard_map (replicated params, check_vma) and in a user's pmap."""
-    sm = data_parallel_step(_step("data"), data_mesh(), mode="shard_map")
+    sm = data_parallel_step(_step("data"), make_mesh(), mode="shard_map")
     _assert_same(_run(sm, *problem), reference)
 
     params, tp, batches = problem
@@ -129,7 +129,7 @@ def test_precomputed_teacher_logits_split_on_batch_axis(problem, reference):
     step = make_distill_step(
         _mlp, None, _tx(), weighting="confidence", temperature=2.0, alpha=0.4
     )
-    run = _run(data_parallel_step(step, data_mesh()), params, None, cached)
+    run = _run(data_parallel_step(step, make_mesh()), params, None, cached)
     _assert_same(run, reference)
 
 
@@ -149,13 +149,13 @@ def test_codistill_shard_map_equals_one_device(problem):
     kw = dict(soft_loss="mse", alpha=0.5, weighting="entropy")
     ref = run(jax.jit(make_codistill_step(_mlp, tx, **kw)))
     sm = make_codistill_step(_mlp, tx, axis_name="data", **kw)
-    _assert_same(run(data_parallel_step(sm, data_mesh(), mode="shard_map")), ref)
+    _assert_same(run(data_parallel_step(sm, make_mesh(), mode="shard_map")), ref)
 
 
 def test_no_retracing(problem):
     params, tp, batches = problem
     counted = chex.assert_max_traces(_step(), n=1)
-    step = data_parallel_step(counted, data_mesh())
+    step = data_parallel_step(counted, make_mesh())
     state = init_train_state(params, _tx())
     for batch in batches:  # fresh host arrays every step
         state, _ = step(state, batch, KEY, teacher_params=tp)
@@ -164,18 +164,18 @@ def test_no_retracing(problem):
 
 def test_indivisible_batch_is_an_error(problem):
     params, tp, batches = problem
-    step = data_parallel_step(_step(), data_mesh())
+    step = data_parallel_step(_step(), make_mesh())
     small = {k: v[:12] for k, v in batches[0].items()}
     with pytest.raises(ValueError, match="Global batch size 12 does not divide over 8 devices"):
         step(init_train_state(params, _tx()), small, KEY, teacher_params=tp)
     with pytest.raises(ValueError, match="Global batch size 12 does not divide over 8 devices"):
-        shard_batch(small, data_mesh())
+        shard_batch(small, make_mesh())
     with pytest.raises(ValueError, match="Local .* batch size 12 does not divide over 8"):
-        global_batch_from_local(small, data_mesh())
+        global_batch_from_local(small, make_mesh())
 
 
 def test_global_batch_from_local_equals_shard_batch(problem):
-    mesh = data_mesh()
+    mesh = make_mesh()
     batch = {**problem[2][0], "teacher_logits": np.ones((K, B, C), np.float32)}
     a, b = shard_batch(batch, mesh), global_batch_from_local(batch, mesh)
     for k in batch:
@@ -186,13 +186,13 @@ def test_global_batch_from_local_equals_shard_batch(problem):
 
 
 def test_replicate_and_mesh():
-    mesh = data_mesh()
+    mesh = make_mesh()
     assert mesh.axis_names == ("data",) and mesh.shape["data"] == 8
     assert mesh.axis_types == (jax.sharding.AxisType.Auto,)
-    tree = replicate({"w": jnp.arange(3.0)}, mesh)
+    tree = place({"w": jnp.arange(3.0)}, mesh)
     assert tree["w"].sharding.spec == P() and len(tree["w"].addressable_shards) == 8
     with pytest.raises(ValueError, match="at least one device"):
-        data_mesh([])
+        make_mesh(devices=[])
 
 
 def test_global_mean_is_pmeanable(rng):
@@ -223,15 +223,15 @@ def test_mode_mismatch_errors(problem):
     ]
     for step, mode, match in cases:
         with pytest.raises(ValueError, match=match):
-            data_parallel_step(step, data_mesh(), mode=mode)(
+            data_parallel_step(step, make_mesh(), mode=mode)(
                 state, batches[0], KEY, teacher_params=tp)
     with pytest.raises(ValueError, match="`mode` must be 'jit' or 'shard_map'"):
-        data_parallel_step(_step(), data_mesh(), mode="pmap")
+        data_parallel_step(_step(), make_mesh(), mode="pmap")
 
 
 def test_host_checks_before_the_compiled_step(problem):
     params, tp, batches = problem
-    step = data_parallel_step(_step(), data_mesh(), num_classes=C)
+    step = data_parallel_step(_step(), make_mesh(), num_classes=C)
     state = init_train_state(params, _tx())
     bad = {**batches[0], "y": np.where(batches[0]["label_mask"] > 0, C, -1).astype(np.int32)}
     with pytest.raises(ValueError, match=r"`batch\['y'\]` labels must be in \[0, 4\)"):
@@ -252,11 +252,11 @@ def test_batch_axes_is_an_argument(problem, reference):
         batch = dict(batch)
         return base(state, {**batch, "teacher_logits": batch.pop("soft")}, key)
 
-    par = data_parallel_step(step, data_mesh(), batch_axes={"soft": 1})
+    par = data_parallel_step(step, make_mesh(), batch_axes={"soft": 1})
     _assert_same(_run(lambda s, b, k, teacher_params: par(s, b, k), params, tp, renamed),
                  reference)
     with pytest.raises(ValueError, match="Batch entries disagree on the batch size"):
-        data_parallel_step(step, data_mesh())(init_train_state(params, _tx()), renamed[0], KEY)
+        data_parallel_step(step, make_mesh())(init_train_state(params, _tx()), renamed[0], KEY)
 
 
 def test_eval_stats_psum_over_devices(problem):
@@ -282,7 +282,7 @@ def test_teachers_passed_at_call_time_are_replicated_arguments(problem):
     not a constant baked into it: new teacher params need no recompile."""
     params, tp, batches = problem
     counted = chex.assert_max_traces(_step(), n=1)
-    step = data_parallel_step(counted, data_mesh())
+    step = data_parallel_step(counted, make_mesh())
     state = init_train_state(params, _tx())
     state, _ = step(state, batches[0], KEY, teacher_params=tp)
     state, _ = step(state, batches[1], KEY, teacher_params=2.0 * tp)  # other values, no retrace

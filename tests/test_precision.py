@@ -20,7 +20,7 @@ def test_losses_softmaxes_and_targets_of_bfloat16_inputs_are_float32(rng):
     z = jnp.asarray(rng.normal(size=(K, B, C)), BF16)
     y = jnp.asarray(rng.integers(0, C, size=B), jnp.int32)
     t = mk.softmax_t(z, temperature=4.0)
-    assert t.dtype == jnp.float32 and mk.log_softmax_t(z).dtype == jnp.float32
+    assert t.dtype == jnp.float32 and mk.core.divergence.log_softmax_t(z).dtype == jnp.float32
     tb = t[0].astype(BF16)
     assert mk.soft_kl(s, tb, temperature=4.0).dtype == jnp.float32
     assert mk.soft_mse(s, tb).dtype == jnp.float32
@@ -53,11 +53,11 @@ def _setup(policy, teacher_policy):
     model, params, model_state = mk.nnx_split(student, policy=policy)
     tx = optax.adam(3e-3)
     step = jax.jit(mk.make_distill_step(
-        model, mk.make_stacked_apply(t_model, strategy="loop"), tx,
+        model, mk.make_stacked_apply(t_model, runner="loop"), tx,
         weighting="confidence", temperature=4.0, alpha=0.5,
     ))
     state = mk.init_train_state(params, tx, model_state=model_state)
-    return step, state, mk.model_variables(t_params, t_state)
+    return step, state, mk.models.model_variables(t_params, t_state)
 
 
 def test_bfloat16_distill_step_within_1e2_of_float32(rng):

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import np_log_softmax
 
 from mtkd_jax import weighting
 from mtkd_jax.core import class_sets
@@ -30,12 +31,6 @@ def synthetic(rng, b=B, margin=8.0):
         z[mine, y[mine] - g[0]] += margin
         local.append(z.astype(np.float32))
     return class_sets.to_global_logits(local, GROUPS, num_classes=C), y, owner
-
-
-def np_log_softmax(z):
-    z = np.asarray(z, np.float64)
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
 @pytest.mark.parametrize("name, hyper", [

@@ -8,10 +8,14 @@ import numpy as np
 import optax
 import pytest
 
-from mtkd_jax.core.losses import mean_distillation_loss
-from mtkd_jax.objective.loss import chunked_distill_sums, distill_sums, finish_distill
+from mtkd_jax.objective.loss import (
+    chunked_distill_sums,
+    distill_sums,
+    finish_distill,
+    mean_distillation_loss,
+)
 from mtkd_jax.objective.targets import distill_targets
-from mtkd_jax.parallel import data_mesh, data_parallel_step
+from mtkd_jax.parallel import data_parallel_step, make_mesh
 from mtkd_jax.training.batch import check_batch
 from mtkd_jax.training.evaluation import evaluate, make_eval_step
 from mtkd_jax.training.state import init_train_state
@@ -199,8 +203,8 @@ def test_one_device_equals_eight_with_uneven_padding(rng, mode):
         return make_distill_step(lambda p, x: x @ p, None, tx, temperature=T, alpha=ALPHA,
                                  weighting="confidence", axis_name=axis_name)
 
-    one = data_parallel_step(make(None), data_mesh(jax.devices()[:1]))
-    eight = data_parallel_step(make(axis), data_mesh(), mode=mode)
+    one = data_parallel_step(make(None), make_mesh(devices=jax.devices()[:1]))
+    eight = data_parallel_step(make(axis), make_mesh(), mode=mode)
     sa = sb = init_train_state(w, tx)
     for _ in range(2):
         sa, ma = one(sa, batch, KEY)

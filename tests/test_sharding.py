@@ -71,7 +71,7 @@ def _tx():
 
 
 def _distill():
-    teacher_apply = make_stacked_apply(_mlp, strategy="vmap")
+    teacher_apply = make_stacked_apply(_mlp, runner="vmap")
     return make_distill_step(_mlp, teacher_apply, _tx(), temperature=2.0, alpha=0.3)
 
 
@@ -248,7 +248,7 @@ def test_supervised_under_sharding_equals_one_device(problem):
 def test_eval_step_under_sharding_equals_one_device(problem):
     student, teachers, batches = problem
     mesh = make_mesh(2, 4)
-    eval_step = make_eval_step(_mlp, make_stacked_apply(_mlp, strategy="loop"))
+    eval_step = make_eval_step(_mlp, make_stacked_apply(_mlp, runner="loop"))
     run = sharded_eval_step(
         eval_step, mesh, params_shardings=tree_shardings(student, mesh, STUDENT_RULE),
         teacher_shardings=tree_shardings(teachers, mesh, TEACHER_RULE),
@@ -371,7 +371,7 @@ def test_fsdp_picks_the_largest_divisible_axis():
 def test_teacher_inference_and_cache_build_under_shardings(problem, tmp_path):
     _, teachers, batches = problem
     mesh = make_mesh(2, 4)
-    teacher_apply = make_stacked_apply(_mlp, strategy="vmap")
+    teacher_apply = make_stacked_apply(_mlp, runner="vmap")
     x = batches[0]["x"]
     want = np.asarray(jax.jit(teacher_apply)(teachers, x))
     # One teacher per device group; the batch split over "data".

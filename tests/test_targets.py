@@ -6,24 +6,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import SHAPE, TOL, assert_matches, np_softmax, random_probs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
 
-from mtkd_jax import fuse_logits, fuse_targets, leave_one_out_targets
+from mtkd_jax import fuse_targets, leave_one_out_targets
+from mtkd_jax.objective.targets import fuse_logits
 
-SHAPE = (3, 2, 4, 5)  # [K, B1, B2, C]
 K = SHAPE[0]
-TOL = dict(rtol=2e-5, atol=2e-6)
 
 
 # ---------------------------------------------------------------- float64 NumPy references
-def np_softmax(z, temperature=1.0):
-    z = np.asarray(z, np.float64) / temperature
-    e = np.exp(z - z.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
 def np_expand(w, probs):
     w = np.asarray(w, np.float64)
     return w.reshape(w.shape + (1,) * (probs.ndim - w.ndim))
@@ -55,20 +49,9 @@ def np_fuse_logits(z, weights=None, temperature=1.0):
     return np_softmax(np.sum(np_expand(w, z) * z, axis=0), temperature)
 
 
-def random_probs(rng, shape=SHAPE):
-    return rng.dirichlet(np.ones(shape[-1]), size=shape[:-1]).astype(np.float32)
-
-
 def random_weights(rng, shape):
     """`[K, ...]` non-negative weights summing to 1 over K."""
     return np.moveaxis(rng.dirichlet(np.ones(shape[0]), size=shape[1:]), -1, 0).astype(np.float32)
-
-
-def _check(fn, args, expected):
-    eager, jitted = fn(*args), jax.jit(fn)(*args)
-    assert eager.shape == expected.shape, (eager.shape, expected.shape)
-    np.testing.assert_allclose(eager, expected, **TOL)
-    np.testing.assert_allclose(jitted, expected, **TOL)
 
 
 # ---------------------------------------------------------------- fuse_targets
@@ -83,7 +66,7 @@ def test_article_worked_example():
 @pytest.mark.parametrize("weights_shape", [(K,), SHAPE[:-1]], ids=["per-teacher", "per-example"])
 def test_fuse_targets_matches_reference(rng, weights_shape):
     p, w = random_probs(rng), random_weights(rng, weights_shape)
-    _check(fuse_targets, (p, w), np_fuse(p, w))
+    assert_matches(fuse_targets, (p, w), np_fuse(p, w))
     np.testing.assert_allclose(fuse_targets(p, w).sum(-1), 1.0, rtol=1e-5)
 
 
@@ -102,10 +85,10 @@ def test_fuse_targets_uses_weights_as_given(rng):
 def test_leave_one_out_matches_reference(rng, weights_shape):
     p = random_probs(rng)
     if weights_shape is None:
-        _check(leave_one_out_targets, (p,), np_loo(p))
+        assert_matches(leave_one_out_targets, (p,), np_loo(p))
     else:
         w = random_weights(rng, weights_shape)
-        _check(leave_one_out_targets, (p, w), np_loo(p, w))
+        assert_matches(leave_one_out_targets, (p, w), np_loo(p, w))
 
 
 def test_leave_one_out_dominant_teacher_is_accurate(rng):
@@ -139,11 +122,11 @@ def test_fuse_logits_matches_reference(rng, weights_shape):
     z = (3.0 * rng.standard_normal(SHAPE)).astype(np.float32)
     if weights_shape is None:
         fn = lambda z, t: fuse_logits(z, temperature=t)
-        _check(fn, (z, 2.0), np_fuse_logits(z, None, 2.0))
+        assert_matches(fn, (z, 2.0), np_fuse_logits(z, None, 2.0))
     else:
         w = random_weights(rng, weights_shape)
         fn = lambda z, w, t: fuse_logits(z, w, temperature=t)
-        _check(fn, (z, w, 2.0), np_fuse_logits(z, w, 2.0))
+        assert_matches(fn, (z, w, 2.0), np_fuse_logits(z, w, 2.0))
 
 
 # ---------------------------------------------------------------- gradients

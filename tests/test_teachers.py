@@ -16,7 +16,7 @@ from mtkd_jax import teachers
 from mtkd_jax.models import MLP, SmallConvNet, apply_fn_of, init_params
 from mtkd_jax.teachers import (
     autotune,
-    choose_strategy,
+    choose_runner,
     load_teachers,
     make_heterogeneous_apply,
     make_stacked_apply,
@@ -95,40 +95,40 @@ def test_strategies_give_the_same_logits(setup, request):
     apply_fn, x, params_list, stacked = request.getfixturevalue(setup)
     expected = np.stack([apply_fn(p, x) for p in params_list])
     programs = {}
-    for strategy in ("vmap", "loop"):
-        teacher_apply = make_stacked_apply(apply_fn, strategy=strategy)
+    for runner in ("vmap", "loop"):
+        teacher_apply = make_stacked_apply(apply_fn, runner=runner)
         np.testing.assert_allclose(teacher_apply(stacked, x), expected, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(
             jax.jit(teacher_apply)(stacked, x), expected, rtol=1e-5, atol=1e-6
         )
-        programs[strategy] = str(jax.make_jaxpr(teacher_apply)(stacked, x))
+        programs[runner] = str(jax.make_jaxpr(teacher_apply)(stacked, x))
     assert programs["vmap"] != programs["loop"]
     auto = make_stacked_apply(
-        apply_fn, strategy="auto", example_params=stacked, example_x=x, num_repeats=1
+        apply_fn, runner="auto", example_params=stacked, example_x=x, num_repeats=1
     )
     np.testing.assert_allclose(auto(stacked, x), expected, rtol=1e-5, atol=1e-6)
-    # "auto" costs nothing per call: it runs the very program of the strategy it chose.
+    # "auto" costs nothing per call: it runs the very program of the runner it chose.
     assert str(jax.make_jaxpr(auto)(stacked, x)) in programs.values()
 
 
 def test_stacked_apply_inside_jit_and_argument_errors(mlp_setup):
     apply_fn, x, _, stacked = mlp_setup
-    teacher_apply = make_stacked_apply(apply_fn, strategy="loop")
+    teacher_apply = make_stacked_apply(apply_fn, runner="loop")
     outer = jax.jit(lambda p, x: jnp.mean(teacher_apply(p, x), axis=0))
     assert outer(stacked, x).shape == (x.shape[0], 5)
-    with pytest.raises(ValueError, match=r"`strategy` must be one of \('vmap', 'loop', 'auto'\)"):
-        make_stacked_apply(apply_fn, strategy="pmap")
+    with pytest.raises(ValueError, match=r"`runner` must be one of \('vmap', 'loop', 'auto'\)"):
+        make_stacked_apply(apply_fn, runner="pmap")
     with pytest.raises(ValueError, match="pass `example_params`"):
-        make_stacked_apply(apply_fn, strategy="auto")
+        make_stacked_apply(apply_fn, runner="auto")
     with pytest.raises(ValueError, match="call this outside `jax.jit`"):
-        jax.jit(lambda p, x: choose_strategy(apply_fn, p, x))(stacked, x)
+        jax.jit(lambda p, x: choose_runner(apply_fn, p, x))(stacked, x)
     with pytest.raises(ValueError, match="`num_repeats` must be an int >= 1"):
-        choose_strategy(apply_fn, stacked, x, num_repeats=0)
+        choose_runner(apply_fn, stacked, x, num_repeats=0)
     with pytest.raises(ValueError, match="`min_seconds` must be >= 0"):
-        teachers.time_strategies(apply_fn, stacked, x, min_seconds=-1.0)
+        teachers.time_runners(apply_fn, stacked, x, min_seconds=-1.0)
 
 
-def test_choose_strategy_probes_a_sub_batch_first(monkeypatch, mlp_setup):
+def test_choose_runner_probes_a_sub_batch_first(monkeypatch, mlp_setup):
     apply_fn, x, _, stacked = mlp_setup
     full = x.shape[0]
 
@@ -141,47 +141,47 @@ def test_choose_strategy_probes_a_sub_batch_first(monkeypatch, mlp_setup):
 
         return fake, sizes
 
-    # A decisive gap on the probe settles it: the slow strategy never runs at full size.
+    # A decisive gap on the probe settles it: the slow runner never runs at full size.
     fake, sizes = fake_timer({"vmap": 5.0, "loop": 1.0}, {"vmap": 0.1, "loop": 9.0})
-    monkeypatch.setattr(autotune, "time_strategies", fake)
-    assert choose_strategy(apply_fn, stacked, x) == "loop"
+    monkeypatch.setattr(autotune, "time_runners", fake)
+    assert choose_runner(apply_fn, stacked, x) == "loop"
     assert sizes == [full // 4]
     # A close call on the probe is re-timed on the whole batch, whose ranking wins.
     fake, sizes = fake_timer({"vmap": 1.5, "loop": 1.0}, {"vmap": 1.0, "loop": 1.2})
-    monkeypatch.setattr(autotune, "time_strategies", fake)
-    assert choose_strategy(apply_fn, stacked, x) == "vmap"
+    monkeypatch.setattr(autotune, "time_runners", fake)
+    assert choose_runner(apply_fn, stacked, x) == "vmap"
     assert sizes == [full // 4, full]
     # probe_fraction=1 (or a probe below one example) times the full batch only.
     fake, sizes = fake_timer({"vmap": 5.0, "loop": 1.0}, {"vmap": 1.0, "loop": 2.0})
-    monkeypatch.setattr(autotune, "time_strategies", fake)
-    assert choose_strategy(apply_fn, stacked, x, probe_fraction=1.0) == "vmap"
+    monkeypatch.setattr(autotune, "time_runners", fake)
+    assert choose_runner(apply_fn, stacked, x, probe_fraction=1.0) == "vmap"
     assert sizes == [full]
     fake, sizes = fake_timer({"vmap": 5.0, "loop": 1.0}, {"vmap": 1.0, "loop": 2.0}, full=3)
-    monkeypatch.setattr(autotune, "time_strategies", fake)
-    assert choose_strategy(apply_fn, stacked, x[:3]) == "vmap"
+    monkeypatch.setattr(autotune, "time_runners", fake)
+    assert choose_runner(apply_fn, stacked, x[:3]) == "vmap"
     assert sizes == [3]
     with pytest.raises(ValueError, match=r"`probe_fraction` must be in \(0, 1\]"):
-        choose_strategy(apply_fn, stacked, x, probe_fraction=0.0)
+        choose_runner(apply_fn, stacked, x, probe_fraction=0.0)
     with pytest.raises(ValueError, match="`decisive_ratio` must be > 1"):
-        choose_strategy(apply_fn, stacked, x, decisive_ratio=1.0)
+        choose_runner(apply_fn, stacked, x, decisive_ratio=1.0)
 
 
-def test_choose_strategy_picks_the_faster_of_the_timings(monkeypatch, mlp_setup):
+def test_choose_runner_picks_the_faster_of_the_timings(monkeypatch, mlp_setup):
     apply_fn, x, _, stacked = mlp_setup
     cases = [({"vmap": 1.0, "loop": 2.0}, "vmap"), ({"vmap": 3.0, "loop": 2.0}, "loop")]
     for timings, want in cases:
-        monkeypatch.setattr(autotune, "time_strategies", lambda *a, t=timings, **k: t)
-        assert choose_strategy(apply_fn, stacked, x) == want
-        # "auto" builds the program of the strategy choose_strategy picked.
-        auto = make_stacked_apply(apply_fn, strategy="auto", example_params=stacked, example_x=x)
-        chosen = make_stacked_apply(apply_fn, strategy=want)
+        monkeypatch.setattr(autotune, "time_runners", lambda *a, t=timings, **k: t)
+        assert choose_runner(apply_fn, stacked, x) == want
+        # "auto" builds the program of the runner choose_runner picked.
+        auto = make_stacked_apply(apply_fn, runner="auto", example_params=stacked, example_x=x)
+        chosen = make_stacked_apply(apply_fn, runner=want)
         assert str(jax.make_jaxpr(auto)(stacked, x)) == str(jax.make_jaxpr(chosen)(stacked, x))
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "loop"])
-def test_teachers_are_frozen(strategy, mlp_setup):
+@pytest.mark.parametrize("runner", ["vmap", "loop"])
+def test_teachers_are_frozen(runner, mlp_setup):
     apply_fn, x, params_list, stacked = mlp_setup
-    teacher_apply = make_stacked_apply(apply_fn, strategy=strategy)
+    teacher_apply = make_stacked_apply(apply_fn, runner=runner)
     grads = jax.grad(lambda p: jnp.sum(teacher_apply(p, x) ** 2))(stacked)
     assert all(np.all(g == 0) for g in jax.tree.leaves(grads))
     hetero = make_heterogeneous_apply((apply_fn, apply_fn))
@@ -220,13 +220,13 @@ def test_factories_return_plain_unjitted_functions(mlp_setup):
     apply_fn, x, params_list, stacked = mlp_setup
     pair = tuple(params_list[:2])
     cases = [
-        (make_stacked_apply(apply_fn, strategy="vmap"), stacked, K),
-        (make_stacked_apply(apply_fn, strategy="loop"), stacked, K),
+        (make_stacked_apply(apply_fn, runner="vmap"), stacked, K),
+        (make_stacked_apply(apply_fn, runner="loop"), stacked, K),
         (make_heterogeneous_apply((apply_fn, apply_fn)), pair, 2),
     ]
     for teacher_apply, params, k in cases:
         # No hidden state on the function, and not a jitted one (the caller jits).
-        assert not hasattr(teacher_apply, "strategy")
+        assert not hasattr(teacher_apply, "runner")
         assert not hasattr(teacher_apply, "lower")
         assert not isinstance(teacher_apply, type(jax.jit(apply_fn)))
         eager = teacher_apply(params, x)
@@ -240,7 +240,7 @@ def test_factories_return_plain_unjitted_functions(mlp_setup):
 def test_teacher_apply_names_bad_arguments(mlp_setup):
     apply_fn, x, params_list, stacked = mlp_setup
     pair = tuple(params_list[:2])
-    stacked_apply = make_stacked_apply(apply_fn, strategy="vmap")
+    stacked_apply = make_stacked_apply(apply_fn, runner="vmap")
     hetero = make_heterogeneous_apply((apply_fn, apply_fn))
     # A step called without teacher params hands None over; eagerly and inside a jit, the
     # error names the argument and what it should be (not vmap's "non-None value in in_axes").

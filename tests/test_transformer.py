@@ -374,7 +374,7 @@ def test_distill_step_chunked_equals_unchunked(rng):
     fns, params = token_model_fns(_randomized(cfg, 8))
     teachers = [_randomized(cfg.replace(depth=1), 10 + k) for k in range(2)]
     t_model, t_params, t_state = nnx_split(teachers)
-    teacher_apply = jax.jit(make_stacked_apply(t_model.eval_apply, strategy="vmap"))
+    teacher_apply = jax.jit(make_stacked_apply(t_model.eval_apply, runner="vmap"))
     b, length = 3, 10
     x = {"tokens": jnp.asarray(rng.integers(0, V, size=(b, length))),
          "segment_ids": jnp.asarray([[0] * 4 + [1] * 6, [2] * 10, [0] * 7 + [3] * 3])}
@@ -404,7 +404,7 @@ def test_top_k_cache_of_transformer_teachers_on_packed_rows(tmp_path, rng):
     teachers, read back next to the same batches."""
     cfg = preset("tiny", vocab_size=V, dim=32, depth=1, mlp_dim=64)
     t_model, t_params, t_state = nnx_split([_randomized(cfg, 20 + k) for k in range(2)])
-    teacher_apply = make_stacked_apply(t_model.eval_apply, strategy="vmap")
+    teacher_apply = make_stacked_apply(t_model.eval_apply, runner="vmap")
     tp = {"params": t_params, "model_state": t_state}
     tokens = rng.integers(0, V, size=(6, 8))
     seg = np.sort(rng.integers(0, 3, size=(6, 8)), axis=1)

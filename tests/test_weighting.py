@@ -10,31 +10,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import (
+    SHAPE,
+    TOL,
+    assert_matches,
+    np_log_softmax,
+    np_softmax,
+    random_logits,
+    random_probs,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 from mtkd_jax import weighting
 
-SHAPE = (3, 2, 4, 5)  # [K, B1, B2, C]
 K = SHAPE[0]
-TOL = dict(rtol=2e-5, atol=2e-6)
 KINDS = ("squared", "euclidean", "kl", "js")
 
 
 # ---------------------------------------------------------------- float64 NumPy references
-def np_softmax(z, axis=-1):
-    z = np.asarray(z, np.float64)
-    e = np.exp(z - z.max(axis, keepdims=True))
-    return e / e.sum(axis, keepdims=True)
-
-
-def np_log_softmax(z):
-    z = np.asarray(z, np.float64)
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
 def np_per_teacher(v, probs):
     """`[K]` -> `[K, ...]` broadcast over the batch dims of `[K, ..., C]`."""
     v = np.asarray(v, np.float64)
@@ -126,38 +121,24 @@ def np_routing(logits, kind, sharpness=1.0, temperatures=None, scale=None, bias=
     return np_softmax(score, axis=0)
 
 
-def random_probs(rng, shape=SHAPE):
-    return rng.dirichlet(np.ones(shape[-1]), size=shape[:-1]).astype(np.float32)
-
-
-def random_logits(rng, shape=SHAPE, scale=2.0):
-    return (scale * rng.standard_normal(shape)).astype(np.float32)
-
-
 def random_labels(rng, shape=SHAPE):
     return rng.integers(0, shape[-1], size=shape[1:-1]).astype(np.int32)
 
 # ---------------------------------------------------------------- values: jit, batched
-def _check(fn, args, expected, **kwargs):
-    """Under `jax.jit` (eager calls are covered by `test_eager_float64_numpy_inputs`)."""
-    out = jax.jit(lambda *a: fn(*a, **kwargs))(*args)
-    assert out.shape == expected.shape, (out.shape, expected.shape)
-    np.testing.assert_allclose(out, expected, **TOL)
-
-
 def test_uniform_matches_reference(rng):
     p = random_probs(rng)
-    _check(weighting.uniform, (p,), np.full(SHAPE[:-1], 1.0 / K))
+    assert_matches(weighting.uniform, (p,), np.full(SHAPE[:-1], 1.0 / K))
 
 
 def test_static_matches_reference(rng):
     p = random_probs(rng)
     lam = rng.uniform(0.1, 3.0, size=K).astype(np.float32)
-    _check(lambda p, lam: weighting.static(p, lambdas=lam), (p, lam), np_static(lam, p))
+    assert_matches(lambda p, lam: weighting.static(p, lambdas=lam), (p, lam), np_static(lam, p))
     # A zero lambda is allowed (that teacher is switched off), integers are accepted; closed
     # over (concrete) lambdas are checked on the host inside jit without a tracer error.
-    _check(weighting.static, (p,), np_static([0, 1, 3], p), lambdas=np.array([0, 1, 3]))
-    _check(weighting.static, (p,), np_static([1, 2, 3], p), lambdas=jnp.array([1.0, 2.0, 3.0]))
+    assert_matches(weighting.static, (p,), np_static([0, 1, 3], p), lambdas=np.array([0, 1, 3]))
+    assert_matches(weighting.static, (p,), np_static([1, 2, 3], p),
+                   lambdas=jnp.array([1.0, 2.0, 3.0]))
 
 
 def test_from_scores_matches_reference(rng):
@@ -180,7 +161,7 @@ def test_from_scores_temperature_limits():
 
 def test_confidence_matches_reference(rng):
     z, y = random_logits(rng), random_labels(rng)
-    _check(lambda z, y: weighting.confidence(jax.nn.softmax(z / 4.0), logits=z, labels=y),
+    assert_matches(lambda z, y: weighting.confidence(jax.nn.softmax(z / 4.0), logits=z, labels=y),
            (z, y), np_confidence(z, y))
 
 
@@ -188,10 +169,10 @@ def test_confidence_unlabeled_examples_use_the_ensemble_argmax(rng):
     z, y = random_logits(rng), random_labels(rng)
     mask = rng.integers(0, 2, size=y.shape).astype(np.float32)
     p = jax.nn.softmax(z)
-    _check(lambda z, y, m: weighting.confidence(p, logits=z, labels=y, label_mask=m),
+    assert_matches(lambda z, y, m: weighting.confidence(p, logits=z, labels=y, label_mask=m),
            (z, y, mask), np_confidence(z, y, mask))
     # No labels at all: every example is unlabeled.
-    _check(lambda z: weighting.confidence(p, logits=z), (z,), np_confidence(z, y, 0 * mask))
+    assert_matches(lambda z: weighting.confidence(p, logits=z), (z,), np_confidence(z, y, 0 * mask))
 
 
 def test_confidence_prefers_the_teacher_that_is_right():
@@ -234,7 +215,7 @@ def test_posterior_routes_past_one_over_k_minus_one():
 
 def test_entropy_matches_reference(rng):
     p = random_probs(rng)
-    _check(weighting.entropy, (p,), np_entropy(p))
+    assert_matches(weighting.entropy, (p,), np_entropy(p))
 
 
 def test_entropy_is_taken_at_temperature_one_from_the_logits(rng):
@@ -242,7 +223,8 @@ def test_entropy_is_taken_at_temperature_one_from_the_logits(rng):
     # distillation uses; `probs` at T = 4 must not change the weights when logits are given.
     z = random_logits(rng)
     p_t4 = np.asarray(jax.nn.softmax(z / 4.0))
-    _check(lambda p, z: weighting.entropy(p, logits=z), (p_t4, z), np_entropy(np_softmax(z)))
+    assert_matches(lambda p, z: weighting.entropy(p, logits=z), (p_t4, z),
+                   np_entropy(np_softmax(z)))
     assert not np.allclose(np_entropy(p_t4), np_entropy(np_softmax(z)), atol=1e-3)
 
 

@@ -55,6 +55,16 @@ def is_concrete_zero(value) -> bool:
     return not is_traced(value) and not np.any(np.asarray(value))
 
 
+def check_labels_for_alpha(labels, alpha) -> None:
+    """ValueError when there are no labels but `alpha` (the hard-label weight) is not a
+    concrete 0: the one check that a hard-label term has labels."""
+    if labels is None and not is_concrete_zero(alpha):
+        raise ValueError(
+            f"`alpha` > 0 (the hard-label weight) needs labels (`labels`, batch['y']); got "
+            f"alpha={alpha}."
+        )
+
+
 def check_int(value, name: str, *, minimum: int = 1, allow_none: bool = False) -> int | None:
     """`value` as an int; ValueError unless it is an int >= `minimum` (or None when allowed).
 

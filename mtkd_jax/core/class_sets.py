@@ -256,7 +256,7 @@ def pairwise_divergence_known(probs: jax.Array, known, *, kind: str = "squared")
     Args:
       probs: `[K, ..., C]` global-space probabilities (e.g. `renormalised_probs`).
       known: `[K, C]` bool.
-      kind: one of `mtkd_jax.DIVERGENCES`.
+      kind: one of `mtkd_jax.core.divergence.DIVERGENCES`.
 
     Returns:
       `[..., K, K]`, zero on the diagonal.

@@ -1,41 +1,158 @@
-r"""Distillation losses: per-example (unreduced, like optax's), and their masked batch mean.
+r"""Per-example losses (unreduced, like optax's): soft MSE, temperature-scaled KL, CE, their mix.
 
-Shapes: student logits `[..., C]`, targets `[..., C]` (probabilities), labels `[...]`.
-Losses are float32 (or wider) whatever the models compute in: bfloat16 inputs are upcast
-(`mtkd_jax.core.precision.at_least_float32`).
+Shapes: student logits `[..., C]` (`[B, C]`, or `[B, L, V]` for the tokens of a sequence),
+targets `[..., C]` (probabilities), labels `[...]`. Float32 (or wider) whatever the models
+compute in: bfloat16 inputs are upcast (`mtkd_jax.core.precision.at_least_float32`).
 
 The hard/soft mix :math:`(1 - \alpha)\,\ell_{soft} + \alpha\,CE` is written once, in
-`mix_losses`; `distillation_loss` is its per-example form and `mean_distillation_loss` the
-batch mean the steps use (soft term over every example, CE over the labeled ones).
+`mix_losses`; `distillation_loss` is its per-example form. The batch means the steps use
+(soft term over every example, CE over the labeled ones) are in `mtkd_jax.objective.loss`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from mtkd_jax.core import checks as _checks
-from mtkd_jax.core.example_losses import SOFT_LOSSES, cross_entropy, soft_kl, soft_mse
-from mtkd_jax.core.reduce import combine_masks, global_count, global_mean, masked_sum, normalize
+from mtkd_jax.core.divergence import log_softmax_t, softmax_t
+from mtkd_jax.core.precision import at_least_float32
+from mtkd_jax.core.reduce import expand_to
 
 __all__ = [
     "soft_mse",
     "soft_kl",
     "cross_entropy",
+    "SOFT_LOSSES",
+    "soft_loss_fn",
     "mix_losses",
     "distillation_loss",
-    "LossParts",
-    "LossSums",
-    "distillation_sums",
-    "finish_loss",
-    "mean_cross_entropy",
-    "mean_distillation_loss",
     "per_teacher_soft_kl",
-    "SOFT_LOSSES",
+    "safe_labels",
 ]
+
+
+def _check_pair(student_logits, targets):
+    """Check a `[..., C]` pair and return both as arrays, at least float32."""
+    student_logits, targets = jnp.asarray(student_logits), jnp.asarray(targets)
+    _checks.check_float(student_logits, "student_logits")
+    _checks.check_float(targets, "targets")
+    student_logits, targets = at_least_float32(student_logits), at_least_float32(targets)
+    _checks.check_same_classes(student_logits.shape, targets.shape, "student_logits", "targets")
+    if student_logits.shape != targets.shape:
+        raise ValueError(
+            f"`student_logits` {student_logits.shape} and `targets` {targets.shape} must have the "
+            "same shape [..., C]."
+        )
+    return student_logits, targets
+
+
+def soft_mse(
+    student_logits: jax.Array, targets: jax.Array, *, temperature: float | jax.Array = 1.0
+) -> jax.Array:
+    r"""The article's objective: squared error between probabilities, summed over classes.
+
+    :math:`\ell = \sum_c (\mathrm{softmax}(s / T)_c - t_c)^2`.
+
+    Args:
+      student_logits: `[..., C]`.
+      targets: `[..., C]` target probabilities (e.g. `fuse_targets`).
+      temperature: T > 0 applied to the student.
+
+    Returns:
+      `[...]` per-example loss.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtkd_jax.core.losses import soft_mse
+      >>> soft_mse(jnp.zeros(2), jnp.array([1.0, 0.0]))
+      Array(0.5, dtype=float32)
+    """
+    student_logits, targets = _check_pair(student_logits, targets)
+    q = softmax_t(student_logits, temperature=temperature)
+    return jnp.sum(jnp.square(q - targets), axis=-1)
+
+
+def soft_kl(
+    student_logits: jax.Array, targets: jax.Array, *, temperature: float | jax.Array = 1.0
+) -> jax.Array:
+    r"""Temperature-scaled KL (Hinton et al., 2015): :math:`T^2\,KL(t \| \mathrm{softmax}(s/T))`.
+
+    :math:`\ell = T^2 \sum_c t_c (\log t_c - \log\mathrm{softmax}(s/T)_c)`, with terms where
+    :math:`t_c = 0` contributing 0. The :math:`T^2` keeps gradient magnitudes comparable
+    across temperatures (TextBrewer omits it: divide by :math:`T^2`, or scale its learning
+    rate by :math:`T^2`, to compare). Computed in log space.
+
+    Args:
+      student_logits: `[..., C]`.
+      targets: `[..., C]` target probabilities (already at temperature T). A NaN target
+        gives a NaN loss (it is not hidden by the zero-mass rule).
+      temperature: T > 0 applied to the student, and the `T^2` factor.
+
+    Returns:
+      `[...]` per-example loss, >= 0.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtkd_jax.core.losses import soft_kl
+      >>> soft_kl(jnp.zeros(2), jnp.array([0.5, 0.5]), temperature=4.0)
+      Array(0., dtype=float32)
+    """
+    student_logits, targets = _check_pair(student_logits, targets)
+    log_q = log_softmax_t(student_logits, temperature=temperature)
+    # No mass (<= 0: exact zeros, and rounding-level negatives of a fused target) adds 0; a
+    # NaN target fails both comparisons and must show in the value, not only in the
+    # gradient, so that a bad teacher is caught at the step that produced it.
+    zero = targets <= 0
+    safe_t = jnp.where(zero, 1.0, targets)
+    kl = jnp.sum(jnp.where(zero, 0.0, targets * (jnp.log(safe_t) - log_q)), axis=-1)
+    return jnp.square(temperature) * kl
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    r"""Cross-entropy with integer labels: :math:`-\log\mathrm{softmax}(z)_y`.
+
+    Args:
+      logits: `[..., C]`.
+      labels: `[...]` integers in `[0, C)`.
+
+    Returns:
+      `[...]` per-example loss.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtkd_jax.core.losses import cross_entropy
+      >>> cross_entropy(jnp.zeros((1, 4)), jnp.array([2])).round(4)
+      Array([1.3863], dtype=float32)
+    """
+    logits, labels = jnp.asarray(logits), jnp.asarray(labels)
+    _checks.check_float(logits, "logits")
+    _checks.check_labels(labels, "labels", logits.shape[:-1])
+    logp = jax.nn.log_softmax(at_least_float32(logits), axis=-1)
+    return -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+
+
+SOFT_LOSSES: dict[str, Callable[..., jax.Array]] = {"kl": soft_kl, "mse": soft_mse}
+"""Name -> soft loss `fn(student_logits, targets, *, temperature) -> [...]`."""
+
+
+def soft_loss_fn(soft_loss: str | Callable) -> Callable[..., jax.Array]:
+    """The soft loss named `soft_loss` (a key of `SOFT_LOSSES`); a function is returned as
+    given. The one place a soft-loss name is checked: the step factories resolve it once when
+    they are built and pass the function on.
+
+    Example:
+      >>> from mtkd_jax.core.losses import soft_kl, soft_loss_fn
+      >>> soft_loss_fn("kl") is soft_kl
+      True
+    """
+    if callable(soft_loss):
+        return soft_loss
+    if soft_loss not in SOFT_LOSSES:
+        raise ValueError(f"`soft_loss` must be one of {sorted(SOFT_LOSSES)}, got {soft_loss!r}.")
+    return SOFT_LOSSES[soft_loss]
 
 
 def mix_losses(soft: jax.Array, hard: jax.Array, *, alpha: float | jax.Array) -> jax.Array:
@@ -58,13 +175,7 @@ def mix_losses(soft: jax.Array, hard: jax.Array, *, alpha: float | jax.Array) ->
     return (1.0 - alpha) * soft + alpha * hard
 
 
-def _check_soft_loss(soft_loss) -> Callable[..., jax.Array]:
-    if soft_loss not in SOFT_LOSSES:
-        raise ValueError(f"`soft_loss` must be one of {sorted(SOFT_LOSSES)}, got {soft_loss!r}.")
-    return SOFT_LOSSES[soft_loss]
-
-
-def _safe_labels(labels, label_mask):
+def safe_labels(labels, label_mask):
     """Unlabeled rows may hold placeholder labels (e.g. -1); index 0 keeps their CE finite."""
     return labels if label_mask is None else jnp.where(jnp.asarray(label_mask) > 0, labels, 0)
 
@@ -105,218 +216,16 @@ def distillation_loss(
       >>> distillation_loss(s, t, y, alpha=0.5, temperature=2.0).round(4)
       Array([0.3466], dtype=float32)
     """
-    soft_fn = _check_soft_loss(soft_loss)
+    soft_fn = soft_loss_fn(soft_loss)
     _checks.check_unit_interval(alpha, "alpha")
     soft = soft_fn(student_logits, targets, temperature=temperature)
+    _checks.check_labels_for_alpha(labels, alpha)
     if labels is None:
-        if _checks.is_concrete_zero(alpha):
-            return soft
-        raise ValueError(
-            "`labels` ([...] integer class indices) are needed when `alpha` (the hard-label "
-            f"weight) is not a concrete 0; got alpha={alpha}."
-        )
-    hard = cross_entropy(student_logits, _safe_labels(labels, label_mask))
+        return soft
+    hard = cross_entropy(student_logits, safe_labels(labels, label_mask))
     if label_mask is not None:
         hard = hard * jnp.asarray(label_mask, hard.dtype)
     return mix_losses(soft, hard, alpha=alpha)
-
-
-class LossParts(NamedTuple):
-    """A batch-mean loss and its two terms (scalars).
-
-    Attributes:
-      loss: `mix_losses(soft, hard, alpha=alpha)`.
-      soft: mean soft loss over the examples.
-      hard: mean CE over the labeled examples (0 without labels).
-    """
-
-    loss: jax.Array
-    soft: jax.Array
-    hard: jax.Array
-
-
-def mean_cross_entropy(
-    logits: jax.Array,
-    labels: jax.Array,
-    *,
-    label_mask: jax.Array | None = None,
-    mask: jax.Array | None = None,
-    axis_name: str | None = None,
-) -> jax.Array:
-    """Mean CE over the labeled examples (tokens) of the global batch (`reduce.global_mean`).
-
-    Args:
-      logits: `[B, C]` (`[B, L, V]` for sequences).
-      labels: `[B]` (`[B, L]`) int labels; rows with `label_mask` 0 may hold anything.
-      label_mask: optional `[B]` (or `[B, L]`), 1 for labeled rows.
-      mask: optional `[B, L]` padding mask of a sequence batch (0 = padding).
-      axis_name: the mapped data axis of a per-device step, or None.
-
-    Returns:
-      `[]`, 0 when no row is labeled.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from mtkd_jax.core.losses import mean_cross_entropy
-      >>> z = jnp.array([[0.0, 0.0], [9.0, -9.0]])
-      >>> mean_cross_entropy(z, jnp.array([0, -1]), label_mask=jnp.array([1, 0])).round(4)
-      Array(0.6931, dtype=float32)
-    """
-    hard_mask = combine_masks(mask, label_mask)
-    ce = cross_entropy(logits, _safe_labels(labels, hard_mask))
-    return global_mean(ce, hard_mask, axis_name=axis_name)
-
-
-class LossSums(NamedTuple):
-    """This device's sums of the two loss terms and the weights they are divided by.
-
-    Attributes:
-      soft: summed soft loss over the counted positions (examples or valid tokens).
-      hard: summed CE over the labeled positions.
-      soft_count: the number (summed weight) of positions in `soft`.
-      hard_count: the number of positions in `hard`.
-    """
-
-    soft: jax.Array
-    hard: jax.Array
-    soft_count: jax.Array
-    hard_count: jax.Array
-
-
-def distillation_sums(
-    student_logits: jax.Array,
-    targets: jax.Array,
-    labels: jax.Array | None = None,
-    *,
-    temperature: float | jax.Array = 1.0,
-    soft_loss: str = "kl",
-    label_mask: jax.Array | None = None,
-    mask: jax.Array | None = None,
-) -> LossSums:
-    r"""The two terms of the distillation loss as sums over this device's positions.
-
-    Sums (not means) add exactly across the chunks of a sequence (`mtkd_jax.objective.loss`)
-    and across devices; `finish_loss` divides them by the global counts.
-
-    Args:
-      student_logits: `[B, C]` or `[B, L, V]`.
-      targets: same shape, target probabilities (held fixed).
-      labels: optional `[B]` / `[B, L]` int labels.
-      temperature: T > 0.
-      soft_loss: a name in `SOFT_LOSSES`.
-      label_mask: optional `[B]` (or `[B, L]`), 1 for labeled positions.
-      mask: optional `[B, L]` padding mask (0 = padding: in neither term).
-
-    Returns:
-      `LossSums`.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from mtkd_jax.core.losses import distillation_sums
-      >>> s = distillation_sums(jnp.zeros((1, 2, 2)), jnp.full((1, 2, 2), 0.5),
-      ...                       jnp.array([[0, 1]]), mask=jnp.array([[1, 0]]))
-      >>> float(s.soft), round(float(s.hard), 4), float(s.soft_count)
-      (0.0, 0.6931, 1.0)
-    """
-    soft_fn = _check_soft_loss(soft_loss)
-    targets = jax.lax.stop_gradient(targets)
-    soft_vals = soft_fn(student_logits, targets, temperature=temperature)
-    if mask is None and soft_vals.ndim > 1:
-        mask = jnp.ones(soft_vals.shape, soft_vals.dtype)  # every token counts
-    soft_w = None if mask is None else jnp.asarray(mask, soft_vals.dtype)
-    soft = masked_sum(soft_vals, soft_w)
-    soft_count = (jnp.asarray(soft_vals.shape[0], soft_vals.dtype) if soft_w is None
-                  else global_count(soft_w))
-    if labels is None:
-        zero = jnp.zeros((), soft.dtype)
-        return LossSums(soft, zero, soft_count, zero)
-    hard_mask = combine_masks(mask, label_mask)
-    ce = cross_entropy(student_logits, _safe_labels(labels, hard_mask))
-    hard_w = None if hard_mask is None else jnp.asarray(hard_mask, ce.dtype)
-    hard = masked_sum(ce, hard_w)
-    hard_count = (jnp.asarray(ce.shape[0], ce.dtype) if hard_w is None
-                  else global_count(hard_w))
-    return LossSums(soft, hard, soft_count, hard_count)
-
-
-def finish_loss(
-    sums: LossSums, *, alpha: float | jax.Array = 0.0, axis_name: str | None = None
-) -> LossParts:
-    r"""Divide `LossSums` by the global counts (psum'ed over `axis_name`) and mix them.
-
-    With `axis_name` the counts are summed over the devices and every device returns
-    `reduce.normalize`'s scaled share, so the pmean of the loss and of its gradients is the
-    single-device value.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from mtkd_jax.core.losses import LossSums, finish_loss
-      >>> sums = LossSums(*map(jnp.float32, (2.0, 3.0, 4.0, 1.0)))
-      >>> [float(v) for v in finish_loss(sums, alpha=0.5)]
-      [1.75, 0.5, 3.0]
-    """
-    _checks.check_unit_interval(alpha, "alpha")
-    soft_count, hard_count = sums.soft_count, sums.hard_count
-    if axis_name is not None:
-        soft_count = jax.lax.psum(soft_count, axis_name)
-        hard_count = jax.lax.psum(hard_count, axis_name)
-    soft = normalize(sums.soft, jax.lax.stop_gradient(soft_count), axis_name=axis_name)
-    hard = normalize(sums.hard, jax.lax.stop_gradient(hard_count), axis_name=axis_name)
-    return LossParts(mix_losses(soft, hard, alpha=alpha), soft, hard)
-
-
-def mean_distillation_loss(
-    student_logits: jax.Array,
-    targets: jax.Array,
-    labels: jax.Array | None = None,
-    *,
-    alpha: float | jax.Array = 0.0,
-    temperature: float | jax.Array = 1.0,
-    soft_loss: str = "kl",
-    label_mask: jax.Array | None = None,
-    mask: jax.Array | None = None,
-    axis_name: str | None = None,
-) -> LossParts:
-    r"""The distillation loss of a batch: soft mean over all examples, CE over labeled ones.
-
-    :math:`(1-\alpha)\,\overline{\ell_{soft}(s, t)} + \alpha\,\overline{CE(s, y)}_{labeled}`,
-    each mean over the global batch (`distillation_sums` then `finish_loss`), so a per-device
-    step (`axis_name`) pmean'd over the devices equals the single-device step however the
-    labeled examples (or padding tokens) fall. For sequences (`[B, L, V]` logits, `mask`
-    `[B, L]`) both means are over the valid tokens of the global batch. This is the loss of
-    `mtkd_jax.training.steps.make_distill_step`.
-
-    Args:
-      student_logits: `[B, C]` or `[B, L, V]`.
-      targets: same shape, target probabilities (held fixed: no gradient flows into them).
-      labels: optional `[B]` (`[B, L]`) int labels (needed unless `alpha` is a concrete 0).
-      alpha: hard-label weight in [0, 1].
-      temperature: T > 0.
-      soft_loss: a name in `SOFT_LOSSES`.
-      label_mask: optional `[B]` (or `[B, L]`), 1 for labeled examples.
-      mask: optional `[B, L]` padding mask (0 = padding, counted in neither term).
-      axis_name: the mapped data axis of a per-device step, or None.
-
-    Returns:
-      `LossParts(loss, soft, hard)`, scalars.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from mtkd_jax.core.losses import mean_distillation_loss
-      >>> s = jnp.zeros((2, 2)); t = jnp.full((2, 2), 0.5); y = jnp.array([0, 1])
-      >>> parts = mean_distillation_loss(s, t, y, alpha=0.5, label_mask=jnp.array([1, 0]))
-      >>> [round(float(v), 4) for v in parts]
-      [0.3466, 0.0, 0.6931]
-    """
-    _check_soft_loss(soft_loss)
-    _checks.check_unit_interval(alpha, "alpha")
-    if labels is None and not _checks.is_concrete_zero(alpha):
-        raise ValueError(
-            "`alpha` > 0 (the hard-label weight) needs labels (batch['y'])."
-        )
-    sums = distillation_sums(student_logits, targets, labels, temperature=temperature,
-                             soft_loss=soft_loss, label_mask=label_mask, mask=mask)
-    return finish_loss(sums, alpha=alpha, axis_name=axis_name)
 
 
 def per_teacher_soft_kl(
@@ -369,6 +278,4 @@ def per_teacher_soft_kl(
         jnp.broadcast_to(student_logits, teacher_probs.shape), teacher_probs,
         temperature=temperature,
     )  # [K, ...]
-    w = jnp.asarray(weights, per.dtype)
-    w = w.reshape(w.shape + (1,) * (per.ndim - w.ndim))
-    return jnp.sum(w * per, axis=0)
+    return jnp.sum(expand_to(jnp.asarray(weights, per.dtype), per.ndim) * per, axis=0)

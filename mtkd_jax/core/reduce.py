@@ -12,11 +12,21 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["global_mean", "masked_sum", "global_count", "normalize", "combine_masks", "pmean",
-           "as_varying"]
+           "as_varying", "expand_to"]
 
 
-def _expand(w: jax.Array, ndim: int) -> jax.Array:
-    return w.reshape(w.shape + (1,) * (ndim - w.ndim))
+def expand_to(x: jax.Array, ndim: int) -> jax.Array:
+    """`x` with trailing axes of size 1 appended up to `ndim` axes, so that it broadcasts
+    against an `ndim`-axis array from the left (`[K]` weights against `[K, B, C]`, a `[B, L]`
+    mask against `[B, L, V]`). The one such reshape of the library.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtkd_jax.core.reduce import expand_to
+      >>> expand_to(jnp.ones((3, 2)), 4).shape
+      (3, 2, 1, 1)
+    """
+    return x.reshape(x.shape + (1,) * (ndim - x.ndim))
 
 
 def masked_sum(values: jax.Array, weights: jax.Array | None = None) -> jax.Array:
@@ -43,7 +53,7 @@ def masked_sum(values: jax.Array, weights: jax.Array | None = None) -> jax.Array
         raise ValueError(
             f"`weights` {w.shape} must match the leading axes of `values` {values.shape}."
         )
-    values = jnp.where(_expand(w, values.ndim) > 0, values, 0)
+    values = jnp.where(expand_to(w, values.ndim) > 0, values, 0)
     return jnp.tensordot(w, values, axes=w.ndim)
 
 
@@ -100,7 +110,7 @@ def combine_masks(mask: jax.Array | None, label_mask: jax.Array | None):
     if label_mask is None:
         return m
     lm = jnp.asarray(label_mask, jnp.float32)
-    return m * _expand(lm, m.ndim)
+    return m * expand_to(lm, m.ndim)
 
 
 def global_mean(values: jax.Array, weights: jax.Array | None = None, *, axis_name=None):

@@ -99,7 +99,7 @@ def train_source_teachers(ctx: Context) -> Teachers:
     full = bool(known.all())
 
     def build_apply():
-        stacked = teachers_lib.make_stacked_apply(apply_fn, strategy="vmap")
+        stacked = teachers_lib.make_stacked_apply(apply_fn, runner="vmap")
         if full:
             return jax.jit(stacked)
         return jax.jit(lambda p, x: class_sets.mask_unknown(stacked(p, x), known))

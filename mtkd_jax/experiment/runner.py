@@ -261,7 +261,7 @@ def _run(config, plan: RunPlan, times: StageTimes) -> ExperimentResult:
             )
             log(f"transfer set: {len(transfer_x)} unlabeled inputs "
                 f"({time.perf_counter() - t0:.1f} s)")
-    mesh = parallel.data_mesh()
+    mesh = parallel.make_mesh()
     log(f"devices: {jax.device_count()} ({jax.default_backend()}), processes: "
         f"{jax.process_count()}; run folder: {run_dir}")
     progress = RunProgress(plan.trainings_per_seed * config.seeds, enabled=config.progress)

@@ -129,7 +129,7 @@ def _train(ctx: Context) -> Teachers:
         members = [(apply_fn, jax.tree.map(lambda a, i=i: a[i], params))
                    for i in range(cfg.num)]
         stacked_apply = ctx.cached(("stacked", apply_fn), lambda: jax.jit(
-            teachers_lib.make_stacked_apply(apply_fn, strategy="vmap")))
+            teachers_lib.make_stacked_apply(apply_fn, runner="vmap")))
         return Teachers(params, stacked_apply, members, labels, {"teachers": result.history},
                         result.step)
 

@@ -115,7 +115,7 @@ class Model:
             )
             raise ValueError(
                 f"{self.name} runs on its variables {{'params', 'model_state'}} "
-                "(`mtkd_jax.variables_of(state)` or `mtkd_jax.model_variables(params, "
+                "(`mtkd_jax.variables_of(state)` or `mtkd_jax.models.model_variables(params, "
                 f"model_state)`), got {got}."
             )
         logits, _ = self.apply(

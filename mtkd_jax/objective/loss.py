@@ -1,10 +1,13 @@
-r"""The distillation loss of a batch as sums, whole or in chunks of the sequence.
+r"""The batch objective of a step, whole or in chunks of the sequence.
 
-`distill_sums` is the whole way from student logits and teacher logits to what a step needs,
-as sums over the counted positions (examples, or the valid tokens of a sequence batch):
-targets (`targets.distill_targets`: softmax at T, per-position teacher weights, fused
-target), the two loss terms (`losses.distillation_sums`) and the metric sums (teacher
-weights, teacher divergence, agreement, accuracy). Sums add exactly across chunks and
+`mean_distillation_loss` is the distillation loss of a batch given its targets: the soft term
+averaged over every counted position, CE over the labeled ones (`distillation_sums` then
+`finish_loss`); `mean_cross_entropy` the supervised loss. `distill_sums` is the whole way
+from student logits and teacher logits to what a distillation step needs, as sums over the
+counted positions (examples, or the valid tokens of a sequence batch): targets
+(`targets.distill_targets`: softmax at T, per-position teacher weights, fused target), the
+two loss terms (`distillation_sums`) and the metric sums (teacher weights, teacher
+divergence, agreement, accuracy). Sums add exactly across chunks and
 devices; `finish_distill` divides them by the global counts.
 
 `chunked_distill_sums` gives the same sums for a sequence batch without ever holding the
@@ -32,12 +35,225 @@ import jax.numpy as jnp
 from mtkd_jax.core import checks as _checks
 from mtkd_jax.core.class_sets import pairwise_divergence_known
 from mtkd_jax.core.divergence import pairwise_divergence
-from mtkd_jax.core.losses import LossParts, LossSums, distillation_sums, finish_loss
-from mtkd_jax.core.reduce import combine_masks, masked_sum, normalize
+from mtkd_jax.core.losses import cross_entropy, mix_losses, safe_labels, soft_kl, soft_loss_fn
+from mtkd_jax.core.reduce import (
+    combine_masks,
+    expand_to,
+    global_count,
+    global_mean,
+    masked_sum,
+    normalize,
+)
 from mtkd_jax.objective.targets import distill_targets
+from mtkd_jax.weighting import uniform
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "DistillSums", "distill_sums", "chunked_distill_sums",
-           "finish_distill"]
+__all__ = [
+    "LossParts",
+    "LossSums",
+    "distillation_sums",
+    "finish_loss",
+    "mean_distillation_loss",
+    "mean_cross_entropy",
+    "DEFAULT_CHUNK_SIZE",
+    "DistillSums",
+    "distill_sums",
+    "chunked_distill_sums",
+    "finish_distill",
+]
+
+class LossParts(NamedTuple):
+    """A batch-mean loss and its two terms (scalars).
+
+    Attributes:
+      loss: `mix_losses(soft, hard, alpha=alpha)`.
+      soft: mean soft loss over the examples.
+      hard: mean CE over the labeled examples (0 without labels).
+    """
+
+    loss: jax.Array
+    soft: jax.Array
+    hard: jax.Array
+
+
+class LossSums(NamedTuple):
+    """This device's sums of the two loss terms and the weights they are divided by.
+
+    Attributes:
+      soft: summed soft loss over the counted positions (examples or valid tokens).
+      hard: summed CE over the labeled positions.
+      soft_count: the number (summed weight) of positions in `soft`.
+      hard_count: the number of positions in `hard`.
+    """
+
+    soft: jax.Array
+    hard: jax.Array
+    soft_count: jax.Array
+    hard_count: jax.Array
+
+
+def distillation_sums(
+    student_logits: jax.Array,
+    targets: jax.Array,
+    labels: jax.Array | None = None,
+    *,
+    temperature: float | jax.Array = 1.0,
+    soft_loss: str = "kl",
+    label_mask: jax.Array | None = None,
+    mask: jax.Array | None = None,
+) -> LossSums:
+    r"""The two terms of the distillation loss as sums over this device's positions.
+
+    Sums (not means) add exactly across the chunks of a sequence (`chunked_distill_sums`)
+    and across devices; `finish_loss` divides them by the global counts.
+
+    Args:
+      student_logits: `[B, C]` or `[B, L, V]`.
+      targets: same shape, target probabilities (held fixed).
+      labels: optional `[B]` / `[B, L]` int labels.
+      temperature: T > 0.
+      soft_loss: a name in `SOFT_LOSSES` or a soft loss function (`soft_loss_fn`).
+      label_mask: optional `[B]` (or `[B, L]`), 1 for labeled positions.
+      mask: optional `[B, L]` padding mask (0 = padding: in neither term).
+
+    Returns:
+      `LossSums`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtkd_jax.objective.loss import distillation_sums
+      >>> s = distillation_sums(jnp.zeros((1, 2, 2)), jnp.full((1, 2, 2), 0.5),
+      ...                       jnp.array([[0, 1]]), mask=jnp.array([[1, 0]]))
+      >>> float(s.soft), round(float(s.hard), 4), float(s.soft_count)
+      (0.0, 0.6931, 1.0)
+    """
+    targets = jax.lax.stop_gradient(targets)
+    soft_vals = soft_loss_fn(soft_loss)(student_logits, targets, temperature=temperature)
+    if mask is None and soft_vals.ndim > 1:
+        mask = jnp.ones(soft_vals.shape, soft_vals.dtype)  # every token counts
+    soft_w = None if mask is None else jnp.asarray(mask, soft_vals.dtype)
+    soft = masked_sum(soft_vals, soft_w)
+    soft_count = (jnp.asarray(soft_vals.shape[0], soft_vals.dtype) if soft_w is None
+                  else global_count(soft_w))
+    if labels is None:
+        zero = jnp.zeros((), soft.dtype)
+        return LossSums(soft, zero, soft_count, zero)
+    hard_mask = combine_masks(mask, label_mask)
+    ce = cross_entropy(student_logits, safe_labels(labels, hard_mask))
+    hard_w = None if hard_mask is None else jnp.asarray(hard_mask, ce.dtype)
+    hard = masked_sum(ce, hard_w)
+    hard_count = (jnp.asarray(ce.shape[0], ce.dtype) if hard_w is None
+                  else global_count(hard_w))
+    return LossSums(soft, hard, soft_count, hard_count)
+
+
+def finish_loss(
+    sums: LossSums, *, alpha: float | jax.Array = 0.0, axis_name: str | None = None
+) -> LossParts:
+    r"""Divide `LossSums` by the global counts (psum'ed over `axis_name`) and mix them
+    (`alpha` is checked by `mix_losses`).
+
+    With `axis_name` the counts are summed over the devices and every device returns
+    `reduce.normalize`'s scaled share, so the pmean of the loss and of its gradients is the
+    single-device value.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtkd_jax.objective.loss import LossSums, finish_loss
+      >>> sums = LossSums(*map(jnp.float32, (2.0, 3.0, 4.0, 1.0)))
+      >>> [float(v) for v in finish_loss(sums, alpha=0.5)]
+      [1.75, 0.5, 3.0]
+    """
+    soft_count, hard_count = sums.soft_count, sums.hard_count
+    if axis_name is not None:
+        soft_count = jax.lax.psum(soft_count, axis_name)
+        hard_count = jax.lax.psum(hard_count, axis_name)
+    soft = normalize(sums.soft, jax.lax.stop_gradient(soft_count), axis_name=axis_name)
+    hard = normalize(sums.hard, jax.lax.stop_gradient(hard_count), axis_name=axis_name)
+    return LossParts(mix_losses(soft, hard, alpha=alpha), soft, hard)
+
+
+def mean_distillation_loss(
+    student_logits: jax.Array,
+    targets: jax.Array,
+    labels: jax.Array | None = None,
+    *,
+    alpha: float | jax.Array = 0.0,
+    temperature: float | jax.Array = 1.0,
+    soft_loss: str = "kl",
+    label_mask: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    axis_name: str | None = None,
+) -> LossParts:
+    r"""The distillation loss of a batch: soft mean over all examples, CE over labeled ones.
+
+    :math:`(1-\alpha)\,\overline{\ell_{soft}(s, t)} + \alpha\,\overline{CE(s, y)}_{labeled}`,
+    each mean over the global batch (`distillation_sums` then `finish_loss`), so a per-device
+    step (`axis_name`) pmean'd over the devices equals the single-device step however the
+    labeled examples (or padding tokens) fall. For sequences (`[B, L, V]` logits, `mask`
+    `[B, L]`) both means are over the valid tokens of the global batch. This is the loss of
+    `mtkd_jax.training.steps.make_distill_step`.
+
+    Args:
+      student_logits: `[B, C]` or `[B, L, V]`.
+      targets: same shape, target probabilities (held fixed: no gradient flows into them).
+      labels: optional `[B]` (`[B, L]`) int labels (needed unless `alpha` is a concrete 0).
+      alpha: hard-label weight in [0, 1].
+      temperature: T > 0.
+      soft_loss: a name in `SOFT_LOSSES`.
+      label_mask: optional `[B]` (or `[B, L]`), 1 for labeled examples.
+      mask: optional `[B, L]` padding mask (0 = padding, counted in neither term).
+      axis_name: the mapped data axis of a per-device step, or None.
+
+    Returns:
+      `LossParts(loss, soft, hard)`, scalars.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtkd_jax.objective.loss import mean_distillation_loss
+      >>> s = jnp.zeros((2, 2)); t = jnp.full((2, 2), 0.5); y = jnp.array([0, 1])
+      >>> parts = mean_distillation_loss(s, t, y, alpha=0.5, label_mask=jnp.array([1, 0]))
+      >>> [round(float(v), 4) for v in parts]
+      [0.3466, 0.0, 0.6931]
+    """
+    soft_fn = soft_loss_fn(soft_loss)
+    _checks.check_unit_interval(alpha, "alpha")
+    _checks.check_labels_for_alpha(labels, alpha)
+    sums = distillation_sums(student_logits, targets, labels, temperature=temperature,
+                             soft_loss=soft_fn, label_mask=label_mask, mask=mask)
+    return finish_loss(sums, alpha=alpha, axis_name=axis_name)
+
+
+def mean_cross_entropy(
+    logits: jax.Array,
+    labels: jax.Array,
+    *,
+    label_mask: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    axis_name: str | None = None,
+) -> jax.Array:
+    """Mean CE over the labeled examples (tokens) of the global batch (`reduce.global_mean`).
+
+    Args:
+      logits: `[B, C]` (`[B, L, V]` for sequences).
+      labels: `[B]` (`[B, L]`) int labels; rows with `label_mask` 0 may hold anything.
+      label_mask: optional `[B]` (or `[B, L]`), 1 for labeled rows.
+      mask: optional `[B, L]` padding mask of a sequence batch (0 = padding).
+      axis_name: the mapped data axis of a per-device step, or None.
+
+    Returns:
+      `[]`, 0 when no row is labeled.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtkd_jax.objective.loss import mean_cross_entropy
+      >>> z = jnp.array([[0.0, 0.0], [9.0, -9.0]])
+      >>> mean_cross_entropy(z, jnp.array([0, -1]), label_mask=jnp.array([1, 0])).round(4)
+      Array(0.6931, dtype=float32)
+    """
+    hard_mask = combine_masks(mask, label_mask)
+    ce = cross_entropy(logits, safe_labels(labels, hard_mask))
+    return global_mean(ce, hard_mask, axis_name=axis_name)
+
 
 DEFAULT_CHUNK_SIZE = 128
 """Sequence positions per chunk. At K = 4, B = 8, L = 2048, V = 32k (float32) the compiled
@@ -65,11 +281,6 @@ class DistillSums(NamedTuple):
     finite: jax.Array
 
 
-def _expand(m, ndim):
-    m = jnp.asarray(m)
-    return m.reshape(m.shape + (1,) * (ndim - m.ndim))
-
-
 def distill_sums(
     student_logits: jax.Array,
     teacher_logits: jax.Array,
@@ -78,8 +289,8 @@ def distill_sums(
     mask: jax.Array | None = None,
     label_mask: jax.Array | None = None,
     temperature: float | jax.Array = 1.0,
-    weighting: str | Callable = "uniform",
-    soft_loss: str = "kl",
+    weighting: str | Callable = uniform,
+    soft_loss: str | Callable = soft_kl,
     divergence_kind: str = "squared",
     known=None,
 ) -> DistillSums:
@@ -91,8 +302,11 @@ def distill_sums(
       labels: optional `[B]` / `[B, L]` int labels.
       mask: optional `[B, L]` padding mask (0 = padding: in no loss, weight or metric).
       label_mask: optional `[B]` or `[B, L]`, 1 for labeled positions.
-      temperature, weighting, soft_loss, divergence_kind, known: as in
-        `make_distill_step` (`known` `[K, C]`: teachers with different class sets).
+      temperature, divergence_kind, known: as in `make_distill_step` (`known` `[K, C]`:
+        teachers with different class sets).
+      weighting: a weighting name or function; a name is resolved by `distill_targets`, a
+        function used as given (the steps resolve it once, `get_weighting`, and pass it).
+      soft_loss: a name in `SOFT_LOSSES` or the function (`soft_loss_fn`), likewise.
 
     Returns:
       `DistillSums`.
@@ -134,7 +348,7 @@ def distill_sums(
         shape = (k,) + (1,) * (teacher_logits.ndim - 2) + (c,)
         finite = finite | ~jnp.asarray(known, bool).reshape(shape)
     if mask is not None:
-        finite = finite | (_expand(mask, finite.ndim - 1)[None] <= 0)
+        finite = finite | (expand_to(jnp.asarray(mask), finite.ndim - 1)[None] <= 0)
     if labels is None:
         correct = jnp.zeros((), loss.soft.dtype)
     else:
@@ -190,8 +404,8 @@ def chunked_distill_sums(
     label_mask: jax.Array | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     temperature: float | jax.Array = 1.0,
-    weighting: str | Callable = "uniform",
-    soft_loss: str = "kl",
+    weighting: str | Callable = uniform,
+    soft_loss: str | Callable = soft_kl,
     divergence_kind: str = "squared",
     known=None,
 ) -> DistillSums:

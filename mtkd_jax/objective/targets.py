@@ -29,6 +29,7 @@ from mtkd_jax.core import checks as _checks
 from mtkd_jax.core.class_sets import mask_unknown
 from mtkd_jax.core.divergence import softmax_t
 from mtkd_jax.core.precision import at_least_float32
+from mtkd_jax.core.reduce import expand_to
 from mtkd_jax.weighting import get_weighting
 
 __all__ = [
@@ -38,12 +39,6 @@ __all__ = [
     "DistillTargets",
     "distill_targets",
 ]
-
-
-def _expand_weights(weights: jax.Array, probs: jax.Array) -> jax.Array:
-    """`[K]` or `[K, ...]` weights -> broadcastable against `[K, ..., C]`."""
-    w = jnp.asarray(weights, dtype=probs.dtype)
-    return w.reshape(w.shape + (1,) * (probs.ndim - w.ndim))
 
 
 def fuse_targets(probs: jax.Array, weights: jax.Array) -> jax.Array:
@@ -70,7 +65,7 @@ def fuse_targets(probs: jax.Array, weights: jax.Array) -> jax.Array:
     probs, weights = jnp.asarray(probs), jnp.asarray(weights)
     _checks.check_teachers(probs, "probs")
     _checks.check_weights(weights, "weights", probs.shape, "probs")
-    return jnp.sum(_expand_weights(weights, probs) * probs, axis=0)
+    return jnp.sum(expand_to(jnp.asarray(weights, probs.dtype), probs.ndim) * probs, axis=0)
 
 
 def leave_one_out_targets(probs: jax.Array, weights: jax.Array | None = None) -> jax.Array:
@@ -113,7 +108,8 @@ def leave_one_out_targets(probs: jax.Array, weights: jax.Array | None = None) ->
         return uniform
     weights = jnp.asarray(weights)
     _checks.check_weights(weights, "weights", probs.shape, "probs")
-    w = jnp.broadcast_to(_expand_weights(weights, probs), probs.shape[:-1] + (1,))
+    w = expand_to(jnp.asarray(weights, probs.dtype), probs.ndim)
+    w = jnp.broadcast_to(w, probs.shape[:-1] + (1,))
     num, den = sum_others(w * probs), sum_others(w)
     safe_den = jnp.where(den > 0, den, 1.0)
     return jnp.where(den > 0, num / safe_den, uniform)
@@ -151,7 +147,8 @@ def fuse_logits(
         weights = jnp.full((k,), 1.0 / k, dtype=teacher_logits.dtype)
     weights = jnp.asarray(weights)
     _checks.check_weights(weights, "weights", teacher_logits.shape, "teacher_logits")
-    mean = jnp.sum(_expand_weights(weights, teacher_logits) * teacher_logits, axis=0)
+    w = expand_to(jnp.asarray(weights, teacher_logits.dtype), teacher_logits.ndim)
+    mean = jnp.sum(w * teacher_logits, axis=0)
     return softmax_t(mean, temperature=temperature)
 
 
@@ -191,8 +188,9 @@ def distill_targets(
       labels: optional `[...]` int labels.
       label_mask: optional `[...]`, 1 for labeled examples.
       temperature: T > 0.
-      weighting: a name in `mtkd_jax.weighting.WEIGHTINGS` or a strategy function (see
-        `mtkd_jax.weighting.get_weighting` to bind hyperparameters).
+      weighting: a name in `mtkd_jax.weighting.WEIGHTINGS` (resolved here), or a weighting
+        function, used as given (`mtkd_jax.weighting.get_weighting` binds hyperparameters
+        and checks a function of your own against the protocol).
       known: optional `[K, C]` bool, the classes each teacher knows (teachers with
         different class sets, `mtkd_jax.core.class_sets`): logits of unknown classes (which may
         hold anything, -inf included) become `UNKNOWN_LOGIT`, so each teacher's
@@ -223,13 +221,13 @@ def distill_targets(
             f"`label_mask` must have shape {tuple(lead)} (the batch dims of `teacher_logits` "
             f"{teacher_logits.shape}), got {jnp.shape(label_mask)}."
         )
-    fn = get_weighting(weighting)
+    fn = get_weighting(weighting) if isinstance(weighting, str) else weighting
     probs = softmax_t(teacher_logits, temperature=temperature)
     w = jnp.asarray(
         fn(probs, logits=teacher_logits, labels=labels, label_mask=label_mask), probs.dtype
     )
     if w.shape == probs.shape[:1]:
-        w = jnp.broadcast_to(w.reshape(w.shape + (1,) * len(lead)), probs.shape[:-1])
+        w = jnp.broadcast_to(expand_to(w, w.ndim + len(lead)), probs.shape[:-1])
     if w.shape != probs.shape[:-1]:
         raise ValueError(
             f"the weighting returned shape {w.shape}; expected [K]={probs.shape[:1]} or "

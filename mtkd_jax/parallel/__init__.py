@@ -1,8 +1,11 @@
 """Devices: one step on 1 device, D devices, several hosts, parameters sharded or replicated.
 
-* `data_parallel`: data parallelism over a one-axis `("data",)` mesh (`data_mesh`,
-  `replicate`, `shard_batch`, `global_batch_from_local`, `data_parallel_step`); parameters
-  replicated, the batch split over the devices.
+* `mesh`: the one mesh builder, `make_mesh()` (one `("data",)` axis over every device) or
+  `make_mesh(data, model)` (2-D); `place(tree, mesh)` replicates a pytree on a mesh,
+  `place(tree, shardings)` lays it out leaf by leaf.
+* `data_parallel`: data parallelism over a one-axis mesh (`shard_batch`,
+  `global_batch_from_local`, `data_parallel_step`); parameters replicated, the batch split
+  over the devices.
 * `rules` and `sharded`: parameters sharded over a 2-D `("data", "model")` mesh, teachers and
   students too big for one device. The layout of the parameters is an argument too, given by
   plain rules and applied by `jax.jit`'s `in_shardings` / `out_shardings`; the step functions
@@ -21,7 +24,7 @@
 * `hosts` and `initialize`: several processes (hosts) through JAX's own distributed runtime.
   A multi-host run is P copies of the same program, one per host. Each calls
   `initialize_distributed` before any other JAX call, then builds the same mesh over the
-  devices of all processes (`data_mesh()`), reads only its own rows of each global batch
+  devices of all processes (`make_mesh()`), reads only its own rows of each global batch
   (`mtkd_jax.data.batches`, which defaults to this process's `process_index` /
   `process_count`), turns them into global arrays (`global_batches`) and runs the same
   data-parallel step. Only the main process (`is_main_process`) writes logs and reports;
@@ -33,10 +36,8 @@
 from mtkd_jax.parallel.data_parallel import (
     BATCH_AXES,
     batch_specs,
-    data_mesh,
     data_parallel_step,
     global_batch_from_local,
-    replicate,
     shard_batch,
 )
 from mtkd_jax.parallel.hosts import (
@@ -57,10 +58,10 @@ from mtkd_jax.parallel.initialize import (
     distributed_requested,
     initialize_distributed,
 )
+from mtkd_jax.parallel.mesh import make_mesh, mesh_of, place
 from mtkd_jax.parallel.rules import (
     Rule,
     fsdp,
-    make_mesh,
     per_teacher,
     replicated,
     stacked,
@@ -70,8 +71,6 @@ from mtkd_jax.parallel.rules import (
 )
 from mtkd_jax.parallel.sharded import (
     abstract_like,
-    mesh_of,
-    place,
     sharded_eval_step,
     sharded_step,
     sharded_teacher_apply,
@@ -80,10 +79,8 @@ from mtkd_jax.parallel.sharded import (
 __all__ = [
     "BATCH_AXES",
     "batch_specs",
-    "data_mesh",
     "data_parallel_step",
     "global_batch_from_local",
-    "replicate",
     "shard_batch",
     "Rule",
     "make_mesh",

@@ -22,15 +22,14 @@ from collections.abc import Callable, Mapping
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mtkd_jax.parallel.mesh import place
 from mtkd_jax.training.batch import check_batch
 
 __all__ = [
     "BATCH_AXES",
-    "data_mesh",
-    "replicate",
     "shard_batch",
     "global_batch_from_local",
     "batch_specs",
@@ -39,31 +38,6 @@ __all__ = [
 
 BATCH_AXES: Mapping[str, int] = {"teacher_logits": 1}
 """Batch entries whose batch axis is not the leading one: key -> position of the batch axis."""
-
-
-def data_mesh(devices=None, *, axis_name: str = "data") -> Mesh:
-    """A one-axis mesh over `devices` (default: all devices of all processes).
-
-    The axis type is `Auto` on purpose: `jax.make_mesh` defaults to `Explicit` axes in this
-    JAX version, under which unsharded inputs to `jax.shard_map` raise.
-
-    Args:
-      devices: a sequence of devices, or None for `jax.devices()`.
-      axis_name: the mesh axis name.
-
-    Returns:
-      `jax.sharding.Mesh` of shape `{axis_name: len(devices)}`.
-
-    Example:
-      >>> import jax
-      >>> from mtkd_jax.parallel import data_mesh
-      >>> data_mesh(jax.devices()[:1]).shape
-      OrderedDict([('data', 1)])
-    """
-    devices = jax.devices() if devices is None else list(devices)
-    if not devices:
-        raise ValueError("`devices` must hold at least one device, got an empty sequence.")
-    return Mesh(np.asarray(devices), (axis_name,), axis_types=(AxisType.Auto,))
 
 
 def _axis(mesh: Mesh, data_axis: str | None = None) -> str:
@@ -78,34 +52,6 @@ def _axis(mesh: Mesh, data_axis: str | None = None) -> str:
             f"`mesh` must have exactly one axis (the data axis), got axes {mesh.axis_names}."
         )
     return mesh.axis_names[0]
-
-
-def replicate(tree, mesh: Mesh):
-    """Place every leaf of `tree` on all devices of `mesh`, unsplit (`P()`).
-
-    Example:
-      >>> import jax, jax.numpy as jnp
-      >>> from mtkd_jax.parallel import data_mesh, replicate
-      >>> replicate({"w": jnp.ones(3)}, data_mesh(jax.devices()[:1]))["w"].sharding.spec
-      P()
-    """
-    sharding = NamedSharding(mesh, P())
-    if sharding.is_fully_addressable:
-        return jax.device_put(tree, sharding)
-
-    def put_key(x):
-        # Several processes: `device_put` of a typed PRNG key onto other processes' devices
-        # raises (jax 0.10 handles only plain arrays there), so move its raw data instead.
-        if (
-            isinstance(x, jax.Array)
-            and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-            and x.sharding != sharding
-        ):
-            data = jax.device_put(jax.random.key_data(x), sharding)
-            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
-        return x
-
-    return jax.device_put(jax.tree.map(put_key, tree), sharding)
 
 
 def batch_specs(
@@ -171,7 +117,7 @@ def shard_batch(
 
     Args:
       batch: dict of arrays, global batch size B on the batch axis (see `batch_specs`).
-      mesh: a one-axis mesh (`data_mesh`), or any mesh with `data_axis`.
+      mesh: a one-axis mesh (`make_mesh()`), or any mesh with `data_axis`.
       batch_axes: key -> position of that entry's batch axis (default `BATCH_AXES`).
       data_axis: the axis to split over on a mesh of several axes (e.g. ``"data"`` of a
         `mtkd_jax.parallel.make_mesh` mesh; the batch is replicated over the others).
@@ -184,8 +130,8 @@ def shard_batch(
 
     Example:
       >>> import jax, numpy as np
-      >>> from mtkd_jax.parallel import data_mesh, shard_batch
-      >>> b = shard_batch({"x": np.ones((4, 3), np.float32)}, data_mesh(jax.devices()[:2]))
+      >>> from mtkd_jax.parallel import make_mesh, shard_batch
+      >>> b = shard_batch({"x": np.ones((4, 3), np.float32)}, make_mesh(devices=jax.devices()[:2]))
       >>> b["x"].sharding.spec, b["x"].shape
       (P('data',), (4, 3))
     """
@@ -224,8 +170,8 @@ def global_batch_from_local(
 
     Example:
       >>> import jax, numpy as np
-      >>> from mtkd_jax.parallel import data_mesh, global_batch_from_local
-      >>> g = global_batch_from_local({"x": np.ones((2, 3))}, data_mesh(jax.devices()[:2]))
+      >>> from mtkd_jax.parallel import global_batch_from_local, make_mesh
+      >>> g = global_batch_from_local({"x": np.ones((2, 3))}, make_mesh(devices=jax.devices()[:2]))
       >>> g["x"].shape
       (2, 3)
     """
@@ -267,7 +213,7 @@ def data_parallel_step(
       step: a train step from `mtkd_jax.training.steps`. For ``mode="jit"`` built with
         ``axis_name=None``; for ``mode="shard_map"`` with ``axis_name`` equal to the mesh's
         axis name (a mismatch is reported when the step is first traced).
-      mesh: a one-axis mesh (`data_mesh`).
+      mesh: a one-axis mesh (`make_mesh()`).
       mode: ``"jit"`` (global view, GSPMD) or ``"shard_map"`` (per-device view, explicit
         pmean in the step).
       batch_axes: key -> position of the batch axis of entries where it is not the first
@@ -286,10 +232,10 @@ def data_parallel_step(
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from mtkd_jax.parallel import data_mesh, data_parallel_step
+      >>> from mtkd_jax.parallel import data_parallel_step, make_mesh
       >>> def step(state, batch, key):
       ...     return state + jnp.mean(batch["x"]), {"mean": jnp.mean(batch["x"])}
-      >>> f = data_parallel_step(step, data_mesh(jax.devices()[:2]))
+      >>> f = data_parallel_step(step, make_mesh(devices=jax.devices()[:2]))
       >>> f(jnp.zeros(()), {"x": jnp.arange(4.0)}, jax.random.key(0))[1]["mean"]
       Array(1.5, dtype=float32)
     """
@@ -342,7 +288,7 @@ def data_parallel_step(
     def parallel_step(state, batch, key, **kwargs):
         check_batch(batch, num_classes=num_classes)
         batch = shard_batch(batch, mesh, batch_axes=batch_axes)
-        state, key, kwargs = replicate((state, key, kwargs), mesh)
+        state, key, kwargs = place((state, key, kwargs), mesh)
         return run(get_compiled(tuple(batch)), (state, batch, key, kwargs))
 
     return parallel_step

@@ -84,7 +84,7 @@ def global_batches(
     Args:
       local_batches: iterable of dicts of host arrays, `[B/P, ...]` on the batch axis
         (`[K, B/P, C]` for `"teacher_logits"`).
-      mesh: a one-axis mesh over the devices of all processes (`parallel.data_mesh()`), or
+      mesh: a one-axis mesh over the devices of all processes (`parallel.make_mesh()`), or
         a mesh of several axes with `data_axis` (`mtkd_jax.parallel.make_mesh`).
       data_axis: the axis the batch is split over on a mesh of several axes.
 
@@ -97,9 +97,9 @@ def global_batches(
     Example:
       >>> import jax, numpy as np
       >>> from mtkd_jax.parallel import global_batches
-      >>> from mtkd_jax.parallel import data_mesh
+      >>> from mtkd_jax.parallel import make_mesh
       >>> local = ({"x": np.full((4, 2), i, np.float32)} for i in range(3))
-      >>> [b["x"].shape for b in global_batches(local, data_mesh(jax.devices()[:2]))]
+      >>> [b["x"].shape for b in global_batches(local, make_mesh(devices=jax.devices()[:2]))]
       [(4, 2), (4, 2), (4, 2)]
     """
     source = iter(local_batches)
@@ -116,7 +116,7 @@ def broadcast_from_main(tree: Any) -> Any:
     """Process 0's values of `tree` (numpy arrays or scalars), on every process.
 
     For a decision each process would otherwise take on its own, e.g. anything chosen by
-    timing or by local data (`mtkd_jax.teachers.choose_strategy` does this for its choice):
+    timing or by local data (`mtkd_jax.teachers.choose_runner` does this for its choice):
     the processes must compile the same program.
     On a single process, `tree` comes back as numpy arrays.
 

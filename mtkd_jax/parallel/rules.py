@@ -25,19 +25,18 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mtkd_jax.training.state import TrainState
 
 __all__ = [
     "Rule",
-    "make_mesh",
     "replicated",
     "fsdp",
     "tensor_parallel",
@@ -52,47 +51,6 @@ Rule = Callable[[str, tuple, Mesh], P]
 
 DEFAULT_MIN_SIZE = 2**14
 """Leaves with fewer elements than this are replicated by `fsdp` (not worth a collective)."""
-
-
-def make_mesh(
-    data: int,
-    model: int,
-    *,
-    devices: Sequence[Any] | None = None,
-    axis_names: tuple[str, str] = ("data", "model"),
-) -> Mesh:
-    """A 2-D mesh `data x model` over `devices` (default: all devices of all processes).
-
-    The batch is split over the first axis, parameters over the second. Axes are `Auto`
-    (as `mtkd_jax.parallel.data_mesh`): the partitioner places the collectives.
-
-    Args:
-      data: size of the data axis.
-      model: size of the model axis (FSDP or tensor-parallel shards of each weight).
-      devices: data * model devices, or None for `jax.devices()` (which must then be
-        exactly data * model).
-      axis_names: the two axis names, e.g. ``("data", "fsdp")``.
-
-    Example:
-      >>> import jax
-      >>> from mtkd_jax.parallel import make_mesh
-      >>> make_mesh(1, 1, devices=jax.devices()[:1]).shape
-      OrderedDict([('data', 1), ('model', 1)])
-    """
-    for v, name in ((data, "data"), (model, "model")):
-        if not isinstance(v, int | np.integer) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"`{name}` must be an int >= 1, got {v!r}.")
-    devices = jax.devices() if devices is None else list(devices)
-    if len(devices) != data * model:
-        raise ValueError(
-            f"a {data}x{model} mesh needs {data * model} devices, got {len(devices)} "
-            "(pass `devices` or change the mesh shape)."
-        )
-    if len(axis_names) != 2 or len(set(axis_names)) != 2:
-        raise ValueError(f"`axis_names` must be two distinct names, got {axis_names!r}.")
-    return jax.make_mesh(
-        (data, model), tuple(axis_names), axis_types=(AxisType.Auto,) * 2, devices=devices
-    )
 
 
 def replicated() -> Rule:

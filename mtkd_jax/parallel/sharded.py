@@ -18,44 +18,16 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mtkd_jax.parallel.data_parallel import BATCH_AXES, batch_specs, replicate, shard_batch
+from mtkd_jax.parallel.data_parallel import BATCH_AXES, batch_specs, shard_batch
+from mtkd_jax.parallel.mesh import mesh_of, place
 from mtkd_jax.training.batch import check_batch
 
 __all__ = [
     "sharded_step",
     "sharded_eval_step",
     "sharded_teacher_apply",
-    "place",
     "abstract_like",
-    "mesh_of",
 ]
-
-
-def mesh_of(shardings: Any, name: str = "shardings") -> Mesh:
-    """The one mesh of a tree of `NamedSharding`s (ValueError when none or several)."""
-    meshes = {
-        s.mesh for s in jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, NamedSharding))
-        if isinstance(s, NamedSharding)
-    }
-    if len(meshes) != 1:
-        raise ValueError(
-            f"`{name}` must be NamedShardings over one mesh, got {len(meshes)} meshes."
-        )
-    return meshes.pop()
-
-
-def place(tree: Any, shardings: Any) -> Any:
-    """`jax.device_put(tree, shardings)`: each leaf onto its sharding (no copy when there).
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from mtkd_jax.parallel import fsdp, make_mesh, place, tree_shardings
-      >>> tree = {"w": jnp.zeros((8, 2))}
-      >>> w = place(tree, tree_shardings(tree, make_mesh(2, 4), fsdp(min_size=1)))["w"]
-      >>> w.addressable_shards[0].data.shape
-      (2, 2)
-    """
-    return jax.device_put(tree, shardings)
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
@@ -108,7 +80,7 @@ def _compiler(fn, mesh: Mesh, first_shardings, teacher_shardings, data_axis, bat
         """Arguments onto their shardings (host arrays transferred, placed ones left)."""
         check = teacher_shardings is not None and "teacher_params" in kwargs
         kw = {k: v for k, v in kwargs.items() if not (check and k == "teacher_params")}
-        kw, rest = replicate((kw, rest), mesh)
+        kw, rest = place((kw, rest), mesh)
         if check:
             kw["teacher_params"] = place(kwargs["teacher_params"], teacher_shardings)
         batch = shard_batch(batch, mesh, batch_axes=batch_axes, data_axis=data_axis)
@@ -310,7 +282,7 @@ def sharded_teacher_apply(
       >>> from mtkd_jax.teachers import make_stacked_apply
       >>> tp = jnp.ones((4, 3, 2))
       >>> s = tree_shardings(tp, make_mesh(2, 4), per_teacher())
-      >>> run = sharded_teacher_apply(make_stacked_apply(lambda w, x: x @ w, strategy="vmap"),
+      >>> run = sharded_teacher_apply(make_stacked_apply(lambda w, x: x @ w, runner="vmap"),
       ...                             teacher_shardings=s)
       >>> run(tp, jnp.ones((6, 3))).shape
       (4, 6, 2)

@@ -1,9 +1,9 @@
-"""Teacher ensembles: stacked pytrees, batched frozen inference, strategy choice, save and load.
+"""Teacher ensembles: stacked pytrees, batched frozen inference, runner choice, save and load.
 
 * `stacking`: `num_stacked` (K of a stacked pytree), `stack_params`, `unstack_params`;
 * `inference`: `make_stacked_apply` (vmap / loop / auto) and `make_heterogeneous_apply`,
   un-jitted `teacher_apply(teacher_params, x) -> logits [K, B, C]`, frozen;
-* `autotune`: `time_strategies`, `choose_strategy` (the "auto" choice);
+* `autotune`: `time_runners`, `choose_runner` (the "auto" choice);
 * `io`: `save_teachers`, `load_teachers` (orbax, checked against
   `mtkd_jax.training.checkpoint.params_fingerprint`);
 * `own_checkpoints`: `load_orbax_teachers`, teachers saved by your own orbax code
@@ -20,15 +20,15 @@ architecture at once with `mtkd_jax.training.steps.stacked_step` over a stacked
 """
 
 from mtkd_jax.models.stacking import num_stacked, stack_params, unstack_params
-from mtkd_jax.teachers.autotune import choose_strategy, time_strategies
-from mtkd_jax.teachers.inference import STRATEGIES, make_heterogeneous_apply, make_stacked_apply
+from mtkd_jax.teachers.autotune import choose_runner, time_runners
+from mtkd_jax.teachers.inference import RUNNERS, make_heterogeneous_apply, make_stacked_apply
 from mtkd_jax.teachers.io import load_teachers, save_teachers
 from mtkd_jax.teachers.own_checkpoints import load_orbax_teachers
 from mtkd_jax.teachers.published import PublishedTeachers, load_published_teachers
 
 __all__ = [
-    "STRATEGIES",
-    "choose_strategy",
+    "RUNNERS",
+    "choose_runner",
     "load_orbax_teachers",
     "load_published_teachers",
     "PublishedTeachers",
@@ -38,6 +38,6 @@ __all__ = [
     "num_stacked",
     "save_teachers",
     "stack_params",
-    "time_strategies",
+    "time_runners",
     "unstack_params",
 ]

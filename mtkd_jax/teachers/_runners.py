@@ -30,7 +30,7 @@ def _loop_runner(apply_fn: ApplyFn) -> ApplyFn:
     return run
 
 
-RUNNERS: dict[str, Callable[[ApplyFn], ApplyFn]] = {"vmap": _vmap_runner, "loop": _loop_runner}
+RUNNER_FNS: dict[str, Callable[[ApplyFn], ApplyFn]] = {"vmap": _vmap_runner, "loop": _loop_runner}
 
-STRATEGIES = (*RUNNERS, "auto")
+RUNNERS = (*RUNNER_FNS, "auto")
 """Ways to run same-architecture teachers: `jax.vmap`, an unrolled loop, or timed choice."""

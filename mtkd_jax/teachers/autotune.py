@@ -1,4 +1,4 @@
-"""Choosing between the "vmap" and "loop" strategies by timing both on an example batch.
+"""Choosing between the "vmap" and "loop" runners by timing both on an example batch.
 
 Which is faster depends on the model and backend: on a CPU, vmap over conv teachers turns
 into grouped convolutions, much slower than the loop, while for MLPs vmap (a batched matmul)
@@ -19,20 +19,20 @@ import numpy as np
 from mtkd_jax.core import checks as _checks
 from mtkd_jax.models.stacking import num_stacked
 from mtkd_jax.parallel import broadcast_from_main, process_local
-from mtkd_jax.teachers._runners import RUNNERS, ApplyFn
+from mtkd_jax.teachers._runners import RUNNER_FNS, ApplyFn
 
-__all__ = ["time_strategies", "choose_strategy"]
+__all__ = ["time_runners", "choose_runner"]
 
 
 def _check_concrete(x: Any, name: str) -> None:
     if any(_checks.is_traced(leaf) for leaf in jax.tree.leaves(x)):
         raise ValueError(
-            f"`{name}` is traced: the strategy is timed on concrete arrays, so call this "
+            f"`{name}` is traced: the runner is timed on concrete arrays, so call this "
             "outside `jax.jit` (e.g. when building the train step)."
         )
 
 
-def time_strategies(
+def time_runners(
     apply_fn: ApplyFn,
     stacked_params: Any,
     example_x: jax.Array,
@@ -40,7 +40,7 @@ def time_strategies(
     num_repeats: int = 5,
     min_seconds: float = 0.02,
 ) -> dict[str, float]:
-    """Seconds per call of each concrete strategy ("vmap", "loop") on an example batch.
+    """Seconds per call of each concrete runner ("vmap", "loop") on an example batch.
 
     Each is compiled (jitted here, for timing) and run once untimed, then the two are timed
     alternately `num_repeats` times each, in alternating order (spreading background load
@@ -53,7 +53,7 @@ def time_strategies(
       apply_fn: `(params, x) -> logits [B, C]` of one teacher.
       stacked_params: params stacked on a leading K axis.
       example_x: `[B, ...]` a representative input batch (same shape as in training).
-      num_repeats: timed measurements per strategy (>= 1).
+      num_repeats: timed measurements per runner (>= 1).
       min_seconds: target length of one measurement (>= 0).
 
     Returns:
@@ -61,8 +61,8 @@ def time_strategies(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from mtkd_jax.teachers import time_strategies
-      >>> t = time_strategies(lambda w, x: x @ w, jnp.ones((3, 4, 2)), jnp.ones((8, 4)),
+      >>> from mtkd_jax.teachers import time_runners
+      >>> t = time_runners(lambda w, x: x @ w, jnp.ones((3, 4, 2)), jnp.ones((8, 4)),
       ...                     num_repeats=2)
       >>> sorted(t), all(s > 0 for s in t.values())
       (['loop', 'vmap'], True)
@@ -73,7 +73,7 @@ def time_strategies(
     _check_concrete(stacked_params, "stacked_params")
     _check_concrete(example_x, "example_x")
     num_stacked(stacked_params, "stacked_params")
-    fns = {name: jax.jit(runner(apply_fn)) for name, runner in RUNNERS.items()}
+    fns = {name: jax.jit(runner(apply_fn)) for name, runner in RUNNER_FNS.items()}
 
     def seconds(fn, calls: int) -> float:
         start = time.perf_counter()
@@ -94,7 +94,7 @@ def time_strategies(
     return {name: min(ts) for name, ts in times.items()}
 
 
-def choose_strategy(
+def choose_runner(
     apply_fn: ApplyFn,
     stacked_params: Any,
     example_x: jax.Array,
@@ -103,12 +103,12 @@ def choose_strategy(
     probe_fraction: float = 0.25,
     decisive_ratio: float = 2.0,
 ) -> str:
-    """The faster of "vmap" and "loop" for this model, backend and batch, by `time_strategies`.
+    """The faster of "vmap" and "loop" for this model, backend and batch, by `time_runners`.
 
     A static Python decision, made once outside `jax.jit`; pass the result as
-    `make_stacked_apply(apply_fn, strategy=...)`. Both strategies are first timed on a
+    `make_stacked_apply(apply_fn, runner=...)`. Both runners are first timed on a
     probe, the first `probe_fraction` of the batch; when one is at least `decisive_ratio`
-    times slower there it is not run at full size. The slow strategy is usually vmapped
+    times slower there it is not run at full size. The slow runner is usually vmapped
     convolutions (grouped convolutions on CPU: slower, with large scratch buffers at large
     batches; see benchmarks/RESULTS.md), so the probe saves most of the choice's time and
     peak memory exactly where it would be largest. Closer calls are timed on the whole
@@ -122,7 +122,7 @@ def choose_strategy(
       apply_fn: `(params, x) -> logits [B, C]` of one teacher.
       stacked_params: params stacked on a leading K axis.
       example_x: `[B, ...]` a representative input batch.
-      num_repeats: timed measurements per strategy (>= 1), on the probe and at full size.
+      num_repeats: timed measurements per runner (>= 1), on the probe and at full size.
       probe_fraction: probe size as a fraction of B, in (0, 1]; 1 (or a probe of fewer than
         one example) skips the probe.
       decisive_ratio: slowdown on the probe (> 1) that settles the choice without a
@@ -133,8 +133,8 @@ def choose_strategy(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from mtkd_jax.teachers import choose_strategy
-      >>> choose_strategy(lambda w, x: x @ w, jnp.ones((3, 4, 2)), jnp.ones((8, 4)),
+      >>> from mtkd_jax.teachers import choose_runner
+      >>> choose_runner(lambda w, x: x @ w, jnp.ones((3, 4, 2)), jnp.ones((8, 4)),
       ...                 num_repeats=1) in ("vmap", "loop")
       True
     """
@@ -151,7 +151,7 @@ def choose_strategy(
         apply_fn, stacked_params, example_x, num_repeats, probe_fraction, decisive_ratio
     )
     # Every process must compile the same step: process 0's choice wins, sent as its index.
-    names = tuple(RUNNERS)
+    names = tuple(RUNNER_FNS)
     return names[int(broadcast_from_main(np.int32(names.index(choice))))]
 
 
@@ -159,11 +159,11 @@ def _choose_locally(apply_fn, stacked_params, example_x, num_repeats, probe_frac
     batch = jnp.shape(example_x)[0] if jnp.ndim(example_x) else 0
     probe = int(batch * probe_fraction)
     if 1 <= probe < batch:
-        timings = time_strategies(
+        timings = time_runners(
             apply_fn, stacked_params, example_x[:probe], num_repeats=num_repeats
         )
         fast, slow = sorted(timings, key=timings.get)
         if timings[slow] >= ratio * timings[fast]:
             return fast
-    timings = time_strategies(apply_fn, stacked_params, example_x, num_repeats=num_repeats)
+    timings = time_runners(apply_fn, stacked_params, example_x, num_repeats=num_repeats)
     return min(timings, key=timings.get)

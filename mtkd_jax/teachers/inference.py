@@ -7,8 +7,8 @@ inside a jitted step, where the K forward passes compile into one program):
 * **Same architecture**: the K param pytrees stacked into one (leading K axis on every
   leaf, `stack_params`), run by `make_stacked_apply` either with `jax.vmap` over K or with a
   loop over the K slices unrolled at trace time. Which is faster depends on the model and
-  backend (see benchmarks/RESULTS.md); `strategy="auto"` times both once on an example
-  batch (`choose_strategy`) and keeps the faster.
+  backend (see benchmarks/RESULTS.md); `runner="auto"` times both once on an example
+  batch (`choose_runner`) and keeps the faster.
 * **Heterogeneous**: a tuple of apply functions and a tuple of params
   (`make_heterogeneous_apply`).
 
@@ -32,10 +32,10 @@ import jax.numpy as jnp
 
 from mtkd_jax.models.adapt import eval_apply_of
 from mtkd_jax.models.stacking import num_stacked
-from mtkd_jax.teachers._runners import RUNNERS, STRATEGIES, ApplyFn
-from mtkd_jax.teachers.autotune import choose_strategy
+from mtkd_jax.teachers._runners import RUNNER_FNS, RUNNERS, ApplyFn
+from mtkd_jax.teachers.autotune import choose_runner
 
-__all__ = ["STRATEGIES", "make_stacked_apply", "make_heterogeneous_apply"]
+__all__ = ["RUNNERS", "make_stacked_apply", "make_heterogeneous_apply"]
 
 
 def _check_batch(x: Any) -> None:
@@ -51,7 +51,7 @@ def _check_batch(x: Any) -> None:
 def make_stacked_apply(
     apply_fn: ApplyFn,
     *,
-    strategy: str = "auto",
+    runner: str = "auto",
     example_params: Any = None,
     example_x: jax.Array | None = None,
     num_repeats: int = 5,
@@ -61,13 +61,13 @@ def make_stacked_apply(
     Args:
       apply_fn: `(params, x) -> logits [B, C]` of one teacher, or a `mtkd_jax.models.Model`
         (or Linen / NNX module) run in evaluation mode on stacked variables.
-      strategy: "vmap" (`jax.vmap` over the K axis), "loop" (K forward passes unrolled at
+      runner: "vmap" (`jax.vmap` over the K axis), "loop" (K forward passes unrolled at
         trace time) or "auto" (times both on `example_params`/`example_x` now, with
-        `choose_strategy`; to know which one runs, call `choose_strategy` yourself and pass
+        `choose_runner`; to know which one runs, call `choose_runner` yourself and pass
         its result). All three compute the same logits.
       example_params: stacked params, needed for "auto".
       example_x: `[B, ...]` representative batch, needed for "auto".
-      num_repeats: timed measurements per strategy for "auto" (see `choose_strategy`).
+      num_repeats: timed measurements per runner for "auto" (see `choose_runner`).
 
     Returns:
       An un-jitted `teacher_apply(teacher_params [K, ...], x [B, ...]) -> logits [K, B, C]`
@@ -78,21 +78,21 @@ def make_stacked_apply(
     Example:
       >>> import jax, jax.numpy as jnp
       >>> from mtkd_jax.teachers import make_stacked_apply
-      >>> teacher_apply = jax.jit(make_stacked_apply(lambda w, x: x @ w, strategy="loop"))
+      >>> teacher_apply = jax.jit(make_stacked_apply(lambda w, x: x @ w, runner="loop"))
       >>> teacher_apply(jnp.ones((3, 4, 2)), jnp.ones((5, 4))).shape
       (3, 5, 2)
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {strategy!r}.")
+    if runner not in RUNNERS:
+        raise ValueError(f"`runner` must be one of {RUNNERS}, got {runner!r}.")
     apply_fn = eval_apply_of(apply_fn)
-    if strategy == "auto":
+    if runner == "auto":
         if example_params is None or example_x is None:
             raise ValueError(
-                "`strategy`='auto' times both strategies when the function is built: pass "
+                "`runner`='auto' times both runners when the function is built: pass "
                 "`example_params` (stacked) and `example_x` (a batch [B, ...])."
             )
-        strategy = choose_strategy(apply_fn, example_params, example_x, num_repeats=num_repeats)
-    run = RUNNERS[strategy](apply_fn)
+        runner = choose_runner(apply_fn, example_params, example_x, num_repeats=num_repeats)
+    run = RUNNER_FNS[runner](apply_fn)
 
     def teacher_apply(teacher_params: Any, x: jax.Array) -> jax.Array:
         num_stacked(teacher_params, "teacher_params")

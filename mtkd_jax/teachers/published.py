@@ -56,7 +56,7 @@ def load_published_teachers(
     dtype: Any = None,
     mesh: Any = None,
     rule: Any = None,
-    strategy: str = "vmap",
+    runner: str = "vmap",
 ) -> PublishedTeachers:
     """Load K checkpoint directories as one teacher ensemble (stacked when they can be).
 
@@ -67,7 +67,7 @@ def load_published_teachers(
       mesh, rule: place each teacher's weights straight into their shards on `mesh`
         (`mtkd_jax.parallel.make_mesh`) by the sharding `rule` (default
         `mtkd_jax.parallel.fsdp()`); None: on the default device.
-      strategy: `make_stacked_apply`'s strategy for a stacked ensemble ("vmap", "loop";
+      runner: `make_stacked_apply`'s runner for a stacked ensemble ("vmap", "loop";
         "auto" is not offered here, it needs an example batch).
 
     Raises:
@@ -111,7 +111,7 @@ def load_published_teachers(
     fns = [token_model_fns(p.model) for p in loaded]  # (functions, nnx.State params)
     same = all(p.config == loaded[0].config for p in loaded)
     if same:
-        teacher_apply = make_stacked_apply(fns[0][0].logits, strategy=strategy)
+        teacher_apply = make_stacked_apply(fns[0][0].logits, runner=runner)
         teacher_params = stack_params([f[1] for f in fns])
     else:
         teacher_apply = make_heterogeneous_apply([f[0].logits for f in fns], names=names)

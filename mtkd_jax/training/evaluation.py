@@ -73,13 +73,12 @@ def make_eval_step(
 
     def eval_step(params, batch: dict, *, teacher_params=None) -> dict[str, MetricStats]:
         parts = batch_parts(batch)
-        x, labels, mask, b, token_mask = parts
+        x, labels = parts.x, parts.labels
         if labels is None:
             raise ValueError("Evaluation needs labels in batch['y'].")
         lead = parts.lead
         sequence = len(lead) > 1
-        if sequence:
-            mask = parts.hard_mask
+        mask = parts.hard_mask if sequence else parts.label_mask  # what is counted
         stats_fn = token_stats if sequence else batch_stats
         teacher_logits = teacher_logits_of(batch, x, teacher_apply, teacher_params,
                                            required=False, lead=lead)

@@ -94,7 +94,7 @@ def init_stacked_train_state(
 
     Args:
       stacked_params: pytree whose leaves are `[K, ...]`, e.g.
-        `jax.vmap(lambda k: mtkd_jax.init_params(model, k, x))(jax.random.split(key, K))`.
+        `jax.vmap(lambda k: mtkd_jax.models.init_params(model, k, x))(jax.random.split(key, K))`.
       tx: the optimizer, initialised once per model with `jax.vmap(tx.init)`.
       model_state: the K models' non-parameter states, stacked (leaves `[K, ...]`), or None.
       hyperparams: optional per-model values `[K]` (or scalars) of hyperparameters that `tx`

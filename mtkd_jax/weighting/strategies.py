@@ -11,14 +11,14 @@ import numpy as np
 
 from mtkd_jax.core import checks as _checks
 from mtkd_jax.core.divergence import pairwise_divergence
+from mtkd_jax.core.reduce import expand_to
 
 __all__ = ["uniform", "static", "from_scores", "confidence", "entropy", "agreement", "posterior"]
 
 
 def _per_teacher(w: jax.Array, probs: jax.Array) -> jax.Array:
     """`[K]` weights broadcast to `[K, ...]`, the leading dims of probs `[K, ..., C]`."""
-    k = probs.shape[0]
-    return jnp.broadcast_to(w.reshape((k,) + (1,) * (probs.ndim - 2)), probs.shape[:-1])
+    return jnp.broadcast_to(expand_to(w, probs.ndim - 1), probs.shape[:-1])
 
 
 def uniform(probs: jax.Array, *, logits=None, labels=None, label_mask=None) -> jax.Array:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from mtkd_jax.core import checks as _checks
-from mtkd_jax.core.losses import SOFT_LOSSES
+from mtkd_jax.core.losses import soft_loss_fn
 from mtkd_jax.core.reduce import global_mean, pmean
 from mtkd_jax.models.adapt import as_model
 from mtkd_jax.models.protocol import Model
@@ -70,11 +70,13 @@ def accuracy(logits, labels, label_mask, axis_name):
     return global_mean(correct, label_mask, axis_name=axis_name)
 
 
-def check_config(*, soft_loss: str, temperature, alpha) -> None:
-    if soft_loss not in SOFT_LOSSES:
-        raise ValueError(f"`soft_loss` must be one of {sorted(SOFT_LOSSES)}, got {soft_loss!r}.")
+def check_config(*, soft_loss: str, temperature, alpha) -> Callable:
+    """Check a step's loss hyperparameters once, when it is built; return the soft loss
+    function (`soft_loss_fn`), which the step passes on resolved."""
+    soft_fn = soft_loss_fn(soft_loss)
     _checks.check_temperature(temperature)
     _checks.check_unit_interval(alpha, "alpha")
+    return soft_fn
 
 
 def apply_update(tx, state: TrainState, grads, axis_name, model_state, update=None):

@@ -123,7 +123,7 @@ def make_distill_step(
       >>> int(state.step), m["teacher_weights"].tolist()
       (1, [0.5, 0.5])
     """
-    check_config(soft_loss=soft_loss, temperature=temperature, alpha=alpha)
+    soft_fn = check_config(soft_loss=soft_loss, temperature=temperature, alpha=alpha)
     weighting_fn = get_weighting(weighting)
     if divergence_kind not in DIVERGENCES:
         raise ValueError(
@@ -143,15 +143,12 @@ def make_distill_step(
     if student_head is not None:
         _checks.check_int(chunk_size, "chunk_size")
     model = trained_model(student_apply, pass_key)
-    options = dict(temperature=temperature, weighting=weighting_fn, soft_loss=soft_loss,
-                   divergence_kind=divergence_kind, known=known)
 
     def step(state: TrainState, batch: dict, key: jax.Array, *, teacher_params=None):
         parts = batch_parts(batch)
-        x, labels, label_mask, b, mask = parts
+        labels = parts.labels
         aug_key, model_key = update_keys(key, state, augment_fn is not None)
-        if augment_fn is not None:
-            x = augment_fn(aug_key, x)
+        x = parts.x if augment_fn is None else augment_fn(aug_key, parts.x)
         lead = parts.lead
         teacher_out = teacher_logits_of(batch, x, teacher_apply, teacher_params, lead=lead)
         if student_head is not None and teacher_out.ndim != 4:
@@ -161,20 +158,23 @@ def make_distill_step(
                 f"outputs {teacher_out.shape}."
             )
         lead = lead or teacher_out.shape[1:-1]
-        if labels is None and not _checks.is_concrete_zero(alpha):
-            raise ValueError("`alpha` > 0 (the hard-label weight) needs labels (batch['y']).")
+        _checks.check_labels_for_alpha(labels, alpha)
 
         def loss_fn(params):
-            out, model_state = forward(
-                model, params, state.model_state, x, model_key, b, "student_apply", lead=lead
-            )
+            out, model_state = forward(model, params, state.model_state, x, model_key,
+                                       parts.size, "student_apply", lead=lead)
             if student_head is None:
-                sums = distill_sums(out, teacher_out, labels, mask=mask, label_mask=label_mask,
-                                    **options)
+                sums = distill_sums(
+                    out, teacher_out, labels, mask=parts.mask, label_mask=parts.label_mask,
+                    temperature=temperature, weighting=weighting_fn, soft_loss=soft_fn,
+                    divergence_kind=divergence_kind, known=known,
+                )
             else:
                 sums = chunked_distill_sums(
                     out, student_head, params, teacher_out, teacher_head, teacher_params,
-                    labels, mask=mask, label_mask=label_mask, chunk_size=chunk_size, **options,
+                    labels, mask=parts.mask, label_mask=parts.label_mask, chunk_size=chunk_size,
+                    temperature=temperature, weighting=weighting_fn, soft_loss=soft_fn,
+                    divergence_kind=divergence_kind, known=known,
                 )
             loss, metrics = finish_distill(sums, alpha=alpha, axis_name=axis_name)
             return loss.loss, (loss, metrics, model_state)

@@ -9,10 +9,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mtkd_jax.core import checks as _checks
 from mtkd_jax.core.divergence import pairwise_divergence, softmax_t
-from mtkd_jax.core.losses import mean_distillation_loss
 from mtkd_jax.core.reduce import as_varying, global_mean, pmean
 from mtkd_jax.models.stacking import num_stacked
+from mtkd_jax.objective.loss import distillation_sums, finish_loss
 from mtkd_jax.objective.targets import distill_targets, leave_one_out_targets
 from mtkd_jax.training.batch import batch_parts
 from mtkd_jax.training.state import TrainState
@@ -138,14 +139,14 @@ def make_codistill_step(
       >>> bool(m["divergence"][0, 1] < 0.01)                      # the two models converged
       True
     """
-    check_config(soft_loss=soft_loss, temperature=temperature, alpha=alpha)
+    soft_fn = check_config(soft_loss=soft_loss, temperature=temperature, alpha=alpha)
     weighting_fn = None if weighting is None else get_weighting(weighting)
     model = trained_model(apply_fn, pass_key)
 
     def step(state: TrainState, batch: dict, key: jax.Array):
-        bp = batch_parts(batch)
-        x, labels, mask, b, token_mask = bp
-        hard_mask = bp.hard_mask
+        parts = batch_parts(batch)
+        x, labels, hard_mask = parts.x, parts.labels, parts.hard_mask
+        _checks.check_labels_for_alpha(labels, alpha)
         k = num_stacked(state.params, "state.params")
         if k < 2:
             raise ValueError(f"Codistillation needs K >= 2 stacked models, got K={k}.")
@@ -153,7 +154,8 @@ def make_codistill_step(
 
         def loss_fn(params):
             logits, model_state = jax.vmap(
-                lambda p, s, kk: forward(model, p, s, x, kk, b, "apply_fn", lead=bp.lead)
+                lambda p, s, kk: forward(model, p, s, x, kk, parts.size, "apply_fn",
+                                         lead=parts.lead)
             )(params, state.model_state, keys)  # [K, B, C] ([K, B, L, V])
             frozen = jax.lax.stop_gradient(logits)
             if weighting_fn is None:
@@ -163,24 +165,25 @@ def make_codistill_step(
                                      temperature=temperature, weighting=weighting_fn)
                 probs, w = dt.probs, dt.weights
             targets = leave_one_out_targets(probs, w)  # [K, B, C]
-            parts = jax.vmap(
-                lambda s, t: mean_distillation_loss(
-                    s, t, labels, alpha=alpha, temperature=temperature, soft_loss=soft_loss,
-                    label_mask=mask, mask=token_mask, axis_name=axis_name,
+            losses = jax.vmap(
+                lambda s, t: finish_loss(
+                    distillation_sums(s, t, labels, temperature=temperature, soft_loss=soft_fn,
+                                      label_mask=parts.label_mask, mask=parts.mask),
+                    alpha=alpha, axis_name=axis_name,
                 )
             )(logits, targets)  # each [K]
             # Targets are constants, so model k's gradient of the sum is that of its own loss.
-            return jnp.sum(parts.loss), (logits, probs, parts, model_state)
+            return jnp.sum(losses.loss), (logits, probs, losses, model_state)
 
-        grads, (logits, probs, parts, model_state) = jax.grad(loss_fn, has_aux=True)(
+        grads, (logits, probs, losses, model_state) = jax.grad(loss_fn, has_aux=True)(
             as_varying(state.params, axis_name)
         )
         metrics = {
-            "loss": jnp.mean(parts.loss),
-            "model_loss": parts.loss,
-            "soft_loss": parts.soft,
-            "hard_loss": parts.hard,
-            "divergence": global_mean(pairwise_divergence(probs), token_mask,
+            "loss": jnp.mean(losses.loss),
+            "model_loss": losses.loss,
+            "soft_loss": losses.soft,
+            "hard_loss": losses.hard,
+            "divergence": global_mean(pairwise_divergence(probs), parts.mask,
                                       axis_name=axis_name),
         }
         if labels is not None:

@@ -7,8 +7,8 @@ from collections.abc import Callable
 import jax
 import optax
 
-from mtkd_jax.core.losses import mean_cross_entropy
 from mtkd_jax.core.reduce import as_varying, pmean
+from mtkd_jax.objective.loss import mean_cross_entropy
 from mtkd_jax.training.batch import batch_parts
 from mtkd_jax.training.state import TrainState
 from mtkd_jax.training.steps.common import (
@@ -70,27 +70,25 @@ def make_supervised_step(
 
     def step(state: TrainState, batch: dict, key: jax.Array):
         parts = batch_parts(batch)
-        x, labels, mask, b, token_mask = parts
+        labels = parts.labels
         if labels is None:
             raise ValueError("A supervised step needs labels in batch['y'].")
         aug_key, model_key = update_keys(key, state, augment_fn is not None)
-        if augment_fn is not None:
-            x = augment_fn(aug_key, x)
+        x = parts.x if augment_fn is None else augment_fn(aug_key, parts.x)
 
         def loss_fn(params):
-            logits, model_state = forward(
-                model, params, state.model_state, x, model_key, b, "apply_fn", lead=parts.lead
-            )
-            loss = mean_cross_entropy(logits, labels, label_mask=mask, mask=token_mask,
-                                      axis_name=axis_name)
+            logits, model_state = forward(model, params, state.model_state, x, model_key,
+                                          parts.size, "apply_fn", lead=parts.lead)
+            loss = mean_cross_entropy(logits, labels, label_mask=parts.label_mask,
+                                      mask=parts.mask, axis_name=axis_name)
             return loss, (logits, model_state)
 
         grads, (logits, model_state) = jax.grad(loss_fn, has_aux=True)(
             as_varying(state.params, axis_name)
         )
         metrics = {
-            "loss": mean_cross_entropy(logits, labels, label_mask=mask, mask=token_mask,
-                                       axis_name=axis_name),
+            "loss": mean_cross_entropy(logits, labels, label_mask=parts.label_mask,
+                                       mask=parts.mask, axis_name=axis_name),
             "accuracy": accuracy(logits, labels, parts.hard_mask, axis_name),
         }
         return apply_update(tx, state, grads, axis_name, model_state), pmean(metrics, axis_name)
