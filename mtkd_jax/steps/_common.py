@@ -15,20 +15,45 @@ from mtkd_jax.models.protocol import Model
 from mtkd_jax.reduce import global_mean, pmean
 from mtkd_jax.state import TrainState
 
-__all__ = ["ApplyFn", "AugmentFn", "update_keys", "forward", "accuracy", "check_config",
-           "apply_update", "model_keys", "trained_model", "sync_model_state"]
+__all__ = ["ApplyFn", "AugmentFn", "update_keys", "device_key", "forward", "accuracy",
+           "check_config", "apply_update", "model_keys", "trained_model", "sync_model_state"]
 
 ApplyFn = Callable[..., jax.Array]
 AugmentFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def update_keys(key: jax.Array, state: TrainState, augment: bool) -> tuple[jax.Array, jax.Array]:
-    """(augmentation key, model key) of this update, from `fold_in(key, state.step)`."""
-    step_key = jax.random.fold_in(key, state.step)
+def update_keys(
+    key: jax.Array, state: TrainState, augment: bool, axis_name=None
+) -> tuple[jax.Array, jax.Array]:
+    """(augmentation key, model key) of this update, from `fold_in(key, state.step)`.
+
+    In a per-device step (`axis_name` set: `shard_map`, `pmap`) each device's keys are
+    further folded with its index on the axis (`device_key`), so devices draw different
+    Dropout masks and augmentations for their different rows.
+    """
+    step_key = device_key(jax.random.fold_in(key, state.step), axis_name)
     if not augment:
         return step_key, step_key
     aug_key, model_key = jax.random.split(step_key)
     return aug_key, model_key
+
+
+def device_key(key: jax.Array, axis_name) -> jax.Array:
+    """`fold_in(key, axis_index(axis_name))`: this device's key in a per-device step; `key`
+    itself for a global-batch step (`axis_name=None`).
+
+    A model draws its Dropout masks for the rows it is given. In a global-batch step
+    (`data_parallel_step(mode="jit")`) that is the whole batch and XLA's partitioned PRNG
+    gives each device its slice of the one-device masks, so the run does not depend on the
+    device count. A per-device step sees only its rows: with one shared key every device
+    would draw the same masks for different examples. Folding in the device index gives each
+    device its own masks; they are not slices of the one-device masks (a model's draw for
+    its local rows cannot be offset into a global draw), so a per-device run equals the
+    one-device run in distribution, not bit for bit.
+    """
+    if axis_name is None:
+        return key
+    return jax.random.fold_in(key, jax.lax.axis_index(axis_name))
 
 
 def trained_model(model, pass_key: bool) -> Model:

@@ -149,7 +149,7 @@ def make_distill_step(
     def step(state: TrainState, batch: dict, key: jax.Array, *, teacher_params=None):
         parts = batch_parts(batch)
         x, labels, label_mask, b, mask = parts
-        aug_key, model_key = update_keys(key, state, augment_fn is not None)
+        aug_key, model_key = update_keys(key, state, augment_fn is not None, axis_name)
         if augment_fn is not None:
             x = augment_fn(aug_key, x)
         lead = parts.lead

@@ -19,6 +19,7 @@ from mtkd_jax.steps._common import (
     accuracy,
     apply_update,
     check_config,
+    device_key,
     forward,
     model_keys,
     trained_model,
@@ -149,7 +150,9 @@ def make_codistill_step(
         k = num_stacked(state.params, "state.params")
         if k < 2:
             raise ValueError(f"Codistillation needs K >= 2 stacked models, got K={k}.")
-        keys = jax.vmap(lambda kk: jax.random.fold_in(kk, state.step))(model_keys(key, k))
+        keys = jax.vmap(lambda kk: device_key(jax.random.fold_in(kk, state.step), axis_name))(
+            model_keys(key, k)
+        )
 
         def loss_fn(params):
             logits, model_state = jax.vmap(

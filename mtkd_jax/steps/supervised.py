@@ -73,7 +73,7 @@ def make_supervised_step(
         x, labels, mask, b, token_mask = parts
         if labels is None:
             raise ValueError("A supervised step needs labels in batch['y'].")
-        aug_key, model_key = update_keys(key, state, augment_fn is not None)
+        aug_key, model_key = update_keys(key, state, augment_fn is not None, axis_name)
         if augment_fn is not None:
             x = augment_fn(aug_key, x)
 
