@@ -192,6 +192,24 @@ def test_confidence_prefers_the_teacher_that_is_right():
     np.testing.assert_allclose(w, np_confidence(z, np.array([0]))[:, 0], **TOL)
 
 
+@pytest.mark.parametrize("k", [3, 4])
+def test_confidence_of_teachers_that_give_the_label_probability_zero(k, rng):
+    """CA-MKD's weights sum to 1 and none exceeds 1/(K-1): the m teachers that give the label
+    probability 0 (a class they do not know) get weight 0 only when m = 1; else they share
+    the rest, (1 - 1/m)/(K-1) each (their cross-entropies, ~1e9, are equal in float32)."""
+    from mtkd_jax import class_sets
+
+    for m in range(1, k):
+        groups = [[0, 1]] * (k - m) + [[2, 3]] * m  # the first K-m know the label 0
+        local = [rng.normal(size=(5, 2)).astype(np.float32) for _ in groups]
+        z = class_sets.to_global_logits(local, groups, num_classes=4)
+        w = np.asarray(weighting.confidence(jax.nn.softmax(z), logits=z,
+                                            labels=np.zeros(5, np.int32)))
+        np.testing.assert_allclose(w.sum(0), 1.0, rtol=1e-6)
+        np.testing.assert_allclose(w[k - m:], (1 - 1 / m) / (k - 1), atol=1e-6)
+        assert np.all(w[: k - m] > (1 - 1 / m) / (k - 1))
+
+
 def test_entropy_matches_reference(rng):
     p = random_probs(rng)
     _check(weighting.entropy, (p,), np_entropy(p))
