@@ -577,3 +577,46 @@ def test_register_checks_the_protocol_and_names():
     with pytest.raises(ValueError, match=r"`name` must be a non-empty str"):
         weighting.register_weighting("", weighting.uniform)
     assert "bad" not in weighting.WEIGHTINGS
+
+
+def test_scale_conventions_of_the_anchors(rng):
+    """The factors `mtkd_jax.weighting`'s docstring states, against float64 reimplementations
+    of each anchor's reduction: CA-MKD divides its weighted sum of per-teacher T^2 KLs by
+    B x K (loss `per_teacher_soft_kl`/K, gradient the library's /K); EBKD's weights are not
+    divided by K-1, the same reduction ((K-1)/K of the library's); big_vision sums the
+    per-teacher batch means (K times the library's uniform)."""
+    from mtkd_jax.losses import mean_distillation_loss, per_teacher_soft_kl
+    from mtkd_jax.targets import distill_targets
+
+    k, b, c, t = 3, 6, 5, 4.0
+    zt = rng.normal(scale=2.0, size=(k, b, c))
+    s0 = rng.normal(size=(b, c))
+    y = rng.integers(0, c, size=b)
+    p = np_softmax(zt / t)
+
+    def np_kl(s):  # [K, B] T^2 KL(p_k || softmax(s / T)), float64
+        return t * t * np.sum(p * (np.log(p) - np_log_softmax(s / t)), -1)
+
+    h = np_entropy_of(np_softmax(zt))
+    anchors = {  # name -> (library weighting, the anchor's loss of the student logits, factor)
+        "confidence": (lambda s: np.sum(np_confidence(zt, y) * np_kl(s)) / (b * k), 1 / k),
+        "entropy": (lambda s: np.sum((1 - h / h.sum(0)) * np_kl(s)) / (b * k), (k - 1) / k),
+        "uniform": (lambda s: np.sum(np_kl(s).mean(1)), k),
+    }
+    for name, (np_loss, factor) in anchors.items():
+        dt = distill_targets(jnp.asarray(zt, jnp.float32), jnp.asarray(y), temperature=t,
+                             weighting=name)
+
+        def lib(s, dt=dt):
+            return mean_distillation_loss(s, dt.targets, temperature=t).loss
+
+        grad = np.asarray(jax.grad(lib)(jnp.asarray(s0, jnp.float32)), np.float64)
+        eps, np_grad = 1e-6, np.zeros_like(s0)
+        for i in np.ndindex(s0.shape):
+            d = np.zeros_like(s0)
+            d[i] = eps
+            np_grad[i] = (np_loss(s0 + d) - np_loss(s0 - d)) / (2 * eps)
+        np.testing.assert_allclose(np_grad, factor * grad, rtol=1e-4, atol=1e-7, err_msg=name)
+        per_teacher = float(jnp.mean(per_teacher_soft_kl(jnp.asarray(s0, jnp.float32),
+                                                         dt.probs, dt.weights, temperature=t)))
+        np.testing.assert_allclose(np_loss(s0), factor * per_teacher, rtol=1e-5, err_msg=name)
