@@ -119,7 +119,7 @@ class FitRun:
                     f"it must yield at least steps_per_epoch - start = "
                     f"{self.steps_per_epoch - start}."
                 ) from None
-            if self.num_classes is not None and isinstance(batch, dict):
+            if isinstance(batch, dict) and "x" in batch:
                 check_batch(batch, num_classes=self.num_classes)
             self.state, metrics = self.step_fn(self.state, batch, self.key)
             self.pending.append((self.step, metrics))
@@ -150,6 +150,18 @@ class FitRun:
                 raise ValueError(
                     f"`step_fn` metrics must hold {self.loss_key!r} (the `loss_key`); "
                     f"got {sorted(metrics)}."
+                )
+            in_range = metrics.get("labels_in_range")
+            if in_range is not None and self.num_classes is None and np.any(
+                np.asarray(in_range) < 1
+            ):
+                epoch, batch = divmod(n, self.steps_per_epoch)
+                raise ValueError(
+                    f"`batch['y']` holds labels outside [0, C), C the classes of the step's "
+                    f"logits, at step {n} (epoch {epoch}, batch {batch}): the loss of such a "
+                    "label is NaN or wrong. Pass `num_classes=` to `fit` to check every batch "
+                    "on the host before its step; mark examples without a label with "
+                    "batch['label_mask'] = 0."
                 )
             loss = np.asarray(metrics[self.loss_key])
             if not np.all(np.isfinite(loss)):

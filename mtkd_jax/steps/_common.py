@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from mtkd_jax import _checks
+from mtkd_jax.batch import check_batch
 from mtkd_jax.losses import SOFT_LOSSES
 from mtkd_jax.models.adapt import as_model
 from mtkd_jax.models.protocol import Model
@@ -16,7 +17,8 @@ from mtkd_jax.reduce import global_mean, pmean
 from mtkd_jax.state import TrainState
 
 __all__ = ["ApplyFn", "AugmentFn", "update_keys", "device_key", "forward", "accuracy",
-           "check_config", "apply_update", "model_keys", "trained_model", "sync_model_state"]
+           "check_config", "apply_update", "model_keys", "trained_model", "sync_model_state",
+           "check_concrete_batch", "labels_in_range"]
 
 ApplyFn = Callable[..., jax.Array]
 AugmentFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -88,6 +90,24 @@ def sync_model_state(model_state, axis_name):
         lambda v: jax.lax.pmean(v, axis_name) if jnp.issubdtype(v.dtype, jnp.inexact) else v,
         model_state,
     )
+
+
+def check_concrete_batch(batch: dict, num_classes: int) -> None:
+    """`check_batch(batch, num_classes=C)` on the host when the batch's values are concrete
+    (a step called eagerly: C from its logits); nothing under a trace, where the loops'
+    host checks and the ``labels_in_range`` metric stand in."""
+    if not any(_checks.is_traced(v) for v in jax.tree.leaves(batch)):
+        check_batch(batch, num_classes=num_classes)
+
+
+def labels_in_range(labels, hard_mask, num_classes: int) -> jax.Array:
+    """1.0 when every counted label (`hard_mask` > 0, all when None) is in `[0, C)`, else 0.0:
+    a step metric, so that a loop without `num_classes` can name out-of-range labels (they
+    give a NaN or a wrong loss inside the compiled step)."""
+    ok = (labels >= 0) & (labels < num_classes)
+    if hard_mask is not None:
+        ok = ok | (jnp.asarray(hard_mask) <= 0)
+    return jnp.all(ok).astype(jnp.float32)
 
 
 def accuracy(logits, labels, label_mask, axis_name):

@@ -18,9 +18,11 @@ from mtkd_jax.steps._common import (
     ApplyFn,
     accuracy,
     apply_update,
+    check_concrete_batch,
     check_config,
     device_key,
     forward,
+    labels_in_range,
     model_keys,
     trained_model,
 )
@@ -124,7 +126,7 @@ def make_codistill_step(
       Un-jitted `step(state, batch, key) -> (state, metrics)` for a stacked `TrainState`.
       Metrics: ``loss`` (mean over models), ``model_loss``, ``soft_loss``, ``hard_loss``,
       ``accuracy`` (each `[K]`, accuracy only with labels), ``divergence`` `[K, K]`
-      (squared, batch mean).
+      (squared, batch mean), ``labels_in_range`` (with labels, as in `make_distill_step`).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -190,6 +192,8 @@ def make_codistill_step(
             metrics["accuracy"] = jax.vmap(lambda s: accuracy(s, labels, hard_mask, axis_name))(
                 logits
             )
+            check_concrete_batch(batch, logits.shape[-1])
+            metrics["labels_in_range"] = labels_in_range(labels, hard_mask, logits.shape[-1])
         new_state = apply_update(tx, state, grads, axis_name, model_state, jax.vmap(tx.update))
         return new_state, pmean(metrics, axis_name)
 
