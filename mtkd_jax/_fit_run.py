@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from mtkd_jax._tracking import Tracker, all_finite, host_value
-from mtkd_jax.batch import check_batch
+from mtkd_jax.batch import batch_parts, check_batch
 from mtkd_jax.checkpoint import Checkpointer
 
 __all__ = ["FitRun", "NonFiniteLossError"]
@@ -41,6 +41,19 @@ def _cause(metrics: Mapping[str, Any]) -> str:
             "were read from, not the student)"
         )
     return ""
+
+
+def _library_layout(batch) -> bool:
+    """Whether `batch` is a batch of the library's layout (`batch.batch_parts` accepts it),
+    so that `check_batch` may read it without `num_classes`; a custom layout (e.g. float
+    regression targets in "y") is left to its own step."""
+    if not isinstance(batch, dict):
+        return False
+    try:
+        batch_parts(batch)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 @dataclasses.dataclass
@@ -119,7 +132,7 @@ class FitRun:
                     f"it must yield at least steps_per_epoch - start = "
                     f"{self.steps_per_epoch - start}."
                 ) from None
-            if isinstance(batch, dict) and "x" in batch:
+            if self.num_classes is not None or _library_layout(batch):
                 check_batch(batch, num_classes=self.num_classes)
             self.state, metrics = self.step_fn(self.state, batch, self.key)
             self.pending.append((self.step, metrics))

@@ -103,8 +103,8 @@ def batch_parts(batch) -> BatchParts:
             if jnp.ndim(labels) == len(lead) and tuple(jnp.shape(labels)) != lead:
                 raise ValueError(
                     f"`batch['mask']` has shape {lead} but `batch['y']` "
-                    f"{tuple(jnp.shape(labels))}: the padding mask must have the shape of the "
-                    "token labels [B, L], one entry per label."
+                    f"{tuple(jnp.shape(labels))}: the padding mask and the token labels must "
+                    "have one shape [B, L], one mask entry per label."
                 )
         elif jnp.ndim(labels) >= 2 and jnp.shape(labels)[0] == b:
             lead = tuple(jnp.shape(labels))  # token labels [B, L] without padding
@@ -229,8 +229,9 @@ def check_batch(batch: dict, *, num_classes: int | None = None) -> int:
         _checks.check_int(num_classes, "num_classes")
     parts = batch_parts(batch)
     tl = batch.get("teacher_logits")
+    source = "num_classes"
     if num_classes is None and tl is not None:
-        num_classes = int(jnp.shape(tl)[-1])  # C from the cached teacher logits
+        num_classes, source = int(jnp.shape(tl)[-1]), "the classes of batch['teacher_logits']"
     mask = None if parts.label_mask is None else _host(parts.label_mask)
     if mask is not None and not np.all(np.isfinite(mask) & (mask >= 0)):
         raise ValueError(
@@ -263,7 +264,7 @@ def check_batch(batch: dict, *, num_classes: int | None = None) -> int:
         high = np.inf if num_classes is None else num_classes
         bad = (labels < 0) | (labels >= high)
         if bad.any():
-            span = "[0, C)" if num_classes is None else f"[0, {num_classes}) (num_classes)"
+            span = "[0, C)" if num_classes is None else f"[0, {num_classes}) ({source})"
             raise ValueError(
                 f"`batch['y']` labels must be in {span}; found "
                 f"{np.unique(labels[bad]).tolist()[:10]}. Mark examples without a label with "
