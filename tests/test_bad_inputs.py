@@ -188,3 +188,68 @@ def test_missing_teacher_params_is_named(rng):
         stacked(None, batch["x"])
     with pytest.raises(ValueError, match=r"`teacher_params` is needed"):
         jax.jit(mk.make_eval_step(_linear, _teachers))(jnp.zeros((D, C)), batch)
+
+
+# Issue 22: bad inputs that still passed or confused.
+def test_a_step_called_eagerly_checks_its_labels(rng):
+    """Concrete labels are checked on the host wherever they are (C from the logits)."""
+    batch, tp, state = _problem(rng)
+    batch["y"][3] = C
+    match = r"`batch\['y'\]` labels must be in \[0, 5\)"
+    with pytest.raises(ValueError, match=match):
+        mk.make_distill_step(_linear, _teachers, TX)(state, batch, KEY, teacher_params=tp)
+    with pytest.raises(ValueError, match=match):
+        mk.make_supervised_step(_linear, TX)(state, batch, KEY)
+
+
+def test_fit_without_num_classes_names_labels_out_of_range(rng):
+    """A data-parallel step and no `num_classes`: the step reports where its labels fall
+    outside its output's classes, and `fit` says so (before: "non-finite loss")."""
+    batch, tp, state = _problem(rng)
+    batch["y"][3] = C
+    step = mk.data_parallel_step(mk.make_distill_step(_linear, _teachers, TX, alpha=0.5),
+                                 mk.data_mesh())
+    with pytest.raises(ValueError, match=r"labels outside \[0, C\).*step 0.*num_classes"):
+        mk.fit(state, lambda s, b, k: step(s, b, k, teacher_params=tp),
+               lambda e, s: [batch] * (3 - s), num_epochs=1, steps_per_epoch=3, key=KEY,
+               progress=False)
+
+
+def _sequence(rng, b=4, length=9, v=C):
+    x = rng.normal(size=(b, length, D)).astype(np.float32)
+    y = rng.integers(0, v, size=(b, length)).astype(np.int32)
+    return {"x": x, "y": y, "mask": np.ones((b, length), np.float32)}
+
+
+def test_fit_without_num_classes_refuses_an_all_padding_batch(rng):
+    batch = _sequence(rng)
+    batch["mask"][:] = 0
+    step = jax.jit(mk.make_supervised_step(_linear, TX))
+    with pytest.raises(ValueError, match=r"`batch\['mask'\]`.*is 0 everywhere"):
+        mk.fit(mk.init_train_state(jnp.zeros((D, C)), TX), step, lambda e, s: [batch],
+               num_epochs=1, steps_per_epoch=1, key=KEY, progress=False)
+
+
+def test_a_sequence_mask_must_be_zero_or_one(rng):
+    """Packed segment ids (0/1/2) are not a padding mask (they were used as loss weights)."""
+    batch = _sequence(rng)
+    batch["mask"][:, 3:6] = 2.0
+    state = mk.init_train_state(jnp.zeros((D, C)), TX)
+    match = r"`batch\['mask'\]` must hold 0 \(padding\) or 1 \(token\).*\[1.0, 2.0\]"
+    with pytest.raises(ValueError, match=match):
+        mk.check_batch(batch)
+    with pytest.raises(ValueError, match=match):
+        mk.make_supervised_step(_linear, TX)(state, batch, KEY)
+    step = mk.data_parallel_step(mk.make_supervised_step(_linear, TX), mk.data_mesh())
+    with pytest.raises(ValueError, match=match):
+        step(state, {k: np.concatenate([v, v]) for k, v in batch.items()}, KEY)
+    mk.check_batch({**batch, "mask": batch["mask"] > 0})  # booleans are fine
+
+
+def test_a_mask_of_the_wrong_length_is_blamed_not_the_labels(rng):
+    batch = _sequence(rng)
+    batch["mask"] = np.ones((4, 10), np.float32)
+    state = mk.init_train_state(jnp.zeros((D, C)), TX)
+    with pytest.raises(ValueError, match=r"`batch\['mask'\]` has shape \(4, 10\) but "
+                                         r"`batch\['y'\]` \(4, 9\)"):
+        jax.jit(mk.make_supervised_step(_linear, TX))(state, batch, KEY)

@@ -506,3 +506,18 @@ def test_jax_array_batches(tmp_path, setup):
     np.testing.assert_array_equal(
         cache.lookup(np.arange(50)), np.asarray(linear_teachers(tp, jnp.asarray(x)))
     )
+
+
+def test_a_truncated_cache_file_names_the_file_and_the_sizes(tmp_path, setup, rng):
+    """A cache file cut short (a copy that did not finish): the file, the cache and the
+    expected and actual sizes are named (was numpy's "mmap length is greater than file
+    size")."""
+    tp, x, y = setup
+    build(tmp_path, tp, x, y, rng, dtype=np.float32)
+    values = tmp_path / "values.npy"
+    size = values.stat().st_size
+    with open(values, "r+b") as f:
+        f.truncate(size - 100)
+    with pytest.raises(ValueError, match=rf"values\.npy.*cache in {tmp_path}.*{size} bytes.*"
+                                         rf"{size - 100}"):
+        mc.open_cache(tmp_path)

@@ -291,3 +291,49 @@ def test_batch_norm_student_in_a_per_device_step_keeps_one_state(rng):
     # The mean of the per-device means is the global mean (equal rows per device).
     np.testing.assert_allclose(mean, 0.01 * h.mean(0), rtol=1e-4, atol=1e-6)
     assert np.isfinite(float(metrics["loss"]))
+
+
+def test_forgotten_model_state_is_named(rng):
+    """A BatchNorm model trained from `init_train_state(params, tx)` (no `model_state=`)."""
+    model, params, _ = mk.nnx_split(_student())
+    tx = optax.sgd(0.1)
+    step = jax.jit(mk.make_supervised_step(model, tx))
+    with pytest.raises(ValueError, match=r"`model_state`.*init_train_state\(.*model_state="):
+        step(mk.init_train_state(params, tx), _data(rng), KEY)
+    linen = mk.linen_model(mk.make_model("mlp", num_classes=C, features=(8,),
+                                         batch_norm=True))
+    lp, _ = linen.init(KEY, jnp.zeros((2, D)))
+    lstep = jax.jit(mk.make_supervised_step(linen, tx))
+    with pytest.raises(ValueError, match=r"`model_state`.*init_train_state\(.*model_state="):
+        lstep(mk.init_train_state(lp, tx), _data(rng), KEY)
+
+
+def test_mismatched_stacks_name_the_module_and_the_parameter():
+    class Wide(nnx.Module):
+        def __init__(self, width, rngs):
+            self.w = nnx.Param(jax.random.normal(rngs.params(), (D, width)))
+            self.bn = nnx.BatchNorm(width, rngs=rngs)
+
+        def __call__(self, x):
+            return self.bn(x @ self.w)
+
+    with pytest.raises(ValueError, match=r"`module\[2\]`.*params \['bn'\]\['bias'\].*"
+                                         r"\(6,\).*`module\[0\]`.*\(5,\)"):
+        mk.nnx_split([Wide(5, nnx.Rngs(0)), Wide(5, nnx.Rngs(1)), Wide(6, nnx.Rngs(2))])
+
+    class Plain(nnx.Module):  # one graphdef for every width: only the shapes differ
+        def __init__(self, width, rngs):
+            self.w = nnx.Param(jax.random.normal(rngs.params(), (D, width)))
+
+        def __call__(self, x):
+            return x @ self.w
+
+    with pytest.raises(ValueError, match=r"`module\[1\]`.*params \['w'\].*\(12, 6\).*"
+                                         r"`module\[0\]`.*\(12, 5\)"):
+        mk.nnx_split([Plain(5, nnx.Rngs(0)), Plain(6, nnx.Rngs(1))])
+    # One model's state beside K stacked params: the width is not read as a teacher count.
+    _, params, _ = mk.nnx_split([Wide(128, nnx.Rngs(i)) for i in range(3)])
+    _, _, one_state = mk.nnx_split(Wide(128, nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="one model's") as err:
+        mk.init_stacked_train_state(params, optax.sgd(0.1), model_state=one_state)
+    assert "stacks 128 models" not in str(err.value)

@@ -287,3 +287,54 @@ def test_teachers_passed_at_call_time_are_replicated_arguments(problem):
     state, _ = step(state, batches[0], KEY, teacher_params=tp)
     state, _ = step(state, batches[1], KEY, teacher_params=2.0 * tp)  # other values, no retrace
     chex.clear_trace_counter()
+
+
+def test_shard_map_devices_draw_their_own_dropout_masks():
+    """mode="shard_map": every device runs the model on its own rows with its own Dropout
+    masks. Device d's model key is the step's key folded with d, so 8 devices holding the
+    same 2 rows draw 8 different masks: the update differs from that of one device holding
+    those 2 rows (with one shared key it was the same update, all devices drawing one mask)."""
+    from flax import nnx
+
+    from mtkd_jax.models import nnx_split
+    from mtkd_jax.training.steps import make_supervised_step
+
+    class DropNet(nnx.Module):
+        def __init__(self, rngs):
+            self.linear = nnx.Linear(D, C, rngs=rngs)
+            self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+        def __call__(self, x):
+            return self.linear(self.drop(x))
+
+    model, params, model_state = nnx_split(DropNet(nnx.Rngs(0)))
+    tx = optax.sgd(1.0)
+    r = np.random.default_rng(3)
+    rows = {"x": r.normal(size=(2, D)).astype(np.float32),
+            "y": r.integers(0, C, size=2).astype(np.int32)}
+    tiled = {k: np.concatenate([v] * 8) for k, v in rows.items()}
+
+    def one_step(devices, batch):
+        step = data_parallel_step(make_supervised_step(model, tx, axis_name="data"),
+                                  make_mesh(devices=devices), mode="shard_map")
+        state = init_train_state(params, tx, model_state=model_state)
+        return jax.device_get(step(state, batch, KEY)[0].params)
+
+    def max_diff(a, b):
+        return max(float(np.abs(np.asarray(u) - np.asarray(v)).max())
+                   for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+    one, eight = one_step(jax.devices()[:1], rows), one_step(jax.devices(), tiled)
+    assert max_diff(one, eight) > 1e-3
+    # Deterministic: the same key gives the same masks on every run.
+    assert max_diff(eight, one_step(jax.devices(), tiled)) == 0.0
+    # The per-example gradients of the 8 devices are averaged: the 8 masks of each row
+    # average toward the keep probability, so the update is nearer the no-dropout update.
+    plain = make_supervised_step(lambda p, x: x @ p["kernel"] + p["bias"], tx)
+    flat = {"kernel": params["linear"]["kernel"][...], "bias": params["linear"]["bias"][...]}
+    ref = jax.device_get(plain(init_train_state(flat, tx), rows, KEY)[0].params)
+
+    def dist(p):
+        return max_diff({"kernel": p["linear"]["kernel"], "bias": p["linear"]["bias"]}, ref)
+
+    assert dist(eight) < dist(one)

@@ -71,12 +71,36 @@ def test_fit_temperature_matches_a_float64_grid_search(rng):
 def test_fit_temperature_with_known_classes(rng):
     z, y, owner = synthetic(rng, b=120, margin=2.0)
     mine = owner == 1
+    # A teacher right on every example has no fitted T (see the next test): make it wrong
+    # on some, so that the three fits below meet inside the search range.
+    z = np.asarray(z).copy()
+    wrong = np.flatnonzero(mine)[::4]
+    z[1, wrong, 3 + (y[wrong] - 3 + 1) % 3] += 3.0
     t_masked = weighting.fit_temperature(np.asarray(z[1])[mine], y[mine])
     local = np.asarray(z[1])[mine][:, GROUPS[1]]
     t_local = weighting.fit_temperature(local, y[mine] - 3)
     t_known = weighting.fit_temperature(np.asarray(z[1])[mine] + 0.0, y[mine],
                                         known=KNOWN[1])
     np.testing.assert_allclose([t_masked, t_known], t_local, rtol=1e-6)
+
+
+def test_fit_temperature_at_its_bound_raises(rng):
+    """A search that ends at its bound has not fitted T: raised, never returned (T = 0.01 for
+    a near-perfect in-group teacher made `calibrated` route by noise)."""
+    z, y, owner = synthetic(rng, b=120, margin=2.0)
+    mine = owner == 1
+    with pytest.raises(ValueError, match=r"bound T = 0.01.*falling as T -> 0"):
+        weighting.fit_temperature(np.asarray(z[1])[mine], y[mine], known=KNOWN[1])
+    one = np.zeros(C, bool)
+    one[4] = True
+    with pytest.raises(ValueError, match=r"same at every T.*knows one class"):
+        weighting.fit_temperature(np.asarray(z[1])[y == 4], y[y == 4], known=one)
+    with pytest.raises(ValueError, match=r"bound T = 1e\+03.*no better than uniform"):
+        weighting.fit_temperature(np.array([[4.0, 0.0], [0.0, 4.0]]), np.array([1, 0]))
+    # Inside the range: the fitted T is returned (one error in eight).
+    z2 = np.array([[4.0, 0.0]] * 7 + [[0.0, 4.0]])
+    t = weighting.fit_temperature(z2, np.zeros(8, np.int64))
+    assert 0.01 < t < 1000
 
 
 def test_fit_gate_maximises_the_mixture_likelihood(rng):

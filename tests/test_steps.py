@@ -297,7 +297,11 @@ def test_labels_out_of_range_are_caught_on_the_host():
     with pytest.raises(ValueError, match=r"`batch\['y'\]` labels must be in \[0, 4\).*found \[4\]"):
         check_batch(bad, num_classes=C)
     with pytest.raises(ValueError, match=r"`batch\['y'\]` labels must be in \[0, C\).*\[-1\]"):
-        check_batch({**bad, "y": np.array([0, -1], np.int32)})
+        check_batch({"x": bad["x"], "y": np.array([0, -1], np.int32)})
+    # Without num_classes, C is read off the cached teacher logits.
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 4\) \(the classes of "
+                                         r"batch\['teacher_logits'\]\).*found \[4\]"):
+        check_batch(bad)
     # A placeholder label on an unlabeled example is fine.
     assert check_batch({**bad, "label_mask": np.array([1.0, 0.0])}, num_classes=C) == 2
     with pytest.raises(ValueError, match="teacher_logits.*4 classes.*num_classes=3"):

@@ -189,7 +189,7 @@ def test_posterior_matches_reference(rng):
     mask = (rng.uniform(size=(4, 6)) > 0.3).astype(np.float32)
     p = np_softmax(z)
     for s in (0.0, 1.0, 3.0):
-        _check(lambda z, s=s: weighting.posterior(p, logits=z, labels=y, label_mask=mask,
+        assert_matches(lambda z, s=s: weighting.posterior(p, logits=z, labels=y, label_mask=mask,
                                                   sharpness=s),
                (z,), np_posterior(z, y, mask, s))
     np.testing.assert_allclose(weighting.posterior(p, logits=z), np.full((3, 4, 6), 1 / 3),
@@ -211,6 +211,24 @@ def test_posterior_routes_past_one_over_k_minus_one():
         weighting.posterior(np_softmax(z), logits=z, labels=np.array([2]), sharpness=-1.0)
     with pytest.raises(ValueError, match=r"needs `logits`"):
         weighting.posterior(np_softmax(z), labels=np.array([2]))
+
+
+@pytest.mark.parametrize("k", [3, 4])
+def test_confidence_of_teachers_that_give_the_label_probability_zero(k, rng):
+    """CA-MKD's weights sum to 1 and none exceeds 1/(K-1): the m teachers that give the label
+    probability 0 (a class they do not know) get weight 0 only when m = 1; else they share
+    the rest, (1 - 1/m)/(K-1) each (their cross-entropies, ~1e9, are equal in float32)."""
+    from mtkd_jax.core import class_sets
+
+    for m in range(1, k):
+        groups = [[0, 1]] * (k - m) + [[2, 3]] * m  # the first K-m know the label 0
+        local = [rng.normal(size=(5, 2)).astype(np.float32) for _ in groups]
+        z = class_sets.to_global_logits(local, groups, num_classes=4)
+        w = np.asarray(weighting.confidence(jax.nn.softmax(z), logits=z,
+                                            labels=np.zeros(5, np.int32)))
+        np.testing.assert_allclose(w.sum(0), 1.0, rtol=1e-6)
+        np.testing.assert_allclose(w[k - m:], (1 - 1 / m) / (k - 1), atol=1e-6)
+        assert np.all(w[: k - m] > (1 - 1 / m) / (k - 1))
 
 
 def test_entropy_matches_reference(rng):
@@ -583,3 +601,46 @@ def test_register_checks_the_protocol_and_names():
     with pytest.raises(ValueError, match=r"`name` must be a non-empty str"):
         weighting.register_weighting("", weighting.uniform)
     assert "bad" not in weighting.WEIGHTINGS
+
+
+def test_scale_conventions_of_the_anchors(rng):
+    """The factors `mtkd_jax.weighting`'s docstring states, against float64 reimplementations
+    of each anchor's reduction: CA-MKD divides its weighted sum of per-teacher T^2 KLs by
+    B x K (loss `per_teacher_soft_kl`/K, gradient the library's /K); EBKD's weights are not
+    divided by K-1, the same reduction ((K-1)/K of the library's); big_vision sums the
+    per-teacher batch means (K times the library's uniform)."""
+    from mtkd_jax.core.losses import mean_distillation_loss, per_teacher_soft_kl
+    from mtkd_jax.objective.targets import distill_targets
+
+    k, b, c, t = 3, 6, 5, 4.0
+    zt = rng.normal(scale=2.0, size=(k, b, c))
+    s0 = rng.normal(size=(b, c))
+    y = rng.integers(0, c, size=b)
+    p = np_softmax(zt / t)
+
+    def np_kl(s):  # [K, B] T^2 KL(p_k || softmax(s / T)), float64
+        return t * t * np.sum(p * (np.log(p) - np_log_softmax(s / t)), -1)
+
+    h = np_entropy_of(np_softmax(zt))
+    anchors = {  # name -> (library weighting, the anchor's loss of the student logits, factor)
+        "confidence": (lambda s: np.sum(np_confidence(zt, y) * np_kl(s)) / (b * k), 1 / k),
+        "entropy": (lambda s: np.sum((1 - h / h.sum(0)) * np_kl(s)) / (b * k), (k - 1) / k),
+        "uniform": (lambda s: np.sum(np_kl(s).mean(1)), k),
+    }
+    for name, (np_loss, factor) in anchors.items():
+        dt = distill_targets(jnp.asarray(zt, jnp.float32), jnp.asarray(y), temperature=t,
+                             weighting=name)
+
+        def lib(s, dt=dt):
+            return mean_distillation_loss(s, dt.targets, temperature=t).loss
+
+        grad = np.asarray(jax.grad(lib)(jnp.asarray(s0, jnp.float32)), np.float64)
+        eps, np_grad = 1e-6, np.zeros_like(s0)
+        for i in np.ndindex(s0.shape):
+            d = np.zeros_like(s0)
+            d[i] = eps
+            np_grad[i] = (np_loss(s0 + d) - np_loss(s0 - d)) / (2 * eps)
+        np.testing.assert_allclose(np_grad, factor * grad, rtol=1e-4, atol=1e-7, err_msg=name)
+        per_teacher = float(jnp.mean(per_teacher_soft_kl(jnp.asarray(s0, jnp.float32),
+                                                         dt.probs, dt.weights, temperature=t)))
+        np.testing.assert_allclose(np_loss(s0), factor * per_teacher, rtol=1e-5, err_msg=name)

@@ -182,7 +182,33 @@ def write_header(path: str, shard, header: dict) -> None:
 def load_shard(path: str, shard, top_k: int | None) -> dict[str, np.ndarray]:
     """Read-only memory maps of one shard's arrays (names as in `create_row_files`)."""
     names = ("values", "written") if top_k is None else ("values", "written", "classes", "rest")
-    return {n: np.load(_array_file(path, n, shard), mmap_mode="r") for n in names}
+    return {n: _memory_map(_array_file(path, n, shard), path, shard) for n in names}
+
+
+def _memory_map(file: str, path: str, shard) -> np.ndarray:
+    """A read-only memory map of one `.npy` file; a file shorter than its header says (a copy
+    or build cut short) is named with the expected and actual sizes."""
+    try:
+        return np.load(file, mmap_mode="r")
+    except ValueError as err:
+        try:
+            with open(file, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read(f)
+                want = f.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        except (OSError, ValueError):
+            raise err from None
+        have = os.path.getsize(file)
+        if have >= want:
+            raise
+        where = f"shard {shard!r} of " if shard not in (None, "") else ""
+        raise ValueError(
+            f"{file} ({where}the teacher cache in {path}) is truncated: its header says "
+            f"{shape} {dtype}, {want} bytes, but the file has {have}. Copy the cache again, "
+            "or rebuild it with `build_cache`."
+        ) from err
 
 
 def read_headers(path: str, shards) -> dict[str, dict]:

@@ -171,7 +171,7 @@ def batch_size(x, name: str = "x") -> int:
 
     Example:
       >>> import numpy as np
-      >>> from mtkd_jax._checks import batch_size
+      >>> from mtkd_jax.core.checks import batch_size
       >>> batch_size({"tokens": np.zeros((2, 5), int), "segment_ids": np.zeros((2, 5), int)})
       2
     """
@@ -199,7 +199,7 @@ def check_segment_ids(segment_ids, mask=None, *, name: str = "segment_ids") -> N
 
     Example:
       >>> import numpy as np
-      >>> from mtkd_jax._checks import check_segment_ids
+      >>> from mtkd_jax.core.checks import check_segment_ids
       >>> check_segment_ids(np.array([[0, 0, 1], [3, 3, 3]]))
       >>> check_segment_ids(np.array([[0, 1, 0]]))
       Traceback (most recent call last):

@@ -22,7 +22,7 @@ in the next row (long documents span several rows). Per row:
 `pack_documents` streams: it consumes documents one at a time and yields chunks of rows,
 holding at most one chunk and one document beyond it. `write_packed` streams the chunks
 into `.npy` files, `open_packed` maps them back (`PackedSplit`); `batches` yields the batch
-layout of `mtkd_jax.batch` for sequences (`"x"`, `"y"`, `"mask"`, `"segment_ids"`,
+layout of `mtkd_jax.training.batch` for sequences (`"x"`, `"y"`, `"mask"`, `"segment_ids"`,
 `"positions"`, `"index"`).
 """
 

@@ -119,13 +119,29 @@ def train_source_teachers(ctx: Context) -> Teachers:
     return teachers
 
 
+def _temperature_or_one(logits: np.ndarray, labels: np.ndarray) -> float:
+    """`fit_temperature` on these examples; 1 where there are none or they do not
+    determine T (the search would end at its bound)."""
+    if not len(labels):
+        return 1.0
+    try:
+        return fit_temperature(logits, labels)
+    except ValueError as err:
+        if "ended at its bound" not in str(err):
+            raise
+        return 1.0
+
+
 def routing_weightings(ctx: Context, teachers: Teachers, strategies,
                        val_logits: np.ndarray) -> dict:
     """Strategy name -> fitted routing weighting, for the rows that route.
 
     * ``energy``, ``max_logit``: the raw logits (their papers' definition), sharpness 1;
     * ``calibrated``: temperatures from `fit_temperature` of teacher k on its own validation
-      share (the part of the validation split from its source);
+      share (the part of the validation split from its source); T = 1 (the logits as they
+      are) for a teacher with no share, or one whose share does not determine T (a teacher
+      right on all of it: `fit_temperature` raises rather than return its bound T = 0.01,
+      which made the teacher sure of every input and `calibrated` route by noise);
     * ``gate``: `fit_gate(features=True, hidden=config.distill.gate_hidden)` on the labeled
       examples, the train and validation splits (the labels say which teacher explains each
       example best; the gate then routes every input, the unlabeled transfer set included,
@@ -137,8 +153,8 @@ def routing_weightings(ctx: Context, teachers: Teachers, strategies,
         if s.weighting == "calibrated":
             val_y = ctx.ds.validation.y
             _, val_idx = _splits(ctx)
-            temps = np.array([fit_temperature(val_logits[k, idx], val_y[idx]) if len(idx)
-                              else 1.0 for k, idx in enumerate(val_idx)], np.float32)
+            temps = np.array([_temperature_or_one(val_logits[k, idx], val_y[idx])
+                              for k, idx in enumerate(val_idx)], np.float32)
             out[s.name] = get_weighting("calibrated", temperatures=temps)
         elif s.weighting == "gate":
             train_logits = predict(teachers.apply, teachers.params, ctx.ds.train.x)

@@ -7,6 +7,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from flax.errors import ScopeCollectionNotFound
 
 from mtkd_jax.core.precision import Policy, get_policy
 from mtkd_jax.models.protocol import Model, model_variables
@@ -82,7 +83,16 @@ def linen_model(
                 variables, x, rngs=rngs, mutable=sorted(state), **mode(True)
             )
             return logits, {**state, **dict(updates)}
-        return module.apply(variables, x, rngs=rngs, **mode(train)), model_state
+        try:
+            return module.apply(variables, x, rngs=rngs, **mode(train)), model_state
+        except ScopeCollectionNotFound as err:
+            if state:
+                raise
+            raise ValueError(
+                f"{type(module).__name__} reads a variable collection ({err.args[0][:80]}) but "
+                "`model_state` is empty: pass the `model_state` of `Model.init` to the train "
+                "state, `init_train_state(params, tx, model_state=model_state)`."
+            ) from err
 
     def init(key: jax.Array, example_x) -> tuple[Any, dict[str, Any]]:
         rngs = {"params": key, **{s: jax.random.fold_in(key, i + 1) for i, s in enumerate(streams)}}

@@ -68,6 +68,40 @@ def _split_one(module: nnx.Module):
     return graphdef, params, rng_state, model_state
 
 
+def _explain_merge_error(err, name, params, model_state, want_leaves) -> None:
+    """Raise a ValueError naming `model_state` (or `params`) when the variables given to the
+    module do not hold the arrays the split made; return otherwise (NNX's error stands)."""
+    got = (len(jax.tree.leaves(params)), len(jax.tree.leaves(model_state)))
+    if got[1] != want_leaves[1]:
+        raise ValueError(
+            f"{name} got a `model_state` of {got[1]} arrays, but the module's non-parameter "
+            f"state (BatchNorm statistics and the like) has {want_leaves[1]}: pass the "
+            "`model_state` of `nnx_split` to the train state, "
+            "`init_train_state(params, tx, model_state=model_state)` (or "
+            "`init_stacked_train_state(..., model_state=...)`)."
+        ) from err
+    if got[0] != want_leaves[0]:
+        raise ValueError(
+            f"{name} got `params` of {got[0]} arrays, but the module has {want_leaves[0]}: "
+            "pass the `params` of `nnx_split` of this module."
+        ) from err
+
+
+def _check_same_shapes(first, other, k: int) -> None:
+    """Raise naming module k, the variable's path and both shapes where the params or model
+    state of `nnx_split` parts `first` and `other` differ in shape (e.g. another width)."""
+    for what, i in (("params", 1), ("model_state", 3)):
+        a = dict(jax.tree_util.tree_flatten_with_path(first[i])[0])
+        for path, leaf in jax.tree_util.tree_flatten_with_path(other[i])[0]:
+            if path in a and jnp.shape(leaf) != jnp.shape(a[path]):
+                raise ValueError(
+                    f"`module[{k}]` has another architecture than `module[0]`: its {what} "
+                    f"{jax.tree_util.keystr(path)} has shape {jnp.shape(leaf)} where "
+                    f"`module[0]`'s has {jnp.shape(a[path])}; stack modules of one "
+                    "architecture and the same sizes only."
+                )
+
+
 def _stream_tags(module: nnx.Module) -> tuple[str, ...]:
     tags = {
         node.key.tag for _, node in nnx.iter_graph(module) if isinstance(node, nnx.RngStream)
@@ -120,6 +154,7 @@ def nnx_split(
         parts = [_split_one(_as_module(m, ())) for m in module]
         graphdef, _, rng_state, _ = parts[0]
         for k, part in enumerate(parts[1:], start=1):
+            _check_same_shapes(parts[0], part, k)
             if part[0] != graphdef:
                 raise ValueError(
                     f"`module[{k}]` has another architecture than `module[0]` (their "
@@ -134,6 +169,7 @@ def nnx_split(
         graphdef, params, rng_state, model_state = _split_one(one)
         first = one
     tags, name = _stream_tags(first), f"NNX {type(first).__name__}"
+    want_leaves = (len(jax.tree.leaves(params)), len(jax.tree.leaves(model_state)))
     template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), a.dtype), rng_state)
     checked = get_policy(policy)
     if checked is not None:
@@ -143,7 +179,11 @@ def nnx_split(
         # Fresh variables in this trace: NNX refuses to mutate one made under another trace
         # (the step's jit, then its grad).
         params, model_state = jax.tree.map(lambda a: a, (params, model_state))
-        module = nnx.merge(graphdef, params, _placeholder(template), model_state)
+        try:
+            module = nnx.merge(graphdef, params, _placeholder(template), model_state)
+        except ValueError as err:
+            _explain_merge_error(err, name, params, model_state, want_leaves)
+            raise
         if train:
             module.train()
             if tags:

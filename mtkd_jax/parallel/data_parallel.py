@@ -11,6 +11,14 @@ parameters (and teachers) are replicated, `P()`, and the batch is split over the
   ``axis_name="data"`` and does its own `jax.lax.pmean`. The same per-device step also runs
   inside a user's own ``jax.pmap(step, axis_name="data")``.
 
+Random draws (Dropout masks, augmentation): in ``mode="jit"`` the model sees the global
+batch and XLA's partitioned PRNG gives each device its slice of the one-device masks, so the
+run is the one-device run whatever the device count. In ``mode="shard_map"`` each device
+folds its index on the axis into the step's key (`mtkd_jax.training.steps.common.device_key`) and
+draws masks for its own rows: different on every device, deterministic for a given key and
+device count, but not slices of the one-device masks (equal to the one-device run in
+distribution, not bit for bit).
+
 Batches are dicts of arrays with the batch axis first, except the entries named in
 `batch_axes` (default `BATCH_AXES`: ``"teacher_logits"`` `[K, B, C]`, teacher axis first,
 split on its second axis). What is split how is always an argument, never read off the step.

@@ -101,6 +101,12 @@ def batch_parts(batch) -> BatchParts:
     if labels is not None:
         if token_mask is not None:
             lead = tuple(jnp.shape(token_mask))
+            if jnp.ndim(labels) == len(lead) and tuple(jnp.shape(labels)) != lead:
+                raise ValueError(
+                    f"`batch['mask']` has shape {lead} but `batch['y']` "
+                    f"{tuple(jnp.shape(labels))}: the padding mask and the token labels must "
+                    "have one shape [B, L], one mask entry per label."
+                )
         elif jnp.ndim(labels) >= 2 and jnp.shape(labels)[0] == b:
             lead = tuple(jnp.shape(labels))  # token labels [B, L] without padding
         else:
@@ -197,8 +203,9 @@ def check_batch(batch: dict, *, num_classes: int | None = None) -> int:
     """Check a concrete batch on the host before it enters a compiled step.
 
     Shapes always (`batch_parts`); then, for concrete values: labels >= 0 (and < C when
-    `num_classes` is given) wherever `label_mask` is 1, `label_mask` finite and >= 0, and
-    `teacher_logits` finite with C classes. Inside `jax.jit` the values cannot be read, and an
+    `num_classes` is given, or C read off `batch["teacher_logits"]`) wherever `label_mask`
+    is 1, `label_mask` finite and >= 0, a sequence `mask` of 0s and 1s with at least one 1,
+    and `teacher_logits` finite with C classes. Inside `jax.jit` the values cannot be read, and an
     out-of-range label would silently give a NaN or a wrong loss, so training loops call this
     on the host batch. Arrays that span several processes are checked on this process's part.
 
@@ -222,6 +229,10 @@ def check_batch(batch: dict, *, num_classes: int | None = None) -> int:
     if num_classes is not None:
         _checks.check_int(num_classes, "num_classes")
     parts = batch_parts(batch)
+    tl = batch.get("teacher_logits")
+    source = "num_classes"
+    if num_classes is None and tl is not None:
+        num_classes, source = int(jnp.shape(tl)[-1]), "the classes of batch['teacher_logits']"
     mask = None if parts.label_mask is None else _host(parts.label_mask)
     if mask is not None and not np.all(np.isfinite(mask) & (mask >= 0)):
         raise ValueError(
@@ -231,10 +242,12 @@ def check_batch(batch: dict, *, num_classes: int | None = None) -> int:
     token_mask = None if parts.mask is None else _host(parts.mask)
     if token_mask is not None:
         token_mask = token_mask.astype(np.float64)
-        if not np.all(np.isfinite(token_mask) & (token_mask >= 0)):
+        if not np.all((token_mask == 0) | (token_mask == 1)):
             raise ValueError(
-                "`batch['mask']` must be finite and >= 0 (1 = token, 0 = padding); got values "
-                f"{np.unique(token_mask)[:8].tolist()}."
+                "`batch['mask']` must hold 0 (padding) or 1 (token); got values "
+                f"{np.unique(token_mask)[:8].tolist()}. Other values would weight the tokens' "
+                "losses; packed sequences' segment ids are not a padding mask (use "
+                "`segment_ids > 0`)."
             )
         if not np.any(token_mask > 0):
             raise ValueError(
@@ -258,13 +271,12 @@ def check_batch(batch: dict, *, num_classes: int | None = None) -> int:
         high = np.inf if num_classes is None else num_classes
         bad = (labels < 0) | (labels >= high)
         if bad.any():
-            span = "[0, C)" if num_classes is None else f"[0, {num_classes}) (num_classes)"
+            span = "[0, C)" if num_classes is None else f"[0, {num_classes}) ({source})"
             raise ValueError(
                 f"`batch['y']` labels must be in {span}; found "
                 f"{np.unique(labels[bad]).tolist()[:10]}. Mark examples without a label with "
                 "batch['label_mask'] = 0 (padding tokens with batch['mask'] = 0) instead."
             )
-    tl = batch.get("teacher_logits")
     if tl is not None:
         if num_classes is not None and jnp.shape(tl)[-1] != num_classes:
             raise ValueError(

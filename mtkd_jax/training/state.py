@@ -115,8 +115,10 @@ def init_stacked_train_state(
         k_state = num_stacked(model_state, "model_state")
         if k_state != k:
             raise ValueError(
-                f"`model_state` stacks {k_state} models but `stacked_params` {k}; stack both "
-                "over the same K models."
+                f"`model_state`'s leaves lead with a size of {k_state} but `stacked_params`'s "
+                f"with K={k} models: stack both over the same K models (leaves [K, ...]). A "
+                "leading size that is not K is a feature size: was `model_state` one model's "
+                "state, not stacked (e.g. `nnx_split` of one module instead of the list)?"
             )
     state = TrainState(
         jnp.zeros((), jnp.int32),

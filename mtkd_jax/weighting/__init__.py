@@ -19,11 +19,22 @@ Label-free routing (`mtkd_jax.weighting.routing`, `mtkd_jax.weighting.gate`): ``
 from the input alone (for teachers from different sources, `mtkd_jax.core.class_sets`);
 `fit_temperature` and `fit_gate` fit their hyperparameters.
 
-Scale conventions of other implementations (the formulas match; the scale does not):
-CA-MKD and big_vision **sum** per-teacher losses (K times a weighted mean: multiply the
-learning rate, or `1 - alpha`, by K to match); EBKD's entropy weights are not divided by
-K - 1 (a factor K - 1 on the soft loss); TextBrewer has no T^2 factor on its KL (divide the
-soft loss by T^2, see `mtkd_jax.core.losses.soft_kl`).
+Scale conventions of other implementations (the formulas match; the scale does not). The
+library's soft loss is the batch mean of :math:`T^2 KL(\sum_k w_k p_k \| q)` with weights
+summing to 1 (its gradient is that of :math:`\sum_k w_k T^2 KL(p_k \| q)`,
+`mtkd_jax.core.losses.per_teacher_soft_kl`):
+
+* CA-MKD divides its weighted sum of per-teacher losses by batch size x K: its soft loss
+  is `per_teacher_soft_kl`'s batch mean divided by K, and its gradient the library's
+  divided by K (multiply its soft-loss weight or learning rate by K to get the library's);
+* EBKD (as CA-MKD's code computes it) does not divide its entropy weights by K - 1 (they
+  sum to K - 1) and reduces the same way: (K - 1)/K of the library's;
+* big_vision sums the per-teacher losses: K times the library's (uniform weights);
+* TextBrewer has no T^2 factor on its KL (divide the soft loss by T^2, see
+  `mtkd_jax.core.losses.soft_kl`).
+
+Checked against float64 reimplementations of each reduction in
+`tests/test_weighting.py::test_scale_conventions_of_the_anchors`.
 """
 
 from mtkd_jax.weighting.gate import fit_gate, gate, gate_features, gate_inputs

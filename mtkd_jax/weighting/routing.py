@@ -190,6 +190,15 @@ def fit_temperature(logits, labels, *, known=None) -> float:
     Returns:
       T, a Python float.
 
+    Raises:
+      ValueError: bad input, or a search that ends at its bound (T = 0.01 or 1000): the
+        examples do not determine T. That happens for a teacher right with a margin on every
+        example (the NLL falls without end as T -> 0: the in-group validation data of a
+        near-perfect teacher), one whose NLL does not depend on T (it knows one class), or
+        one no better than uniform. Returning the bound would be silent and harmful: at
+        T = 0.01 a teacher is sure of every input, in its group or not, and `calibrated`
+        routes by noise. Fit on examples the teacher sometimes gets wrong, or choose T.
+
     Example:
       >>> import numpy as np
       >>> from mtkd_jax.weighting import fit_temperature
@@ -219,6 +228,7 @@ def fit_temperature(logits, labels, *, known=None) -> float:
         return np.mean(m + np.log(np.sum(np.exp(u - m[:, None]), axis=1)) - beta * zy)
 
     lo, hi = np.log(1e-3), np.log(1e2)  # search over log beta: the same relative precision
+    bounds = (lo, hi)
     g = (np.sqrt(5.0) - 1) / 2
     a, b = hi - g * (hi - lo), lo + g * (hi - lo)
     fa, fb = nll(np.exp(a)), nll(np.exp(b))
@@ -231,4 +241,30 @@ def fit_temperature(logits, labels, *, known=None) -> float:
             lo, a, fa = a, b, fb
             b = lo + g * (hi - lo)
             fb = nll(np.exp(b))
-    return float(1.0 / np.exp(0.5 * (lo + hi)))
+    log_beta = 0.5 * (lo + hi)
+    if min(log_beta - bounds[0], bounds[1] - log_beta) < 1e-6:
+        _raise_at_bound(nll, bounds, log_beta)
+    return float(1.0 / np.exp(log_beta))
+
+
+def _raise_at_bound(nll, bounds, log_beta) -> None:
+    """The search for T ended at a bound: these examples do not determine T. Raise, saying
+    why; the bound is not a fitted value (T = 0.01 would make the teacher sure of every
+    input, in its group or not, and `calibrated` would then route by noise)."""
+    lo, hi = (nll(np.exp(b)) for b in bounds)
+    t = 1.0 / np.exp(log_beta)
+    if abs(hi - lo) <= 1e-12 * max(1.0, abs(lo)):
+        why = ("the NLL is the same at every T (e.g. a teacher that knows one class, or "
+               "logits that are equal within each example)")
+    elif log_beta > np.mean(bounds):
+        why = ("the NLL keeps falling as T -> 0: the teacher is right with a margin on every "
+               "example, so the data bound its confidence from below only")
+    else:
+        why = ("the NLL keeps falling as T grows: the teacher does no better than uniform on "
+               "these examples")
+    raise ValueError(
+        f"`fit_temperature`: the search for T ended at its bound T = {t:.3g}, which these "
+        f"examples do not determine: {why}. Fit on examples the teacher sometimes gets "
+        "wrong (more or harder held-out data; with `known`, examples of classes it knows), "
+        "or choose T yourself (T = 1 leaves the logits as they are)."
+    )

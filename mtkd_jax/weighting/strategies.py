@@ -160,9 +160,14 @@ def confidence(
     (mean of the T = 1 probabilities) as their label, so their weights favour the teachers
     that agree with the ensemble, and their fused target has the ensemble's argmax.
 
-    Bound: no teacher ever gets more than :math:`1/(K-1)` (at K = 3, 0.5), however sure it is;
-    a teacher that gives the label probability 0 (a class it does not know,
-    `mtkd_jax.core.class_sets`) gets weight 0 on a labeled example.
+    Bound: no teacher ever gets more than :math:`1/(K-1)` (at K = 3, 0.5), however sure it is,
+    and the weights sum to 1. So teachers that give the label probability 0 (a class they do
+    not know, `mtkd_jax.core.class_sets`) get weight 0 on a labeled example only when there is
+    one such teacher. With m of them, their cross-entropies (about :math:`-`
+    `UNKNOWN_LOGIT` = 1e9, equal in float32) share the softmax: each gets
+    :math:`(1 - 1/m)/(K-1)` (at K = 3, m = 2: 0.25, beside 0.5 for the teacher that knows
+    the label). That is CA-MKD's definition, kept as is; the strategies that can give such
+    teachers (almost) nothing are the routing ones (`mtkd_jax.weighting.routing`).
 
     Args:
       probs: `[K, ..., C]` teacher probabilities (only the shape is checked).

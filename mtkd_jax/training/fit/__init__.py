@@ -115,9 +115,14 @@ def fit(
       check_every: fetch metrics to the host and check the loss every this many steps (also
         at every evaluation, checkpoint and epoch end).
       loss_key: the metric checked for NaN/inf.
-      num_classes: C: check every batch on the host before the step (`mtkd_jax.training.batch.
-        check_batch`: not empty, labels in `[0, C)` where labeled, finite teacher logits).
-        It costs the compiled step nothing; None skips it (e.g. for a custom batch layout).
+      num_classes: C, to check labels in `[0, C)` on the host before each step. Every batch
+        of the library's layout is checked on the host (`mtkd_jax.training.batch.check_batch`:
+        shapes, not empty, labels >= 0 where labeled, a 0/1 sequence mask that is not all
+        padding, finite teacher logits; C read off cached teacher logits), which costs the
+        compiled step nothing; with `num_classes` every batch is, else a batch of a custom
+        layout (e.g. float targets in ``"y"``) is left to its step. Without `num_classes` a
+        step that reports ``labels_in_range`` (the library's steps, C from their logits)
+        still has labels out of range named, at the next check of the metrics.
       progress: show a tqdm bar with rate and ETA (only on JAX process 0).
       log_fn: `log_fn(step, metrics)` with host metrics named `"train/<name>"` for each update
         (called at each check, in step order) and `"eval/<name>"` for each evaluation; only

@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mtkd_jax.training.batch import check_batch
+from mtkd_jax.training.batch import batch_parts, check_batch
 from mtkd_jax.training.checkpoint import Checkpointer
 from mtkd_jax.training.fit.tracking import Tracker, all_finite, host_value
 
@@ -41,6 +41,19 @@ def _cause(metrics: Mapping[str, Any]) -> str:
             "were read from, not the student)"
         )
     return ""
+
+
+def _library_layout(batch) -> bool:
+    """Whether `batch` is a batch of the library's layout (`batch.batch_parts` accepts it),
+    so that `check_batch` may read it without `num_classes`; a custom layout (e.g. float
+    regression targets in "y") is left to its own step."""
+    if not isinstance(batch, dict):
+        return False
+    try:
+        batch_parts(batch)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 @dataclasses.dataclass
@@ -119,7 +132,7 @@ class FitRun:
                     f"it must yield at least steps_per_epoch - start = "
                     f"{self.steps_per_epoch - start}."
                 ) from None
-            if self.num_classes is not None and isinstance(batch, dict):
+            if self.num_classes is not None or _library_layout(batch):
                 check_batch(batch, num_classes=self.num_classes)
             self.state, metrics = self.step_fn(self.state, batch, self.key)
             self.pending.append((self.step, metrics))
@@ -150,6 +163,18 @@ class FitRun:
                 raise ValueError(
                     f"`step_fn` metrics must hold {self.loss_key!r} (the `loss_key`); "
                     f"got {sorted(metrics)}."
+                )
+            in_range = metrics.get("labels_in_range")
+            if in_range is not None and self.num_classes is None and np.any(
+                np.asarray(in_range) < 1
+            ):
+                epoch, batch = divmod(n, self.steps_per_epoch)
+                raise ValueError(
+                    f"`batch['y']` holds labels outside [0, C), C the classes of the step's "
+                    f"logits, at step {n} (epoch {epoch}, batch {batch}): the loss of such a "
+                    "label is NaN or wrong. Pass `num_classes=` to `fit` to check every batch "
+                    "on the host before its step; mark examples without a label with "
+                    "batch['label_mask'] = 0."
                 )
             loss = np.asarray(metrics[self.loss_key])
             if not np.all(np.isfinite(loss)):

@@ -22,8 +22,10 @@ from mtkd_jax.training.steps.common import (
     ApplyFn,
     AugmentFn,
     apply_update,
+    check_concrete_batch,
     check_config,
     forward,
+    labels_in_range,
     trained_model,
     update_keys,
 )
@@ -69,7 +71,10 @@ def make_distill_step(
     ``teacher_weights`` `[K]`, ``teacher_divergence`` `[K, K]` (`pairwise_divergence` of the
     teacher probabilities at T), ``agreement`` (student argmax = fused-target argmax),
     ``accuracy`` (over labeled examples, with labels), ``teacher_logits_finite`` (1 when every
-    teacher logit of the batch is finite, so a NaN loss can be traced to the teachers).
+    teacher logit of the batch is finite, so a NaN loss can be traced to the teachers),
+    ``labels_in_range`` (with labels: 1 when every counted label is in `[0, C)`, C the
+    logits' classes; `loop.fit` names labels when it is not). Called eagerly (concrete
+    values), the step checks its batch on the host (`batch.check_batch`, C from the logits).
 
     Args:
       student_apply: the student: a `mtkd_jax.models.Model` (Dropout keys from this update's
@@ -147,7 +152,7 @@ def make_distill_step(
     def step(state: TrainState, batch: dict, key: jax.Array, *, teacher_params=None):
         parts = batch_parts(batch)
         labels = parts.labels
-        aug_key, model_key = update_keys(key, state, augment_fn is not None)
+        aug_key, model_key = update_keys(key, state, augment_fn is not None, axis_name)
         x = parts.x if augment_fn is None else augment_fn(aug_key, parts.x)
         lead = parts.lead
         teacher_out = teacher_logits_of(batch, x, teacher_apply, teacher_params, lead=lead)
@@ -158,6 +163,7 @@ def make_distill_step(
                 f"outputs {teacher_out.shape}."
             )
         lead = lead or teacher_out.shape[1:-1]
+        check_concrete_batch(batch, teacher_out.shape[-1])
         _checks.check_labels_for_alpha(labels, alpha)
 
         def loss_fn(params):
@@ -185,6 +191,9 @@ def make_distill_step(
         metrics = {"loss": loss.loss, "soft_loss": loss.soft, "hard_loss": loss.hard, **metrics}
         if labels is None:
             del metrics["accuracy"]
+        else:
+            metrics["labels_in_range"] = labels_in_range(labels, parts.hard_mask,
+                                                         teacher_out.shape[-1])
         new_state = apply_update(tx, state, grads, axis_name, model_state)
         return new_state, pmean(metrics, axis_name)
 

@@ -21,8 +21,11 @@ from mtkd_jax.training.steps.common import (
     ApplyFn,
     accuracy,
     apply_update,
+    check_concrete_batch,
     check_config,
+    device_key,
     forward,
+    labels_in_range,
     model_keys,
     trained_model,
 )
@@ -124,7 +127,7 @@ def make_codistill_step(
       Un-jitted `step(state, batch, key) -> (state, metrics)` for a stacked `TrainState`.
       Metrics: ``loss`` (mean over models), ``model_loss``, ``soft_loss``, ``hard_loss``,
       ``accuracy`` (each `[K]`, accuracy only with labels), ``divergence`` `[K, K]`
-      (squared, batch mean).
+      (squared, batch mean), ``labels_in_range`` (with labels, as in `make_distill_step`).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -150,7 +153,9 @@ def make_codistill_step(
         k = num_stacked(state.params, "state.params")
         if k < 2:
             raise ValueError(f"Codistillation needs K >= 2 stacked models, got K={k}.")
-        keys = jax.vmap(lambda kk: jax.random.fold_in(kk, state.step))(model_keys(key, k))
+        keys = jax.vmap(lambda kk: device_key(jax.random.fold_in(kk, state.step), axis_name))(
+            model_keys(key, k)
+        )
 
         def loss_fn(params):
             logits, model_state = jax.vmap(
@@ -190,6 +195,8 @@ def make_codistill_step(
             metrics["accuracy"] = jax.vmap(lambda s: accuracy(s, labels, hard_mask, axis_name))(
                 logits
             )
+            check_concrete_batch(batch, logits.shape[-1])
+            metrics["labels_in_range"] = labels_in_range(labels, hard_mask, logits.shape[-1])
         new_state = apply_update(tx, state, grads, axis_name, model_state, jax.vmap(tx.update))
         return new_state, pmean(metrics, axis_name)
 

@@ -16,7 +16,9 @@ from mtkd_jax.training.steps.common import (
     AugmentFn,
     accuracy,
     apply_update,
+    check_concrete_batch,
     forward,
+    labels_in_range,
     trained_model,
     update_keys,
 )
@@ -51,7 +53,8 @@ def make_supervised_step(
       pass_key: for a plain function: call `apply_fn(params, x, key)` with this update's key.
 
     Returns:
-      Un-jitted `step(state, batch, key) -> (state, {"loss", "accuracy"})`.
+      Un-jitted `step(state, batch, key) -> (state, {"loss", "accuracy",
+      "labels_in_range"})` (``labels_in_range`` as in `make_distill_step`).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -73,7 +76,7 @@ def make_supervised_step(
         labels = parts.labels
         if labels is None:
             raise ValueError("A supervised step needs labels in batch['y'].")
-        aug_key, model_key = update_keys(key, state, augment_fn is not None)
+        aug_key, model_key = update_keys(key, state, augment_fn is not None, axis_name)
         x = parts.x if augment_fn is None else augment_fn(aug_key, parts.x)
 
         def loss_fn(params):
@@ -86,10 +89,12 @@ def make_supervised_step(
         grads, (logits, model_state) = jax.grad(loss_fn, has_aux=True)(
             as_varying(state.params, axis_name)
         )
+        check_concrete_batch(batch, logits.shape[-1])
         metrics = {
             "loss": mean_cross_entropy(logits, labels, label_mask=parts.label_mask,
                                        mask=parts.mask, axis_name=axis_name),
             "accuracy": accuracy(logits, labels, parts.hard_mask, axis_name),
+            "labels_in_range": labels_in_range(labels, parts.hard_mask, logits.shape[-1]),
         }
         return apply_update(tx, state, grads, axis_name, model_state), pmean(metrics, axis_name)
 
