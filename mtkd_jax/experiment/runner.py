@@ -32,7 +32,14 @@ import ml_collections
 
 from mtkd_jax import data as data_lib
 from mtkd_jax import distributed, parallel
-from mtkd_jax.experiment import compression, report, run_folder, trust_plot
+from mtkd_jax.experiment import (
+    auto_settings,
+    compression,
+    report,
+    run_folder,
+    teacher_check,
+    trust_plot,
+)
 from mtkd_jax.experiment.analysis import analyse
 from mtkd_jax.experiment.config import parse_strategy, validate_config
 from mtkd_jax.experiment.context import Context
@@ -97,6 +104,8 @@ def run_seed(config, seed: int, dataset, transfer_x, mesh, run_dir: str, strateg
     with ctx.times.stage("analysis"):
         analysis = analyse(ctx, teachers, strategies)  # 2-4.
     seconds["analysis"] = time.perf_counter() - t0
+    teacher_check.check_teachers(config, analysis.val_accuracy, dataset.validation.y,
+                                 seed=seed)  # noise is not distilled
     students = train_students(ctx, teachers, analysis, strategies)  # 5-6.
     seconds.update(students.seconds)
 
@@ -107,7 +116,8 @@ def run_seed(config, seed: int, dataset, transfer_x, mesh, run_dir: str, strateg
         histories={**teachers.histories, **students.histories},
         steps={"teachers": teachers.steps, **students.steps}, seconds=seconds,
     )
-    trained = {"teacher": teachers.members[0], "ensemble": (teachers.apply, teachers.params)}
+    trained = {"teacher": teachers.members[0],  # the ensemble timed as one teacher is
+               "ensemble": compression.ensemble_program(teachers.members)}
     if students.student is not None:
         trained["student"] = students.student
     return result, trained
@@ -233,12 +243,10 @@ def _load(config):
     log(f"dataset {config.dataset}: {len(dataset.train)} train / {len(dataset.validation)} "
         f"validation / {len(dataset.test)} test, inputs {tuple(info.input_shape)}, "
         f"{info.num_classes} classes")
-    if folder:
-        log(f"  images read as {config.color_mode} and resized to {tuple(config.image_size)} "
-            f"where they differ; horizontal flips {'keep' if config.flip else 'change'} "
-            "the label (config.flip)")
     for note in info.notes:
         log(f"  {note}")
+    if folder:
+        log(f"  horizontal flips {'keep' if config.flip else 'change'} the label (config.flip)")
     if config.transfer.size and not transfer_size(config):
         log("  no transfer set: it is generated for mnist1d only (config.transfer.size)")
     return dataset
@@ -261,6 +269,8 @@ def _run(config, strategies, times: StageTimes) -> ExperimentResult:
     with times.stage("data"):
         with _config_mistakes():
             dataset = _load(config)
+            config = auto_settings.settle(config, dataset)  # fields left to the data
+            validate_config(config, num_devices=jax.device_count())
             check_against_dataset(config, dataset.info)
             for path, size in (("teachers.batch_size", config.teachers.batch_size),
                                ("student.batch_size", config.student.batch_size)):
@@ -290,6 +300,8 @@ def _run(config, strategies, times: StageTimes) -> ExperimentResult:
                                               times=times)
             seeds.append(result)
             trained = trained or models_of_seed
+    except teacher_check.TeachersAtChance as e:
+        raise ConfigMistake(str(e)) from None
     except KeyboardInterrupt:
         interrupted = True
         progress.close()
@@ -304,7 +316,7 @@ def _run(config, strategies, times: StageTimes) -> ExperimentResult:
         with times.stage("compression"):
             comp = compression.measure(
                 trained, example_x=dataset.test.x, labels=_compression_labels(config),
-                repeats=config.compression.repeats,
+                repeats=config.compression.repeats, log=log,
             )
     result = ExperimentResult(
         config=config, run_dir=run_dir, seeds=seeds, compression=comp,
