@@ -246,12 +246,17 @@ def test_the_small_rgb_folder_learns_or_stops_clearly(tmp_path):
     assert min(acc[f"teacher_{k}"] for k in range(3)) > 0.6  # chance is 1/3
 
 
+TINY = os.path.join(ROOT, "experiments", "configs", "tiny.py")
+
+
 @pytest.mark.slow  # three runs of a subprocess
-def test_ctrl_c_mid_training_resumes_from_the_last_checkpoint(mnist_tiny, tmp_path):
-    args = [f"--config.dataset=folder:{mnist_tiny}", "--config.image_size=28,28",
-            "--config.seeds=1", "--config.distill.strategies=alone,mean",
-            "--config.distill.train_only=()", "--config.student.steps=40",
-            "--config.compression.enabled=False", "--config.checkpoint_every=20", *QUIET]
+def test_ctrl_c_mid_training_resumes_from_the_last_checkpoint(tmp_path):
+    # The tiny MNIST-1D run with longer teachers (30 epochs x 14 = 420 updates), a
+    # checkpoint every 5 updates; Ctrl-C once the teachers have written two.
+    args = [TINY, "--config.teachers.epochs=30", "--config.checkpoint_every=5",
+            "--config.transfer.size=0", "--config.distill.train_only=()",
+            "--config.distill.strategies=alone,mean", "--config.compression.enabled=False",
+            *QUIET]
     clean = _mtkd(*args, f"--config.output_dir={tmp_path / 'clean'}")
     assert clean.returncode == 0, clean.stderr[-3000:]
 
@@ -260,19 +265,23 @@ def test_ctrl_c_mid_training_resumes_from_the_last_checkpoint(mnist_tiny, tmp_pa
                              f"--config.output_dir={out}"], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     latest = out / "checkpoints" / "seed0" / "teachers" / "latest"
+
+    def saved():
+        names = os.listdir(latest) if latest.is_dir() else []
+        return sorted(int(n) for n in names if n.isdigit())
+
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:  # stop it once two checkpoints of the teachers exist
-        if latest.is_dir() and len([n for n in os.listdir(latest) if n.isdigit()]) >= 2:
-            break
-        time.sleep(0.2)
+    while len(saved()) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    at_signal = saved()[-1]
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 130, stderr[-3000:]
-    saved = max(int(n) for n in os.listdir(latest) if n.isdigit())
-    assert 40 <= saved < 576
+    resumed = saved()[-1]
+    assert at_signal <= resumed < 420  # the Ctrl-C save, or the last one before it
 
     again = _mtkd(*args, f"--config.output_dir={out}")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"[seed 0] teachers: resuming at update {saved} of 576" in again.stdout
+    assert f"[seed 0] teachers: resuming at update {resumed} of 420" in again.stdout
     first = {r["row"]: r["accuracy"] for r in _rows(tmp_path / "clean")}
     assert {r["row"]: r["accuracy"] for r in _rows(out)} == first
