@@ -67,7 +67,8 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(run_dir)
         self.run_dir, self.result = run_dir, result
 
-_IGNORED_KEYS = ("progress", "log_every")  # may change between a run and its resume
+# May change between a run and its resume (`force`: go on after the teacher check stopped).
+_IGNORED_KEYS = ("progress", "log_every", "force", "checkpoint_minutes", "checkpoint_every")
 
 
 def run_seed(config, seed: int, dataset, transfer_x, mesh, run_dir: str, strategies,
@@ -135,8 +136,10 @@ def prepare_run_dir(config) -> str:
 
     Re-running the same command in the same folder resumes it: finished trainings are read
     back from their checkpoints and unfinished ones continue. A different config (other than
-    `progress` and `log_every`) in a folder that holds checkpoints or results is refused, so
-    results never mix; a folder whose run failed before saving anything is reused.
+    `progress`, `log_every`, `force` and the checkpoint intervals) in a folder that holds
+    checkpoints or results is refused, so results never mix; a folder whose run failed
+    before saving anything is reused. The config written is the one the run uses, with the
+    fields left to the data filled in (`auto_settings`).
 
     Returns:
       The absolute run folder path.
