@@ -213,7 +213,8 @@ def test_mtkd_run_on_a_tiny_mnist_png_folder(mnist_tiny, tmp_path):
     assert "no transfer set" in md and "transfer set 40000" not in md
 
 
-@pytest.mark.slow  # ~10 minutes on the project's 2-CPU machine
+@pytest.mark.slow  # 10 minutes or more on the project's 2-CPU machine
+@pytest.mark.timeout(7200)
 def test_mtkd_run_on_the_mnist_png_folder_with_no_other_setting(tmp_path):
     root = write_mnist_folder(tmp_path / "mnist")
     out = tmp_path / "run"
@@ -250,6 +251,7 @@ TINY = os.path.join(ROOT, "experiments", "configs", "tiny.py")
 
 
 @pytest.mark.slow  # three runs of a subprocess
+@pytest.mark.timeout(3600)
 def test_ctrl_c_mid_training_resumes_from_the_last_checkpoint(tmp_path):
     # The tiny MNIST-1D run with longer teachers (30 epochs x 14 = 420 updates), a
     # checkpoint every 5 updates; Ctrl-C once the teachers have written two.
@@ -285,3 +287,20 @@ def test_ctrl_c_mid_training_resumes_from_the_last_checkpoint(tmp_path):
     assert f"[seed 0] teachers: resuming at update {resumed} of 420" in again.stdout
     first = {r["row"]: r["accuracy"] for r in _rows(tmp_path / "clean")}
     assert {r["row"]: r["accuracy"] for r in _rows(out)} == first
+
+
+def test_teachers_at_chance_stop_mtkd_run_in_one_line(mnist_tiny, tmp_path):
+    out = tmp_path / "run"
+    args = [f"--config.dataset=folder:{mnist_tiny}", "--config.image_size=28,28",
+            f"--config.output_dir={out}", "--config.seeds=1", "--config.teachers.epochs=1",
+            "--config.teachers.learning_rate=1e-6", "--config.distill.strategies=alone,mean",
+            "--config.distill.train_only=()", "--config.student.steps=5",
+            "--config.compression.enabled=False", *QUIET]
+    proc = _mtkd(*args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("mtkd: error:")]
+    assert len(lines) == 1 and "no better than chance" in lines[0], proc.stderr[-3000:]
+    assert "--config.force=True" in lines[0]
+    forced = _mtkd(*args, "--config.force=True")  # the same folder: the teachers are reused
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert "[seed 0] teachers: restored its checkpoint at update 18 of 18" in forced.stdout
