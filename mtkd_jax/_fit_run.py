@@ -113,8 +113,11 @@ class FitRun:
 
     def _save_interrupted(self) -> None:
         """On Ctrl-C: keep the updates since the last checkpoint, when the interrupted step
-        had finished (its metrics, evaluation and checkpoint); else the last one stands."""
-        if (self.ckpt is None or self.step == self.last_saved or self.completed != self.step
+        had finished (its metrics, evaluation and checkpoint); else the last one stands.
+        Not with several processes: a save is collective, and one host's Ctrl-C is not the
+        others'."""
+        if (self.ckpt is None or jax.process_count() > 1 or self.step == self.last_saved
+                or self.completed != self.step
                 or int(jax.device_get(self.state.step)) != self.step):
             return
         try:
