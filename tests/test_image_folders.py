@@ -149,7 +149,7 @@ def test_a_grayscale_folder_is_read_as_grayscale(tmp_path):
 
 # -- checkpoints by time ---------------------------------------------------------------------------
 
-def _tiny_fit(tmp_path, **kw):
+def _tiny_fit(tmp_path, *, stop_at=None, **kw):
     from typing import NamedTuple
 
     class State(NamedTuple):
@@ -162,7 +162,12 @@ def _tiny_fit(tmp_path, **kw):
         loss, g = jax.value_and_grad(lambda w: jnp.mean((w - batch) ** 2))(state.params)
         return State(state.step + 1, state.params - 0.1 * g), {"loss": loss}
 
-    batches = lambda epoch, start: (np.full(3, 1.0, np.float32) for _ in range(start, 10))  # noqa: E731
+    def batches(epoch, start):
+        for i in range(start, 10):
+            if epoch * 10 + i == stop_at:
+                raise KeyboardInterrupt  # Ctrl-C while the data of update `stop_at` loads
+            yield np.full(3, 1.0 + 0.1 * i, np.float32)
+
     return fit(State(jnp.array(0), jnp.zeros(3)), step_fn, batches, num_epochs=3,
                steps_per_epoch=10, key=jax.random.key(0), progress=False, keep=100,
                checkpoint_dir=str(tmp_path), save_every=1000, async_save=False, **kw)
@@ -185,6 +190,16 @@ def test_latest_checkpoint_follows_the_clock(tmp_path):
     assert max(np.diff([0, *steps])) <= 4  # never more than the interval between saves
     _tiny_fit(tmp_path / "untimed")
     assert _saved_steps(tmp_path / "untimed") == [30]
+
+
+def test_ctrl_c_saves_the_updates_since_the_last_checkpoint(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_fit(tmp_path / "stopped", stop_at=13)
+    assert _saved_steps(tmp_path / "stopped") == [13]
+    resumed = _tiny_fit(tmp_path / "stopped")
+    assert resumed.resumed_from == 13
+    whole = _tiny_fit(tmp_path / "whole")
+    np.testing.assert_array_equal(resumed.state.params, whole.state.params)
 
 
 # -- mtkd run on image folders -------------------------------------------------------------------
