@@ -241,10 +241,11 @@ def test_image_folder_experiment_end_to_end(tmp_path):
     proc = _mtkd("run", *QUICK, f"--config.output_dir={out}", f"--config.dataset=folder:{root}",
                  "--config.image_size=8,8", "--config.color_mode=grayscale",
                  "--config.teachers.model=mlp", "--config.teachers.batch_size=8",
-                 "--config.student.batch_size=8", *MICRO, timeout=300)
+                 "--config.student.batch_size=8", "--config.force=True", *MICRO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "24 train / 8 validation / 8 test, inputs (8, 8, 1), 2 classes" in proc.stdout
-    assert "resized to (8, 8)" in proc.stdout
+    assert "40 images resized to 8x8" in proc.stdout
+    assert "40 color images converted to grayscale" in proc.stdout
     rows = {r["row"] for r in _per_seed_rows(out)}
     assert {"teacher_0", "teacher_1", "alone", "mean"} <= rows
     report = _mtkd("report", str(out), timeout=300)

@@ -5,12 +5,15 @@
     root/test/<class>/...                                   (optional)
 
 Class names are the sorted sub-folder names of `train`; labels are their positions. Images are
-decoded with Pillow, converted to RGB (or grayscale), resized to `image_size` and scaled to
-[0, 1]; a missing validation or test split is held out of train (see `build_dataset`).
+decoded with Pillow, converted to RGB or grayscale (``color_mode="auto"``: grayscale when every
+file is, read from the file headers), resized to `image_size` and scaled to [0, 1]; a missing
+validation or test split is held out of train (see `build_dataset`). How many images were
+resized or converted is in the dataset's `info.notes`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,6 +27,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 _SPLIT_DIRS = {"train": ("train",), "validation": ("val", "valid", "validation"),
                "test": ("test",)}
 _COLOR_MODES = {"rgb": "RGB", "grayscale": "L"}
+COLOR_MODES = ("auto", *_COLOR_MODES)
+# Pillow modes that hold one gray channel (with or without alpha, any depth).
+_GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 
 
 def _is_image(name: str) -> bool:
@@ -60,15 +66,50 @@ def _list_split(split_dir: str, split: str) -> dict[str, list[str]]:
     return files
 
 
+def _header(path: str) -> tuple[str, tuple[int, int]]:
+    """(Pillow mode, (W, H)) of an image file, from its header only."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.mode, im.size
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"Image folder file {path!r} is not a readable image: {e}") from e
+
+
 def _decode(path: str, size_wh: tuple[int, int], mode: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            im = im.convert(mode).resize(size_wh, Image.Resampling.BILINEAR)
+            im = im.convert(mode)
+            if im.size != size_wh:
+                im = im.resize(size_wh, Image.Resampling.BILINEAR)
             return np.asarray(im, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"Image folder file {path!r} is not a readable image: {e}") from e
+
+
+def _is_gray(mode: str) -> bool:
+    return mode in _GRAY_MODES
+
+
+def _conversion_notes(headers, size_wh, color_mode: str, detected: bool) -> tuple[str, ...]:
+    """What reading the files changed: counts of resized and converted images."""
+    h, w = size_wh[1], size_wh[0]
+    n = len(headers)
+    resized = sum(size != size_wh for _, size in headers)
+    gray = sum(_is_gray(m) for m, _ in headers)
+    how = "detected: every file is grayscale" if detected and color_mode == "grayscale" else (
+        "detected: some files are in color" if detected else "config.color_mode")
+    notes = [f"{n} images read as {color_mode} ({how})"]
+    notes.append(f"{resized} images resized to {h}x{w}" if resized
+                 else f"all {n} images already {h}x{w}")
+    if color_mode == "rgb" and gray:
+        notes.append(f"{gray} grayscale images converted to RGB")
+    elif color_mode == "grayscale" and n - gray:
+        notes.append(f"{n - gray} color images converted to grayscale")
+    return tuple(notes)
 
 
 def load_image_folder(
@@ -86,13 +127,15 @@ def load_image_folder(
     Args:
       root: the folder holding `train/` (and optionally `val/` or `validation/`, `test/`).
       image_size: `(H, W)` or one int for square images; every image is resized to it.
-      color_mode: `"rgb"` (C = 3) or `"grayscale"` (C = 1).
+      color_mode: `"rgb"` (C = 3), `"grayscale"` (C = 1), or `"auto"`: grayscale when every
+        file is grayscale, else RGB.
       flip: whether a horizontal flip keeps the label (recorded in `info.flip`); off by
         default (wrong for digits and text).
       validation_fraction, split_seed, normalize: see `build_dataset`.
 
     Returns:
-      A `Dataset` with `x` `[N, H, W, C]` float32.
+      A `Dataset` with `x` `[N, H, W, C]` float32; `info.notes` says how many images were
+      resized and converted.
 
     Raises:
       FileNotFoundError: `root` does not exist.
@@ -123,8 +166,8 @@ def load_image_folder(
         image_size = (image_size, image_size)
     if len(image_size) != 2 or not all(isinstance(s, int) and s > 0 for s in image_size):
         raise ValueError(f"`image_size` must be (H, W) positive ints or one int, got {image_size}.")
-    if color_mode not in _COLOR_MODES:
-        raise ValueError(f"`color_mode` must be one of {sorted(_COLOR_MODES)}, got {color_mode!r}.")
+    if color_mode not in COLOR_MODES:
+        raise ValueError(f"`color_mode` must be one of {list(COLOR_MODES)}, got {color_mode!r}.")
     split_files = {}
     for split, names in _SPLIT_DIRS.items():
         found = [n for n in names if os.path.isdir(os.path.join(root, n))]
@@ -139,22 +182,29 @@ def load_image_folder(
         )
     class_names = tuple(split_files["train"])
     label_of = {c: i for i, c in enumerate(class_names)}
-    size_wh, mode = (image_size[1], image_size[0]), _COLOR_MODES[color_mode]
+    for split, files in split_files.items():
+        unknown = sorted(set(files) - set(class_names))
+        if unknown:
+            raise ValueError(
+                f"Image folder split {split!r} has classes {unknown} that train lacks; "
+                f"train's classes are {list(class_names)}."
+            )
+    size_wh = (image_size[1], image_size[0])
+    all_paths = [p for files in split_files.values() for c in files for p in files[c]]
     raw = {}
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        headers = list(pool.map(_header, all_paths))
+        detected = color_mode == "auto"
+        if detected:
+            color_mode = "grayscale" if all(_is_gray(m) for m, _ in headers) else "rgb"
+        mode = _COLOR_MODES[color_mode]
         for split, files in split_files.items():
-            unknown = sorted(set(files) - set(class_names))
-            if unknown:
-                raise ValueError(
-                    f"Image folder split {split!r} has classes {unknown} that train lacks; "
-                    f"train's classes are {list(class_names)}."
-                )
             paths = [p for c in files for p in files[c]]
             labels = np.array([label_of[c] for c in files for _ in files[c]], dtype=np.int64)
             images = list(pool.map(lambda p: _decode(p, size_wh, mode), paths))
             x = np.stack(images)
             raw[split] = (x[..., None] if x.ndim == 3 else x, labels)
-    return build_dataset(
+    dataset = build_dataset(
         os.path.basename(os.path.normpath(root)),
         raw,
         class_names=class_names,
@@ -165,3 +215,6 @@ def load_image_folder(
         split_seed=split_seed,
         normalize=normalize,
     )
+    notes = _conversion_notes(headers, size_wh, color_mode, detected)
+    return dataclasses.replace(
+        dataset, info=dataclasses.replace(dataset.info, notes=notes + dataset.info.notes))

@@ -3,6 +3,10 @@
 Latency is wall-clock time of the jitted forward pass on this backend, the median of
 `repeats` calls after a warm-up call (compilation excluded), at batch 1 (one request) and
 batch 256 (throughput); FLOPs are XLA's cost analysis (`mtkd_jax.models.flops_per_example`).
+The ensemble is timed as one program that runs each teacher's own forward pass
+(`ensemble_program`), the same code one teacher is timed with, so the ratio between them
+is what K teachers cost, not how well a vmapped convolution compiles. `measure` says which
+model it times as it goes.
 """
 
 from __future__ import annotations
@@ -17,7 +21,32 @@ import numpy as np
 
 from mtkd_jax.models import count_params, flops_per_example
 
-__all__ = ["latency", "profile", "measure"]
+__all__ = ["ensemble_program", "latency", "profile", "measure"]
+
+
+def ensemble_program(members: Sequence[tuple[Callable, Any]]) -> tuple[Callable, tuple]:
+    """The K teachers as one program: `(apply(params, x) -> [K, B, C], params)`.
+
+    Args:
+      members: K `(apply_fn, params)` pairs, `apply_fn(params, x [B, ...]) -> [B, C]`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtkd_jax.experiment.compression import ensemble_program
+      >>> f = lambda w, x: x @ w
+      >>> apply, params = ensemble_program([(f, jnp.ones((4, 2))), (f, jnp.zeros((4, 2)))])
+      >>> apply(params, jnp.ones((3, 4))).shape
+      (2, 3, 2)
+    """
+    applies = tuple(a for a, _ in members)
+    params = tuple(p for _, p in members)
+    if not applies:
+        raise ValueError("`members` must hold at least one (apply_fn, params) pair.")
+
+    def apply(ps, x):
+        return jnp.stack([a(p, x) for a, p in zip(applies, ps, strict=True)])
+
+    return apply, params
 
 
 def latency(apply_fn: Callable, params: Any, x: jax.Array, *, repeats: int = 20) -> float:
@@ -78,7 +107,8 @@ def profile(apply_fn: Callable, params: Any, example_x, *, batch_sizes: Sequence
 
 def measure(trained: Mapping[str, tuple[Callable, Any]], *, example_x,
             labels: Mapping[str, str] | None = None, repeats: int = 20,
-            batch_sizes: Sequence[int] = (1, 256)) -> list[dict[str, Any]]:
+            batch_sizes: Sequence[int] = (1, 256),
+            log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """The compression table: the student vs one teacher vs the K-teacher ensemble.
 
     Args:
@@ -87,6 +117,7 @@ def measure(trained: Mapping[str, tuple[Callable, Any]], *, example_x,
       example_x: `[N, ...]` inputs to time on.
       labels: display name per key (default: the key).
       repeats, batch_sizes: see `profile`.
+      log: called with a line before each model is timed (progress), and its seconds after.
 
     Returns:
       One dict per model: `model`, `params`, `flops_per_example`, `latency_ms_b<B>`, and
@@ -109,8 +140,14 @@ def measure(trained: Mapping[str, tuple[Callable, Any]], *, example_x,
             continue
         apply_fn, params = trained[key]
         row = {"model": labels.get(key, key)}
+        start = time.perf_counter()
+        if log is not None:
+            log(f"compression: timing {row['model']} ({repeats} calls at batch "
+                f"{', '.join(map(str, batch_sizes))})")
         row.update(profile(apply_fn, params, example_x, batch_sizes=batch_sizes,
                            repeats=repeats))
+        if log is not None:
+            log(f"  {time.perf_counter() - start:.1f} s")
         rows.append(row)
     ensemble = rows[-1] if "ensemble" in trained else None
     if ensemble is not None:

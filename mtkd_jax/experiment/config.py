@@ -80,6 +80,13 @@ def default_config() -> ml_collections.ConfigDict:
     * `analysis.divergence_kinds`; `compression` (`enabled`, `repeats`).
     * `output_dir`, `checkpoints`, `tensorboard`, `plots`, `progress`, `log_every`,
       `distributed` (call `jax.distributed.initialize()` first).
+    * `checkpoint_minutes`, `checkpoint_every`: a training's latest checkpoint is written
+      at least every this many minutes (and updates, when > 0), at its end and on Ctrl-C.
+    * `force`: go on distilling when the teachers are no better than chance.
+
+    The batch sizes, the teachers' epochs and both learning rates default to 0, "chosen from
+    the data" (`mtkd_jax.experiment.auto_settings`: from the train size, the input kind and
+    the model family; on MNIST-1D the values tuned for it), and `color_mode` to "auto".
 
     Example:
       >>> from mtkd_jax.experiment.config import default_config
@@ -91,7 +98,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.dataset = "mnist1d"
     c.data_dir = ""
     c.image_size = ()
-    c.color_mode = "rgb"
+    c.color_mode = "auto"  # image folders: grayscale when every file is (auto_settings.py)
     c.flip = False
     c.seeds = 3
     c.first_seed = 0
@@ -102,6 +109,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.progress = True
     c.log_every = 10
     c.distributed = False
+    c.force = False  # go on when the teachers are no better than chance (teacher_check.py)
+    c.checkpoint_minutes = 2.0  # latest checkpoint of a training at least this often
+    c.checkpoint_every = 0  # ... and every this many updates (0: by time only)
 
     c.teachers = ml_collections.ConfigDict()
     c.teachers.num = 3
@@ -109,9 +119,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.teachers.model_kwargs = ml_collections.ConfigDict(
         {"features": (32, 32, 64), "hidden": 128}
     )
-    c.teachers.epochs = 20
-    c.teachers.batch_size = 128
-    c.teachers.learning_rate = 1e-2
+    # 0: chosen from the data (experiment/auto_settings.py; on MNIST-1D: 20, 128, 1e-2).
+    c.teachers.epochs = 0
+    c.teachers.batch_size = 0
+    c.teachers.learning_rate = 0.0
     c.teachers.learning_rates = ()
     c.teachers.models = ()
     c.teachers.weight_decay = 1e-4
@@ -120,8 +131,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.student.model = "mlp"
     c.student.model_kwargs = ml_collections.ConfigDict({"features": (256, 256)})
     c.student.steps = 1500
-    c.student.batch_size = 256
-    c.student.learning_rate = 5e-3
+    c.student.batch_size = 0  # 0: chosen from the data (on MNIST-1D: 256, 5e-3)
+    c.student.learning_rate = 0.0
     c.student.weight_decay = 1e-4
 
     c.distill = ml_collections.ConfigDict()
@@ -366,8 +377,11 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1) 
     _require(not config.dataset.startswith("folder:") or len(size) == 2,
              f"`config.image_size` (H, W) is needed for the image folder {config.dataset!r}, "
              "e.g. --config.image_size=28,28.")
-    _require(config.color_mode in ("rgb", "grayscale"),
-             f"`config.color_mode` must be 'rgb' or 'grayscale', got {config.color_mode!r}.")
+    _require(config.color_mode in ("auto", "rgb", "grayscale"),
+             f"`config.color_mode` must be 'auto', 'rgb' or 'grayscale', got "
+             f"{config.color_mode!r}.")
+    _positive_float(config.checkpoint_minutes, "checkpoint_minutes", allow_zero=True)
+    _positive_int(config.checkpoint_every, "checkpoint_every", minimum=0)
     _positive_int(config.seeds, "seeds")
     _positive_int(config.first_seed, "first_seed", minimum=0)
     _positive_int(config.log_every, "log_every")
@@ -377,9 +391,9 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1) 
     t = config.teachers
     _positive_int(t.num, "teachers.num")
     _model(t, "teachers")
-    _positive_int(t.epochs, "teachers.epochs")
-    _positive_int(t.batch_size, "teachers.batch_size")
-    _positive_float(t.learning_rate, "teachers.learning_rate")
+    _positive_int(t.epochs, "teachers.epochs", minimum=0)  # 0: from the data
+    _positive_int(t.batch_size, "teachers.batch_size", minimum=0)
+    _positive_float(t.learning_rate, "teachers.learning_rate", allow_zero=True)
     _positive_float(t.weight_decay, "teachers.weight_decay", allow_zero=True)
     lrs = tuple(t.learning_rates)
     _require(len(lrs) in (0, t.num),
@@ -399,8 +413,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int = 1) 
     s = config.student
     _model(s, "student")
     _positive_int(s.steps, "student.steps")
-    _positive_int(s.batch_size, "student.batch_size")
-    _positive_float(s.learning_rate, "student.learning_rate")
+    _positive_int(s.batch_size, "student.batch_size", minimum=0)  # 0: from the data
+    _positive_float(s.learning_rate, "student.learning_rate", allow_zero=True)
     _positive_float(s.weight_decay, "student.weight_decay", allow_zero=True)
 
     d = config.distill

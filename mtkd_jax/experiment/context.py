@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -149,11 +150,20 @@ class Context:
 
 
 def fit(ctx: Context, name: str, state, step, batches_fn, *, steps_per_epoch, epochs,
-        eval_fn, fingerprint=None):
+        eval_fn, fingerprint=None, clock: Callable[[], float] = time.monotonic):
     """`mtkd_jax.training.fit.fit` for the model `name` of this seed: its own key, checkpoints
-    under ``checkpoints/seed<s>/<name>`` and TensorBoard events, best by accuracy."""
+    under ``checkpoints/seed<s>/<name>`` and TensorBoard events, best by accuracy.
+
+    The latest checkpoint is written every `config.checkpoint_minutes` of `clock` (and every
+    `config.checkpoint_every` updates when > 0), at the end and on Ctrl-C, so a stopped run
+    loses at most that much of a training; the rerun says where it resumed."""
     total = steps_per_epoch * epochs
+    cfg = ctx.config
     log(f"[seed {ctx.seed}] {name}: {epochs} epochs x {steps_per_epoch} steps = {total} updates")
+    saved = _latest_step(ctx.checkpoint_dir(name))
+    if saved is not None and saved < total:
+        log(f"[seed {ctx.seed}] {name}: resuming at update {saved} of {total} (its latest "
+            "checkpoint)")
     ctx.progress.start(f"seed {ctx.seed}: {name}")
     writer, log_fn = ctx.log_fn(name)
     try:
@@ -167,7 +177,9 @@ def fit(ctx: Context, name: str, state, step, batches_fn, *, steps_per_epoch, ep
             eval_fn=eval_fn,
             eval_every=max(1, math.ceil(total / _EVALS_PER_RUN)),
             checkpoint_dir=ctx.checkpoint_dir(name),
-            save_every=total,
+            save_every=cfg.checkpoint_every or total,
+            save_every_seconds=60.0 * cfg.checkpoint_minutes or None,
+            clock=clock,
             best_metric="accuracy",
             fingerprint=fingerprint,
             progress=ctx.config.progress,
@@ -177,11 +189,20 @@ def fit(ctx: Context, name: str, state, step, batches_fn, *, steps_per_epoch, ep
         if writer is not None:
             writer.close()
     if result.resumed_from is not None:
-        done = "already finished" if result.resumed_from >= total else "continued from there"
+        done = ("already finished" if result.resumed_from >= total else
+                f"resumed at update {result.resumed_from} of {total}")
         log(f"[seed {ctx.seed}] {name}: restored its checkpoint at update "
             f"{result.resumed_from} of {total} ({done})")
     ctx.progress.finished()
     return result
+
+
+def _latest_step(checkpoint_dir: str | None) -> int | None:
+    """The newest step under ``<checkpoint_dir>/latest`` (a step-named folder), or None."""
+    if checkpoint_dir is None or not os.path.isdir(os.path.join(checkpoint_dir, "latest")):
+        return None
+    steps = [int(n) for n in os.listdir(os.path.join(checkpoint_dir, "latest")) if n.isdigit()]
+    return max(steps, default=None)
 
 
 def accuracy_eval(ctx: Context, apply_fn: Callable) -> Callable:

@@ -17,12 +17,15 @@ from typing import Any
 
 import numpy as np
 
+from mtkd_jax.experiment.dataset_check import transfer_size
+
 __all__ = [
     "TABLE_METRICS",
     "aggregate",
     "verdicts",
     "markdown_table",
     "results_markdown",
+    "size_ratio",
     "speed_ratio",
     "summary",
 ]
@@ -192,8 +195,8 @@ def _compression_table(rows) -> str:
         cells = [r["model"], f"{r['params']:,}", f"{r['flops_per_example']:,.0f}"]
         cells += [f"{r[k]:.3f}" for k in lat]
         if "x_smaller" in r and r["x_smaller"] != 1.0:
-            cells[1] += f" ({r['x_smaller']:.1f}x fewer than ensemble)"
-            cells[2] += f" ({r['x_fewer_flops']:.1f}x)"
+            cells[1] += f" ({size_ratio(r['x_smaller'], 'fewer', 'more')} than ensemble)"
+            cells[2] += f" ({size_ratio(r['x_fewer_flops'], 'fewer', 'more')})"
             for i, k in enumerate(lat):
                 b = k.removeprefix("latency_ms_b")
                 cells[3 + i] += f" ({speed_ratio(r[f'x_faster_b{b}'])})"
@@ -251,9 +254,15 @@ def results_markdown(result, strategies, *, table, plots: Sequence[str] = ()) ->
         f"JAX {env['jax']}; wall time {result.wall_seconds:.0f} s",
         f"- command: `{env['command']}`",
         f"- dataset `{config.dataset}`; {config.teachers.num} teachers "
-        f"`{config.teachers.model}`; student `{config.student.model}`; transfer set "
-        f"{config.transfer.size} unlabeled inputs; T = {config.distill.temperature}, "
-        f"alpha = {config.distill.alpha}, soft loss `{config.distill.soft_loss}`",
+        f"`{config.teachers.model}`; student `{config.student.model}`; "
+        + (f"transfer set {transfer_size(config)} unlabeled inputs; "
+           if transfer_size(config) else "no transfer set; ")
+        + f"T = {config.distill.temperature}, alpha = {config.distill.alpha}, soft loss "
+        f"`{config.distill.soft_loss}`",
+        f"- teachers: batch {config.teachers.batch_size}, {config.teachers.epochs} epochs, "
+        f"learning rate {config.teachers.learning_rate:g}; student: batch "
+        f"{config.student.batch_size}, {config.student.steps} updates, learning rate "
+        f"{config.student.learning_rate:g}",
         f"- test-set metrics, mean ± sample std over {n} seed(s) "
         f"({', '.join(str(s.seed) for s in result.seeds)}); "
         "agreement is with the original teacher ensemble",
@@ -319,6 +328,20 @@ def results_markdown(result, strategies, *, table, plots: Sequence[str] = ()) ->
     return "\n".join(out)
 
 
+def size_ratio(x: float, fewer: str = "fewer", more: str = "more") -> str:
+    """A count ratio (ensemble / this model) in words: "3.8x fewer", or "1.1x more" when
+    this model is the larger.
+
+    Example:
+      >>> from mtkd_jax.experiment.report import size_ratio
+      >>> size_ratio(3.8), size_ratio(0.9)
+      ('3.8x fewer', '1.1x more')
+    """
+    if x is None or not math.isfinite(x) or x <= 0:
+        return "—"
+    return f"{x:.1f}x {fewer}" if x >= 1 else f"{1 / x:.1f}x {more}"
+
+
 def speed_ratio(x: float) -> str:
     """A latency ratio (ensemble time / this model's time) in words.
 
@@ -366,8 +389,8 @@ def summary(result, strategies) -> str:
     if result.compression:
         s = result.compression[0]
         if "x_smaller" in s:
-            lines += ["", f"{s['model']}: {s['x_smaller']:.1f}x fewer params, "
-                          f"{s['x_fewer_flops']:.1f}x fewer FLOPs, "
+            lines += ["", f"{s['model']}: {size_ratio(s['x_smaller'])} params, "
+                          f"{size_ratio(s['x_fewer_flops'])} FLOPs, "
                           f"{speed_ratio(s.get('x_faster_b1', float('nan')))} at batch 1 "
                           "than the ensemble"]
     lines.append(f"results: {os.path.join(result.run_dir, 'results.md')}")

@@ -33,7 +33,14 @@ import ml_collections
 
 from mtkd_jax import data as data_lib
 from mtkd_jax import parallel
-from mtkd_jax.experiment import compression, report, run_folder, trust_plot
+from mtkd_jax.experiment import (
+    auto_settings,
+    compression,
+    report,
+    run_folder,
+    teacher_check,
+    trust_plot,
+)
 from mtkd_jax.experiment.analysis import analyse
 from mtkd_jax.experiment.config import ConfigError, RunPlan, validate_config
 from mtkd_jax.experiment.context import Context
@@ -56,8 +63,8 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(run_dir)
         self.run_dir, self.result = run_dir, result
 
-
-_IGNORED_KEYS = ("progress", "log_every")  # may change between a run and its resume
+# May change between a run and its resume (`force`: go on after the teacher check stopped).
+_IGNORED_KEYS = ("progress", "log_every", "force", "checkpoint_minutes", "checkpoint_every")
 
 
 def run_seed(config, plan: RunPlan, seed: int, dataset, transfer_x, mesh, run_dir: str,
@@ -94,6 +101,8 @@ def run_seed(config, plan: RunPlan, seed: int, dataset, transfer_x, mesh, run_di
     with ctx.times.stage("analysis"):
         analysis = analyse(ctx, teachers)  # 2-4.
     seconds["analysis"] = time.perf_counter() - t0
+    teacher_check.check_teachers(config, analysis.val_accuracy, dataset.validation.y,
+                                 seed=seed)  # noise is not distilled
     students = train_students(ctx, teachers, analysis)  # 5-6.
     seconds.update(students.seconds)
 
@@ -104,7 +113,8 @@ def run_seed(config, plan: RunPlan, seed: int, dataset, transfer_x, mesh, run_di
         histories={**teachers.histories, **students.histories},
         steps={"teachers": teachers.steps, **students.steps}, seconds=seconds,
     )
-    trained = {"teacher": teachers.members[0], "ensemble": (teachers.apply, teachers.params)}
+    trained = {"teacher": teachers.members[0],  # the ensemble timed as one teacher is
+               "ensemble": compression.ensemble_program(teachers.members)}
     if students.student is not None:
         trained["student"] = students.student
     return result, trained
@@ -122,8 +132,10 @@ def prepare_run_dir(config) -> str:
 
     Re-running the same command in the same folder resumes it: finished trainings are read
     back from their checkpoints and unfinished ones continue. A different config (other than
-    `progress` and `log_every`) in a folder that holds checkpoints or results is refused, so
-    results never mix; a folder whose run failed before saving anything is reused.
+    `progress`, `log_every`, `force` and the checkpoint intervals) in a folder that holds
+    checkpoints or results is refused, so results never mix; a folder whose run failed
+    before saving anything is reused. The config written is the one the run uses, with the
+    fields left to the data filled in (`auto_settings`).
 
     Returns:
       The absolute run folder path.
@@ -235,12 +247,10 @@ def _load(config, plan: RunPlan):
     log(f"dataset {config.dataset}: {len(dataset.train)} train / {len(dataset.validation)} "
         f"validation / {len(dataset.test)} test, inputs {tuple(info.input_shape)}, "
         f"{info.num_classes} classes")
-    if folder:
-        log(f"  images read as {config.color_mode} and resized to {tuple(config.image_size)} "
-            f"where they differ; horizontal flips {'keep' if config.flip else 'change'} "
-            "the label (config.flip)")
     for note in info.notes:
         log(f"  {note}")
+    if folder:
+        log(f"  horizontal flips {'keep' if config.flip else 'change'} the label (config.flip)")
     if config.transfer.size and not plan.transfer_size:
         log("  no transfer set: it is generated for mnist1d only (config.transfer.size)")
     return dataset
@@ -251,6 +261,8 @@ def _run(config, plan: RunPlan, times: StageTimes) -> ExperimentResult:
     with times.stage("data"):
         with _config_mistakes():
             dataset = _load(config, plan)
+            config = auto_settings.settle(config, dataset)  # fields left to the data
+            plan = validate_config(config, num_devices=jax.device_count())
             check_against_dataset(config, dataset)
             run_dir = prepare_run_dir(config)
         transfer_x = None
@@ -272,6 +284,8 @@ def _run(config, plan: RunPlan, times: StageTimes) -> ExperimentResult:
                                               run_dir, shared, progress=progress, times=times)
             seeds.append(result)
             trained = trained or models_of_seed
+    except teacher_check.TeachersAtChance as e:
+        raise ConfigError(str(e)) from None
     except KeyboardInterrupt:
         interrupted = True
         progress.close()
@@ -286,7 +300,7 @@ def _run(config, plan: RunPlan, times: StageTimes) -> ExperimentResult:
         with times.stage("compression"):
             comp = compression.measure(
                 trained, example_x=dataset.test.x, labels=_compression_labels(config, plan),
-                repeats=config.compression.repeats,
+                repeats=config.compression.repeats, log=log,
             )
     result = ExperimentResult(
         config=config, run_dir=run_dir, seeds=seeds, compression=comp,

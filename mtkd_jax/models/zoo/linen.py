@@ -181,6 +181,9 @@ class SmallConvNet(nn.Module):
       num_classes: C.
       widths: channels of the two convolutions.
       dtype: compute dtype; None infers it.
+      flatten: flatten the last feature map instead of averaging it, so the classifier
+        knows where a feature fired (digits, characters; the image-folder teacher): the
+        dense layer then has `H/4 * W/4 * w1 * C` weights.
 
     Input `[B, H, W, C_in]` or `[B, H, W]`; output float32 logits `[B, C]`.
 
@@ -197,6 +200,7 @@ class SmallConvNet(nn.Module):
     num_classes: int
     widths: Sequence[int] = (32, 64)
     dtype: Dtype | None = None
+    flatten: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -204,7 +208,8 @@ class SmallConvNet(nn.Module):
         x = as_images(x)
         x = max_pool_2x2(nn.relu(nn.Conv(w0, (3, 3), padding="SAME", dtype=self.dtype)(x)))
         x = max_pool_2x2(nn.relu(nn.Conv(w1, (3, 3), padding="SAME", dtype=self.dtype)(x)))
-        return float32_logits(nn.Dense(self.num_classes, dtype=self.dtype)(global_avg_pool(x)))
+        x = x.reshape(x.shape[0], -1) if self.flatten else global_avg_pool(x)
+        return float32_logits(nn.Dense(self.num_classes, dtype=self.dtype)(x))
 
 
 class _BasicBlock(nn.Module):

@@ -22,6 +22,7 @@ for a state whose floating leaves are all finite, so a non-finite loss never rea
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -72,6 +73,8 @@ def fit(
     eval_every: int | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     save_every: int | None = None,
+    save_every_seconds: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
     keep: int = 2,
     best_metric: str = "accuracy",
     best_mode: str = "max",
@@ -104,6 +107,10 @@ def fit(
       checkpoint_dir: where to keep checkpoints (`latest/`, `best/`); None keeps none.
       save_every: write a latest checkpoint every this many steps (default
         `steps_per_epoch`), and always at the end and on early stopping.
+      save_every_seconds: also write one when this many seconds of `clock` have passed
+        since the last (None: by steps only); a Ctrl-C (KeyboardInterrupt) writes one too
+        before it propagates, so an interruption loses at most this much training.
+      clock: seconds, for `save_every_seconds` (a test passes a fake one).
       keep: latest checkpoints kept.
       best_metric: the `eval_fn` metric for the best checkpoint and early stopping.
       best_mode: `"max"` (e.g. accuracy) or `"min"` (e.g. the article's validation loss).
@@ -172,6 +179,8 @@ def fit(
     if patience is not None and eval_fn is None:
         raise ValueError("`patience` needs an `eval_fn` to measure `best_metric` on.")
     _checks.check_int(num_classes, "num_classes", allow_none=True)
+    if save_every_seconds is not None and not save_every_seconds >= 0:
+        raise ValueError(f"`save_every_seconds` must be None or >= 0, got {save_every_seconds!r}.")
     if not hasattr(state, "step"):
         raise TypeError(f"`state` must have a `step` field (e.g. TrainState), got {type(state)}.")
     is_main = jax.process_index() == 0
@@ -202,6 +211,8 @@ def fit(
         ckpt=ckpt,
         log=log_fn if is_main else None,
         num_classes=num_classes,
+        save_every_seconds=save_every_seconds,
+        clock=clock,
     )
     try:
         resumed_from = run.resume()

@@ -4,6 +4,7 @@ and what it does at each update (host checks, loss checks, evaluation, checkpoin
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -76,9 +77,13 @@ class FitRun:
     ckpt: Checkpointer | None
     log: Callable | None
     num_classes: int | None = None
+    save_every_seconds: float | None = None
+    clock: Callable[[], float] = time.monotonic
     bar: Any = None
     step: int = 0
+    completed: int = 0  # the last step whose evaluation and checkpoint are done
     last_saved: int | None = None
+    last_save_time: float = 0.0
     stopped: bool = False
     pending: list = dataclasses.field(default_factory=list)
 
@@ -108,9 +113,33 @@ class FitRun:
             # which is about to be replayed (and orbax would not save those steps again).
             self.ckpt.discard_best_after(restored.step)
         self.stopped = self.patience is not None and self.tracker.bad_evals >= self.patience
+        self.completed = self.step
+        self.last_save_time = self.clock()
         return None if restored is None else restored.step
 
     def train(self) -> None:
+        try:
+            self._train()
+        except KeyboardInterrupt:
+            self._save_interrupted()
+            raise
+
+    def _save_interrupted(self) -> None:
+        """On Ctrl-C: keep the updates since the last checkpoint, when the interrupted step
+        had finished (its metrics, evaluation and checkpoint); else the last one stands.
+        Not with several processes: a save is collective, and one host's Ctrl-C is not the
+        others'."""
+        if (self.ckpt is None or jax.process_count() > 1 or self.step == self.last_saved
+                or self.completed != self.step
+                or int(jax.device_get(self.state.step)) != self.step):
+            return
+        try:
+            self._flush()
+            self._save()
+        except Exception:  # noqa: BLE001 - the interrupt is what the caller must see
+            return
+
+    def _train(self) -> None:
         while self.step < self.total and not self.stopped:
             epoch, start = divmod(self.step, self.steps_per_epoch)
             batches = iter(self.batches_fn(epoch, start))
@@ -143,6 +172,8 @@ class FitRun:
             at_eval = self.eval_fn is not None and self.step % self.eval_every == 0
             at_save = self.ckpt is not None and (
                 self.step % self.save_every == 0 or self.step == self.total
+                or (self.save_every_seconds is not None
+                    and self.clock() - self.last_save_time >= self.save_every_seconds)
             )
             if len(self.pending) >= self.check_every or end_of_epoch or at_eval or at_save:
                 self._flush()
@@ -152,6 +183,7 @@ class FitRun:
                 self._evaluate(epoch)
             if self.ckpt is not None and (at_save or self.stopped):
                 self._save()
+            self.completed = self.step
             if self.stopped:
                 return
 
@@ -240,3 +272,4 @@ class FitRun:
         }
         self.ckpt.save(self.step, self.state, metrics=metrics, extra=extra)
         self.last_saved = self.step
+        self.last_save_time = self.clock()
