@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from mtkd_jax.experiment.dataset_check import transfer_size
+from mtkd_jax.experiment.config import transfer_size
 
 __all__ = [
     "TABLE_METRICS",
