@@ -68,9 +68,9 @@ def lm_config() -> ml_collections.ConfigDict:
 
     Three domains of real text (Python standard-library code, Python documentation prose,
     Shakespeare's plays), a byte-level BPE tokenizer of 8192 tokens, rows of 128 tokens; one
-    ``small`` transformer teacher per domain (300 updates of 32 rows on its own domain,
-    trained once and shared by the seeds); per seed a ``tiny`` student (120 updates of 16
-    rows of a fixed sample of 1920 mixture rows): alone, from the best single teacher and
+    ``small`` transformer teacher per domain (160 updates of 32 rows on its own domain,
+    trained once and shared by the seeds); per seed a ``tiny`` student (64 updates of 16
+    rows of a fixed sample of 1024 mixture rows): alone, from the best single teacher and
     from all teachers with ``uniform``, ``confidence``, ``entropy`` and ``posterior``
     (top-32 cache), and ``posterior`` with online teachers; 3 seeds.
 
@@ -87,10 +87,10 @@ def lm_config() -> ml_collections.ConfigDict:
     c.checkpoints = True
     c.save_every = 100
     c.log_every = 20
-    c.evals_per_training = 6
+    c.evals_per_training = 4
     c.eval_batch_size = 32
-    c.val_rows = 96
-    c.test_rows = 256
+    c.val_rows = 48
+    c.test_rows = 128
     c.temperature = 1.0
     c.alpha = 0.5
     c.chunk_size = 32
@@ -102,11 +102,11 @@ def lm_config() -> ml_collections.ConfigDict:
         domains=("python_code", "python_docs", "shakespeare"), vocab_size=8192, seq_len=128,
         max_documents=0))
     c.teachers = ml_collections.ConfigDict(dict(
-        size="small", model_kwargs={}, steps=300, batch_size=32, learning_rate=3e-3,
-        warmup_steps=30, weight_decay=0.01))
+        size="small", model_kwargs={}, steps=160, batch_size=32, learning_rate=3e-3,
+        warmup_steps=16, weight_decay=0.01))
     c.student = ml_collections.ConfigDict(dict(
-        size="tiny", model_kwargs={}, steps=120, batch_size=16, transfer_rows=1920,
-        learning_rate=3e-3, warmup_steps=12, weight_decay=0.01))
+        size="tiny", model_kwargs={}, steps=64, batch_size=16, transfer_rows=1024,
+        learning_rate=3e-3, warmup_steps=6, weight_decay=0.01))
     return c
 
 
@@ -548,11 +548,24 @@ def run_lm(cfg) -> dict:
             cache_bytes = caches["transfer"].bytes_per_example / (d.seq_len * k)
 
         seed_rows, student_curves = [], {}
-        with run.times.stage("students"):
-            for seed in range(cfg.seeds):
-                rows = _one_seed(run, models, seed, transfer, val_mix, caches, test_sets,
-                                 teacher_fn, t_params, best, multi, student_curves)
-                seed_rows.append({r: _flatten(v) for r, v in rows.items()})
+        try:
+            with run.times.stage("students"):
+                for seed in range(cfg.seeds):
+                    rows = _one_seed(run, models, seed, transfer, val_mix, caches, test_sets,
+                                     teacher_fn, t_params, best, multi, student_curves)
+                    seed_rows.append({r: _flatten(v) for r, v in rows.items()})
+        except KeyboardInterrupt:
+            # Ctrl-C: the finished seeds' report is written; checkpoints and finished rows
+            # stay, so the same command resumes.
+            run.progress.close()
+            result = None
+            if seed_rows:
+                result = _report(run, cfg, data, seed_rows, teacher_rows, weights, best,
+                                 cache_bytes, {**curves, **student_curves},
+                                 time.perf_counter() - start)
+            from mtkd_jax.experiment.runner import Interrupted
+
+            raise Interrupted(run.out, result) from None
     run.progress.close()
     seconds = time.perf_counter() - start
     return _report(run, cfg, data, seed_rows, teacher_rows, weights, best, cache_bytes,
