@@ -230,6 +230,8 @@ def test_package_reexports_every_public_name():
     # Each job lives in its own module; `mtkd_jax.models` re-exports their public names.
     from mtkd_jax.models import (
         adapt,
+        checkpoint_config,
+        checkpoints,
         counting,
         functional,
         layers,
@@ -238,6 +240,7 @@ def test_package_reexports_every_public_name():
         nnx_adapter,
         protocol,
         registry,
+        transformer,
     )
 
     for name in models.__all__:
@@ -245,7 +248,7 @@ def test_package_reexports_every_public_name():
     owners = {
         n: m
         for m in (counting, functional, layers, linen, registry, protocol, linen_adapter,
-                  nnx_adapter, adapt)
+                  nnx_adapter, adapt, transformer, checkpoints, checkpoint_config)
         for n in m.__all__
     }
     assert set(models.__all__) <= set(owners)
