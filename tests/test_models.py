@@ -247,8 +247,9 @@ def test_package_reexports_every_public_name():
         assert getattr(models, name) is not None
     owners = {
         n: m
-        for m in (counting, functional, layers, linen, registry, protocol, linen_adapter,
-                  nnx_adapter, adapt, transformer, checkpoints, checkpoint_config)
+        # transformer first: its block `MLP` is not the package's `MLP` (linen's), which wins.
+        for m in (transformer, checkpoints, checkpoint_config, counting, functional, layers,
+                  linen, registry, protocol, linen_adapter, nnx_adapter, adapt)
         for n in m.__all__
     }
     assert set(models.__all__) <= set(owners)
