@@ -31,8 +31,9 @@ import jax.numpy as jnp
 import optax
 
 from mtkd_jax import cache as mcache
-from mtkd_jax import data, models, steps, teachers
-from mtkd_jax import state as mk_state
+from mtkd_jax import data, models, teachers
+from mtkd_jax.training import state as mk_state
+from mtkd_jax.training import steps
 
 K, TEMPERATURE, ALPHA, BATCH = 3, 4.0, 0.5, 128
 # Adam, not the speed benchmark's SGD(0.05, momentum 0.9): with the T^2-scaled soft loss

@@ -71,7 +71,7 @@ run gpu_bf16 benchmarks/run.py --workload gpu --dtype bfloat16 "${COMMON[@]}"
 run standard_f32 benchmarks/run.py --workload standard --dtype float32 "${COMMON[@]}"
 run standard_bf16 benchmarks/run.py --workload standard --dtype bfloat16 "${COMMON[@]}"
 run strategy_f32 benchmarks/strategy_bench.py --preset gpu --rounds 5
-# Sharded teachers (mtkd_jax.sharding); COMMON holds run.py flags, which do not apply here.
+# Sharded teachers (mtkd_jax.parallel); COMMON holds run.py flags, which do not apply here.
 run shard_gpu benchmarks/shard_bench.py
 JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 \
   run shard_cpu8 benchmarks/shard_bench.py --mesh 2x4 --repeats 5

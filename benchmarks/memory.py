@@ -9,7 +9,7 @@ analysis of the compiled program (`jax.jit(step).lower(...).compile().memory_ana
 gives its temporary bytes (`temp_size_in_bytes`: what the program allocates besides its
 arguments and outputs). Unchunked: the student returns logits `[B, L, V]`. Chunked: the
 student returns features and `student_head` applies the head `chunk_size` positions at a
-time (`mtkd_jax.losses_chunked`).
+time (`mtkd_jax.objective.loss`).
 
 Speed: the two steps run in the same process, alternately, at a size where both fit in this
 machine's memory and run in seconds (the full size's unchunked step needs tens of GiB);
@@ -33,9 +33,9 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mtkd_jax.losses_chunked import DEFAULT_CHUNK_SIZE  # noqa: E402
-from mtkd_jax.state import init_train_state  # noqa: E402
-from mtkd_jax.steps import make_distill_step  # noqa: E402
+from mtkd_jax.objective.loss import DEFAULT_CHUNK_SIZE  # noqa: E402
+from mtkd_jax.training.state import init_train_state  # noqa: E402
+from mtkd_jax.training.steps import make_distill_step  # noqa: E402
 
 FULL = dict(K=4, B=8, L=2048, V=32000, H=256)
 TIMED = dict(K=4, B=2, L=1024, V=32000, H=256)

@@ -25,7 +25,7 @@ reports it for the first call: tracing, lowering and XLA compilation):
                         torch is installed (standard workload, float32 only)
 
 The bf16 column (`--no-bf16` to skip; off with `--dtype bfloat16`): `teachers`, `distill` and
-`student` again under the library's mixed-precision policies (`mtkd_jax.precision`): the
+`student` again under the library's mixed-precision policies (`mtkd_jax.core.precision`): the
 student with params float32 and compute bfloat16 (`mixed_bfloat16`), the teachers stored and
 run in bfloat16 (`bfloat16`), logits, softmaxes and losses float32; as units `<unit>_bf16`.
 `checks.bf16_first_loss_rel_gap` is the first distill loss's relative gap to float32's.
@@ -61,7 +61,8 @@ import torch_loop  # noqa: E402
 
 import mtkd_jax  # noqa: E402
 from mtkd_jax import cache as mcache  # noqa: E402
-from mtkd_jax import models, state, steps, teachers  # noqa: E402
+from mtkd_jax import models, teachers  # noqa: E402
+from mtkd_jax.training import state, steps
 
 TEMPERATURE, ALPHA, LR, MOMENTUM = 4.0, 0.5, 0.05, 0.9
 NUM_TEACHERS, NUM_CLASSES, NUM_BATCHES = 3, 100, 4

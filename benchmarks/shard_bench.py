@@ -8,7 +8,7 @@ devices; unless XLA_FLAGS already sets a count), so the default 2 x 4 mesh ("dat
 
 Workload: K = 4 same-architecture MLP teachers (in 256 -> 2048 -> 100, stacked, frozen), an
 MLP student (256 -> 512 -> 100, Adam), batches of 256 N(0, 1) inputs with labels in
-[0, 100), `make_distill_step` (T = 4, alpha = 0.5). Variants (`mtkd_jax.sharding`):
+[0, 100), `make_distill_step` (T = 4, alpha = 0.5). Variants (`mtkd_jax.parallel`):
 
   replicated           teachers and student replicated (today's `data_parallel_step`)
   teachers_fsdp        teachers `stacked(fsdp())`, student replicated
@@ -46,7 +46,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from mtkd_jax.sharding import (  # noqa: E402
+from mtkd_jax.parallel import (  # noqa: E402
     fsdp,
     make_mesh,
     per_teacher,
@@ -56,9 +56,9 @@ from mtkd_jax.sharding import (  # noqa: E402
     state_shardings,
     tree_shardings,
 )
-from mtkd_jax.state import init_train_state  # noqa: E402
-from mtkd_jax.steps import make_distill_step  # noqa: E402
 from mtkd_jax.teachers import make_stacked_apply  # noqa: E402
+from mtkd_jax.training.state import init_train_state  # noqa: E402
+from mtkd_jax.training.steps import make_distill_step  # noqa: E402
 
 
 def variants(min_size: int) -> dict:

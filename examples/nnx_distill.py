@@ -25,7 +25,7 @@ from flax import nnx
 
 import mtkd_jax as mk
 from mtkd_jax import data
-from mtkd_jax.models import nnx as nm
+from mtkd_jax.models.zoo import nnx as nm
 
 FULL = dict(teacher_epochs=12, student_epochs=12, transfer=5000, batch_size=128)
 QUICK = dict(teacher_epochs=1, student_epochs=1, transfer=0, batch_size=128, max_steps=3)

@@ -135,7 +135,7 @@ def part1_user_code(workdir, cfg):
 
 def part2_distil(linen_dirs, manager_dir, cfg):
     import mtkd_jax as mk
-    from mtkd_jax.models import nnx as nm
+    from mtkd_jax.models.zoo import nnx as nm
 
     x, y, x_test, y_test = user_data()
     # What to read: abstract models (shapes only), as the user defined them.

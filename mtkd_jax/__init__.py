@@ -5,54 +5,44 @@ The functional core (pure functions over arrays, teacher axis first `[K, ..., C]
 * `softmax_t`, `pairwise_divergence`: teacher predictions and their differences;
 * `mtkd_jax.weighting`: teacher weights, one protocol and one registry (`WEIGHTINGS`);
 * `fuse_targets`, `leave_one_out_targets`, `fuse_logits`, `distill_targets`: targets;
-* `mtkd_jax.losses`: per-example soft losses (`soft_kl`, `soft_mse`), CE, their mix and
+* `mtkd_jax.core.losses`: per-example soft losses (`soft_kl`, `soft_mse`), CE, their mix and
   its masked batch mean.
 
 The engine built on it (see docs/architecture.md):
 
-* `mtkd_jax.state.TrainState`, one state for students and teachers (one or K stacked),
+* `mtkd_jax.training.state.TrainState`, one state for students and teachers (one or K stacked),
   with the model's non-parameter state (BatchNorm statistics);
-* `mtkd_jax.steps`: supervised / distill / codistill step factories, `stacked_step` for K
-  models at once; `mtkd_jax.evaluation`: eval step and `evaluate`;
+* `mtkd_jax.training.steps`: supervised / distill / codistill step factories, `stacked_step` for K
+  models at once; `mtkd_jax.training.evaluation`: eval step and `evaluate`;
 * `mtkd_jax.teachers`: stacked (vmap/loop/auto) and heterogeneous frozen ensembles, orbax
   save/load; `mtkd_jax.parallel`: the same steps data-parallel over a `("data",)` mesh;
-* `mtkd_jax.loop.fit` with `mtkd_jax.checkpoint.Checkpointer`: kill-safe training;
+* `mtkd_jax.training.fit.fit` with `mtkd_jax.training.checkpoint.Checkpointer`: kill-safe training;
 * `mtkd_jax.models`: the model protocol (`Model`: `as_model`, `linen_model`, `nnx_split`)
-  and small XLA-friendly reference models in Linen and NNX; `mtkd_jax.precision`: the
+  and small XLA-friendly reference models in Linen and NNX; `mtkd_jax.core.precision`: the
   mixed-precision `Policy`.
-* `mtkd_jax.class_sets`: teachers that know different classes, fused in a global class space;
-  `mtkd_jax.sharding`: parameters sharded over a 2-D mesh (FSDP, tensor-parallel rules);
-  `mtkd_jax.token_metrics`: token-level metrics over valid (unpadded) positions.
+* `mtkd_jax.core.class_sets`: teachers that know different classes, fused in a global class space;
+  `mtkd_jax.parallel`: parameters sharded over a 2-D mesh (FSDP, tensor-parallel rules);
+  `mtkd_jax.metrics.tokens`: token-level metrics over valid (unpadded) positions.
 
 Every `make_*` factory returns an un-jitted function. `mtkd_jax.data` (TFDS and offline
-datasets), `mtkd_jax.experiment`, `mtkd_jax.cache` and `mtkd_jax.distributed` are imported on
+datasets), `mtkd_jax.experiment`, `mtkd_jax.cache` and `mtkd_jax.parallel` are imported on
 first access, since TFDS is slow to import and the functional core does not need them.
 """
 
 import importlib
 
 from mtkd_jax import (
-    checkpoint,
-    class_sets,
-    evaluation,
-    losses,
+    core,
     metrics,
     models,
+    objective,
     parallel,
-    precision,
-    sharding,
-    state,
-    steps,
     teachers,
-    token_metrics,
+    training,
     weighting,
 )
-from mtkd_jax.batch import check_batch
-from mtkd_jax.checkpoint import Checkpointer, params_fingerprint
-from mtkd_jax.divergence import DIVERGENCES, log_softmax_t, pairwise_divergence, softmax_t
-from mtkd_jax.evaluation import evaluate, make_eval_step
-from mtkd_jax.loop import FitResult, NonFiniteLossError, fit
-from mtkd_jax.losses import (
+from mtkd_jax.core.divergence import DIVERGENCES, log_softmax_t, pairwise_divergence, softmax_t
+from mtkd_jax.core.losses import (
     SOFT_LOSSES,
     cross_entropy,
     distillation_loss,
@@ -61,6 +51,8 @@ from mtkd_jax.losses import (
     soft_kl,
     soft_mse,
 )
+from mtkd_jax.core.precision import Policy
+from mtkd_jax.core.reduce import global_mean
 from mtkd_jax.models import (
     MODELS,
     NNX_MODELS,
@@ -74,29 +66,14 @@ from mtkd_jax.models import (
     nnx_apply_fn,
     nnx_split,
 )
-from mtkd_jax.parallel import data_mesh, data_parallel_step, replicate, shard_batch
-from mtkd_jax.precision import Policy
-from mtkd_jax.reduce import global_mean
-from mtkd_jax.state import (
-    TrainState,
-    init_stacked_train_state,
-    init_train_state,
-    set_hyperparams,
-    variables_of,
-)
-from mtkd_jax.steps import (
-    make_codistill_step,
-    make_distill_step,
-    make_supervised_step,
-    stacked_step,
-)
-from mtkd_jax.targets import (
+from mtkd_jax.objective.targets import (
     DistillTargets,
     distill_targets,
     fuse_logits,
     fuse_targets,
     leave_one_out_targets,
 )
+from mtkd_jax.parallel import data_mesh, data_parallel_step, replicate, shard_batch
 from mtkd_jax.teachers import (
     choose_strategy,
     load_orbax_teachers,
@@ -107,11 +84,28 @@ from mtkd_jax.teachers import (
     stack_params,
     unstack_params,
 )
+from mtkd_jax.training.batch import check_batch
+from mtkd_jax.training.checkpoint import Checkpointer, params_fingerprint
+from mtkd_jax.training.evaluation import evaluate, make_eval_step
+from mtkd_jax.training.fit import FitResult, NonFiniteLossError, fit
+from mtkd_jax.training.state import (
+    TrainState,
+    init_stacked_train_state,
+    init_train_state,
+    set_hyperparams,
+    variables_of,
+)
+from mtkd_jax.training.steps import (
+    make_codistill_step,
+    make_distill_step,
+    make_supervised_step,
+    stacked_step,
+)
 from mtkd_jax.weighting import WEIGHTINGS, get_weighting, register_weighting
 
 __version__ = "0.1.0"
 
-_LAZY_SUBMODULES = ("data", "experiment", "cache", "distributed")
+_LAZY_SUBMODULES = ("data", "experiment", "cache")
 
 
 def __getattr__(name):
@@ -136,8 +130,6 @@ __all__ = [
     "apply_fn_of",
     "as_model",
     "check_batch",
-    "checkpoint",
-    "class_sets",
     "choose_strategy",
     "cross_entropy",
     "data_mesh",
@@ -145,7 +137,6 @@ __all__ = [
     "distill_targets",
     "distillation_loss",
     "evaluate",
-    "evaluation",
     "fit",
     "fuse_logits",
     "fuse_targets",
@@ -159,7 +150,6 @@ __all__ = [
     "load_orbax_teachers",
     "load_teachers",
     "log_softmax_t",
-    "losses",
     "make_codistill_step",
     "make_distill_step",
     "make_eval_step",
@@ -176,24 +166,22 @@ __all__ = [
     "pairwise_divergence",
     "parallel",
     "params_fingerprint",
-    "precision",
     "per_teacher_soft_kl",
     "register_weighting",
     "replicate",
     "save_teachers",
     "set_hyperparams",
     "shard_batch",
-    "sharding",
     "soft_kl",
     "soft_mse",
     "softmax_t",
     "stack_params",
     "stacked_step",
-    "state",
-    "steps",
     "teachers",
-    "token_metrics",
     "unstack_params",
     "variables_of",
     "weighting",
+    "core",
+    "objective",
+    "training",
 ]

@@ -5,11 +5,11 @@
     python tests/multihost_worker.py --out DIR [--checkpoint-dir DIR] [--cache-dir DIR]
         [--delay SECONDS] [--heartbeat SECONDS] [--strategy vmap|auto|auto-split]
 
-Each process joins the job through `mtkd_jax.distributed.initialize_distributed` (settings
+Each process joins the job through `mtkd_jax.parallel.initialize_distributed` (settings
 from the environment, CPU collectives over gloo), builds a mesh over the devices of all
 processes, reads only its rows of each global batch (`mtkd_jax.data.batches`), makes global
 arrays of them (`global_batches`) and trains a student on three frozen teachers with the
-library's data-parallel distillation step, driven by `mtkd_jax.loop.fit` (with orbax
+library's data-parallel distillation step, driven by `mtkd_jax.training.fit.fit` (with orbax
 checkpoints when `--checkpoint-dir` is given). With `--cache-dir` it then builds a
 teacher-output cache, each process caching its own rows, and trains again from the cache.
 Process 0 prints `step <n>` after each update, flushed, so a test can kill a process mid-run.
@@ -130,11 +130,10 @@ def train(
 
     from mtkd_jax.cache import with_cached_logits
     from mtkd_jax.data import batches
-    from mtkd_jax.distributed import global_batches
-    from mtkd_jax.loop import fit
-    from mtkd_jax.parallel import data_parallel_step, replicate
-    from mtkd_jax.state import init_train_state
-    from mtkd_jax.steps import make_distill_step
+    from mtkd_jax.parallel import data_parallel_step, global_batches, replicate
+    from mtkd_jax.training.fit import fit
+    from mtkd_jax.training.state import init_train_state
+    from mtkd_jax.training.steps import make_distill_step
 
     split, _, student_params = _problem()
     teacher_apply, teacher_params, _ = teachers or _teachers()
@@ -206,7 +205,7 @@ def main(argv=None):
     parser.add_argument("--strategy", choices=("vmap", "auto", "auto-split"), default="vmap")
     args = parser.parse_args(argv)
 
-    from mtkd_jax.distributed import initialize_distributed, is_main_process
+    from mtkd_jax.parallel import initialize_distributed, is_main_process
 
     info = initialize_distributed(
         heartbeat_timeout_seconds=args.heartbeat,

@@ -1,4 +1,5 @@
-"""Worker for tests/test_resume.py: a tiny softmax regression trained by `mtkd_jax.loop.fit`.
+"""Worker for tests/test_resume.py: a tiny softmax regression trained by
+`mtkd_jax.training.fit.fit`.
 
     python tests/resume_worker.py --checkpoint-dir DIR --out OUT.json [--delay SECONDS]
 
@@ -37,8 +38,8 @@ def main(argv=None):
     import numpy as np
     import optax
 
-    from mtkd_jax.checkpoint import Checkpointer
-    from mtkd_jax.loop import fit
+    from mtkd_jax.training.checkpoint import Checkpointer
+    from mtkd_jax.training.fit import fit
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(N, D)).astype(np.float32)

@@ -13,10 +13,10 @@ import optax
 import pytest
 
 from mtkd_jax import cache as mc
-from mtkd_jax.checkpoint import params_fingerprint
-from mtkd_jax.divergence import softmax_t
-from mtkd_jax.state import init_train_state
-from mtkd_jax.steps import make_distill_step
+from mtkd_jax.core.divergence import softmax_t
+from mtkd_jax.training.checkpoint import params_fingerprint
+from mtkd_jax.training.state import init_train_state
+from mtkd_jax.training.steps import make_distill_step
 
 K, D, C = 3, 6, 10
 

@@ -1,4 +1,4 @@
-"""Tests for mtkd_jax.checkpoint: round trips, latest vs best, fingerprints, atomicity,
+"""Tests for mtkd_jax.training.checkpoint: round trips, latest vs best, fingerprints, atomicity,
 unreadable checkpoints."""
 
 import os
@@ -13,14 +13,14 @@ import numpy as np
 import optax
 import pytest
 
-from mtkd_jax.checkpoint import (
+from mtkd_jax.training.checkpoint import (
     Checkpointer,
     Restored,
     UnreadableCheckpointError,
     UnreadableCheckpointWarning,
     params_fingerprint,
 )
-from mtkd_jax.loop import fit
+from mtkd_jax.training.fit import fit
 
 
 class State(NamedTuple):
@@ -274,7 +274,7 @@ _KILL_MID_SAVE = textwrap.dedent(
     """
     import os, signal, sys
     import jax.numpy as jnp
-    from mtkd_jax.checkpoint import Checkpointer
+    from mtkd_jax.training.checkpoint import Checkpointer
 
     ckpt = Checkpointer(sys.argv[1], async_save=True)
     ckpt.save(1, {"w": jnp.full((1024, 1024), 1.0)})

@@ -1,4 +1,5 @@
-"""Tests for mtkd_jax.class_sets and teachers with different class sets in targets and the step:
+"""Tests for mtkd_jax.core.class_sets and teachers with different class sets in targets and the
+step:
 float64 NumPy references, a full mask is today's behaviour exactly, disjoint teachers with
 one-hot routing are single-teacher distillation on each class group, no NaN from -inf logits,
 clear errors on bad class maps."""
@@ -9,10 +10,11 @@ import numpy as np
 import optax
 import pytest
 
-from mtkd_jax import class_sets, pairwise_divergence, weighting
-from mtkd_jax.state import init_train_state
-from mtkd_jax.steps import make_distill_step
-from mtkd_jax.targets import distill_targets
+from mtkd_jax import pairwise_divergence, weighting
+from mtkd_jax.core import class_sets
+from mtkd_jax.objective.targets import distill_targets
+from mtkd_jax.training.state import init_train_state
+from mtkd_jax.training.steps import make_distill_step
 
 C = 7
 MAPS = [[0, 1, 2], [3, 4], [5, 6]]  # disjoint groups

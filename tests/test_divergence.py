@@ -1,4 +1,4 @@
-"""Tests for mtkd_jax.divergence: softmax_t, log_softmax_t, pairwise_divergence.
+"""Tests for mtkd_jax.core.divergence: softmax_t, log_softmax_t, pairwise_divergence.
 
 Every numerical check compares against a float64 NumPy reference written here, on fresh
 random inputs, eagerly and under `jax.jit`, with extra leading batch dims `[K, B1, B2, C]`.

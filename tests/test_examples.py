@@ -36,3 +36,13 @@ def test_nnx_distill_full_run_student_beats_student_alone():
     out = _load("nnx_distill").main()
     assert out["student_distilled"] > out["student_alone"] + 0.03
     assert min(out["teacher_dropout"], out["teacher_batchnorm"]) > 0.85
+
+
+def test_published_teachers_quick():
+    """Two published-format checkpoints (tests/fixtures/checkpoints) distilled offline into
+    a small transformer on the fixtures' text: the soft loss and the held-out cross-entropy
+    fall."""
+    out = _load("published_teachers").main(quick=True)
+    assert out["stacked"] and {"teacher_llama", "teacher_llama_bf16", "ensemble"} <= set(out)
+    assert out["soft_loss_last"] < 0.6 * out["soft_loss_first"]
+    assert out["student_after"] < out["student_before"]

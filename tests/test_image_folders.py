@@ -24,7 +24,7 @@ from mtkd_jax.experiment.teacher_check import (
     chance_threshold,
     check_teachers,
 )
-from mtkd_jax.loop import fit
+from mtkd_jax.training.fit import fit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = ["--config.progress=False", "--config.plots=False", "--config.tensorboard=False"]

@@ -1,4 +1,5 @@
-"""Tests for mtkd_jax.loop.fit on a tiny linear regression with an explicit reference loop."""
+"""Tests for mtkd_jax.training.fit.fit on a tiny linear regression with an explicit reference
+loop."""
 
 import functools
 from typing import Any, NamedTuple
@@ -9,8 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from mtkd_jax.checkpoint import Checkpointer, params_fingerprint
-from mtkd_jax.loop import FitResult, NonFiniteLossError, fit
+from mtkd_jax.training.checkpoint import Checkpointer, params_fingerprint
+from mtkd_jax.training.fit import FitResult, NonFiniteLossError, fit
 
 N, D, BATCH = 48, 3, 8
 SPE = N // BATCH  # 6 steps per epoch

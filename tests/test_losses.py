@@ -1,4 +1,4 @@
-"""Tests for mtkd_jax.losses: soft_mse, soft_kl, cross_entropy, distillation_loss,
+"""Tests for mtkd_jax.core.losses: soft_mse, soft_kl, cross_entropy, distillation_loss,
 per_teacher_soft_kl against float64 NumPy references, jitted and batched, with gradients,
 properties and bad input."""
 
@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
 
-from mtkd_jax import fuse_targets, losses
-from mtkd_jax.losses import (
+from mtkd_jax import fuse_targets
+from mtkd_jax.core import losses
+from mtkd_jax.core.losses import (
     cross_entropy,
     distillation_loss,
     per_teacher_soft_kl,

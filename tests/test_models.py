@@ -224,29 +224,3 @@ def test_nnx_model_as_plain_apply_fn(rng):
     np.testing.assert_allclose(
         nnx.merge(graphdef, new_params)(x), apply_fn(new_params, x), rtol=1e-6
     )
-
-
-def test_package_reexports_every_public_name():
-    # Each job lives in its own module; `mtkd_jax.models` re-exports their public names.
-    from mtkd_jax.models import (
-        adapt,
-        counting,
-        functional,
-        layers,
-        linen,
-        linen_adapter,
-        nnx_adapter,
-        protocol,
-        registry,
-    )
-
-    for name in models.__all__:
-        assert getattr(models, name) is not None
-    owners = {
-        n: m
-        for m in (counting, functional, layers, linen, registry, protocol, linen_adapter,
-                  nnx_adapter, adapt)
-        for n in m.__all__
-    }
-    assert set(models.__all__) <= set(owners)
-    assert all(getattr(models, n) is getattr(owners[n], n) for n in models.__all__)

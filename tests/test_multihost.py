@@ -21,7 +21,7 @@ import multihost_worker
 import numpy as np
 import pytest
 
-from mtkd_jax import distributed
+from mtkd_jax import parallel
 from mtkd_jax.cache import open_cache
 from mtkd_jax.parallel import data_mesh, shard_batch
 
@@ -303,16 +303,16 @@ def test_killed_process_stops_the_job_and_a_restart_resumes(start_job, reference
 
 
 # ---------------------------------------------------------------------------------------------
-# The single-process side of mtkd_jax.distributed (no subprocess).
+# The single-process side of mtkd_jax.parallel (no subprocess).
 
 
 def test_distributed_requested_reads_the_environment():
-    assert not distributed.distributed_requested({})
-    assert not distributed.distributed_requested({"MTKD_DISTRIBUTED": "0"})
-    assert distributed.distributed_requested({"MTKD_DISTRIBUTED": "yes"})
-    assert distributed.distributed_requested({"MTKD_NUM_PROCESSES": "2"})
+    assert not parallel.distributed_requested({})
+    assert not parallel.distributed_requested({"MTKD_DISTRIBUTED": "0"})
+    assert parallel.distributed_requested({"MTKD_DISTRIBUTED": "yes"})
+    assert parallel.distributed_requested({"MTKD_NUM_PROCESSES": "2"})
     with pytest.raises(ValueError, match="MTKD_DISTRIBUTED"):
-        distributed.distributed_requested({"MTKD_DISTRIBUTED": "maybe"})
+        parallel.distributed_requested({"MTKD_DISTRIBUTED": "maybe"})
 
 
 @pytest.mark.parametrize(
@@ -331,22 +331,22 @@ def test_distributed_requested_reads_the_environment():
 )
 def test_initialize_distributed_rejects_bad_settings(kwargs, environ, match):
     with pytest.raises(ValueError, match=match):
-        distributed.initialize_distributed(environ=environ, **kwargs)
+        parallel.initialize_distributed(environ=environ, **kwargs)
 
 
 def test_initialize_distributed_single_process_starts_nothing():
-    info = distributed.initialize_distributed(environ={"MTKD_NUM_PROCESSES": "1"})
-    assert info == distributed.ProcessInfo(
+    info = parallel.initialize_distributed(environ={"MTKD_NUM_PROCESSES": "1"})
+    assert info == parallel.ProcessInfo(
         0, 1, jax.local_device_count(), jax.device_count(), False
     )
     assert not jax.distributed.is_initialized()
-    assert distributed.is_main_process()
+    assert parallel.is_main_process()
 
 
 def test_initialize_distributed_after_jax_started_says_so():
     jax.devices()  # this process's backend is up (conftest and other tests use it)
     with pytest.raises(RuntimeError, match="must run before anything that starts JAX"):
-        distributed.initialize_distributed(
+        parallel.initialize_distributed(
             coordinator_address="127.0.0.1:1", num_processes=2, process_id=0, environ={}
         )
     assert not jax.distributed.is_initialized()
@@ -359,12 +359,12 @@ def test_initialize_distributed_without_any_cluster_explains_the_settings(monkey
 
     monkeypatch.setattr(jax.distributed, "initialize", no_cluster)
     with pytest.raises(ValueError, match="JAX detected no cluster; set MTKD_COORDINATOR"):
-        distributed.initialize_distributed(environ={})
+        parallel.initialize_distributed(environ={})
 
 
 @pytest.mark.slow
 def test_initialize_distributed_without_any_cluster_in_a_fresh_process():
-    code = "from mtkd_jax.distributed import initialize_distributed; initialize_distributed()"
+    code = "from mtkd_jax.parallel import initialize_distributed; initialize_distributed()"
     out = subprocess.run(
         [sys.executable, "-c", code],
         env=_child_env({}),
@@ -393,7 +393,7 @@ def test_global_batches_equal_shard_batch_on_one_process(rng):
         finally:
             closed.append(True)
 
-    out = distributed.global_batches(source(), mesh)
+    out = parallel.global_batches(source(), mesh)
     first = next(out)
     expect = shard_batch(local[0], mesh)
     for k in expect:
@@ -402,13 +402,13 @@ def test_global_batches_equal_shard_batch_on_one_process(rng):
     out.close()
     assert closed == [True]
     with pytest.raises(ValueError, match="Local .* batch size 6 does not divide over 4"):
-        next(distributed.global_batches([{"x": np.zeros((6, 1))}], mesh))
+        next(parallel.global_batches([{"x": np.zeros((6, 1))}], mesh))
 
 
 def test_broadcast_from_main_and_barrier_on_one_process():
-    out = distributed.broadcast_from_main({"a": 3, "b": np.arange(2.0)})
+    out = parallel.broadcast_from_main({"a": 3, "b": np.arange(2.0)})
     assert out["a"] == 3 and isinstance(out["a"], np.ndarray)
     np.testing.assert_array_equal(out["b"], [0.0, 1.0])
-    distributed.barrier("test")
+    parallel.barrier("test")
     with pytest.raises(ValueError, match="`name`"):
-        distributed.barrier("")
+        parallel.barrier("")

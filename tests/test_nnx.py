@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 import mtkd_jax as mk
-from mtkd_jax.models import nnx as nm
+from mtkd_jax.models.zoo import nnx as nm
 
 D, C, B, K = 12, 4, 16, 3
 KEY = jax.random.key(0)

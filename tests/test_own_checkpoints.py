@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import mtkd_jax as mk
-from mtkd_jax.models import nnx as nm
+from mtkd_jax.models.zoo import nnx as nm
 from mtkd_jax.teachers import load_orbax_teachers
 
 D, C, B = 6, 3, 8

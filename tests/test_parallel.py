@@ -8,7 +8,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from mtkd_jax.evaluation import make_eval_step
+from mtkd_jax.core.reduce import global_mean
 from mtkd_jax.parallel import (
     data_mesh,
     data_parallel_step,
@@ -16,9 +16,9 @@ from mtkd_jax.parallel import (
     replicate,
     shard_batch,
 )
-from mtkd_jax.reduce import global_mean
-from mtkd_jax.state import init_stacked_train_state, init_train_state
-from mtkd_jax.steps import make_codistill_step, make_distill_step
+from mtkd_jax.training.evaluation import make_eval_step
+from mtkd_jax.training.state import init_stacked_train_state, init_train_state
+from mtkd_jax.training.steps import make_codistill_step, make_distill_step
 
 K, B, D, H, C = 3, 16, 5, 8, 4
 STEPS = 4

@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 import mtkd_jax as mk
-from mtkd_jax import precision
-from mtkd_jax.models import nnx as nm
+from mtkd_jax.core import precision
+from mtkd_jax.models.zoo import nnx as nm
 
 D, C, B, K = 40, 10, 64, 3
 BF16 = jnp.bfloat16

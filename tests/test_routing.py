@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtkd_jax import class_sets, weighting
-from mtkd_jax.targets import distill_targets
+from mtkd_jax import weighting
+from mtkd_jax.core import class_sets
+from mtkd_jax.objective.targets import distill_targets
 
 C, K, B = 9, 3, 60
 GROUPS = [[0, 1, 2], [3, 4, 5], [6, 7, 8]]

@@ -8,14 +8,14 @@ import numpy as np
 import optax
 import pytest
 
-from mtkd_jax.batch import check_batch
-from mtkd_jax.evaluation import evaluate, make_eval_step
-from mtkd_jax.losses import mean_distillation_loss
-from mtkd_jax.losses_chunked import chunked_distill_sums, distill_sums, finish_distill
+from mtkd_jax.core.losses import mean_distillation_loss
+from mtkd_jax.objective.loss import chunked_distill_sums, distill_sums, finish_distill
+from mtkd_jax.objective.targets import distill_targets
 from mtkd_jax.parallel import data_mesh, data_parallel_step
-from mtkd_jax.state import init_train_state
-from mtkd_jax.steps import make_distill_step, make_supervised_step
-from mtkd_jax.targets import distill_targets
+from mtkd_jax.training.batch import check_batch
+from mtkd_jax.training.evaluation import evaluate, make_eval_step
+from mtkd_jax.training.state import init_train_state
+from mtkd_jax.training.steps import make_distill_step, make_supervised_step
 
 K, B, L, D, V = 3, 8, 6, 5, 7
 T, ALPHA = 2.0, 0.3
@@ -272,8 +272,8 @@ def test_bad_sequence_inputs(problem):
 
 
 def test_codistill_sequence_step_equals_flattened_valid_tokens(problem):
-    from mtkd_jax.state import init_stacked_train_state
-    from mtkd_jax.steps import make_codistill_step
+    from mtkd_jax.training.state import init_stacked_train_state
+    from mtkd_jax.training.steps import make_codistill_step
 
     x, w, _, y, mask = problem
     keep = mask.reshape(-1) > 0

@@ -9,7 +9,7 @@ from flax import nnx
 
 from mtkd_jax.cache import build_cache, open_cache, with_cached_logits
 from mtkd_jax.data import text
-from mtkd_jax.models.token import CausalTokenModel, token_model_fns
+from mtkd_jax.models.zoo.token import CausalTokenModel, token_model_fns
 
 V = 12
 

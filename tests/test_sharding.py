@@ -11,15 +11,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mtkd_jax.cache import build_cache_in_parallel
-from mtkd_jax.checkpoint import Checkpointer
-from mtkd_jax.evaluation import make_eval_step
-from mtkd_jax.parallel import global_batch_from_local, shard_batch
-from mtkd_jax.sharding import (
+from mtkd_jax.parallel import (
     abstract_like,
     fsdp,
+    global_batch_from_local,
     make_mesh,
     per_teacher,
     replicated,
+    shard_batch,
     sharded_eval_step,
     sharded_step,
     sharded_teacher_apply,
@@ -28,9 +27,11 @@ from mtkd_jax.sharding import (
     tensor_parallel,
     tree_shardings,
 )
-from mtkd_jax.state import init_stacked_train_state, init_train_state
-from mtkd_jax.steps import make_codistill_step, make_distill_step, make_supervised_step
 from mtkd_jax.teachers import make_stacked_apply
+from mtkd_jax.training.checkpoint import Checkpointer
+from mtkd_jax.training.evaluation import make_eval_step
+from mtkd_jax.training.state import init_stacked_train_state, init_train_state
+from mtkd_jax.training.steps import make_codistill_step, make_distill_step, make_supervised_step
 
 K, B, D, H, TH, C = 4, 16, 8, 16, 32, 4
 STEPS = 3

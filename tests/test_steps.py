@@ -9,17 +9,17 @@ import pytest
 from sklearn import metrics as skm
 
 from mtkd_jax import data, weighting
-from mtkd_jax.batch import check_batch
-from mtkd_jax.evaluation import evaluate, make_eval_step
-from mtkd_jax.losses import distillation_loss
-from mtkd_jax.state import init_stacked_train_state, init_train_state
-from mtkd_jax.steps import (
+from mtkd_jax.core.losses import distillation_loss
+from mtkd_jax.objective.targets import distill_targets
+from mtkd_jax.training.batch import check_batch
+from mtkd_jax.training.evaluation import evaluate, make_eval_step
+from mtkd_jax.training.state import init_stacked_train_state, init_train_state
+from mtkd_jax.training.steps import (
     make_codistill_step,
     make_distill_step,
     make_supervised_step,
     stacked_step,
 )
-from mtkd_jax.targets import distill_targets
 
 K, B, D, C = 3, 8, 5, 4
 KEY = jax.random.key(0)

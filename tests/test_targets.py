@@ -1,4 +1,4 @@
-"""Tests for mtkd_jax.targets: fuse_targets, leave_one_out_targets, fuse_logits against
+"""Tests for mtkd_jax.objective.targets: fuse_targets, leave_one_out_targets, fuse_logits against
 float64 NumPy references, jitted and batched, with gradients, properties and bad input."""
 
 import hypothesis.extra.numpy as hnp

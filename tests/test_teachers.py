@@ -13,7 +13,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mtkd_jax import teachers
-from mtkd_jax.checkpoint import params_fingerprint
 from mtkd_jax.models import MLP, SmallConvNet, apply_fn_of, init_params
 from mtkd_jax.teachers import (
     autotune,
@@ -26,6 +25,7 @@ from mtkd_jax.teachers import (
     stack_params,
     unstack_params,
 )
+from mtkd_jax.training.checkpoint import params_fingerprint
 
 K = 3
 

@@ -60,6 +60,16 @@ def np_confidence(logits, labels, label_mask=None):
     return (1.0 - np_softmax(ce, axis=0)) / (k - 1)
 
 
+def np_posterior(logits, labels, label_mask=None, sharpness=1.0):
+    """float64 Bayes' rule: w_k proportional to p_k(y)^s; uniform where unlabeled."""
+    logp = np_log_softmax(np.asarray(logits, np.float64))
+    log_py = np.take_along_axis(logp, np.asarray(labels)[None, ..., None], -1)[..., 0]
+    e = sharpness * log_py
+    if label_mask is not None:
+        e = np.where(np.asarray(label_mask)[None] > 0, e, 0.0)
+    return np_softmax(e, axis=0)
+
+
 def np_entropy_of(p):
     p = np.asarray(p, np.float64)
     return -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=-1)
@@ -190,6 +200,36 @@ def test_confidence_prefers_the_teacher_that_is_right():
     w = np.asarray(weighting.confidence(jax.nn.softmax(z), logits=z, labels=np.array([0])))[:, 0]
     assert w[0] > w[1] > w[2]
     np.testing.assert_allclose(w, np_confidence(z, np.array([0]))[:, 0], **TOL)
+
+
+def test_posterior_matches_reference(rng):
+    z = random_logits(rng, (3, 4, 6, 5))  # [K, B, L, V]: per token
+    y = rng.integers(0, 5, size=(4, 6))
+    mask = (rng.uniform(size=(4, 6)) > 0.3).astype(np.float32)
+    p = np_softmax(z)
+    for s in (0.0, 1.0, 3.0):
+        _check(lambda z, s=s: weighting.posterior(p, logits=z, labels=y, label_mask=mask,
+                                                  sharpness=s),
+               (z,), np_posterior(z, y, mask, s))
+    np.testing.assert_allclose(weighting.posterior(p, logits=z), np.full((3, 4, 6), 1 / 3),
+                               **TOL)
+
+
+def test_posterior_routes_past_one_over_k_minus_one():
+    """A teacher that alone gives the label most of its mass gets nearly all the weight
+    (`confidence` would stop at 1/(K-1) = 0.5)."""
+    z = np.zeros((3, 1, 4), np.float32)
+    z[0, 0, 2], z[1, 0, 0], z[2, 0, 1] = 8.0, 8.0, 8.0  # only teacher 0 expects the label
+    w = np.asarray(weighting.posterior(np_softmax(z), logits=z, labels=np.array([2])))
+    assert w[0, 0] > 0.99
+    # Against unsure teachers the evidence is weaker: 0.999 vs 0.25 and 0.25 -> about 2/3.
+    z[1:] = 0.0
+    w = np.asarray(weighting.posterior(np_softmax(z), logits=z, labels=np.array([2])))
+    np.testing.assert_allclose(w[0, 0], 0.9990 / (0.9990 + 0.5), rtol=1e-3)
+    with pytest.raises(ValueError, match=r"`sharpness` must be >= 0"):
+        weighting.posterior(np_softmax(z), logits=z, labels=np.array([2]), sharpness=-1.0)
+    with pytest.raises(ValueError, match=r"needs `logits`"):
+        weighting.posterior(np_softmax(z), labels=np.array([2]))
 
 
 def test_entropy_matches_reference(rng):
@@ -490,6 +530,8 @@ def test_get_weighting_each_name(rng):
     cases = {
         "uniform": (weighting.get_weighting("uniform"), np.full((3, 2), 1 / 3)),
         "confidence": (weighting.get_weighting("confidence"), np_confidence(z, y)),
+        "posterior": (weighting.get_weighting("posterior", sharpness=2.0),
+                      np_posterior(z, y, sharpness=2.0)),
         "entropy": (weighting.get_weighting("entropy"), np_entropy(np_softmax(z))),
         "agreement": (weighting.get_weighting("agreement"), np_agreement(p)),
         "static": (weighting.get_weighting("static", lambdas=lam), np_static(lam, p)),
@@ -532,7 +574,7 @@ def test_get_weighting_bad_names_and_hyperparameters():
     with pytest.raises(ValueError, match=r"Unknown weighting 'best'; registered names: "
                                          r"\['agreement', 'calibrated', 'confidence', "
                                          r"'energy', 'entropy', 'from_scores', 'gate', "
-                                         r"'max_logit', 'static', 'uniform'\]"):
+                                         r"'max_logit', 'posterior', 'static', 'uniform'\]"):
         weighting.get_weighting("best")
     with pytest.raises(ValueError, match=r"'static' needs \['lambdas'\].*missing \['lambdas'\]"):
         weighting.get_weighting("static")

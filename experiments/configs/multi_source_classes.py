@@ -6,7 +6,7 @@ Command:
 What it does: the default experiment (MNIST-1D, CNN1D teachers, an MLP student on the labeled
 train split plus 40000 unlabeled transfer inputs, 3 seeds), except that teacher k is trained
 only on the examples of its class group ({0-3}, {4-6}, {7-9}) and knows only those classes
-(`mtkd_jax.class_sets`: its logits are placed in the global 10-class space, each teacher's
+(`mtkd_jax.core.class_sets`: its logits are placed in the global 10-class space, each teacher's
 softmax renormalised over its own classes). The rows: each teacher, their ensemble, the
 student alone, from the best single teacher, and from every strategy, including the
 label-free routing ones (energy; calibrated, with temperatures fitted on each teacher's own

@@ -7,7 +7,7 @@ Command:
 What it does: per seed, 3000 train / 300 validation / 1000 test sequences of 8-32 tokens
 from a second-order Markov source over 32 tokens (`mtkd_jax.data.text`, the source fixed,
 the samples per seed); 3 causal convolutional token teachers of widths 64, 48, 32
-(`mtkd_jax.models.token`) trained on token cross-entropy; their top-8 log-probabilities per
+(`mtkd_jax.models.zoo.token`) trained on token cross-entropy; their top-8 log-probabilities per
 token cached once (with the vocabulary fingerprint); a width-16 student trained alone, from
 the best single teacher (validation perplexity), and from all 3 teachers (mean, confidence
 and entropy weights, per token), with the chunked loss (chunk 8 positions), KL at T = 1

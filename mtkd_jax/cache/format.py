@@ -23,7 +23,7 @@ The header is JSON: `format` (`FORMAT`), `kind` (``"logits"`` or ``"top_k_log_pr
 `index_dtype`, `shard`, `fingerprint` (the teachers' `params_fingerprint`), `num_written`,
 `build_seconds`, `meta` (the caller's notes), and for a sequence cache `seq_len` (L) and
 `tokenizer` (the fingerprint of the tokenization the inputs were made with, e.g.
-`mtkd_jax.data.text.vocab_fingerprint`; None for classification caches). Shards of one
+`mtkd_jax.data.TextTokenizer.fingerprint`; None for classification caches). Shards of one
 cache must agree on the sizes, the dtype, the fingerprint and the tokenizer.
 """
 

@@ -11,8 +11,7 @@ import jax
 from mtkd_jax.cache.reader import TeacherCache, open_cache
 from mtkd_jax.cache.topk import DEFAULT_FILL, check_fill
 from mtkd_jax.cache.writer import build_cache
-from mtkd_jax.distributed import barrier, is_main_process, process_local
-from mtkd_jax.sharding import mesh_of
+from mtkd_jax.parallel import barrier, is_main_process, mesh_of, process_local
 
 __all__ = ["build_cache_in_parallel"]
 
@@ -58,13 +57,13 @@ def build_cache_in_parallel(
       teacher_apply: `(teacher_params, x [B, ...]) -> logits [K, B, C]`.
       teacher_params: host arrays, or arrays replicated over the devices of all processes
         (each process then runs the teachers on its own copy,
-        `mtkd_jax.distributed.process_local`).
+        `mtkd_jax.parallel.process_local`).
       local_batches: this process's `{"x", "index"(, "view")}` batches.
       num_examples: N, the size of the split the indices refer to.
       fill: reconstruction of top-k entries when reading (`DEFAULT_FILL`; see `open_cache`).
       progress: show a progress bar, on process 0 only.
       teacher_shardings: None, or shardings of `teacher_params` over a mesh of this
-        process's own devices (`mtkd_jax.sharding.tree_shardings` on
+        process's own devices (`mtkd_jax.parallel.tree_shardings` on
         `make_mesh(..., devices=jax.local_devices())`): each process then holds one copy of
         the teachers split over its devices (see `build_cache`).
       **build_kwargs: `num_views`, `top_k`, `dtype`, `fingerprint`, `meta`, `overwrite` of

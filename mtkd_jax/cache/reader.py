@@ -186,13 +186,13 @@ def open_cache(
     Args:
       path: the cache directory.
       expect_fingerprint: the teachers the caller distills from
-        (`mtkd_jax.checkpoint.params_fingerprint(tp)`, or its sha256); a cache built from
+        (`mtkd_jax.training.checkpoint.params_fingerprint(tp)`, or its sha256); a cache built from
         other teachers is refused.
       fill: reconstruction of top-k entries, ``"renormalize"`` or ``"uniform"``
         (`DEFAULT_FILL`; see `mtkd_jax.cache.topk`).
       shards: shard names to read (default all).
       expect_tokenizer: the tokenization fingerprint of the caller's inputs (e.g.
-        `mtkd_jax.data.text.vocab_fingerprint`); a sequence cache built with another
+        `mtkd_jax.data.TextTokenizer.fingerprint`); a sequence cache built with another
         tokenization (or a cache that records none) is refused.
 
     Returns:

@@ -44,8 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtkd_jax import _checks
-from mtkd_jax._checks import check_float, is_traced
+from mtkd_jax.core import checks as _checks
+from mtkd_jax.core.checks import check_float, is_traced
 
 __all__ = [
     "DEFAULT_FILL",

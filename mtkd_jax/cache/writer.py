@@ -14,12 +14,12 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mtkd_jax import _checks
 from mtkd_jax.cache.format import FORMAT, create_row_files, header_file, index_dtype, write_header
 from mtkd_jax.cache.reader import TeacherCache, open_cache
 from mtkd_jax.cache.topk import check_top_k, top_k_of_logits
-from mtkd_jax.checkpoint import params_fingerprint
-from mtkd_jax.sharding import mesh_of, place
+from mtkd_jax.core import checks as _checks
+from mtkd_jax.parallel import mesh_of, place
+from mtkd_jax.training.checkpoint import params_fingerprint
 
 __all__ = ["build_cache"]
 
@@ -31,13 +31,13 @@ def _batch_rows(batch, num_examples: int, num_views: int):
             "each batch must be a dict with 'x' [B, ...] and 'index' [B] (and 'view' [B] when "
             f"num_views > 1); got {sorted(batch) if isinstance(batch, dict) else type(batch)}."
         )
-    if np.ndim(batch["x"]) < 1 or np.shape(batch["x"])[0] == 0:
+    b = _checks.batch_size(batch["x"], "batch['x']")
+    if b == 0:
         raise ValueError(
             f"batch['x'] must be a non-empty batch [B, ...] with B >= 1, got shape "
-            f"{np.shape(batch['x'])}."
+            f"{_checks.shapes(batch['x'])}."
         )
     index = np.asarray(batch["index"])
-    b = np.shape(batch["x"])[0]
     if index.shape != (b,) or not np.issubdtype(index.dtype, np.integer):
         raise ValueError(
             f"batch['index'] must be [B]=({b},) integers, got {index.dtype}{list(index.shape)}."
@@ -127,7 +127,7 @@ def build_cache(
       dtype: storage dtype of the values (float16 or float32; bfloat16 is not a numpy type).
       shard: this process's shard name for multi-host builds (e.g. `f"p{jax.process_index()}"`).
       fingerprint: identity of the teachers (a JSON-serialisable dict); default
-        `mtkd_jax.checkpoint.params_fingerprint(teacher_params)`.
+        `mtkd_jax.training.checkpoint.params_fingerprint(teacher_params)`.
       meta: JSON-serialisable notes kept in the header (dataset, split, augmentation seed).
       tokenizer: for a sequence cache, the fingerprint of the tokenization of the inputs
         (e.g. `mtkd_jax.data.text.vocab_fingerprint(vocab)`), checked by
@@ -135,7 +135,7 @@ def build_cache(
       overwrite: replace an existing cache (shard) in `path`.
       progress: show a progress bar (tqdm) on stderr.
       teacher_shardings: None, or `NamedSharding`s of `teacher_params` over one mesh
-        (`mtkd_jax.sharding.tree_shardings`) for teachers that fit only when sharded: the
+        (`mtkd_jax.parallel.tree_shardings`) for teachers that fit only when sharded: the
         params are placed so and the teachers run as one program over that mesh (each batch
         replicated on it).
 
@@ -197,14 +197,15 @@ def build_cache(
 
     def check_logits(x) -> None:
         """The logits' shape for this batch's `x` (again whenever the shape of `x` changes)."""
-        signature = (np.shape(x), jnp.result_type(x))
+        signature = jax.tree.map(lambda a: (np.shape(a), jnp.result_type(a)), x)
         if sizes["x"] == signature:
             return
         sizes["x"] = signature
         shape = jax.eval_shape(teacher_apply, teacher_params, x).shape
-        if len(shape) not in (3, 4) or shape[1] != np.shape(x)[0]:
+        b = _checks.batch_size(x)
+        if len(shape) not in (3, 4) or shape[1] != b:
             raise ValueError(
-                f"`teacher_apply` must return logits [K, B, C] with B={np.shape(x)[0]} (the "
+                f"`teacher_apply` must return logits [K, B, C] with B={b} (the "
                 f"batch), or [K, B, L, V] for sequences, got {shape}."
             )
         seq_len = shape[2] if len(shape) == 4 else None

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from mtkd_jax import _checks
+from mtkd_jax.core import checks as _checks
 from mtkd_jax.data.dataset import Split
 
 __all__ = ["epoch_order", "num_batches", "batches"]

@@ -8,7 +8,7 @@ known (`TextSource.entropy_rate`). Sequences start with BOS, have ragged lengths
 
 A split is the next-token task: inputs `x` `[N, L]` (tokens 0..L-1), labels `y` `[N, L]`
 (tokens 1..L), `mask` `[N, L]` (1 where `y` is a real token, 0 on padding). `batches`
-yields the batch layout of `mtkd_jax.batch` for sequences, with `"index"` for a teacher
+yields the batch layout of `mtkd_jax.training.batch` for sequences, with `"index"` for a teacher
 cache. `vocab_fingerprint` identifies the tokenization (checked by a sequence cache).
 """
 

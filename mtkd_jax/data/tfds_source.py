@@ -21,7 +21,7 @@ from collections.abc import Callable
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mtkd_jax.data.builders import OFFLINE_BUILDERS, OFFLINE_RAW_MAX
+from mtkd_jax.data.builders import OFFLINE_BUILDERS, OFFLINE_RAW_MAX, TEXT_BUILDERS
 from mtkd_jax.data.dataset import Dataset, build_dataset
 
 __all__ = ["default_data_dir", "prepare_offline", "load_tfds", "tfds_names", "NO_FLIP"]
@@ -63,7 +63,8 @@ def tfds_names(data_dir: str | None = None) -> list[str]:
     names = set(tfds.list_builders(with_community_datasets=False))
     if os.path.isdir(data_dir):
         names.update(d for d in os.listdir(data_dir)
-                     if os.path.isdir(os.path.join(data_dir, d)) and d != "downloads")
+                     if os.path.isdir(os.path.join(data_dir, d))
+                     and d not in ("downloads", "mtkd_lm"))  # mtkd_lm: lm_data's caches
     return sorted(names)
 
 
@@ -106,7 +107,8 @@ def _prepare_lock(data_dir: str, name: str):
 
 
 def prepare_offline(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
-    """Prepare an offline builder (`mnist1d`, `mnist5k`, `digits`) once, then reuse it.
+    """Prepare an offline builder (`mnist1d`, `mnist5k`, `digits`, or a text domain of
+    `mtkd_jax.data.corpora.TEXT_DOMAINS`) once, then reuse it.
 
     Generation runs locally (a few seconds) and writes array_record files to
     `data_dir/<name>/<version>`; later calls find them and only read metadata. Concurrent
@@ -119,16 +121,17 @@ def prepare_offline(name: str, data_dir: str | None = None) -> tfds.core.Dataset
       ...     b.is_prepared(), b.info.splits["train"].num_examples
       (True, 1438)
     """
-    if name not in OFFLINE_BUILDERS:
-        raise ValueError(f"`name` must be one of {sorted(OFFLINE_BUILDERS)}, got {name!r}.")
+    builders = {**OFFLINE_BUILDERS, **TEXT_BUILDERS}
+    if name not in builders:
+        raise ValueError(f"`name` must be one of {sorted(builders)}, got {name!r}.")
     data_dir = data_dir or default_data_dir()
-    builder = OFFLINE_BUILDERS[name](data_dir=data_dir, file_format="array_record")
+    builder = builders[name](data_dir=data_dir, file_format="array_record")
     if builder.is_prepared():
         return builder
     with _prepare_lock(data_dir, name):
         # Built again: another process may have prepared it while we waited, and a builder
         # reads the prepared metadata (its splits) only when constructed.
-        builder = OFFLINE_BUILDERS[name](data_dir=data_dir, file_format="array_record")
+        builder = builders[name](data_dir=data_dir, file_format="array_record")
         if not builder.is_prepared():
             _log.info("Preparing offline dataset %r into %s", name, builder.data_path)
             # TFDS prints its progress to stdout; keep it in the log instead.

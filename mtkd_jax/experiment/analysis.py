@@ -7,7 +7,7 @@
    performance-weighted, confidence, entropy, agreement, leave-one-out) and how good each is,
    and the teacher weighting every student row is distilled with.
 
-Engine call: `mtkd_jax.targets.distill_targets` (`_targets`).
+Engine call: `mtkd_jax.objective.targets.distill_targets` (`_targets`).
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtkd_jax.divergence import pairwise_divergence, softmax_t
+from mtkd_jax.core.divergence import pairwise_divergence, softmax_t
 from mtkd_jax.experiment.config import Strategy, parse_strategy
 from mtkd_jax.experiment.context import Context, predict
 from mtkd_jax.experiment.multi_source import ROUTING, routing_weightings
 from mtkd_jax.experiment.teachers import Teachers, teacher_names
 from mtkd_jax.metrics import batch_stats, compute_metrics
-from mtkd_jax.targets import distill_targets, leave_one_out_targets
+from mtkd_jax.objective.targets import distill_targets, leave_one_out_targets
 from mtkd_jax.weighting import get_weighting
 
 __all__ = [

@@ -14,12 +14,12 @@ import numbers
 
 import ml_collections
 
-from mtkd_jax import _checks
+from mtkd_jax.core import checks as _checks
+from mtkd_jax.core.losses import SOFT_LOSSES
 from mtkd_jax.experiment.sources import sources_config, validate_sources  # multi-source
 
 # The strategy table lives in experiment/strategies.py; re-exported here for configs.
 from mtkd_jax.experiment.strategies import STRATEGIES, Strategy, parse_strategy, strategy_names
-from mtkd_jax.losses import SOFT_LOSSES
 from mtkd_jax.models import MODELS
 
 __all__ = [

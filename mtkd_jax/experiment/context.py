@@ -2,13 +2,13 @@
 
 `Context` holds a seed's config, data, mesh and run folder, and builds the models, jitted
 functions and data-parallel steps once per run (`Context.cached`), so every seed reuses what
-the first one compiled. `fit` is `mtkd_jax.loop.fit` as every stage calls it: a key per model
-name, a few validation points per training, checkpoints and TensorBoard events under the run
-folder. The rest are the small pieces the stages share: the optimizer, chunked inference and
+the first one compiled. `fit` is `mtkd_jax.training.fit.fit` as every stage calls it: a key
+per model name, a few validation points per training, checkpoints and TensorBoard events under
+the run folder. The rest are the small pieces the stages share: the optimizer, chunked inference and
 the validation-accuracy evaluations.
 
 Engine calls here: `parallel.data_parallel_step` (`Context.parallel`),
-`parallel.global_batch_from_local` (`to_global`) and `loop.fit` (`fit`).
+`parallel.global_batch_from_local` (`to_global`) and `mtkd_jax.training.fit.fit` (`fit`).
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mtkd_jax import loop, models, parallel
+from mtkd_jax import models, parallel
 from mtkd_jax.experiment import summaries
 from mtkd_jax.experiment.dataset_check import model_kwargs
 from mtkd_jax.experiment.progress import RunProgress, StageTimes, log
+from mtkd_jax.training import fit as loop
 
 __all__ = [
     "Context",
@@ -149,7 +150,7 @@ class Context:
 
 def fit(ctx: Context, name: str, state, step, batches_fn, *, steps_per_epoch, epochs,
         eval_fn, fingerprint=None, clock: Callable[[], float] = time.monotonic):
-    """`mtkd_jax.loop.fit` for the model `name` of this seed: its own key, checkpoints
+    """`mtkd_jax.training.fit.fit` for the model `name` of this seed: its own key, checkpoints
     under ``checkpoints/seed<s>/<name>`` and TensorBoard events, best by accuracy.
 
     The latest checkpoint is written every `config.checkpoint_minutes` of `clock` (and every

@@ -3,15 +3,16 @@
 * `train_source_teachers`: K teachers of one architecture, each trained alone on its own
   share of the train split (`mtkd_jax.experiment.sources`). With ``"classes"`` each teacher
   knows only its class group: its logits are put in the global class space with
-  `mtkd_jax.class_sets.mask_unknown` (unknown classes get `UNKNOWN_LOGIT`), so every later
+  `mtkd_jax.core.class_sets.mask_unknown` (unknown classes get `UNKNOWN_LOGIT`), so every later
   stage (analysis, the logit cache, every student row) sees global-space logits in which each
   teacher's softmax is renormalised over its own classes.
 * `routing_weightings`: the label-free routing strategies with their fitted
   hyperparameters: per-teacher temperatures (`fit_temperature` on each teacher's own
   validation share) and the gate (`fit_gate` on the labeled train and validation splits).
 
-Engine calls: `mtkd_jax.steps.make_supervised_step`, `mtkd_jax.state.init_train_state`,
-`mtkd_jax.teachers.make_stacked_apply`, `mtkd_jax.class_sets`, `mtkd_jax.weighting`.
+Engine calls: `mtkd_jax.training.steps.make_supervised_step`,
+`mtkd_jax.training.state.init_train_state`,
+`mtkd_jax.teachers.make_stacked_apply`, `mtkd_jax.core.class_sets`, `mtkd_jax.weighting`.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtkd_jax import class_sets, models
 from mtkd_jax import data as data_lib
+from mtkd_jax import models
 from mtkd_jax import teachers as teachers_lib
-from mtkd_jax.checkpoint import params_fingerprint
+from mtkd_jax.core import class_sets
 from mtkd_jax.experiment.context import (
     Context,
     accuracy_eval,
@@ -37,8 +38,9 @@ from mtkd_jax.experiment.context import (
 )
 from mtkd_jax.experiment.sources import class_groups, source_splits
 from mtkd_jax.experiment.teachers import Teachers, teacher_names
-from mtkd_jax.state import init_train_state
-from mtkd_jax.steps import make_supervised_step
+from mtkd_jax.training.checkpoint import params_fingerprint
+from mtkd_jax.training.state import init_train_state
+from mtkd_jax.training.steps import make_supervised_step
 from mtkd_jax.weighting import fit_gate, fit_temperature, get_weighting
 
 __all__ = ["ROUTING", "known_classes", "train_source_teachers", "routing_weightings"]

@@ -1,10 +1,10 @@
 """The whole run's progress and where its time goes: `RunProgress` and `StageTimes`.
 
 `RunProgress` is one tqdm bar for the whole run (stage, training i of n, elapsed, ETA) above
-the per-training bars of `mtkd_jax.loop.fit`; `StageTimes` adds up wall-clock and CPU seconds
-per stage (teachers, analysis, students, codistillation, evaluation, ...) and the seconds JAX
-spent tracing, lowering and compiling (from `jax.monitoring`'s duration events), so a run
-says where its time went even on a shared machine (CPU seconds do not count other jobs).
+the per-training bars of `mtkd_jax.training.fit.fit`; `StageTimes` adds up wall-clock and CPU
+seconds per stage (teachers, analysis, students, codistillation, evaluation, ...) and the
+seconds JAX spent tracing, lowering and compiling (from `jax.monitoring`'s duration events), so
+a run says where its time went even on a shared machine (CPU seconds do not count other jobs).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ Per seed (`run_seed`), following the article's sections 2, 3 and 5:
 
 `run` checks the config, loads the data, repeats this over `config.seeds` seeds, measures
 the compression (parameters, FLOPs, latency), and writes the run folder
-(`mtkd_jax.experiment.run_folder`). Every train loop is `mtkd_jax.loop.fit` over a step
+(`mtkd_jax.experiment.run_folder`). Every train loop is `mtkd_jax.training.fit.fit` over a step
 compiled data-parallel over all devices (`mtkd_jax.experiment.context`).
 """
 
@@ -31,7 +31,7 @@ import jax
 import ml_collections
 
 from mtkd_jax import data as data_lib
-from mtkd_jax import distributed, parallel
+from mtkd_jax import parallel
 from mtkd_jax.experiment import (
     auto_settings,
     compression,
@@ -204,7 +204,7 @@ def run(config: ml_collections.ConfigDict) -> ExperimentResult:
 
     The config is checked first (`validate_config`), before any data is loaded or model
     trained. With `config.distributed` (or `MTKD_*` variables that ask for it, see
-    `mtkd_jax.distributed`), `initialize_distributed()` is called before any other JAX work,
+    `mtkd_jax.parallel`), `initialize_distributed()` is called before any other JAX work,
     taking the coordinator, process count and id from `MTKD_*` variables or JAX's cluster
     detection, and every host feeds its slice of each global batch.
 
@@ -218,8 +218,8 @@ def run(config: ml_collections.ConfigDict) -> ExperimentResult:
     """
     with _config_mistakes():
         strategies = validate_config(config)
-    if config.distributed or distributed.distributed_requested():
-        distributed.initialize_distributed()
+    if config.distributed or parallel.distributed_requested():
+        parallel.initialize_distributed()
     with _config_mistakes():
         validate_config(config, num_devices=jax.device_count())
     times = StageTimes()

@@ -1,14 +1,14 @@
 """The sequence experiment: token-level multi-teacher distillation of a small causal model.
 
 Per seed: a token corpus from the procedural source (`mtkd_jax.data.text`), K causal token
-teachers of different sizes (`mtkd_jax.models.token`) trained with `make_supervised_step`
+teachers of different sizes (`mtkd_jax.models.zoo.token`) trained with `make_supervised_step`
 (token cross-entropy over valid tokens), their top-k outputs cached once per token
 (`mtkd_jax.cache.build_cache` with the vocabulary fingerprint, read back with
 `with_cached_logits`), then students distilled with `make_distill_step` and the chunked
 loss (`student_head`): alone (labels only), from the best single teacher (lowest validation
 perplexity), and from all K teachers with each configured weighting (per token). Test
 perplexity, token accuracy and agreement with the teacher ensemble over valid tokens
-(`mtkd_jax.evaluation`), mean ± std over seeds (`mtkd_jax.experiment.report`), a bar plot
+(`mtkd_jax.training.evaluation`), mean ± std over seeds (`mtkd_jax.experiment.report`), a bar plot
 (`mtkd_jax.experiment.plots`) and TensorBoard scalars (`mtkd_jax.experiment.summaries`).
 """
 
@@ -26,11 +26,11 @@ from flax import nnx
 
 from mtkd_jax.cache import build_cache, open_cache, with_cached_logits
 from mtkd_jax.data import text
-from mtkd_jax.evaluation import evaluate, make_eval_step
 from mtkd_jax.experiment import plots, report, summaries
-from mtkd_jax.models.token import CausalTokenModel, token_model_fns
-from mtkd_jax.state import init_train_state
-from mtkd_jax.steps import make_distill_step, make_supervised_step
+from mtkd_jax.models.zoo.token import CausalTokenModel, token_model_fns
+from mtkd_jax.training.evaluation import evaluate, make_eval_step
+from mtkd_jax.training.state import init_train_state
+from mtkd_jax.training.steps import make_distill_step, make_supervised_step
 
 __all__ = ["run_sequence"]
 

@@ -9,7 +9,7 @@
   dominant classes, large `alpha` near-equal shards. Every teacher still knows all classes;
 * ``"classes"``: disjoint class groups (`config.sources.groups`, or the C classes in K
   contiguous blocks when empty): teacher k sees only the examples of its
-  group and knows only those classes (`mtkd_jax.class_sets`).
+  group and knows only those classes (`mtkd_jax.core.class_sets`).
 
 The validation split is divided the same way (the same class proportions per teacher), so
 each teacher has its own held-out data from its own source (for its temperature,
@@ -22,7 +22,7 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
-from mtkd_jax.class_sets import known_mask
+from mtkd_jax.core.class_sets import known_mask
 
 __all__ = [
     "SOURCE_KINDS",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from mtkd_jax.losses import SOFT_LOSSES
+from mtkd_jax.core.losses import SOFT_LOSSES
 
 __all__ = ["Strategy", "STRATEGIES", "parse_strategy", "strategy_names"]
 

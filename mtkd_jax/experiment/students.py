@@ -15,9 +15,9 @@ weighting, exactly what a one-row step computes per batch, since every weighting
 example) and is the row's own single "teacher" (`per_model`). Every row starts from the same
 initial student and sees the same batches, as when the rows trained one after another.
 
-Engine calls (all in this module): `mtkd_jax.steps` (`make_supervised_step`,
-`make_distill_step`, `stacked_step`, `make_codistill_step`), `mtkd_jax.state`
-(`init_stacked_train_state`) and `mtkd_jax.targets.distill_targets`.
+Engine calls (all in this module): `mtkd_jax.training.steps` (`make_supervised_step`,
+`make_distill_step`, `stacked_step`, `make_codistill_step`), `mtkd_jax.training.state`
+(`init_stacked_train_state`) and `mtkd_jax.objective.targets.distill_targets`.
 """
 
 from __future__ import annotations
@@ -43,14 +43,14 @@ from mtkd_jax.experiment.context import (
     to_global,
 )
 from mtkd_jax.experiment.teachers import Teachers
-from mtkd_jax.state import init_stacked_train_state
-from mtkd_jax.steps import (
+from mtkd_jax.objective.targets import distill_targets
+from mtkd_jax.training.state import init_stacked_train_state
+from mtkd_jax.training.steps import (
     make_codistill_step,
     make_distill_step,
     make_supervised_step,
     stacked_step,
 )
-from mtkd_jax.targets import distill_targets
 
 __all__ = ["Group", "Students", "codistill", "student_groups", "train_group", "train_students"]
 

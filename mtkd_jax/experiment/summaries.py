@@ -1,6 +1,6 @@
 """TensorBoard event files, as the article monitors training (tensorboardX: no TensorFlow).
 
-`log_fn(writer)` turns the `log_fn(step, metrics)` hook of `mtkd_jax.loop.fit` into scalar
+`log_fn(writer)` turns the `log_fn(step, metrics)` hook of `mtkd_jax.training.fit.fit` into scalar
 summaries: scalars as they are, vectors (e.g. per-teacher weights `[K]`) one scalar per
 entry, and matrices (the teacher divergence `[K, K]`) as the mean of their off-diagonal.
 """
@@ -50,7 +50,7 @@ def log_fn(writer, *, every: int = 1) -> Callable[[int, Mapping], None]:
       every: write train metrics of every `every`-th step (evaluations always).
 
     Returns:
-      `log(step, metrics)` for `mtkd_jax.loop.fit(..., log_fn=...)`.
+      `log(step, metrics)` for `mtkd_jax.training.fit.fit(..., log_fn=...)`.
 
     Example:
       >>> import tempfile

@@ -5,8 +5,8 @@ parameters and optionally different learning rates (`config.teachers.learning_ra
 teachers of mixed architectures (`config.teachers.models`) train one after another with the
 same loop.
 
-Engine calls (all in this module): `mtkd_jax.steps` (`make_supervised_step`, and
-`stacked_step` for K teachers at once), `mtkd_jax.state` (`init_train_state`,
+Engine calls (all in this module): `mtkd_jax.training.steps` (`make_supervised_step`, and
+`stacked_step` for K teachers at once), `mtkd_jax.training.state` (`init_train_state`,
 `init_stacked_train_state`, `set_hyperparams`) and `mtkd_jax.teachers`
 (`make_stacked_apply`, `make_heterogeneous_apply`, `save_teachers`).
 """
@@ -23,7 +23,6 @@ import optax
 
 from mtkd_jax import data as data_lib
 from mtkd_jax import teachers as teachers_lib
-from mtkd_jax.checkpoint import params_fingerprint
 from mtkd_jax.experiment.context import (
     Context,
     accuracy_eval,
@@ -33,8 +32,9 @@ from mtkd_jax.experiment.context import (
     stacked_accuracy_eval,
     to_global,
 )
-from mtkd_jax.state import init_stacked_train_state, init_train_state, set_hyperparams
-from mtkd_jax.steps import make_supervised_step, stacked_step
+from mtkd_jax.training.checkpoint import params_fingerprint
+from mtkd_jax.training.state import init_stacked_train_state, init_train_state, set_hyperparams
+from mtkd_jax.training.steps import make_supervised_step, stacked_step
 
 __all__ = ["Teachers", "teacher_names", "train_teachers"]
 

@@ -9,10 +9,10 @@ import flax.linen as nn
 import jax
 from flax import nnx
 
+from mtkd_jax.core.precision import Policy
 from mtkd_jax.models.linen_adapter import linen_model
 from mtkd_jax.models.nnx_adapter import nnx_split
 from mtkd_jax.models.protocol import Model, function_model
-from mtkd_jax.precision import Policy
 
 __all__ = ["as_model", "eval_apply_of"]
 
@@ -27,7 +27,7 @@ def as_model(
         `nnx_split`); a Flax Linen module (`linen_model` with its defaults); or a plain
         `apply_fn(params, x) -> logits` (with `pass_key`, `apply_fn(params, x, key)`).
       pass_key: for a plain function: call it with the step's key.
-      policy: a mixed-precision policy (`mtkd_jax.precision`), or None to keep the model's.
+      policy: a mixed-precision policy (`mtkd_jax.core.precision`), or None to keep the model's.
 
     Example:
       >>> import jax.numpy as jnp

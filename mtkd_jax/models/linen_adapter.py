@@ -8,8 +8,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from mtkd_jax.core.precision import Policy, get_policy
 from mtkd_jax.models.protocol import Model, model_variables
-from mtkd_jax.precision import Policy, get_policy
 
 __all__ = ["linen_model", "linen_variables"]
 
@@ -47,7 +47,7 @@ def linen_model(
         ``training``, ``is_training`` (set to `train`) or ``deterministic`` (set to
         `not train`) in its signature; a name (set to `train`); or None (none passed).
       rng_streams: the RNG collections the module draws from in training.
-      policy: a mixed-precision policy (`mtkd_jax.precision`), or None.
+      policy: a mixed-precision policy (`mtkd_jax.core.precision`), or None.
 
     Returns:
       A `Model` with `init(key, example_x) -> (params, model_state)`, `model_state` the

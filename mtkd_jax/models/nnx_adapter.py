@@ -6,7 +6,7 @@ layout):
 
 * `params`: the `nnx.Param` state, the only part the optimizer differentiates;
 * `model_state`: every other variable except RNG state (`nnx.BatchStat` and any custom
-  `nnx.Variable`), carried in `mtkd_jax.state.TrainState.model_state` and checkpointed;
+  `nnx.Variable`), carried in `mtkd_jax.training.state.TrainState.model_state` and checkpointed;
 * RNG state (`nnx.RngKey`, `nnx.RngCount`) is not kept: at each training call every RNG
   stream of the module is reseeded from the step's key (stream tag i, in sorted order, gets
   `fold_in(key, i)`; `nnx.reseed`), so Dropout masks depend only on the run's key and
@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mtkd_jax.core.precision import Policy, get_policy
 from mtkd_jax.models.protocol import Model
-from mtkd_jax.precision import Policy, get_policy
 
 __all__ = ["nnx_split"]
 
@@ -88,7 +88,7 @@ def nnx_split(
         modules of one architecture, whose params and model states are stacked (leaves
         `[K, ...]`, e.g. teachers from different seeds).
       *states: with a GraphDef, the states `nnx.split` returned with it.
-      policy: a mixed-precision policy (`mtkd_jax.precision`), or None.
+      policy: a mixed-precision policy (`mtkd_jax.core.precision`), or None.
 
     Returns:
       `(model, params, model_state)`: `params` an `nnx.State` of the `nnx.Param`s (in the

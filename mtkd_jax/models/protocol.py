@@ -7,11 +7,11 @@ The protocol, written once (`Model.apply`)::
 `params` are what the optimizer differentiates; `model_state` is everything else the model
 carries from step to step (BatchNorm statistics; None for a plain function). In training
 (`train=True`) Dropout is on with masks drawn from `key` (the step's key, see
-`mtkd_jax.steps`) and BatchNorm uses and updates batch statistics; in evaluation
+`mtkd_jax.training.steps`) and BatchNorm uses and updates batch statistics; in evaluation
 (`train=False`) Dropout is off and BatchNorm uses its running statistics. A frozen teacher
 or an evaluated student runs as `Model.eval_apply(variables, x) -> logits`, the plain
 `apply_fn(params, x)` protocol with the model's **variables** `{"params", "model_state"}`
-(`model_variables`, `mtkd_jax.state.variables_of`) in place of params, so the stacking and
+(`model_variables`, `mtkd_jax.training.state.variables_of`) in place of params, so the stacking and
 inference machinery of `mtkd_jax.teachers` runs Models unchanged.
 
 Built by:
@@ -24,7 +24,7 @@ Built by:
 * `mtkd_jax.models.nnx_split(module)`: a Flax NNX module (see `nnx_adapter`).
 
 `as_model` also accepts a Linen or NNX module directly. Every Model may carry a mixed
-precision policy (`mtkd_jax.precision.Policy`).
+precision policy (`mtkd_jax.core.precision.Policy`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Any
 
 import jax
 
-from mtkd_jax.precision import Policy, get_policy
+from mtkd_jax.core.precision import Policy, get_policy
 
 __all__ = ["Model", "model_variables", "function_model"]
 
@@ -77,7 +77,7 @@ class Model:
       call: `call(params, model_state, x, *, train, key) -> (logits, model_state)` in the
         model's own dtypes (the policy is applied around it by `apply`).
       kind: ``"function"``, ``"linen"`` or ``"nnx"``.
-      policy: a `mtkd_jax.precision.Policy`, or None for no casts.
+      policy: a `mtkd_jax.core.precision.Policy`, or None for no casts.
       init: for Linen, `init(key, example_x) -> (params, model_state)`; else None.
       name: used in error messages.
     """

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mtkd_jax.teachers.stacking import unstack_params
+from mtkd_jax.models.stacking import unstack_params
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 

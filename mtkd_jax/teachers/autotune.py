@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtkd_jax import _checks
-from mtkd_jax.distributed import broadcast_from_main, process_local
+from mtkd_jax.core import checks as _checks
+from mtkd_jax.models.stacking import num_stacked
+from mtkd_jax.parallel import broadcast_from_main, process_local
 from mtkd_jax.teachers._runners import RUNNERS, ApplyFn
-from mtkd_jax.teachers.stacking import num_stacked
 
 __all__ = ["time_strategies", "choose_strategy"]
 
@@ -115,8 +115,8 @@ def choose_strategy(
     `example_x`, since the ranking can change with the batch size.
 
     In a multi-process run each process times on its own data (its first shard of a global
-    array, `mtkd_jax.distributed.process_local`) and process 0's choice is broadcast to all
-    (`mtkd_jax.distributed.broadcast_from_main`): they must compile the same program.
+    array, `mtkd_jax.parallel.process_local`) and process 0's choice is broadcast to all
+    (`mtkd_jax.parallel.broadcast_from_main`): they must compile the same program.
 
     Args:
       apply_fn: `(params, x) -> logits [B, C]` of one teacher.

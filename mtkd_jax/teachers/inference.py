@@ -18,8 +18,8 @@ BatchNorm running statistics, nothing updated) on its variables `{"params",
 "model_state"}` (`mtkd_jax.variables_of`, stacked like params).
 
 Teachers that fit only when sharded: the same `teacher_apply`, jitted over a 2-D mesh with
-the teachers' shardings as an argument, is `mtkd_jax.sharding.sharded_teacher_apply`
-(inside a train step: `mtkd_jax.sharding.sharded_step(..., teacher_shardings=...)`).
+the teachers' shardings as an argument, is `mtkd_jax.parallel.sharded_teacher_apply`
+(inside a train step: `mtkd_jax.parallel.sharded_step(..., teacher_shardings=...)`).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 
 from mtkd_jax.models.adapt import eval_apply_of
+from mtkd_jax.models.stacking import num_stacked
 from mtkd_jax.teachers._runners import RUNNERS, STRATEGIES, ApplyFn
 from mtkd_jax.teachers.autotune import choose_strategy
-from mtkd_jax.teachers.stacking import num_stacked
 
 __all__ = ["STRATEGIES", "make_stacked_apply", "make_heterogeneous_apply"]
 

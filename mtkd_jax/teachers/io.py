@@ -1,4 +1,5 @@
-"""Saving and loading teachers with orbax, identified by `mtkd_jax.checkpoint.params_fingerprint`.
+"""Saving and loading teachers with orbax, identified by their parameters' fingerprint
+(`mtkd_jax.training.checkpoint.params_fingerprint`).
 
 Stacked teachers (leaves `[K, ...]`) and tuples of heterogeneous teachers are written with
 a JSON record (kind, K, names, fingerprint, user meta); loading checks the arrays against
@@ -15,8 +16,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from mtkd_jax.checkpoint import params_fingerprint
-from mtkd_jax.teachers.stacking import num_stacked
+from mtkd_jax.models.stacking import num_stacked
+from mtkd_jax.training.checkpoint import params_fingerprint
 
 __all__ = ["save_teachers", "load_teachers"]
 
@@ -59,7 +60,7 @@ def save_teachers(
 
     Returns:
       The record stored next to the arrays: `{"format", "kind" ("stacked" or "tuple"),
-      "num_teachers", "names", "fingerprint" (`mtkd_jax.checkpoint.params_fingerprint` of
+      "num_teachers", "names", "fingerprint" (`mtkd_jax.training.checkpoint.params_fingerprint` of
       `params` with `names`), "meta"}`.
 
     Example:

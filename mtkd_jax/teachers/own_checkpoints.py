@@ -32,7 +32,7 @@ from etils import epath
 from flax import nnx
 
 from mtkd_jax.models.protocol import model_variables
-from mtkd_jax.teachers.stacking import stack_params
+from mtkd_jax.models.stacking import stack_params
 
 __all__ = ["load_orbax_teachers"]
 

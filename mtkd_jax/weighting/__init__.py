@@ -16,14 +16,14 @@ function's signature.
 
 Label-free routing (`mtkd_jax.weighting.routing`, `mtkd_jax.weighting.gate`): ``energy``,
 ``max_logit``, ``calibrated`` and ``gate`` weight each example by what the teachers can tell
-from the input alone (for teachers from different sources, `mtkd_jax.class_sets`);
+from the input alone (for teachers from different sources, `mtkd_jax.core.class_sets`);
 `fit_temperature` and `fit_gate` fit their hyperparameters.
 
 Scale conventions of other implementations (the formulas match; the scale does not):
 CA-MKD and big_vision **sum** per-teacher losses (K times a weighted mean: multiply the
 learning rate, or `1 - alpha`, by K to match); EBKD's entropy weights are not divided by
 K - 1 (a factor K - 1 on the soft loss); TextBrewer has no T^2 factor on its KL (divide the
-soft loss by T^2, see `mtkd_jax.losses.soft_kl`).
+soft loss by T^2, see `mtkd_jax.core.losses.soft_kl`).
 """
 
 from mtkd_jax.weighting.gate import fit_gate, gate, gate_features, gate_inputs
@@ -39,6 +39,7 @@ from mtkd_jax.weighting.strategies import (
     confidence,
     entropy,
     from_scores,
+    posterior,
     static,
     uniform,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "confidence",
     "entropy",
     "agreement",
+    "posterior",
     "energy",
     "max_logit",
     "calibrated",

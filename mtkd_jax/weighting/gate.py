@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mtkd_jax import _checks
-from mtkd_jax.class_sets import mask_unknown
+from mtkd_jax.core import checks as _checks
+from mtkd_jax.core.class_sets import mask_unknown
 from mtkd_jax.weighting.routing import _scaled_logits
 
 __all__ = ["gate", "gate_features", "gate_inputs", "fit_gate", "LOG_PROB_FLOOR"]

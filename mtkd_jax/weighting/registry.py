@@ -15,6 +15,7 @@ from mtkd_jax.weighting.strategies import (
     confidence,
     entropy,
     from_scores,
+    posterior,
     static,
     uniform,
 )
@@ -26,7 +27,7 @@ PROTOCOL_KEYWORDS = ("logits", "labels", "label_mask")
 
 WEIGHTINGS: dict[str, Callable[..., jax.Array]] = {
     fn.__name__: fn for fn in (uniform, static, from_scores, confidence, entropy, agreement,
-                               energy, max_logit, calibrated, gate)
+                               posterior, energy, max_logit, calibrated, gate)
 }
 """Name -> strategy `fn(probs, *, logits, labels, label_mask, **hyperparameters) -> [K, ...]`.
 

@@ -1,7 +1,7 @@
 r"""Label-free routing: per-example weights from what each teacher can tell from the input.
 
 When teachers come from different sources (different shards of the data, or different
-classes, `mtkd_jax.class_sets`), the right teacher for an input is the one whose training
+classes, `mtkd_jax.core.class_sets`), the right teacher for an input is the one whose training
 data looked like it. These strategies estimate that from each teacher's own logits, with no
 label, so they weight labeled and unlabeled (transfer-set) examples alike:
 
@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtkd_jax import _checks
-from mtkd_jax.class_sets import UNKNOWN_LOGIT, check_known
+from mtkd_jax.core import checks as _checks
+from mtkd_jax.core.class_sets import UNKNOWN_LOGIT, check_known
 
 __all__ = ["energy", "max_logit", "calibrated", "fit_temperature"]
 

@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtkd_jax import _checks
-from mtkd_jax.divergence import pairwise_divergence
+from mtkd_jax.core import checks as _checks
+from mtkd_jax.core.divergence import pairwise_divergence
 
-__all__ = ["uniform", "static", "from_scores", "confidence", "entropy", "agreement"]
+__all__ = ["uniform", "static", "from_scores", "confidence", "entropy", "agreement", "posterior"]
 
 
 def _per_teacher(w: jax.Array, probs: jax.Array) -> jax.Array:
@@ -25,7 +25,7 @@ def uniform(probs: jax.Array, *, logits=None, labels=None, label_mask=None) -> j
     """Equal weights `1/K` for every teacher and example (the plain mean target).
 
     Labels are not used. Bounds: exactly `1/K`; with teachers from different sources
-    (`mtkd_jax.class_sets`) this is the naive ensemble, blind to which teacher knows the input.
+    (`mtkd_jax.core.class_sets`) this is the naive ensemble, blind to which teacher knows the input.
 
     Args:
       probs: `[K, ..., C]` teacher probabilities (only the shape is used).
@@ -162,7 +162,7 @@ def confidence(
 
     Bound: no teacher ever gets more than :math:`1/(K-1)` (at K = 3, 0.5), however sure it is;
     a teacher that gives the label probability 0 (a class it does not know,
-    `mtkd_jax.class_sets`) gets weight 0 on a labeled example.
+    `mtkd_jax.core.class_sets`) gets weight 0 on a labeled example.
 
     Args:
       probs: `[K, ..., C]` teacher probabilities (only the shape is checked).
@@ -295,3 +295,70 @@ def agreement(
     mean_d = jnp.sum(d, axis=-1) / (k - 1)  # [..., K]
     w = jax.nn.softmax(-sharpness * mean_d, axis=-1)
     return jnp.moveaxis(w, -1, 0)
+
+
+def posterior(
+    probs: jax.Array,
+    *,
+    sharpness: float = 1.0,
+    logits: jax.Array | None = None,
+    labels=None,
+    label_mask=None,
+) -> jax.Array:
+    r"""Each teacher's posterior probability of having produced the label (a per-example router).
+
+    :math:`w_k = \mathrm{softmax}_k(s \cdot \log p_k(y))` with :math:`p_k` teacher k's
+    softmax of its raw logits (T = 1): with `sharpness` s = 1 this is Bayes' rule for "which
+    teacher generated y" under a uniform prior, the E-step of a mixture of experts (Jacobs et
+    al. 1991). Unlike ``confidence`` (bounded by 1/(K-1)) it routes: a teacher that gives the
+    label far more probability than the others gets a weight near 1. s = 0 gives uniform;
+    larger s routes harder. In language modelling the label of every token is known (the next
+    token), so this is the per-token router of the ``mtkd lm`` experiment.
+
+    Unlabeled examples (no `labels`, or `label_mask` 0) get uniform weights: no evidence.
+
+    Args:
+      probs: `[K, ..., C]` teacher probabilities (only the shape is checked).
+      sharpness: s >= 0.
+      logits: `[K, ..., C]` raw teacher logits (required).
+      labels: `[...]` integer labels in `[0, C)`.
+      label_mask: optional `[...]`, 1 where `labels` hold a label.
+
+    Returns:
+      `[K, ...]` per-example weights.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from mtkd_jax import weighting
+      >>> z = jnp.array([[[4.0, 0.0]], [[0.0, 0.0]]])   # teacher 0 is sure of class 0
+      >>> w = weighting.posterior(jax.nn.softmax(z), logits=z, labels=jnp.array([0]))
+      >>> [round(x, 3) for x in w[:, 0].tolist()]
+      [0.663, 0.337]
+    """
+    if logits is None:
+        raise ValueError(
+            "weighting 'posterior' needs `logits`, the raw teacher logits [K, ..., C]."
+        )
+    probs, logits = jnp.asarray(probs), jnp.asarray(logits)
+    k = _checks.check_teachers(logits, "logits")
+    if probs.shape != logits.shape:
+        raise ValueError(
+            f"`probs` {probs.shape} and `logits` {logits.shape} must have the same shape."
+        )
+    if not _checks.is_traced(sharpness) and not bool(np.all(np.asarray(sharpness) >= 0)):
+        raise ValueError(f"`sharpness` must be >= 0, got {sharpness}.")
+    if labels is None:
+        return jnp.full(logits.shape[:-1], 1.0 / k, dtype=probs.dtype)
+    _checks.check_labels(labels, "labels", logits.shape[1:-1])
+    y = jnp.asarray(labels)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    log_py = jnp.take_along_axis(logp, y[None, ..., None], axis=-1)[..., 0]  # [K, ...]
+    evidence = sharpness * log_py
+    if label_mask is not None:
+        if jnp.shape(label_mask) != jnp.shape(labels):
+            raise ValueError(
+                f"`label_mask` must have the shape of `labels` {jnp.shape(labels)}, got "
+                f"{jnp.shape(label_mask)}."
+            )
+        evidence = jnp.where(jnp.asarray(label_mask)[None] > 0, evidence, 0.0)
+    return jax.nn.softmax(evidence, axis=0).astype(probs.dtype)

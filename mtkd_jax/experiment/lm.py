@@ -1,0 +1,629 @@
+"""The language-model experiment (``mtkd lm``): domain-expert transformer teachers, one student.
+
+One teacher per text domain (`mtkd_jax.data.prepare_lm_data`: real text, a byte-level BPE
+tokenizer, packed rows), each a `mtkd_jax.models.transformer.Transformer` trained on its
+own domain only. The teachers are trained once and shared by every seed (seeds vary the
+student's initial weights and the order of its data). Per seed, a smaller transformer
+student is trained on the domains' mixture (the *transfer rows*: a seeded sample of the
+mixture's training rows, the same number of tokens for every row of the table):
+
+* ``alone``: next-token cross-entropy only;
+* ``best teacher``: distilled from the single teacher with the lowest mixture validation
+  perplexity;
+* ``K teachers: <weighting>``: distilled from all teachers, per-token weights from each
+  configured weighting (``uniform``, ``confidence``, ``entropy``, ``posterior``: the router);
+  all of them from the top-k teacher cache, and the router once more with online teachers
+  (``... (online)``).
+
+Test metrics per domain and on the mixture (per valid token): perplexity, bits per byte
+(the NLL in bits over the UTF-8 bytes the tokens stand for, comparable across tokenizers),
+token accuracy and agreement with the teacher ensemble. Reference rows: each teacher, their
+mean ensemble and the oracle-routed ensemble (each domain's text scored by its own teacher).
+Also the average per-token weight each weighting gives each teacher on each domain, the
+cache's bytes per token per teacher, wall / compile / per-stage times, learning curves, a
+per-domain bar plot and TensorBoard scalars. Every training checkpoints under the run
+folder and a rerun resumes it; finished rows are kept in ``rows/`` and not run again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from mtkd_jax.cache import build_cache, open_cache, with_cached_logits
+from mtkd_jax.data import LMData, PackedSplit, prepare_lm_data
+from mtkd_jax.data.packing import batches as packed_batches
+from mtkd_jax.experiment import report, summaries
+from mtkd_jax.experiment.progress import RunProgress, StageTimes, log
+from mtkd_jax.models.transformer import Transformer, preset
+from mtkd_jax.models.zoo.token import token_model_fns
+from mtkd_jax.training import fit as loop
+from mtkd_jax.training.evaluation import evaluate, make_eval_step
+from mtkd_jax.training.state import init_train_state
+from mtkd_jax.training.steps import make_distill_step, make_supervised_step
+from mtkd_jax.weighting import get_weighting
+
+__all__ = ["run_lm", "METRICS"]
+
+METRICS = ("perplexity", "bpb", "accuracy", "agreement")
+_MIX = "mixture"
+_LN2 = math.log(2.0)
+
+
+# ---------------------------------------------------------------------------- data
+def _model_batch(b: dict) -> dict:
+    """Packed rows -> the batch the steps take: the model reads tokens, segment ids and
+    positions (documents packed in a row do not see each other)."""
+    out = {"x": {"tokens": b["x"], "segment_ids": b["segment_ids"],
+                 "positions": b["positions"]},
+           "y": b["y"], "mask": b["mask"]}
+    if "index" in b:
+        out["index"] = b["index"]
+    return out
+
+
+def _rows(split: PackedSplit, idx: np.ndarray) -> PackedSplit:
+    """The rows `idx` of a split, in memory, with their token and byte counts."""
+    idx = np.sort(np.asarray(idx))
+    fields = {f.name: np.asarray(getattr(split, f.name)[idx])
+              for f in dataclasses.fields(PackedSplit)
+              if f.name not in ("num_tokens", "num_bytes", "num_docs")}
+    return PackedSplit(**fields, num_tokens=int(fields["mask"].sum()),
+                       num_bytes=int(fields["row_bytes"].sum()), num_docs=0)
+
+
+def _first_rows(split: PackedSplit, limit: int) -> PackedSplit:
+    return _rows(split, np.arange(min(len(split), limit)))
+
+
+def _transfer_rows(data: LMData, num_rows: int) -> tuple[PackedSplit, np.ndarray]:
+    """A fixed sample of `num_rows` mixture training rows (the same for every seed and row)
+    and each row's domain index."""
+    mixed, domain = data.mixture("train")
+    if num_rows > len(mixed):
+        raise ValueError(f"`student.transfer_rows` = {num_rows} is more than the "
+                         f"{len(mixed)} training rows of the mixture.")
+    idx = np.sort(np.random.default_rng(0).permutation(len(mixed))[:num_rows])
+    return _rows(mixed, idx), domain[idx]
+
+
+def _eval_batches(split: PackedSplit, batch_size: int):
+    return [_model_batch(b) for b in packed_batches(
+        split, batch_size=min(batch_size, len(split)), shuffle=False, drop_remainder=False)]
+
+
+# ---------------------------------------------------------------------------- models
+class _Models:
+    """Each transformer's pure functions and jitted steps, built once per run."""
+
+    def __init__(self, cfg, vocab_size: int):
+        self.cfg, self.vocab_size = cfg, vocab_size
+        self._cache: dict = {}
+
+    def config(self, which: str):
+        spec = self.cfg.teachers if which == "teacher" else self.cfg.student
+        return preset(spec.size, vocab_size=self.vocab_size, max_len=self.cfg.data.seq_len,
+                      **dict(spec.overrides))
+
+    def init(self, which: str, seed: int):
+        """(fns, params) of a fresh model; fns shared by every model of the same kind."""
+        fns, params = token_model_fns(Transformer(self.config(which), rngs=nnx.Rngs(seed)))
+        return self._cache.setdefault(("fns", which), fns), params
+
+    def cached(self, key, build: Callable):
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+
+def _optimizer(spec, total_steps: int):
+    """AdamW, linear warmup then cosine decay over the training."""
+    warmup = max(1, min(spec.warmup_steps, total_steps // 2))
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, spec.learning_rate, warmup, max(total_steps, warmup + 1))
+    return optax.chain(optax.clip_by_global_norm(1.0),
+                       optax.adamw(schedule, weight_decay=spec.weight_decay))
+
+
+# ---------------------------------------------------------------------------- training
+def _train(run, name: str, state, step, batches_fn, *, steps: int, steps_per_epoch: int,
+           eval_fn, seed: int):
+    """`mtkd_jax.training.fit.fit` for one model: checkpoints and TensorBoard under the run folder."""
+    cfg = run.cfg
+    epochs = max(1, math.ceil(steps / steps_per_epoch))
+    per_epoch = min(steps, steps_per_epoch)
+    total = epochs * per_epoch
+    slug = name.replace(" ", "_").replace(":", "").replace("(", "").replace(")", "")
+    writer = summaries.make_writer(os.path.join(run.out, "tensorboard", slug))
+    run.progress.start(name)
+    try:
+        result = loop.fit(
+            state, step, batches_fn, num_epochs=epochs, steps_per_epoch=per_epoch,
+            key=jax.random.key(seed), eval_fn=eval_fn,
+            eval_every=max(1, total // max(cfg.evals_per_training, 1)),
+            checkpoint_dir=(os.path.join(run.out, "checkpoints", slug)
+                            if cfg.checkpoints else None),
+            save_every=max(1, min(total, cfg.save_every)), best_metric="nll",
+            best_mode="min", progress=cfg.progress,
+            log_fn=summaries.log_fn(writer, every=cfg.log_every))
+    finally:
+        writer.close()
+    run.progress.finished()
+    if result.resumed_from is not None:
+        log(f"{name}: restored its checkpoint at update {result.resumed_from} of {total}")
+    curve = [(r["step"], float(r["nll"])) for r in result.history["eval"]]
+    return result.state, curve
+
+
+def _nll_eval(run, logits_fn: Callable, split: PackedSplit) -> Callable:
+    """`eval_fn(state)`: mean NLL per valid token of `split` (validation rows)."""
+    batches = _eval_batches(split, run.cfg.eval_batch_size)
+
+    @jax.jit
+    def sums(params, batch):
+        z = logits_fn(params, batch["x"])
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(z), batch["y"][..., None], -1)[..., 0]
+        return jnp.sum(nll * batch["mask"]), jnp.sum(batch["mask"])
+
+    def eval_fn(state):
+        total = [sums(state.params, b) for b in batches]
+        return {"nll": sum(float(a) for a, _ in total) / sum(float(n) for _, n in total)}
+
+    return eval_fn
+
+
+# ---------------------------------------------------------------------------- metrics
+def _with_bpb(m: dict, split: PackedSplit) -> dict:
+    out = {k: float(m[k]) for k in ("perplexity", "accuracy", "agreement", "nll") if k in m}
+    out["bpb"] = out["nll"] * split.num_tokens / (split.num_bytes * _LN2)
+    out["tokens"] = float(split.num_tokens)
+    out["bytes"] = float(split.num_bytes)
+    return out
+
+
+def _mixture(per_domain: dict[str, dict]) -> dict:
+    """Per-domain metrics -> the mixture's (token-weighted; bits over all bytes)."""
+    tokens = sum(m["tokens"] for m in per_domain.values())
+    nll = sum(m["nll"] * m["tokens"] for m in per_domain.values()) / tokens
+    out = {"nll": nll, "perplexity": math.exp(nll), "tokens": tokens,
+           "bytes": sum(m["bytes"] for m in per_domain.values())}
+    out["bpb"] = nll * tokens / (out["bytes"] * _LN2)
+    for k in ("accuracy", "agreement"):
+        if all(k in m for m in per_domain.values()):
+            out[k] = sum(m[k] * m["tokens"] for m in per_domain.values()) / tokens
+    return out
+
+
+def _flatten(row: dict[str, dict]) -> dict[str, float]:
+    """`{domain: {metric}}` -> `{metric: mixture value, "<domain>/<metric>": value}`."""
+    flat = {k: row[_MIX][k] for k in METRICS if k in row[_MIX]}
+    for d, m in row.items():
+        if d != _MIX:
+            flat.update({f"{d}/{k}": m[k] for k in METRICS if k in m})
+    return flat
+
+
+# ---------------------------------------------------------------------------- the run
+class _Run:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.out = os.path.abspath(cfg.output_dir)
+        os.makedirs(os.path.join(self.out, "rows"), exist_ok=True)
+        self.times = StageTimes()
+        self.progress = RunProgress(0, enabled=False)
+
+    def row_path(self, name: str) -> str:
+        return os.path.join(self.out, "rows", name.replace(" ", "_").replace(":", "")
+                            .replace("(", "").replace(")", "") + ".json")
+
+    def saved(self, name: str):
+        path = self.row_path(name)
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+        return None
+
+    def save(self, name: str, value) -> None:
+        tmp = self.row_path(name) + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(value, f)
+        os.replace(tmp, self.row_path(name))
+
+
+def _teachers(run, data: LMData, models: _Models):
+    """Train (or restore) one teacher per domain; returns (fns, params tuple, curves)."""
+    cfg = run.cfg
+    t = cfg.teachers
+    params, curves = [], {}
+    for k, domain in enumerate(data.domains):
+        fns, p = models.init("teacher", 10_000 + k)
+        tx = _optimizer(t, t.steps)
+        step = models.cached("teacher step", lambda fns=fns, tx=tx: jax.jit(
+            make_supervised_step(fns.logits, tx)))
+        train = data.packed[domain]["train"]
+        val = _first_rows(data.packed[domain]["validation"], cfg.val_rows)
+        spe = len(train) // t.batch_size
+        name = f"teacher {domain}"
+        state, curves[name] = _train(
+            run, name, init_train_state(p, tx), step,
+            lambda e, s, train=train: (_model_batch(b) for b in packed_batches(
+                train, batch_size=t.batch_size, seed=0, epoch=e, start=s)),
+            steps=t.steps, steps_per_epoch=spe,
+            eval_fn=_nll_eval(run, fns.logits, val), seed=k)
+        params.append(state.params)
+    return fns, tuple(params), curves
+
+
+def _stack_logits(fns) -> Callable:
+    return lambda tps, x: jnp.stack([fns.logits(p, x) for p in tps])  # [K, B, L, V]
+
+
+def _weights_per_domain(run, data, teacher_fn, t_params, tests) -> dict:
+    """The average per-token weight each weighting gives each teacher, on each domain's
+    test tokens: `{weighting: [[w per teacher] per domain]}`."""
+    cfg = run.cfg
+
+    def sums_for(name):
+        fn = get_weighting(name, **dict(cfg.weighting_kwargs.get(name, {})))
+
+        @jax.jit
+        def sums(tp, batch):
+            z = teacher_fn(tp, batch["x"])
+            w = fn(jax.nn.softmax(z / cfg.temperature), logits=z, labels=batch["y"],
+                   label_mask=batch["mask"])
+            return jnp.sum(w * batch["mask"], axis=(1, 2)), jnp.sum(batch["mask"])
+
+        return sums
+
+    out = {}
+    for name in cfg.weightings:
+        sums = sums_for(name)
+        rows = []
+        for d in data.domains:
+            parts = [sums(t_params, b) for b in tests[d]]
+            total = np.sum([np.asarray(a) for a, _ in parts], axis=0)
+            rows.append((total / sum(float(n) for _, n in parts)).tolist())
+        out[name] = rows
+    return out
+
+
+def _eval_student(run, ev, params, test_sets, caches) -> dict:
+    per = {}
+    for d, (split, batches) in test_sets.items():
+        stats = evaluate(ev, params, with_cached_logits(iter(batches), caches[d]))
+        per[d] = _with_bpb(stats["student"], split)
+    per[_MIX] = _mixture(per)
+    return per
+
+
+def run_lm(cfg) -> dict:
+    """Run the experiment of `cfg` (`experiments/configs/lm.py`); results.md, results.json,
+    PNG plots and TensorBoard events in `cfg.output_dir`.
+
+    Returns:
+      `{"table", "seeds", "teachers", "markdown", "seconds"}`.
+    """
+    start = time.perf_counter()
+    run = _Run(cfg)
+    d = cfg.data
+    with run.times.listening():
+        with run.times.stage("data"):
+            data = prepare_lm_data(tuple(d.domains), seq_len=d.seq_len, seed=0,
+                                   vocab_size=d.vocab_size,
+                                   max_documents=d.max_documents or None)
+        domains = data.domains
+        vocab = data.tokenizer.vocab_size
+        models = _Models(cfg, vocab)
+        k = len(domains)
+        multi = [f"{k} teachers: {w}" for w in cfg.weightings]
+        rows_per_seed = 1 + 1 + len(multi) + (1 if cfg.online_weighting else 0)
+        run.progress = RunProgress(k + cfg.seeds * rows_per_seed, enabled=cfg.progress)
+        log(f"{k} domains {list(domains)}, tokenizer V={vocab} "
+            f"({data.tokenizer.fingerprint[:12]}), rows of {d.seq_len} tokens; "
+            f"{k} teachers ({cfg.teachers.size}, {cfg.teachers.steps} updates each), "
+            f"student {cfg.student.size}, {cfg.seeds} seeds x {rows_per_seed} trainings")
+
+        with run.times.stage("teachers"):
+            t_fns, t_params, curves = _teachers(run, data, models)
+        teacher_fn = _stack_logits(t_fns)
+        run_teachers = jax.jit(teacher_fn)
+
+        # Test and validation rows (capped per domain, the same for every row of the table).
+        tests = {dm: _first_rows(data.packed[dm]["test"], cfg.test_rows) for dm in domains}
+        test_sets = {dm: (s, _eval_batches(s, cfg.eval_batch_size)) for dm, s in tests.items()}
+        val_mix = _rows(*(lambda m: (m[0], np.concatenate([
+            np.flatnonzero(m[1] == i)[:cfg.val_rows // k] for i in range(k)])))(
+                data.mixture("validation")))
+
+        with run.times.stage("teacher evaluation"):
+            ev_t = make_eval_step(None, teacher_fn)
+            teacher_rows = {}
+            per_domain = {}
+            for dm, (split, batches) in test_sets.items():
+                stats = evaluate(ev_t, None, batches, teacher_params=t_params,
+                                 teacher_names=[f"teacher {x}" for x in domains])
+                per_domain[dm] = {r: _with_bpb(m, split) for r, m in stats.items()}
+            for r in [f"teacher {x}" for x in domains] + ["ensemble"]:
+                teacher_rows[r] = {dm: per_domain[dm][r] for dm in domains}
+            teacher_rows["oracle-routed ensemble"] = {
+                dm: per_domain[dm][f"teacher {dm}"] for dm in domains}
+            for r in teacher_rows.values():
+                r[_MIX] = _mixture(r)
+            val_stats = evaluate(ev_t, None, _eval_batches(val_mix, cfg.eval_batch_size),
+                                 teacher_params=t_params)
+            best = int(np.argmin([val_stats[f"teacher_{i}"]["nll"] for i in range(k)]))
+            weights = _weights_per_domain(
+                run, data, teacher_fn, t_params, {dm: b for dm, (_, b) in test_sets.items()})
+
+        with run.times.stage("cache"):
+            transfer, _ = _transfer_rows(data, cfg.student.transfer_rows)
+            fp = data.tokenizer.fingerprint
+            caches = {}
+            for name, split in [("transfer", transfer), *tests.items()]:
+                path = os.path.join(run.out, "cache", name)
+                try:
+                    caches[name] = open_cache(path, expect_tokenizer=fp)
+                except (FileNotFoundError, ValueError):
+                    caches[name] = build_cache(
+                        path, run_teachers, t_params,
+                        (_model_batch(b) for b in packed_batches(
+                            split, batch_size=min(cfg.eval_batch_size, len(split)),
+                            shuffle=False, drop_remainder=False)),
+                        num_examples=len(split), top_k=cfg.cache_top_k, tokenizer=fp,
+                        overwrite=True, progress=False)
+            cache_bytes = caches["transfer"].bytes_per_example / (d.seq_len * k)
+
+        seed_rows, student_curves = [], {}
+        with run.times.stage("students"):
+            for seed in range(cfg.seeds):
+                rows = _one_seed(run, models, seed, transfer, val_mix, caches, test_sets,
+                                 teacher_fn, t_params, best, multi, student_curves)
+                seed_rows.append({r: _flatten(v) for r, v in rows.items()})
+    run.progress.close()
+    seconds = time.perf_counter() - start
+    return _report(run, cfg, data, seed_rows, teacher_rows, weights, best, cache_bytes,
+                   {**curves, **student_curves}, seconds)
+
+
+def _one_seed(run, models, seed, transfer, val_mix, caches, test_sets, teacher_fn,
+              t_params, best, multi, curves) -> dict:
+    cfg = run.cfg
+    s = cfg.student
+    fns, p0 = models.init("student", seed)
+    tx = _optimizer(s, s.steps)
+    spe = len(transfer) // s.batch_size
+    ev = models.cached("student eval", lambda: make_eval_step(fns.logits, None))
+    eval_fn = _nll_eval(run, fns.logits, val_mix)
+    k = len(t_params)
+    plan = [("alone", None, None), ("best teacher", "uniform", [best])]
+    plan += [(row, w, None) for row, w in zip(multi, cfg.weightings, strict=True)]
+    if cfg.online_weighting:
+        plan.append((f"{k} teachers: {cfg.online_weighting} (online)", cfg.online_weighting,
+                     "online"))
+    rows = {}
+    for row, weighting, which in plan:
+        name = f"seed {seed}: {row}"
+        saved = run.saved(name)
+        if saved is not None:
+            rows[row] = saved["metrics"]
+            curves[name] = saved["curve"]
+            run.progress.start(name)
+            run.progress.finished()
+            continue
+        kwargs = dict(cfg.weighting_kwargs.get(weighting, {})) if weighting else {}
+
+        def build(weighting=weighting, which=which, kwargs=kwargs):
+            if weighting is None:
+                return jax.jit(make_supervised_step(fns.logits, tx))
+            return jax.jit(make_distill_step(
+                fns.features, teacher_fn if which == "online" else None, tx,
+                student_head=fns.head, chunk_size=cfg.chunk_size,
+                temperature=cfg.temperature, alpha=cfg.alpha,
+                weighting=get_weighting(weighting, **kwargs)))
+
+        step = models.cached(("student step", row), build)
+        if which == "online":
+            train_step = lambda st, b, key, step=step: step(st, b, key, teacher_params=t_params)  # noqa: E731
+        else:
+            train_step = step
+
+        def batches_fn(e, start, which=which, weighting=weighting, seed=seed):
+            stream = (_model_batch(b) for b in packed_batches(
+                transfer, batch_size=s.batch_size, seed=seed, epoch=e, start=start))
+            if weighting is None or which == "online":
+                yield from stream
+                return
+            for b in with_cached_logits(stream, caches["transfer"]):
+                if which is not None:
+                    b["teacher_logits"] = b["teacher_logits"][np.asarray(which)]
+                yield b
+
+        state, curve = _train(run, name, init_train_state(p0, tx), train_step, batches_fn,
+                              steps=s.steps, steps_per_epoch=spe, eval_fn=eval_fn,
+                              seed=1000 + seed)
+        with run.times.stage("evaluation"):
+            metrics = _eval_student(run, ev, state.params, test_sets, caches)
+        rows[row] = metrics
+        curves[name] = curve
+        run.save(name, {"metrics": metrics, "curve": curve})
+    return rows
+
+
+# ---------------------------------------------------------------------------- report
+def _paired(seed_rows, row, base, metric="perplexity") -> tuple[float, float, int]:
+    ratios = [r[row][metric] / r[base][metric] for r in seed_rows]
+    return (float(np.mean(ratios)), float(np.std(ratios, ddof=1)) if len(ratios) > 1 else 0.0,
+            sum(x < 1 for x in ratios))
+
+
+def _report(run, cfg, data, seed_rows, teacher_rows, weights, best, cache_bytes, curves,
+            seconds) -> dict:
+    out = run.out
+    domains = data.domains
+    teacher_flat = {r: _flatten(v) for r, v in teacher_rows.items()}
+    table = report.aggregate([{**teacher_flat, **s} for s in seed_rows])
+    for rec in table:
+        rec["group"] = "teachers" if rec["row"] in teacher_flat else "students"
+        if rec["row"] in teacher_flat:
+            rec["n_seeds"] = 0  # trained once, shared by the seeds
+    cols = ["perplexity", "bpb", "accuracy", "agreement"]
+    dom_cols = [f"{dm}/perplexity" for dm in domains]
+
+    def cell(rec, m):
+        mean, std = rec.get(f"{m}_mean"), rec.get(f"{m}_std", 0.0)
+        if mean is None:
+            return ""
+        return f"{mean:.3f}" if rec["n_seeds"] == 0 else f"{mean:.3f} ± {std:.3f}"
+
+    head = ["row", *[f"mixture {c}" for c in cols], *dom_cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for rec in table:
+        lines.append("| " + " | ".join([rec["row"], *[cell(rec, c) for c in cols + dom_cols]])
+                     + " |")
+    k = len(domains)
+    checks = []
+    multi = [r for r in seed_rows[0] if r.startswith(f"{k} teachers")]
+    for row in multi:
+        mean, std, wins = _paired(seed_rows, row, "best teacher")
+        better_all = all(all(s[row][f"{dm}/perplexity"] < s["alone"][f"{dm}/perplexity"]
+                             for dm in domains) for s in seed_rows)
+        checks.append(f"- {row}: mixture perplexity {mean:.3f} ± {std:.3f} x the best single "
+                      f"teacher's student (lower on {wins}/{len(seed_rows)} seeds); below the "
+                      f"student alone on every domain and seed: {'yes' if better_all else 'no'}.")
+    router = f"{k} teachers: {cfg.online_weighting}" if cfg.online_weighting else None
+    if router in seed_rows[0] and f"{k} teachers: uniform" in seed_rows[0]:
+        mean, std, wins = _paired(seed_rows, router, f"{k} teachers: uniform")
+        checks.append(f"- {router} vs uniform: perplexity ratio {mean:.3f} ± {std:.3f} (lower "
+                      f"on {wins}/{len(seed_rows)} seeds).")
+    online = f"{router} (online)" if router else None
+    if online in seed_rows[0]:
+        mean, std, wins = _paired(seed_rows, router, online)
+        checks.append(f"- top-{cfg.cache_top_k} cache vs online ({cfg.online_weighting}): "
+                      f"perplexity ratio {mean:.4f} ± {std:.4f}.")
+    wlines = ["| weighting | " + " | ".join(f"teacher {x}" for x in domains) + " |",
+              "|" + "---|" * (k + 1)]
+    for name, per in weights.items():
+        for dm, w in zip(domains, per, strict=True):
+            wlines.append(f"| {name} on {dm} | " + " | ".join(f"{v:.3f}" for v in w) + " |")
+    pngs = [_plot_domains(table, domains, os.path.join(out, "domains.png")),
+            _plot_curves(curves, os.path.join(out, "learning_curves.png")),
+            _plot_weights(weights, domains, os.path.join(out, "weights.png"))]
+    summary = data.summary()
+    times = "; ".join(f"{s} {w:.0f} s" for s, w in run.times.wall.items())
+    md = "\n".join([
+        "# Language models on real text: domain teachers -> one student", "",
+        f"{k} domains ({', '.join(domains)}); byte-level BPE tokenizer, V = "
+        f"{data.tokenizer.vocab_size} (fingerprint {data.tokenizer.fingerprint[:12]}); rows "
+        f"of {cfg.data.seq_len} tokens. Teachers: `{cfg.teachers.size}` transformers, one per "
+        f"domain, {cfg.teachers.steps} updates of {cfg.teachers.batch_size} rows on their own "
+        f"domain, trained once and shared by the {cfg.seeds} seeds (seeds vary the student's "
+        f"initial weights and data order). Student: `{cfg.student.size}`, {cfg.student.steps} "
+        f"updates of {cfg.student.batch_size} rows of {cfg.student.transfer_rows} mixture "
+        f"training rows; KL at T = {cfg.temperature} mixed with CE (alpha {cfg.alpha}), chunked "
+        f"loss ({cfg.chunk_size} positions). Best single teacher (mixture validation "
+        f"perplexity): {domains[best]}. Test rows per domain: at most {cfg.test_rows}.", "",
+        "Training tokens per domain: " + ", ".join(
+            f"{dm} {summary[dm]['train']['tokens']:,}" for dm in domains) + ".", "",
+        "Test metrics per valid token; bpb = bits per UTF-8 byte. Mean ± std over seeds "
+        "(teacher rows: one run).", "",
+        *lines, "",
+        "Checks (paired over seeds):", "", *checks, "",
+        "Average per-token teacher weight by domain (test tokens):", "", *wlines, "",
+        f"Cache: top-{cfg.cache_top_k} log-probabilities, {cache_bytes:.0f} bytes per token "
+        f"per teacher (DistillKit: about 300 at top-128).", "",
+        f"Wall time {seconds:.0f} s ({times}; JAX compile {run.times.compile_seconds:.0f} s).",
+        "", "Plots: " + ", ".join(os.path.basename(p) for p in pngs), "",
+    ])
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(md)
+    result = {"table": table, "seeds": seed_rows, "teachers": teacher_flat, "weights": weights,
+              "best_teacher": domains[best], "cache_bytes_per_token_per_teacher": cache_bytes,
+              "seconds": seconds, "stage_seconds": run.times.wall,
+              "compile_seconds": run.times.compile_seconds}
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return {**result, "markdown": md}
+
+
+# ---------------------------------------------------------------------------- plots
+def _figure(width, height):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height))
+
+
+def _plot_domains(table, domains, path: str) -> str:
+    """Grouped bars: test perplexity per domain (and the mixture) for every row."""
+    fig = _figure(10, 0.45 * len(table) + 1.5)
+    ax = fig.add_subplot(1, 1, 1)
+    groups = [*domains, _MIX]
+    height = 0.8 / len(groups)
+    y = np.arange(len(table))[::-1]
+    for i, g in enumerate(groups):
+        key = "perplexity" if g == _MIX else f"{g}/perplexity"
+        ax.barh(y + (i - len(groups) / 2 + 0.5) * height,
+                [r.get(f"{key}_mean", np.nan) for r in table], height,
+                xerr=[r.get(f"{key}_std", 0.0) for r in table], label=g)
+    ax.set_yticks(y)
+    ax.set_yticklabels([r["row"] for r in table], fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("test perplexity per valid token (log scale; mean ± std over seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def _plot_curves(curves: dict, path: str) -> str:
+    """Validation perplexity against updates: every teacher and seed 0's students."""
+    fig = _figure(9, 5)
+    axes = [fig.add_subplot(1, 2, i + 1) for i in range(2)]
+    for name, curve in curves.items():
+        if not curve or not (name.startswith("teacher") or name.startswith("seed 0")):
+            continue
+        ax = axes[0] if name.startswith("teacher") else axes[1]
+        steps, nll = zip(*curve, strict=True)
+        ax.plot(steps, np.exp(nll), marker=".", label=name.replace("seed 0: ", ""))
+    for ax, title in zip(axes, ("teachers (own-domain validation)",
+                                "students, seed 0 (mixture validation)"), strict=True):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("update")
+        ax.set_ylabel("validation perplexity")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def _plot_weights(weights: dict, domains, path: str) -> str:
+    """One heat map per weighting: average weight of each teacher (columns) on each
+    domain's tokens (rows)."""
+    n = len(weights)
+    fig = _figure(3.2 * n, 3.2)
+    for i, (name, per) in enumerate(weights.items()):
+        ax = fig.add_subplot(1, n, i + 1)
+        w = np.asarray(per)
+        ax.imshow(w, vmin=0, vmax=1, cmap="viridis")
+        for r in range(w.shape[0]):
+            for c in range(w.shape[1]):
+                ax.text(c, r, f"{w[r, c]:.2f}", ha="center", va="center",
+                        color="white" if w[r, c] < 0.6 else "black", fontsize=8)
+        ax.set_title(name, fontsize=10)
+        ax.set_xticks(range(len(domains)))
+        ax.set_xticklabels([f"T {x}" for x in domains], rotation=30, fontsize=7)
+        ax.set_yticks(range(len(domains)))
+        ax.set_yticklabels(domains if i == 0 else [], fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path

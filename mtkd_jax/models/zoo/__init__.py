@@ -1,0 +1,1 @@
+"""Small XLA-friendly reference models (Linen and NNX) and their registry by name."""

@@ -1,0 +1,280 @@
+r"""The distillation loss of a batch as sums, whole or in chunks of the sequence.
+
+`distill_sums` is the whole way from student logits and teacher logits to what a step needs,
+as sums over the counted positions (examples, or the valid tokens of a sequence batch):
+targets (`targets.distill_targets`: softmax at T, per-position teacher weights, fused
+target), the two loss terms (`losses.distillation_sums`) and the metric sums (teacher
+weights, teacher divergence, agreement, accuracy). Sums add exactly across chunks and
+devices; `finish_distill` divides them by the global counts.
+
+`chunked_distill_sums` gives the same sums for a sequence batch without ever holding the
+`[B, L, V]` student logits or the `[K, B, L, V]` teacher probabilities: the model exposes
+features `[B, L, H]` and an output head (features -> logits), and the head, the targets and
+the loss run on `chunk_size` positions at a time inside a `jax.lax.scan` whose body is
+`jax.checkpoint`-ed, so the backward pass recomputes each chunk's logits instead of keeping
+them. Peak memory then grows with `B * chunk_size * V * K`, not with `L`; the gradients are
+those of the unchunked loss. Teachers run online are chunked alike (their features
+`[K, B, L, H_t]` and their head); precomputed teacher logits `[K, B, L, V]` are an input
+and are sliced, not copied.
+
+The per-position weightings of `mtkd_jax.weighting` see one position at a time, so chunking
+changes nothing in them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mtkd_jax.core import checks as _checks
+from mtkd_jax.core.class_sets import pairwise_divergence_known
+from mtkd_jax.core.divergence import pairwise_divergence
+from mtkd_jax.core.losses import LossParts, LossSums, distillation_sums, finish_loss
+from mtkd_jax.core.reduce import combine_masks, masked_sum, normalize
+from mtkd_jax.objective.targets import distill_targets
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "DistillSums", "distill_sums", "chunked_distill_sums",
+           "finish_distill"]
+
+DEFAULT_CHUNK_SIZE = 128
+"""Sequence positions per chunk. At K = 4, B = 8, L = 2048, V = 32k (float32) the compiled
+chunked step's temporary memory is ~0.19x the unchunked step's (`benchmarks/memory.py`);
+it grows linearly with the chunk."""
+
+
+class DistillSums(NamedTuple):
+    """Sums over this device's counted positions (see `finish_distill` for the means).
+
+    Attributes:
+      loss: `LossSums` (soft and hard terms and their counts).
+      weights: `[K]` summed per-position teacher weights.
+      divergence: `[K, K]` summed pairwise teacher divergence (zeros `[1, 1]` for K = 1).
+      agree: `[]` positions where the student argmax equals the fused target's.
+      correct: `[]` labeled positions the student predicts right (0 without labels).
+      finite: `[]` 1.0 when every counted teacher logit is finite.
+    """
+
+    loss: LossSums
+    weights: jax.Array
+    divergence: jax.Array
+    agree: jax.Array
+    correct: jax.Array
+    finite: jax.Array
+
+
+def _expand(m, ndim):
+    m = jnp.asarray(m)
+    return m.reshape(m.shape + (1,) * (ndim - m.ndim))
+
+
+def distill_sums(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    labels: jax.Array | None = None,
+    *,
+    mask: jax.Array | None = None,
+    label_mask: jax.Array | None = None,
+    temperature: float | jax.Array = 1.0,
+    weighting: str | Callable = "uniform",
+    soft_loss: str = "kl",
+    divergence_kind: str = "squared",
+    known=None,
+) -> DistillSums:
+    r"""Targets, loss terms and metric sums of one block of positions.
+
+    Args:
+      student_logits: `[B, C]` or `[B, L, V]`.
+      teacher_logits: `[K, B, C]` or `[K, B, L, V]`, frozen.
+      labels: optional `[B]` / `[B, L]` int labels.
+      mask: optional `[B, L]` padding mask (0 = padding: in no loss, weight or metric).
+      label_mask: optional `[B]` or `[B, L]`, 1 for labeled positions.
+      temperature, weighting, soft_loss, divergence_kind, known: as in
+        `make_distill_step` (`known` `[K, C]`: teachers with different class sets).
+
+    Returns:
+      `DistillSums`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtkd_jax.objective.loss import distill_sums, finish_distill
+      >>> s, z = jnp.zeros((1, 3, 4)), jnp.zeros((2, 1, 3, 4))
+      >>> parts, metrics = finish_distill(distill_sums(s, z, mask=jnp.array([[1, 1, 0]])))
+      >>> float(parts.loss), metrics["teacher_weights"].tolist()
+      (0.0, [0.5, 0.5])
+    """
+    teacher_logits = jax.lax.stop_gradient(teacher_logits)
+    if mask is None and jnp.ndim(student_logits) > 2:
+        mask = jnp.ones(jnp.shape(student_logits)[:-1], jnp.float32)  # every token counts
+    hard_mask = combine_masks(mask, label_mask)
+    dt = distill_targets(teacher_logits, labels, label_mask=hard_mask, temperature=temperature,
+                         weighting=weighting, known=known)
+    targets = jax.lax.stop_gradient(dt.targets)
+    if student_logits.shape[-1] != targets.shape[-1]:
+        raise ValueError(
+            f"the student predicts {student_logits.shape[-1]} classes but the teachers "
+            f"{targets.shape[-1]} (teacher logits {teacher_logits.shape}); they must share the "
+            "class count."
+        )
+    loss = distillation_sums(student_logits, targets, labels, temperature=temperature,
+                             soft_loss=soft_loss, label_mask=label_mask, mask=mask)
+    k = dt.probs.shape[0]
+    if k > 1 and known is not None:
+        div = masked_sum(pairwise_divergence_known(dt.probs, known, kind=divergence_kind), mask)
+    elif k > 1:
+        div = masked_sum(pairwise_divergence(dt.probs, kind=divergence_kind), mask)
+    else:
+        div = jnp.zeros((1, 1), dt.probs.dtype)
+    pred = jnp.argmax(student_logits, -1)
+    finite = jnp.isfinite(teacher_logits)
+    if known is not None:  # unknown classes may hold -inf by design
+        c = teacher_logits.shape[-1]
+        shape = (k,) + (1,) * (teacher_logits.ndim - 2) + (c,)
+        finite = finite | ~jnp.asarray(known, bool).reshape(shape)
+    if mask is not None:
+        finite = finite | (_expand(mask, finite.ndim - 1)[None] <= 0)
+    if labels is None:
+        correct = jnp.zeros((), loss.soft.dtype)
+    else:
+        correct = masked_sum(pred == labels, hard_mask)
+    return DistillSums(
+        loss=loss,
+        weights=masked_sum(jnp.moveaxis(dt.weights, 0, -1), mask),
+        divergence=div,
+        agree=masked_sum(pred == jnp.argmax(targets, -1), mask),
+        correct=correct,
+        finite=jnp.all(finite).astype(jnp.float32),
+    )
+
+
+def finish_distill(
+    sums: DistillSums, *, alpha: float | jax.Array = 0.0, axis_name: str | None = None
+) -> tuple[LossParts, dict[str, jax.Array]]:
+    """`DistillSums` -> (`LossParts`, metrics), means over the global batch's counted positions.
+
+    Metrics: ``teacher_weights`` `[K]`, ``teacher_divergence`` `[K, K]`, ``agreement``,
+    ``accuracy`` (with labels: `sums.loss.hard_count` > 0 or labels given), and
+    ``teacher_logits_finite``; with `axis_name` each is this device's share, to be pmean'd.
+    """
+    parts = finish_loss(sums.loss, alpha=alpha, axis_name=axis_name)
+    n, n_hard = sums.loss.soft_count, sums.loss.hard_count
+    if axis_name is not None:
+        n, n_hard = jax.lax.psum(n, axis_name), jax.lax.psum(n_hard, axis_name)
+    n, n_hard = jax.lax.stop_gradient(n), jax.lax.stop_gradient(n_hard)
+    metrics = {
+        "teacher_weights": normalize(sums.weights, n, axis_name=axis_name),
+        "teacher_divergence": normalize(sums.divergence, n, axis_name=axis_name),
+        "agreement": normalize(sums.agree, n, axis_name=axis_name),
+        "accuracy": normalize(sums.correct, n_hard, axis_name=axis_name),
+        "teacher_logits_finite": sums.finite,
+    }
+    return parts, metrics
+
+
+def _chunk(x, start, size, axis):
+    return jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+
+
+def chunked_distill_sums(
+    features: jax.Array,
+    student_head: Callable,
+    head_params,
+    teacher_inputs: jax.Array,
+    teacher_head: Callable | None = None,
+    teacher_params=None,
+    labels: jax.Array | None = None,
+    *,
+    mask: jax.Array | None = None,
+    label_mask: jax.Array | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    temperature: float | jax.Array = 1.0,
+    weighting: str | Callable = "uniform",
+    soft_loss: str = "kl",
+    divergence_kind: str = "squared",
+    known=None,
+) -> DistillSums:
+    r"""`distill_sums` of a sequence batch, computed `chunk_size` positions at a time.
+
+    Equal to `distill_sums(student_head(head_params, features), logits_t, ...)` with
+    `logits_t = teacher_head(teacher_params, teacher_inputs)` (or `teacher_inputs` itself when
+    `teacher_head` is None), in value and in gradient (to float rounding), with peak memory
+    set by the chunk. The last chunk, when `chunk_size` does not divide L, overlaps the one
+    before it and counts only its new positions.
+
+    Args:
+      features: `[B, L, H]` the student's features (differentiable).
+      student_head: `student_head(head_params, features [B, c, H]) -> [B, c, V]`.
+      head_params: what `student_head` takes (e.g. the whole student params).
+      teacher_inputs: `[K, B, L, V]` precomputed teacher logits, or `[K, B, L, H_t]` teacher
+        features when `teacher_head` is given.
+      teacher_head: optional `teacher_head(teacher_params, [K, B, c, H_t]) -> [K, B, c, V]`.
+      teacher_params: what `teacher_head` takes.
+      labels: optional `[B, L]`.
+      mask: optional `[B, L]` padding mask.
+      label_mask: optional `[B]` or `[B, L]`.
+      chunk_size: positions per chunk (static), >= 1; clipped to L.
+      temperature, weighting, soft_loss, divergence_kind, known: as in `distill_sums`.
+
+    Returns:
+      `DistillSums` (sums over all chunks).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from mtkd_jax.objective.loss import chunked_distill_sums, distill_sums
+      >>> f = jax.random.normal(jax.random.key(0), (2, 5, 3))
+      >>> w = jax.random.normal(jax.random.key(1), (3, 7))
+      >>> zt = jax.random.normal(jax.random.key(2), (2, 2, 5, 7))
+      >>> head = lambda w, f: f @ w
+      >>> a = chunked_distill_sums(f, head, w, zt, chunk_size=2).loss.soft
+      >>> b = distill_sums(head(w, f), zt).loss.soft
+      >>> bool(jnp.allclose(a, b, rtol=1e-5))
+      True
+    """
+    chunk_size = _checks.check_int(chunk_size, "chunk_size")
+    if jnp.ndim(features) != 3:
+        raise ValueError(
+            f"`features` must have shape [B, L, H] (a sequence batch), got {jnp.shape(features)}."
+        )
+    b, length = features.shape[:2]
+    if jnp.ndim(teacher_inputs) != 4 or tuple(teacher_inputs.shape[1:3]) != (b, length):
+        raise ValueError(
+            f"`teacher_inputs` must have shape [K, B, L, V] (or [K, B, L, H_t] with "
+            f"`teacher_head`) with [B, L]=({b}, {length}), got {jnp.shape(teacher_inputs)}."
+        )
+    teacher_inputs = jax.lax.stop_gradient(teacher_inputs)
+    size = min(chunk_size, length)
+    num = -(-length // size)
+    label_mask_per_token = label_mask is not None and jnp.ndim(label_mask) == 2
+
+    def one(head_params, features, teacher_inputs, teacher_params, labels, mask, label_mask, i):
+        start = jnp.minimum(i * size, length - size)
+        fresh = (start + jnp.arange(size)) >= i * size  # the overlap is counted once
+        m = jnp.broadcast_to(fresh, (b, size)).astype(jnp.float32)
+        if mask is not None:
+            m = m * _chunk(mask, start, size, 1).astype(jnp.float32)
+        lm = _chunk(label_mask, start, size, 1) if label_mask_per_token else label_mask
+        zt = _chunk(teacher_inputs, start, size, 2)
+        if teacher_head is not None:
+            zt = jax.lax.stop_gradient(teacher_head(teacher_params, zt))
+        logits = student_head(head_params, _chunk(features, start, size, 1))
+        y = None if labels is None else _chunk(labels, start, size, 1)
+        return distill_sums(logits, zt, y, mask=m, label_mask=lm, temperature=temperature,
+                            weighting=weighting, soft_loss=soft_loss,
+                            divergence_kind=divergence_kind, known=known)
+
+    one = jax.checkpoint(one)
+    args = (head_params, features, teacher_inputs, teacher_params, labels, mask, label_mask)
+    first = one(*args, 0)
+    if num == 1:
+        return first
+
+    def add(total, i):
+        s = one(*args, i)
+        out = jax.tree.map(jnp.add, total._replace(finite=jnp.zeros(())),
+                           s._replace(finite=jnp.zeros(())))
+        return out._replace(finite=jnp.minimum(total.finite, s.finite)), None
+
+    total, _ = jax.lax.scan(add, first, jnp.arange(1, num))
+    return total

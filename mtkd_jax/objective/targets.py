@@ -1,0 +1,238 @@
+"""Distillation targets from several teachers: fused, leave-one-out, and logit averaging.
+
+Which fusion each function does, since tools mix these silently:
+
+* `fuse_targets` averages **probabilities**: `t = sum_k w_k p_k` (this library's default; the
+  article's mean target).
+* `leave_one_out_targets` averages the probabilities of the **other** teachers, one target per
+  model (the article's codistillation target).
+* `fuse_logits` averages **raw logits** and then takes the softmax (TextBrewer's choice): a
+  different function, equal to the probability mean only when all teachers agree.
+
+A third way, the weighted mean of **per-teacher losses**, lives in `mtkd_jax.core.losses`
+(`per_teacher_soft_kl`).
+
+`distill_targets` is the whole way from teacher logits to what a student learns from:
+softmax at T, teacher weights (`mtkd_jax.weighting`), fused target. The steps call it, so
+precomputed teacher logits (a cache) give the same targets as teachers run online.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mtkd_jax.core import checks as _checks
+from mtkd_jax.core.class_sets import mask_unknown
+from mtkd_jax.core.divergence import softmax_t
+from mtkd_jax.core.precision import at_least_float32
+from mtkd_jax.weighting import get_weighting
+
+__all__ = [
+    "fuse_targets",
+    "leave_one_out_targets",
+    "fuse_logits",
+    "DistillTargets",
+    "distill_targets",
+]
+
+
+def _expand_weights(weights: jax.Array, probs: jax.Array) -> jax.Array:
+    """`[K]` or `[K, ...]` weights -> broadcastable against `[K, ..., C]`."""
+    w = jnp.asarray(weights, dtype=probs.dtype)
+    return w.reshape(w.shape + (1,) * (probs.ndim - w.ndim))
+
+
+def fuse_targets(probs: jax.Array, weights: jax.Array) -> jax.Array:
+    r"""Weighted mean of teacher probabilities: :math:`t = \sum_k w_k p_k`.
+
+    Args:
+      probs: `[K, ..., C]` teacher probabilities.
+      weights: `[K]` or `[K, ...]`, non-negative and summing to 1 over K (as returned by
+        `mtkd_jax.weighting`); they are used as given, not renormalised. Concrete weights
+        that are negative, NaN or do not sum to 1 are refused (ValueError); weights computed
+        inside `jax.jit` cannot be inspected and are the caller's responsibility.
+
+    Returns:
+      `[..., C]` fused target distribution.
+
+    Example (the article's worked example):
+      >>> import jax.numpy as jnp
+      >>> from mtkd_jax import fuse_targets
+      >>> p = jnp.array([[0.2, 0.3, 0.5], [0.1, 0.4, 0.5]])
+      >>> [round(x, 4) for x in fuse_targets(p, jnp.array([0.5, 0.5])).tolist()]
+      [0.15, 0.35, 0.5]
+    """
+    _checks.check_weight_values(weights, "weights")
+    probs, weights = jnp.asarray(probs), jnp.asarray(weights)
+    _checks.check_teachers(probs, "probs")
+    _checks.check_weights(weights, "weights", probs.shape, "probs")
+    return jnp.sum(_expand_weights(weights, probs) * probs, axis=0)
+
+
+def leave_one_out_targets(probs: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    r"""One target per teacher: the weighted mean of the **other** teachers.
+
+    Row k is :math:`\sum_{j \ne k} w_j p_j / \sum_{j \ne k} w_j`, uniform weights when
+    `weights` is None (the article's :math:`\frac{1}{N-1}\sum_{i \ne j} p_i`). Needs K >= 2.
+    If every other teacher has zero weight, row k falls back to their uniform mean.
+
+    Args:
+      probs: `[K, ..., C]` teacher probabilities.
+      weights: optional `[K]` or `[K, ...]` non-negative weights.
+
+    Returns:
+      `[K, ..., C]` leave-one-out targets.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtkd_jax import leave_one_out_targets
+      >>> p = jnp.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+      >>> leave_one_out_targets(p)
+      Array([[0.25, 0.75],
+             [0.75, 0.25],
+             [0.5 , 0.5 ]], dtype=float32)
+    """
+    probs = jnp.asarray(probs)
+    k = _checks.check_teachers(probs, "probs", min_teachers=2)
+    # Row k sums the other teachers directly, rather than subtracting teacher k's own term
+    # from the total: when one teacher holds nearly all the weight, total - own is a
+    # difference of nearly equal numbers and the ratio of two such differences can be far off
+    # (even outside [0, 1]). K is small, so the [K, K, ...] intermediate is cheap; an
+    # elementwise sum rather than a matmul keeps full float32 precision on every backend.
+    others = 1.0 - jnp.eye(k, dtype=probs.dtype)
+
+    def sum_others(x):  # [K, ..., 1 or C] -> same shape, row k = sum_{j != k} x_j
+        return jnp.sum(others.reshape((k, k) + (1,) * (x.ndim - 1)) * x[None], axis=1)
+
+    uniform = sum_others(probs) / (k - 1)
+    if weights is None:
+        return uniform
+    weights = jnp.asarray(weights)
+    _checks.check_weights(weights, "weights", probs.shape, "probs")
+    w = jnp.broadcast_to(_expand_weights(weights, probs), probs.shape[:-1] + (1,))
+    num, den = sum_others(w * probs), sum_others(w)
+    safe_den = jnp.where(den > 0, den, 1.0)
+    return jnp.where(den > 0, num / safe_den, uniform)
+
+
+def fuse_logits(
+    teacher_logits: jax.Array,
+    weights: jax.Array | None = None,
+    *,
+    temperature: float | jax.Array = 1.0,
+) -> jax.Array:
+    r"""Softmax of the weighted mean of raw logits: :math:`\mathrm{softmax}(\sum_k w_k z_k / T)`.
+
+    Offered for comparison with tools that fuse this way (e.g. TextBrewer); it is not the
+    mean of the teachers' probabilities, and it lets a teacher with large-magnitude logits
+    dominate.
+
+    Args:
+      teacher_logits: `[K, ..., C]`.
+      weights: optional `[K]` or `[K, ...]`, uniform when None.
+      temperature: T > 0.
+
+    Returns:
+      `[..., C]` target distribution.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtkd_jax.objective.targets import fuse_logits
+      >>> fuse_logits(jnp.array([[2.0, 0.0], [-2.0, 0.0]]))
+      Array([0.5, 0.5], dtype=float32)
+    """
+    teacher_logits = jnp.asarray(teacher_logits)
+    k = _checks.check_teachers(teacher_logits, "teacher_logits")
+    if weights is None:
+        weights = jnp.full((k,), 1.0 / k, dtype=teacher_logits.dtype)
+    weights = jnp.asarray(weights)
+    _checks.check_weights(weights, "weights", teacher_logits.shape, "teacher_logits")
+    mean = jnp.sum(_expand_weights(weights, teacher_logits) * teacher_logits, axis=0)
+    return softmax_t(mean, temperature=temperature)
+
+
+class DistillTargets(NamedTuple):
+    """What the teachers give the student for one batch.
+
+    Attributes:
+      targets: `[..., C]` fused target distribution (at the distillation temperature).
+      weights: `[K, ...]` per-example teacher weights, summing to 1 over K.
+      probs: `[K, ..., C]` teacher probabilities at the distillation temperature.
+    """
+
+    targets: jax.Array
+    weights: jax.Array
+    probs: jax.Array
+
+
+def distill_targets(
+    teacher_logits: jax.Array,
+    labels: jax.Array | None = None,
+    *,
+    label_mask: jax.Array | None = None,
+    temperature: float | jax.Array = 1.0,
+    weighting: str | Callable = "uniform",
+    known: jax.Array | None = None,
+) -> DistillTargets:
+    r"""Teacher logits -> fused target, per-example teacher weights, teacher probabilities.
+
+    :math:`p_k = \mathrm{softmax}(z_k / T)`,
+    :math:`w = \mathrm{weighting}(p, \text{logits}=z, \text{labels}=y, \text{label\_mask}=m)`
+    and :math:`t = \sum_k w_k p_k` (a mean of **probabilities**, see `fuse_targets`). What a
+    strategy does with unlabeled examples (`label_mask` 0, or no `labels`) is said in its
+    docstring (`mtkd_jax.weighting`).
+
+    Args:
+      teacher_logits: `[K, ..., C]` (`[K, B, C]` for classification).
+      labels: optional `[...]` int labels.
+      label_mask: optional `[...]`, 1 for labeled examples.
+      temperature: T > 0.
+      weighting: a name in `mtkd_jax.weighting.WEIGHTINGS` or a strategy function (see
+        `mtkd_jax.weighting.get_weighting` to bind hyperparameters).
+      known: optional `[K, C]` bool, the classes each teacher knows (teachers with
+        different class sets, `mtkd_jax.core.class_sets`): logits of unknown classes (which may
+        hold anything, -inf included) become `UNKNOWN_LOGIT`, so each teacher's
+        distribution is renormalised over its classes, the weighting sees the masked logits
+        and the target is :math:`t = \sum_k w_k \tilde p_k`. None (or a full mask): every
+        teacher knows every class, today's behaviour exactly.
+
+    Returns:
+      `DistillTargets(targets [..., C], weights [K, ...], probs [K, ..., C])`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtkd_jax.objective.targets import distill_targets
+      >>> z = jnp.log(jnp.array([[[0.2, 0.3, 0.5]], [[0.1, 0.4, 0.5]]]))   # [K=2, B=1, C=3]
+      >>> [round(v, 4) for v in distill_targets(z).targets[0].tolist()]
+      [0.15, 0.35, 0.5]
+    """
+    teacher_logits = jnp.asarray(teacher_logits)
+    _checks.check_teachers(teacher_logits, "teacher_logits")
+    teacher_logits = at_least_float32(teacher_logits)  # weights in float32 for bf16 teachers
+    if known is not None:
+        teacher_logits = mask_unknown(teacher_logits, known)
+    lead = teacher_logits.shape[1:-1]
+    if labels is not None:
+        _checks.check_labels(labels, "labels", lead)
+    if label_mask is not None and tuple(jnp.shape(label_mask)) != tuple(lead):
+        raise ValueError(
+            f"`label_mask` must have shape {tuple(lead)} (the batch dims of `teacher_logits` "
+            f"{teacher_logits.shape}), got {jnp.shape(label_mask)}."
+        )
+    fn = get_weighting(weighting)
+    probs = softmax_t(teacher_logits, temperature=temperature)
+    w = jnp.asarray(
+        fn(probs, logits=teacher_logits, labels=labels, label_mask=label_mask), probs.dtype
+    )
+    if w.shape == probs.shape[:1]:
+        w = jnp.broadcast_to(w.reshape(w.shape + (1,) * len(lead)), probs.shape[:-1])
+    if w.shape != probs.shape[:-1]:
+        raise ValueError(
+            f"the weighting returned shape {w.shape}; expected [K]={probs.shape[:1]} or "
+            f"[K, ...]={probs.shape[:-1]}."
+        )
+    return DistillTargets(fuse_targets(probs, w), w, probs)
