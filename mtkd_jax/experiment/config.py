@@ -181,8 +181,9 @@ def quick(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     learning rate and architecture each where the config lists them; as many as the class
     groups where it sets them), one teacher and codistillation epoch, 8 student updates,
     batches of 256, at most 128 transfer inputs, tiny `cnn1d`/`mlp` models, the squared and
-    JS divergences, 5 latency repeats, and the run folder ``<output_dir>_quick``. The numbers
-    of such a run mean nothing; it shows that every stage and output works.
+    JS divergences, 5 latency repeats, no stop for teachers at chance (`force`), and the run
+    folder ``<output_dir>_quick``. The numbers of such a run mean nothing; it shows that
+    every stage and output works.
 
     Example:
       >>> from mtkd_jax.experiment.config import default_config, quick
@@ -204,6 +205,7 @@ def quick(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 section.model_kwargs = ml_collections.ConfigDict(
                     _QUICK_MODEL_KWARGS[section.model])
     c.codistill.epochs = 1
+    c.force = True  # one epoch of tiny teachers can be at chance: a smoke run distils anyway
     c.transfer.size = min(c.transfer.size, 128)
     if c.analysis.divergence_kinds:
         c.analysis.divergence_kinds = ("squared", "js")

@@ -134,8 +134,9 @@ def prepare_run_dir(config) -> str:
     back from their checkpoints and unfinished ones continue. A different config (other than
     `progress`, `log_every`, `force` and the checkpoint intervals) in a folder that holds
     checkpoints or results is refused, so results never mix; a folder whose run failed
-    before saving anything is reused. The config written is the one the run uses, with the
-    fields left to the data filled in (`auto_settings`).
+    before saving anything is reused. `run` writes the config as given, with the fields left
+    to the data at 0 (`auto_settings` fills them in the same way on every rerun; results.md
+    says what they were).
 
     Returns:
       The absolute run folder path.
@@ -261,10 +262,11 @@ def _run(config, plan: RunPlan, times: StageTimes) -> ExperimentResult:
     with times.stage("data"):
         with _config_mistakes():
             dataset = _load(config, plan)
+            given = config  # config.json holds it as given: a rerun resolves it the same way
             config = auto_settings.settle(config, dataset)  # fields left to the data
             plan = validate_config(config, num_devices=jax.device_count())
             check_against_dataset(config, dataset)
-            run_dir = prepare_run_dir(config)
+            run_dir = prepare_run_dir(given)
         transfer_x = None
         if plan.transfer_size:
             t0 = time.perf_counter()
