@@ -13,6 +13,7 @@ import pytest
 
 import mtkd_jax as mk
 from mtkd_jax import weighting
+from mtkd_jax.training.batch import check_batch
 
 K, B, D, C = 3, 8, 4, 5
 KEY = jax.random.key(0)
@@ -208,7 +209,7 @@ def test_fit_without_num_classes_names_labels_out_of_range(rng):
     batch, tp, state = _problem(rng)
     batch["y"][3] = C
     step = mk.data_parallel_step(mk.make_distill_step(_linear, _teachers, TX, alpha=0.5),
-                                 mk.data_mesh())
+                                 mk.make_mesh())
     with pytest.raises(ValueError, match=r"labels outside \[0, C\).*step 0.*num_classes"):
         mk.fit(state, lambda s, b, k: step(s, b, k, teacher_params=tp),
                lambda e, s: [batch] * (3 - s), num_epochs=1, steps_per_epoch=3, key=KEY,
@@ -237,13 +238,13 @@ def test_a_sequence_mask_must_be_zero_or_one(rng):
     state = mk.init_train_state(jnp.zeros((D, C)), TX)
     match = r"`batch\['mask'\]` must hold 0 \(padding\) or 1 \(token\).*\[1.0, 2.0\]"
     with pytest.raises(ValueError, match=match):
-        mk.check_batch(batch)
+        check_batch(batch)
     with pytest.raises(ValueError, match=match):
         mk.make_supervised_step(_linear, TX)(state, batch, KEY)
-    step = mk.data_parallel_step(mk.make_supervised_step(_linear, TX), mk.data_mesh())
+    step = mk.data_parallel_step(mk.make_supervised_step(_linear, TX), mk.make_mesh())
     with pytest.raises(ValueError, match=match):
         step(state, {k: np.concatenate([v, v]) for k, v in batch.items()}, KEY)
-    mk.check_batch({**batch, "mask": batch["mask"] > 0})  # booleans are fine
+    check_batch({**batch, "mask": batch["mask"] > 0})  # booleans are fine
 
 
 def test_a_mask_of_the_wrong_length_is_blamed_not_the_labels(rng):

@@ -300,7 +300,7 @@ def test_forgotten_model_state_is_named(rng):
     step = jax.jit(mk.make_supervised_step(model, tx))
     with pytest.raises(ValueError, match=r"`model_state`.*init_train_state\(.*model_state="):
         step(mk.init_train_state(params, tx), _data(rng), KEY)
-    linen = mk.linen_model(mk.make_model("mlp", num_classes=C, features=(8,),
+    linen = mk.linen_model(mk.models.make_model("mlp", num_classes=C, features=(8,),
                                          batch_norm=True))
     lp, _ = linen.init(KEY, jnp.zeros((2, D)))
     lstep = jax.jit(mk.make_supervised_step(linen, tx))

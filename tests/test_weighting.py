@@ -609,7 +609,8 @@ def test_scale_conventions_of_the_anchors(rng):
     B x K (loss `per_teacher_soft_kl`/K, gradient the library's /K); EBKD's weights are not
     divided by K-1, the same reduction ((K-1)/K of the library's); big_vision sums the
     per-teacher batch means (K times the library's uniform)."""
-    from mtkd_jax.core.losses import mean_distillation_loss, per_teacher_soft_kl
+    from mtkd_jax.core.losses import per_teacher_soft_kl
+    from mtkd_jax.objective.loss import mean_distillation_loss
     from mtkd_jax.objective.targets import distill_targets
 
     k, b, c, t = 3, 6, 5, 4.0
