@@ -131,6 +131,21 @@ def from_scores(
     return _per_teacher(w, probs)
 
 
+def _needs_logits(probs, logits, name: str):
+    """(probs, logits, K) as arrays, for a strategy that needs the raw teacher logits."""
+    if logits is None:
+        raise ValueError(
+            f"weighting {name!r} needs `logits`, the raw teacher logits [K, ..., C]."
+        )
+    probs, logits = jnp.asarray(probs), jnp.asarray(logits)
+    k = _checks.check_teachers(logits, "logits")
+    if probs.shape != logits.shape:
+        raise ValueError(
+            f"`probs` {probs.shape} and `logits` {logits.shape} must have the same shape."
+        )
+    return probs, logits, k
+
+
 def _known_labels(logits, labels, label_mask):
     """True labels where known; the ensemble's argmax (mean of softmax(logits)) elsewhere."""
     ensemble = jnp.argmax(jnp.mean(jax.nn.softmax(logits, axis=-1), axis=0), axis=-1)
@@ -186,16 +201,7 @@ def confidence(
       >>> [round(x, 3) for x in w[:, 0].tolist()]
       [0.663, 0.337]
     """
-    if logits is None:
-        raise ValueError(
-            "weighting 'confidence' needs `logits`, the raw teacher logits [K, ..., C]."
-        )
-    probs, logits = jnp.asarray(probs), jnp.asarray(logits)
-    k = _checks.check_teachers(logits, "logits")
-    if probs.shape != logits.shape:
-        raise ValueError(
-            f"`probs` {probs.shape} and `logits` {logits.shape} must have the same shape."
-        )
+    probs, logits, k = _needs_logits(probs, logits, "confidence")
     y = _known_labels(logits, labels, label_mask)
     logp = jax.nn.log_softmax(logits, axis=-1)
     ce = -jnp.take_along_axis(logp, y[None, ..., None], axis=-1)[..., 0]
@@ -340,16 +346,7 @@ def posterior(
       >>> [round(x, 3) for x in w[:, 0].tolist()]
       [0.663, 0.337]
     """
-    if logits is None:
-        raise ValueError(
-            "weighting 'posterior' needs `logits`, the raw teacher logits [K, ..., C]."
-        )
-    probs, logits = jnp.asarray(probs), jnp.asarray(logits)
-    k = _checks.check_teachers(logits, "logits")
-    if probs.shape != logits.shape:
-        raise ValueError(
-            f"`probs` {probs.shape} and `logits` {logits.shape} must have the same shape."
-        )
+    probs, logits, k = _needs_logits(probs, logits, "posterior")
     if not _checks.is_traced(sharpness) and not bool(np.all(np.asarray(sharpness) >= 0)):
         raise ValueError(f"`sharpness` must be >= 0, got {sharpness}.")
     if labels is None:
