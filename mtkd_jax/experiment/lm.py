@@ -299,14 +299,22 @@ def _optimizer(spec, total_steps: int):
 
 
 # ---------------------------------------------------------------------------- training
+def _slug(name: str) -> str:
+    """A row or model name as a file name: `seed 0: 3 teachers: uniform` ->
+    `seed_0_3_teachers_uniform`."""
+    return name.replace(" ", "_").replace(":", "").replace("(", "").replace(")", "")
+
+
 def _train(run, name: str, state, step, batches_fn, *, steps: int, steps_per_epoch: int,
            eval_fn, seed: int):
     """`fit` for one model: checkpoints and TensorBoard under the run folder."""
     cfg = run.cfg
+    # Whole epochs of equal length, `steps` updates in all (up to epochs - 1 more): a split
+    # shorter than `steps` batches is seen several times, not rounded up to whole epochs.
     epochs = max(1, math.ceil(steps / steps_per_epoch))
-    per_epoch = min(steps, steps_per_epoch)
+    per_epoch = math.ceil(steps / epochs)
     total = epochs * per_epoch
-    slug = name.replace(" ", "_").replace(":", "").replace("(", "").replace(")", "")
+    slug = _slug(name)
     writer = summaries.make_writer(os.path.join(run.out, "tensorboard", slug))
     run.progress.start(name)
     try:
@@ -328,21 +336,11 @@ def _train(run, name: str, state, step, batches_fn, *, steps: int, steps_per_epo
     return result.state, curve
 
 
-def _nll_eval(run, logits_fn: Callable, split: PackedSplit) -> Callable:
-    """`eval_fn(state)`: mean NLL per valid token of `split` (validation rows)."""
+def _nll_eval(run, eval_step: Callable, split: PackedSplit) -> Callable:
+    """`eval_fn(state)`: mean NLL per valid token of `split` (validation rows), by the
+    library's eval step (`make_eval_step(logits_fn, None)`, built once per model kind)."""
     batches = _eval_batches(split, run.cfg.eval_batch_size)
-
-    @jax.jit
-    def sums(params, batch):
-        z = logits_fn(params, batch["x"])
-        nll = -jnp.take_along_axis(jax.nn.log_softmax(z), batch["y"][..., None], -1)[..., 0]
-        return jnp.sum(nll * batch["mask"]), jnp.sum(batch["mask"])
-
-    def eval_fn(state):
-        total = [sums(state.params, b) for b in batches]
-        return {"nll": sum(float(a) for a, _ in total) / sum(float(n) for _, n in total)}
-
-    return eval_fn
+    return lambda state: {"nll": evaluate(eval_step, state.params, batches)["student"]["nll"]}
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -386,8 +384,7 @@ class _Run:
         self.progress = RunProgress(0, enabled=False)
 
     def row_path(self, name: str) -> str:
-        return os.path.join(self.out, "rows", name.replace(" ", "_").replace(":", "")
-                            .replace("(", "").replace(")", "") + ".json")
+        return os.path.join(self.out, "rows", _slug(name) + ".json")
 
     def saved(self, name: str):
         path = self.row_path(name)
@@ -422,7 +419,8 @@ def _teachers(run, data: LMData, models: _Models):
             lambda e, s, train=train: (_model_batch(b) for b in packed_batches(
                 train, batch_size=t.batch_size, seed=0, epoch=e, start=s)),
             steps=t.steps, steps_per_epoch=spe,
-            eval_fn=_nll_eval(run, fns.logits, val), seed=k)
+            eval_fn=_nll_eval(run, models.cached("teacher eval", lambda fns=fns: make_eval_step(
+                fns.logits, None)), val), seed=k)
         params.append(state.params)
     return fns, tuple(params), curves
 
@@ -433,37 +431,34 @@ def _stack_logits(fns) -> Callable:
 
 def _weights_per_domain(run, data, teacher_fn, t_params, tests) -> dict:
     """The average per-token weight each weighting gives each teacher, on each domain's
-    test tokens: `{weighting: [[w per teacher] per domain]}`."""
+    test tokens: `{weighting: [[w per teacher] per domain]}` (the teachers run once per
+    batch for all weightings)."""
     cfg = run.cfg
+    fns = [_weighting(cfg, name) for name in cfg.weightings]
 
-    def sums_for(name):
-        fn = _weighting(cfg, name)
+    @jax.jit
+    def sums(tp, batch):
+        z = teacher_fn(tp, batch["x"])
+        p = jax.nn.softmax(z / cfg.temperature)
+        w = jnp.stack([fn(p, logits=z, labels=batch["y"], label_mask=batch["mask"])
+                       for fn in fns])  # [W, K, B, L]
+        return jnp.sum(w * batch["mask"], axis=(2, 3)), jnp.sum(batch["mask"])
 
-        @jax.jit
-        def sums(tp, batch):
-            z = teacher_fn(tp, batch["x"])
-            w = fn(jax.nn.softmax(z / cfg.temperature), logits=z, labels=batch["y"],
-                   label_mask=batch["mask"])
-            return jnp.sum(w * batch["mask"], axis=(1, 2)), jnp.sum(batch["mask"])
-
-        return sums
-
-    out = {}
-    for name in cfg.weightings:
-        sums = sums_for(name)
-        rows = []
-        for d in data.domains:
-            parts = [sums(t_params, b) for b in tests[d]]
-            total = np.sum([np.asarray(a) for a, _ in parts], axis=0)
-            rows.append((total / sum(float(n) for _, n in parts)).tolist())
-        out[name] = rows
-    return out
+    per_domain = []
+    for d in data.domains:
+        parts = [sums(t_params, b) for b in tests[d]]
+        total = np.sum([np.asarray(a) for a, _ in parts], axis=0)  # [W, K]
+        per_domain.append(total / sum(float(n) for _, n in parts))
+    return {name: [per_domain[i][j].tolist() for i in range(len(data.domains))]
+            for j, name in enumerate(cfg.weightings)}
 
 
-def _eval_student(run, ev, params, test_sets, caches) -> dict:
+def _eval_student(ev, params, test_sets, t_params) -> dict:
+    """Test metrics per domain and on the mixture; agreement with the teachers' ensemble run
+    online (cheaper than expanding a top-k cache of the test rows on the host)."""
     per = {}
     for d, (split, batches) in test_sets.items():
-        stats = evaluate(ev, params, with_cached_logits(iter(batches), caches[d]))
+        stats = evaluate(ev, params, batches, teacher_params=t_params)
         per[d] = _with_bpb(stats["student"], split)
     per[_MIX] = _mixture(per)
     return per
@@ -505,9 +500,9 @@ def run_lm(cfg) -> dict:
         # Test and validation rows (capped per domain, the same for every row of the table).
         tests = {dm: _first_rows(data.packed[dm]["test"], cfg.test_rows) for dm in domains}
         test_sets = {dm: (s, _eval_batches(s, cfg.eval_batch_size)) for dm, s in tests.items()}
-        val_mix = _rows(*(lambda m: (m[0], np.concatenate([
-            np.flatnonzero(m[1] == i)[:cfg.val_rows // k] for i in range(k)])))(
-                data.mixture("validation")))
+        mixed_val, val_domain = data.mixture("validation")
+        val_mix = _rows(mixed_val, np.concatenate(  # val_rows in all, as many per domain
+            [np.flatnonzero(val_domain == i)[:cfg.val_rows // k] for i in range(k)]))
 
         with run.times.stage("teacher evaluation"):
             ev_t = make_eval_step(None, teacher_fn)
@@ -532,26 +527,24 @@ def run_lm(cfg) -> dict:
         with run.times.stage("cache"):
             transfer, _ = _transfer_rows(data, cfg.student.transfer_rows)
             fp = data.tokenizer.fingerprint
-            caches = {}
-            for name, split in [("transfer", transfer), *tests.items()]:
-                path = os.path.join(run.out, "cache", name)
-                try:
-                    caches[name] = open_cache(path, expect_tokenizer=fp)
-                except (FileNotFoundError, ValueError):
-                    caches[name] = build_cache(
-                        path, run_teachers, t_params,
-                        (_model_batch(b) for b in packed_batches(
-                            split, batch_size=min(cfg.eval_batch_size, len(split)),
-                            shuffle=False, drop_remainder=False)),
-                        num_examples=len(split), top_k=cfg.cache_top_k, tokenizer=fp,
-                        overwrite=True, progress=False)
-            cache_bytes = caches["transfer"].bytes_per_example / (d.seq_len * k)
+            path = os.path.join(run.out, "cache", "transfer")
+            try:
+                cache = open_cache(path, expect_tokenizer=fp)
+            except (FileNotFoundError, ValueError):
+                cache = build_cache(
+                    path, run_teachers, t_params,
+                    (_model_batch(b) for b in packed_batches(
+                        transfer, batch_size=min(cfg.eval_batch_size, len(transfer)),
+                        shuffle=False, drop_remainder=False)),
+                    num_examples=len(transfer), top_k=cfg.cache_top_k, tokenizer=fp,
+                    overwrite=True, progress=False)
+            cache_bytes = cache.bytes_per_example / (d.seq_len * k)
 
         seed_rows, student_curves = [], {}
         try:
             with run.times.stage("students"):
                 for seed in range(cfg.seeds):
-                    rows = _one_seed(run, models, seed, transfer, val_mix, caches, test_sets,
+                    rows = _one_seed(run, models, seed, transfer, val_mix, cache, test_sets,
                                      teacher_fn, t_params, best, multi, student_curves)
                     seed_rows.append({r: _flatten(v) for r, v in rows.items()})
         except KeyboardInterrupt:
@@ -572,15 +565,16 @@ def run_lm(cfg) -> dict:
                    {**curves, **student_curves}, seconds)
 
 
-def _one_seed(run, models, seed, transfer, val_mix, caches, test_sets, teacher_fn,
+def _one_seed(run, models, seed, transfer, val_mix, cache, test_sets, teacher_fn,
               t_params, best, multi, curves) -> dict:
     cfg = run.cfg
     s = cfg.student
     fns, p0 = models.init("student", seed)
     tx = _optimizer(s, s.steps)
     spe = len(transfer) // s.batch_size
-    ev = models.cached("student eval", lambda: make_eval_step(fns.logits, None))
-    eval_fn = _nll_eval(run, fns.logits, val_mix)
+    eval_fn = _nll_eval(run, models.cached("student eval", lambda: make_eval_step(
+        fns.logits, None)), val_mix)
+    ev_test = models.cached("student test", lambda: make_eval_step(fns.logits, teacher_fn))
     k = len(t_params)
     plan = [("alone", None, None), ("best teacher", "uniform", [best])]
     plan += [(row, w, None) for row, w in zip(multi, cfg.weightings, strict=True)]
@@ -618,7 +612,7 @@ def _one_seed(run, models, seed, transfer, val_mix, caches, test_sets, teacher_f
             if weighting is None or which == "online":
                 yield from stream
                 return
-            for b in with_cached_logits(stream, caches["transfer"]):
+            for b in with_cached_logits(stream, cache):
                 if which is not None:
                     b["teacher_logits"] = b["teacher_logits"][np.asarray(which)]
                 yield b
@@ -627,7 +621,7 @@ def _one_seed(run, models, seed, transfer, val_mix, caches, test_sets, teacher_f
                               steps=s.steps, steps_per_epoch=spe, eval_fn=eval_fn,
                               seed=1000 + seed)
         with run.times.stage("evaluation"):
-            metrics = _eval_student(run, ev, state.params, test_sets, caches)
+            metrics = _eval_student(ev_test, state.params, test_sets, t_params)
         rows[row] = metrics
         curves[name] = curve
         run.save(name, {"metrics": metrics, "curve": curve})
