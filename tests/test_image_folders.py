@@ -246,6 +246,7 @@ def test_mtkd_run_on_the_mnist_png_folder_with_no_other_setting(tmp_path):
     assert max(gains.values()) > 0, gains
 
 
+@pytest.mark.slow  # ~60 s: a whole mtkd run; the tiny MNIST folder run is the default one
 def test_the_small_rgb_folder_learns_or_stops_clearly(tmp_path):
     root = write_shapes_folder(tmp_path / "shapes")
     out = tmp_path / "run"
@@ -304,6 +305,7 @@ def test_ctrl_c_mid_training_resumes_from_the_last_checkpoint(tmp_path):
     assert {r["row"]: r["accuracy"] for r in _rows(out)} == first
 
 
+@pytest.mark.slow  # ~30 s: two mtkd runs; the check itself is tested above, without a run
 def test_teachers_at_chance_stop_mtkd_run_in_one_line(mnist_tiny, tmp_path):
     out = tmp_path / "run"
     args = [f"--config.dataset=folder:{mnist_tiny}", "--config.image_size=28,28",
