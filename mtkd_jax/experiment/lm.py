@@ -28,6 +28,7 @@ folder and a rerun resumes it; finished rows are kept in ``rows/`` and not run a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -47,8 +48,10 @@ from mtkd_jax.data.packing import batches as packed_batches
 from mtkd_jax.experiment import report, summaries
 from mtkd_jax.experiment.config import ConfigError
 from mtkd_jax.experiment.progress import RunProgress, StageTimes, log
+from mtkd_jax.metrics import compute_token_metrics, merge_stats, token_stats
 from mtkd_jax.models.transformer import PRESETS, Transformer, preset
 from mtkd_jax.models.zoo.token import token_model_fns
+from mtkd_jax.objective.targets import fuse_targets
 from mtkd_jax.training import fit as loop
 from mtkd_jax.training.evaluation import evaluate, make_eval_step
 from mtkd_jax.training.state import init_train_state
@@ -429,37 +432,55 @@ def _stack_logits(fns) -> Callable:
     return lambda tps, x: jnp.stack([fns.logits(p, x) for p in tps])  # [K, B, L, V]
 
 
-def _weights_per_domain(run, data, teacher_fn, t_params, tests) -> dict:
-    """The average per-token weight each weighting gives each teacher, on each domain's
-    test tokens: `{weighting: [[w per teacher] per domain]}` (the teachers run once per
-    batch for all weightings)."""
+def _teacher_pass(run, data, teacher_fn, t_params, tests) -> dict:
+    """One pass of the teachers over each domain's test batches. Returns the average per-token
+    weight each weighting gives each teacher, `{weighting: [[w per teacher] per domain]}`, and
+    stores the ensemble's predicted token (argmax of the mean teacher probabilities at T = 1,
+    the ensemble of `make_eval_step`) in each test batch as ``"ensemble_pred"`` `[B, L]`, so
+    the student rows measure their agreement without running the teachers again."""
     cfg = run.cfg
     fns = [_weighting(cfg, name) for name in cfg.weightings]
 
     @jax.jit
-    def sums(tp, batch):
-        z = teacher_fn(tp, batch["x"])
+    def one(tp, batch):
+        z = teacher_fn(tp, batch["x"])  # [K, B, L, V]
         p = jax.nn.softmax(z / cfg.temperature)
         w = jnp.stack([fn(p, logits=z, labels=batch["y"], label_mask=batch["mask"])
                        for fn in fns])  # [W, K, B, L]
-        return jnp.sum(w * batch["mask"], axis=(2, 3)), jnp.sum(batch["mask"])
+        k = z.shape[0]
+        ens = fuse_targets(jax.nn.softmax(z.astype(jnp.float32)), jnp.full((k,), 1.0 / k))
+        return (jnp.sum(w * batch["mask"], axis=(2, 3)), jnp.sum(batch["mask"]),
+                jnp.argmax(ens, axis=-1).astype(jnp.int32))
 
     per_domain = []
     for d in data.domains:
-        parts = [sums(t_params, b) for b in tests[d]]
+        parts = []
+        for b in tests[d]:
+            w_sum, n, pred = one(t_params, {k: v for k, v in b.items() if k != "ensemble_pred"})
+            b["ensemble_pred"] = np.asarray(pred)
+            parts.append((w_sum, n))
         total = np.sum([np.asarray(a) for a, _ in parts], axis=0)  # [W, K]
         per_domain.append(total / sum(float(n) for _, n in parts))
     return {name: [per_domain[i][j].tolist() for i in range(len(data.domains))]
             for j, name in enumerate(cfg.weightings)}
 
 
-def _eval_student(ev, params, test_sets, t_params) -> dict:
-    """Test metrics per domain and on the mixture; agreement with the teachers' ensemble run
-    online (cheaper than expanding a top-k cache of the test rows on the host)."""
+def _student_test_step(logits_fn: Callable, vocab_size: int) -> Callable:
+    """Jitted `(params, batch) -> TokenStats` of a student on a test batch, agreement measured
+    against the ensemble's predictions stored in the batch by `_teacher_pass`."""
+    def step(params, batch):
+        z = logits_fn(params, batch["x"])
+        ref = jax.nn.one_hot(batch["ensemble_pred"], vocab_size, dtype=jnp.float32)
+        return token_stats(z, batch["y"], reference_probs=ref, mask=batch["mask"])
+    return jax.jit(step)
+
+
+def _eval_student(step, params, test_sets) -> dict:
+    """Test metrics per domain and on the mixture."""
     per = {}
     for d, (split, batches) in test_sets.items():
-        stats = evaluate(ev, params, batches, teacher_params=t_params)
-        per[d] = _with_bpb(stats["student"], split)
+        total = functools.reduce(merge_stats, (step(params, b) for b in batches))
+        per[d] = _with_bpb(compute_token_metrics(total), split)
     per[_MIX] = _mixture(per)
     return per
 
@@ -521,7 +542,7 @@ def run_lm(cfg) -> dict:
             val_stats = evaluate(ev_t, None, _eval_batches(val_mix, cfg.eval_batch_size),
                                  teacher_params=t_params)
             best = int(np.argmin([val_stats[f"teacher_{i}"]["nll"] for i in range(k)]))
-            weights = _weights_per_domain(
+            weights = _teacher_pass(
                 run, data, teacher_fn, t_params, {dm: b for dm, (_, b) in test_sets.items()})
 
         with run.times.stage("cache"):
@@ -574,7 +595,8 @@ def _one_seed(run, models, seed, transfer, val_mix, cache, test_sets, teacher_fn
     spe = len(transfer) // s.batch_size
     eval_fn = _nll_eval(run, models.cached("student eval", lambda: make_eval_step(
         fns.logits, None)), val_mix)
-    ev_test = models.cached("student test", lambda: make_eval_step(fns.logits, teacher_fn))
+    ev_test = models.cached("student test", lambda: _student_test_step(fns.logits,
+                                                                      models.vocab_size))
     k = len(t_params)
     plan = [("alone", None, None), ("best teacher", "uniform", [best])]
     plan += [(row, w, None) for row, w in zip(multi, cfg.weightings, strict=True)]
@@ -621,7 +643,7 @@ def _one_seed(run, models, seed, transfer, val_mix, cache, test_sets, teacher_fn
                               steps=s.steps, steps_per_epoch=spe, eval_fn=eval_fn,
                               seed=1000 + seed)
         with run.times.stage("evaluation"):
-            metrics = _eval_student(ev_test, state.params, test_sets, t_params)
+            metrics = _eval_student(ev_test, state.params, test_sets)
         rows[row] = metrics
         curves[name] = curve
         run.save(name, {"metrics": metrics, "curve": curve})
