@@ -84,3 +84,63 @@ def test_token_model_is_causal():
     a, b = fns.logits(params, x), fns.logits(params, x2)
     np.testing.assert_allclose(a[:, :5], b[:, :5], rtol=1e-6, atol=1e-6)
     assert not np.allclose(a[:, 5:], b[:, 5:])
+
+
+def test_top_k_keeps_the_label_with_its_exact_log_probability(rng):
+    from mtkd_jax.cache import top_k_of_logits
+    from tests.helpers import np_log_softmax
+
+    k, c = 3, 9
+    z = rng.normal(size=(2, 4, 5, c)) * 2  # [K, B, L, C]
+    y = rng.integers(0, c, size=(4, 5))
+    top = top_k_of_logits(jnp.asarray(z, jnp.float32), top_k=k, keep=jnp.asarray(y))
+    logp = np_log_softmax(z.astype(np.float64))
+    order = np.argsort(-logp, axis=-1)
+    for idx in np.ndindex(*z.shape[:-1]):
+        label = y[idx[1:]]
+        want = list(order[idx][:k])
+        if label not in want:
+            want[-1] = label
+        got = top.classes[idx].tolist()
+        assert got == want
+        np.testing.assert_allclose(top.log_probs[idx], logp[idx][want], atol=1e-5)
+        rest = 1 - np.exp(logp[idx][want]).sum()
+        np.testing.assert_allclose(np.exp(top.log_rest[idx]), rest, atol=1e-5)
+    # Without `keep`: the plain top-k.
+    plain = top_k_of_logits(jnp.asarray(z, jnp.float32), top_k=k)
+    assert np.array_equal(plain.classes, order[..., :k])
+    with pytest.raises(ValueError, match="keep"):
+        top_k_of_logits(jnp.asarray(z, jnp.float32), top_k=k, keep=jnp.zeros((3,), jnp.int32))
+    with pytest.raises(TypeError, match="keep"):
+        top_k_of_logits(jnp.asarray(z, jnp.float32), top_k=k, keep=jnp.zeros((4, 5)))
+
+
+def test_cache_with_labels_gives_the_online_posterior_weights(tmp_path, data, rng):
+    from mtkd_jax.weighting import get_weighting
+
+    source, split = data
+    tp = jnp.asarray(rng.normal(size=(3, V, V)) * 3, jnp.float32)
+    batches = list(text.batches(split, batch_size=4, drop_remainder=False))
+    kwargs = dict(num_examples=len(split), top_k=2, dtype=np.float32, progress=False)
+    with_y = build_cache(tmp_path / "y", _teachers, tp, batches, keep_labels=True, **kwargs)
+    plain = build_cache(tmp_path / "plain", _teachers, tp, batches, **kwargs)
+    posterior = get_weighting("posterior")
+    errors = {}
+    for name, cache in (("labels", with_y), ("plain", plain)):
+        worst = 0.0
+        for b in with_cached_logits(batches, cache):
+            z_online = _teachers(tp, jnp.asarray(b["x"]))
+            y, m = jnp.asarray(b["y"]), jnp.asarray(b["mask"])
+            w_online = posterior(jax.nn.softmax(z_online), logits=z_online, labels=y,
+                                 label_mask=m)
+            z = jnp.asarray(b["teacher_logits"])
+            w = posterior(jax.nn.softmax(z), logits=z, labels=y, label_mask=m)
+            worst = max(worst, float(jnp.max(jnp.abs(w - w_online) * m)))
+        errors[name] = worst
+    assert errors["labels"] < 1e-5 < 0.05 < errors["plain"]
+    with pytest.raises(ValueError, match="top_k"):
+        build_cache(tmp_path / "z", _teachers, tp, batches, keep_labels=True,
+                    num_examples=len(split), progress=False)
+    with pytest.raises(ValueError, match="batch\\['y'\\]"):
+        build_cache(tmp_path / "z", _teachers, tp, [{k: v for k, v in b.items() if k != "y"}
+                    for b in batches], keep_labels=True, **kwargs)

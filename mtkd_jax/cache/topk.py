@@ -112,7 +112,7 @@ def check_top_k(top_k, num_classes: int) -> None:
 # Logits -> top-k entries
 
 
-def top_k_of_logits(logits: jax.Array, *, top_k: int) -> TopK:
+def top_k_of_logits(logits: jax.Array, *, top_k: int, keep: jax.Array | None = None) -> TopK:
     r"""Logits `[..., C]` -> their top-k entry (`TopK` of float32/int32 arrays), jit-safe.
 
     What `build_cache(top_k=k)` stores, before the cast to the storage dtype.
@@ -120,12 +120,19 @@ def top_k_of_logits(logits: jax.Array, *, top_k: int) -> TopK:
     Args:
       logits: `[..., C]` logits at T = 1 (any float dtype; computed in float32).
       top_k: k in [1, C].
+      keep: optional integer class `[...]` (broadcast against `logits.shape[:-1]`, e.g. the
+        label `[B, L]` for teacher logits `[K, B, L, V]`) that the entry must hold: where it
+        is not among the k largest, it takes the k-th (smallest) slot. The entry then holds
+        the label's exact log-probability, so weightings that read it (``confidence``,
+        ``posterior``) see from the cache what they see online. Values outside `[0, C)`
+        (padding) are clipped into it.
 
     Returns:
       `TopK(log_probs [..., k], classes [..., k], log_rest [...])`: the k largest
-      `log_softmax(logits)` in descending order, their classes, and
-      :math:`\log(1 - \sum_{top k} p)` floored at `TOP_K_FILL` (computed from the logits
-      outside the top-k, not as 1 - sum, so it has no cancellation when tiny).
+      `log_softmax(logits)` in descending order (the last slot may instead hold `keep`),
+      their classes, and :math:`\log(1 - \sum_{stored} p)` floored at `TOP_K_FILL`
+      (computed from the logits outside the entry, not as 1 - sum, so it has no
+      cancellation when tiny).
 
     Example:
       >>> import jax.numpy as jnp
@@ -141,7 +148,21 @@ def top_k_of_logits(logits: jax.Array, *, top_k: int) -> TopK:
         raise ValueError(f"`logits` must be [..., C], got shape {jnp.shape(logits)}.")
     check_top_k(top_k, jnp.shape(logits)[-1])
     z = jnp.asarray(logits).astype(jnp.float32)
-    log_probs, classes = jax.lax.top_k(jax.nn.log_softmax(z, axis=-1), top_k)
+    logp = jax.nn.log_softmax(z, axis=-1)
+    log_probs, classes = jax.lax.top_k(logp, top_k)
+    if keep is not None:
+        if not jnp.issubdtype(jnp.result_type(keep), jnp.integer):
+            raise TypeError(f"`keep` must hold integer classes, got {jnp.result_type(keep)}.")
+        try:
+            keep = jnp.broadcast_to(jnp.asarray(keep), log_probs.shape[:-1])
+        except ValueError as error:
+            raise ValueError(f"`keep` of shape {jnp.shape(keep)} does not broadcast to the "
+                             f"logits' batch shape {log_probs.shape[:-1]}.") from error
+        keep = jnp.clip(keep, 0, z.shape[-1] - 1).astype(classes.dtype)
+        held = jnp.any(classes == keep[..., None], axis=-1)
+        kept_lp = jnp.take_along_axis(logp, keep[..., None], axis=-1)[..., 0]
+        classes = classes.at[..., -1].set(jnp.where(held, classes[..., -1], keep))
+        log_probs = log_probs.at[..., -1].set(jnp.where(held, log_probs[..., -1], kept_lp))
     in_top = jnp.any(classes[..., None] == jnp.arange(z.shape[-1]), axis=-2)
     log_rest = jax.nn.logsumexp(jnp.where(in_top, -jnp.inf, z), axis=-1)
     log_rest = jnp.maximum(log_rest - jax.nn.logsumexp(z, axis=-1), TOP_K_FILL)

@@ -24,6 +24,18 @@ from mtkd_jax.training.checkpoint import params_fingerprint
 __all__ = ["build_cache"]
 
 
+def _batch_labels(batch, sizes: dict) -> np.ndarray:
+    """`batch["y"]` as int32 `[B]` (or `[B, L]` for a sequence cache), for `keep_labels`."""
+    b = _checks.batch_size(batch["x"], "batch['x']")
+    want = (b,) if sizes["seq_len"] is None else (b, sizes["seq_len"])
+    y = batch.get("y")
+    if y is None or np.shape(y) != want or not np.issubdtype(np.asarray(y).dtype, np.integer):
+        got = None if y is None else f"{np.asarray(y).dtype}{list(np.shape(y))}"
+        raise ValueError(f"`keep_labels=True` needs batch['y'] of integer labels {list(want)} "
+                         f"in every batch, got {got}.")
+    return np.asarray(y, np.int32)
+
+
 def _batch_rows(batch, num_examples: int, num_views: int):
     """A batch's `(index, view)` as int64 `[B]` arrays, checked against the cache's sizes."""
     if not isinstance(batch, dict) or "x" not in batch or "index" not in batch:
@@ -93,6 +105,7 @@ def build_cache(
     num_examples: int,
     num_views: int = 1,
     top_k: int | None = None,
+    keep_labels: bool = False,
     dtype=np.float16,
     shard: str | None = None,
     fingerprint: dict | None = None,
@@ -124,6 +137,11 @@ def build_cache(
       num_examples: N, the size of the split the indices refer to.
       num_views: V, cached views per example (1 without augmentation).
       top_k: None to store full logits, or k in [1, C] to store top-k log-probabilities.
+      keep_labels: with `top_k`, each entry also holds the label's log-probability (every
+        batch then needs `"y"`, `[B]` or `[B, L]`): where the label is not among the k
+        largest it takes the k-th slot (`top_k_of_logits(keep=...)`), so the stored bytes
+        do not change and the weightings that read the label's probability (``confidence``,
+        ``posterior``) get from the cache exactly what they get online.
       dtype: storage dtype of the values (float16 or float32; bfloat16 is not a numpy type).
       shard: this process's shard name for multi-host builds (e.g. `f"p{jax.process_index()}"`).
       fingerprint: identity of the teachers (a JSON-serialisable dict); default
@@ -152,6 +170,10 @@ def build_cache(
     num_views = _checks.check_int(num_views, "num_views")
     if top_k is not None:
         check_top_k(top_k, np.iinfo(np.int32).max)  # the type now, the range vs C later
+    if not isinstance(keep_labels, bool):
+        raise TypeError(f"`keep_labels` must be a bool, got {keep_labels!r}.")
+    if keep_labels and top_k is None:
+        raise ValueError("`keep_labels=True` is for top-k caches: pass `top_k` too.")
     try:
         dtype = np.dtype(dtype)
     except TypeError as error:
@@ -179,19 +201,20 @@ def build_cache(
 
     start = time.perf_counter()
 
-    def post(z):
+    def post(z, y):
         z = z.astype(jnp.float32)
         if top_k is None:
             return z, None, None
-        return tuple(top_k_of_logits(z, top_k=top_k))
+        return tuple(top_k_of_logits(z, top_k=top_k, keep=y))
 
     if teacher_shardings is None:
-        run = jax.jit(lambda tp, x: post(teacher_apply(tp, x)))
+        run = jax.jit(lambda tp, x, y: post(teacher_apply(tp, x), y))
     else:
         mesh = mesh_of(teacher_shardings, "teacher_shardings")
         teacher_params = place(teacher_params, teacher_shardings)
-        run = jax.jit(lambda tp, x: post(teacher_apply(tp, x)),
-                      in_shardings=(teacher_shardings, NamedSharding(mesh, P())))
+        replicated = NamedSharding(mesh, P())
+        run = jax.jit(lambda tp, x, y: post(teacher_apply(tp, x), y),
+                      in_shardings=(teacher_shardings, replicated, replicated))
     files = {}
     sizes: dict[str, Any] = {"written": 0, "x": None}
 
@@ -263,8 +286,9 @@ def build_cache(
         for batch in iterator:
             index, view = _batch_rows(batch, num_examples, num_views)
             check_logits(batch["x"])
+            labels = _batch_labels(batch, sizes) if keep_labels else None
             # Dispatched asynchronously: the teachers run while the previous batch is written.
-            out = run(teacher_params, batch["x"])
+            out = run(teacher_params, batch["x"], labels)
             if pending is not None:
                 write(pending)
             pending = (out, index, view)
@@ -280,6 +304,7 @@ def build_cache(
         "format": FORMAT,
         "kind": "logits" if top_k is None else "top_k_log_probs",
         "top_k": top_k,
+        "keeps_labels": keep_labels,
         "num_examples": num_examples,
         "num_views": num_views,
         "num_teachers": sizes["k"],

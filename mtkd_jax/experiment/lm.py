@@ -154,7 +154,8 @@ LM_HELP: dict[str, str] = {
     "temperature": "distillation temperature T",
     "alpha": "weight of the next-token cross-entropy in the student's loss (1 - alpha: KL)",
     "chunk_size": "positions per chunk of the student's soft loss",
-    "cache_top_k": "log-probabilities kept per token and teacher in the cache",
+    "cache_top_k": "log-probabilities kept per token and teacher in the cache (the next "
+                   "token's always among them)",
     "weightings": "per-token teacher weightings, one student row each (from the cache)",
     "posterior_sharpness": "the posterior weighting's sharpness s (1: Bayes' rule)",
     "online_weighting": "a weighting also trained with online teachers ('' for none)",
@@ -557,7 +558,8 @@ def run_lm(cfg) -> dict:
                     (_model_batch(b) for b in packed_batches(
                         transfer, batch_size=min(cfg.eval_batch_size, len(transfer)),
                         shuffle=False, drop_remainder=False)),
-                    num_examples=len(transfer), top_k=cfg.cache_top_k, tokenizer=fp,
+                    num_examples=len(transfer), top_k=cfg.cache_top_k, keep_labels=True,
+                    tokenizer=fp,
                     overwrite=True, progress=False)
             cache_bytes = cache.bytes_per_example / (d.seq_len * k)
 
@@ -730,8 +732,9 @@ def _report(run, cfg, data, seed_rows, teacher_rows, weights, best, cache_bytes,
         *lines, "",
         "Checks (paired over seeds):", "", *checks, "",
         "Average per-token teacher weight by domain (test tokens):", "", *wlines, "",
-        f"Cache: top-{cfg.cache_top_k} log-probabilities, {cache_bytes:.0f} bytes per token "
-        f"per teacher (DistillKit: about 300 at top-128).", "",
+        f"Cache: top-{cfg.cache_top_k} log-probabilities (the next token's always among them: "
+        f"`build_cache(keep_labels=True)`), {cache_bytes:.0f} bytes per token per teacher "
+        f"(DistillKit: about 300 at top-128).", "",
         f"Wall time {seconds:.0f} s ({times}; JAX compile {run.times.compile_seconds:.0f} s).",
         "", "Plots: " + ", ".join(os.path.basename(p) for p in pngs), "",
     ])
