@@ -71,9 +71,9 @@ def lm_config() -> ml_collections.ConfigDict:
 
     Three domains of real text (Python standard-library code, Python documentation prose,
     Shakespeare's plays), a byte-level BPE tokenizer of 8192 tokens, rows of 128 tokens; one
-    ``small`` transformer teacher per domain (160 updates of 32 rows on its own domain,
-    trained once and shared by the seeds); per seed a ``tiny`` student (64 updates of 16
-    rows of a fixed sample of 1024 mixture rows): alone, from the best single teacher and
+    ``small`` transformer teacher per domain (400 updates of 16 rows on its own domain,
+    trained once and shared by the seeds); per seed a ``tiny`` student (160 updates of 8
+    rows, one pass over a fixed sample of 1280 mixture rows): alone, from the best single teacher and
     from all teachers with ``uniform``, ``confidence``, ``entropy`` and ``posterior``
     (top-32 cache), and ``posterior`` with online teachers; 3 seeds.
 
@@ -105,11 +105,11 @@ def lm_config() -> ml_collections.ConfigDict:
         domains=("python_code", "python_docs", "shakespeare"), vocab_size=8192, seq_len=128,
         max_documents=0))
     c.teachers = ml_collections.ConfigDict(dict(
-        size="small", model_kwargs={}, steps=160, batch_size=32, learning_rate=3e-3,
-        warmup_steps=16, weight_decay=0.01))
+        size="small", model_kwargs={}, steps=400, batch_size=16, learning_rate=3e-3,
+        warmup_steps=30, weight_decay=0.01))
     c.student = ml_collections.ConfigDict(dict(
-        size="tiny", model_kwargs={}, steps=64, batch_size=16, transfer_rows=1024,
-        learning_rate=3e-3, warmup_steps=6, weight_decay=0.01))
+        size="tiny", model_kwargs={}, steps=160, batch_size=8, transfer_rows=1280,
+        learning_rate=3e-3, warmup_steps=12, weight_decay=0.01))
     return c
 
 
