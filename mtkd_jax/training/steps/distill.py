@@ -110,6 +110,14 @@ def make_distill_step(
         known entries only. None: every teacher knows every class (a full mask gives the
         same numbers).
 
+    Teachers with their own tokenizers (`mtkd_jax.objective.cross_tokenizer`): their logits,
+    aligned to the student's positions and projected onto its vocabulary, come as teacher
+    logits `[K, B, L, V]` with ``batch["teacher_available"]`` `[K, B, L]` (1 where teacher k
+    can speak at a student position): the weights are taken over the teachers available at
+    each token (`distill_targets(available=)`), a token no teacher can speak at has soft
+    loss 0 and is counted, and the metrics add ``teacher_available`` `[K]` and
+    ``unaligned``.
+
     Returns:
       Un-jitted `step(state, batch, key, *, teacher_params=None) -> (state, metrics)`.
 
@@ -164,6 +172,7 @@ def make_distill_step(
             )
         lead = lead or teacher_out.shape[1:-1]
         check_concrete_batch(batch, teacher_out.shape[-1])
+        available = batch.get("teacher_available")  # teachers with their own tokenizers
         _checks.check_labels_for_alpha(labels, alpha)
 
         def loss_fn(params):
@@ -173,14 +182,14 @@ def make_distill_step(
                 sums = distill_sums(
                     out, teacher_out, labels, mask=parts.mask, label_mask=parts.label_mask,
                     temperature=temperature, weighting=weighting_fn, soft_loss=soft_fn,
-                    divergence_kind=divergence_kind, known=known,
+                    divergence_kind=divergence_kind, known=known, available=available,
                 )
             else:
                 sums = chunked_distill_sums(
                     out, student_head, params, teacher_out, teacher_head, teacher_params,
                     labels, mask=parts.mask, label_mask=parts.label_mask, chunk_size=chunk_size,
                     temperature=temperature, weighting=weighting_fn, soft_loss=soft_fn,
-                    divergence_kind=divergence_kind, known=known,
+                    divergence_kind=divergence_kind, known=known, available=available,
                 )
             loss, metrics = finish_distill(sums, alpha=alpha, axis_name=axis_name)
             return loss.loss, (loss, metrics, model_state)
