@@ -3,6 +3,7 @@ whose tokens (and so offsets) are known."""
 
 import numpy as np
 import pytest
+from helpers import STUDENT_MERGES, TEACHER_MERGES, byte_bpe
 
 from mtkd_jax.data.alignment import (
     align_ends,
@@ -12,29 +13,6 @@ from mtkd_jax.data.alignment import (
     pack_aligned,
     token_byte_strings,
 )
-from mtkd_jax.data.tokenizer import load_tokenizer
-
-TEACHER_MERGES = [("h", "e"), ("l", "l"), ("he", "ll"), ("Ġ", "w"), ("o", "r"),
-                  ("Ġw", "or"), ("Ã", "©")]
-STUDENT_MERGES = [("l", "o"), ("Ġ", "w"), ("Ġw", "o")]
-
-
-def byte_bpe(path, merges):
-    """A byte-level BPE tokenizer from explicit merges (ids: pad 0, eos 1, the 256 byte
-    characters, then one token per merge), through the library's loader."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {"<|pad|>": 0, "<|eos|>": 1}
-    for c in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[c] = len(vocab)
-    for a, b in merges:
-        vocab.setdefault(a + b, len(vocab))
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<|pad|>", "<|eos|>"])
-    tok.save(str(path))
-    return load_tokenizer(path)
 
 
 @pytest.fixture
