@@ -25,7 +25,7 @@ from flax import nnx
 from mtkd_jax.core.vocab_projection import VocabProjection
 from mtkd_jax.models.transformer import Transformer, TransformerConfig
 from mtkd_jax.models.zoo.token import token_model_fns
-from mtkd_jax.objective.cross_tokenizer import make_aligned_teachers
+from mtkd_jax.objective.cross_tokenizer import make_aligned_teachers, student_unmatched
 from mtkd_jax.training.state import init_train_state
 from mtkd_jax.training.steps import make_distill_step
 
@@ -84,12 +84,13 @@ def main(argv=None):
         prefix = np.where(exact >= 0, exact, rng.integers(0, v, v))
         projs.append(VocabProjection.from_maps(exact, prefix, student_vocab_size=v))
     aligned_teachers = make_aligned_teachers([t_logits] * k, projs, method=args.method)
+    step_x = make_distill_step(fns.features, None, tx, student_head=fns.head,
+                               chunk_size=args.chunk, weighting="confidence", alpha=0.5,
+                               student_unmatched=student_unmatched(projs))
 
     @jax.jit
     def aligned(state, batch):
-        z, a = aligned_teachers(tp, batch)
-        return step(state, {**batch, "teacher_logits": z, "teacher_available": a},
-                    jax.random.key(0))
+        return step_x(state, {**batch, **aligned_teachers(tp, batch)}, jax.random.key(0))
 
     base = {"x": tokens, "y": y, "mask": mask}
     seg = np.ones((k, b, lt), np.int32)

@@ -15,11 +15,14 @@ from mtkd_jax.core.vocab_projection import (
     project_logits,
     project_probs,
     uld_distance,
+    uld_from_top,
+    unmatched_top,
 )
 from mtkd_jax.objective.cross_tokenizer import (
     aligned_teacher_logits,
     aligned_uld_sums,
     make_aligned_teachers,
+    student_unmatched,
 )
 from mtkd_jax.objective.loss import distill_sums, finish_distill
 from mtkd_jax.parallel import data_parallel_step, make_mesh
@@ -256,7 +259,8 @@ def _tiny_lm(vocab, seed, length=16):
     return token_model_fns(Transformer(cfg, rngs=nnx.Rngs(seed)))
 
 
-def test_aligned_teachers_in_the_step_one_device_equals_eight(tmp_path):
+@pytest.mark.parametrize("method", ["prefix", "uld"])
+def test_aligned_teachers_in_the_step_one_device_equals_eight(tmp_path, method):
     from mtkd_jax.data.alignment import build_projection, pack_aligned
 
     teacher = byte_bpe(tmp_path / "t.json", TEACHER_MERGES)
@@ -268,16 +272,16 @@ def test_aligned_teachers_in_the_step_one_device_equals_eight(tmp_path):
     projections = [build_projection(teacher, student), build_projection(student, student)]
     t_fns = [_tiny_lm(teacher.vocab_size, 1), _tiny_lm(student.vocab_size, 2)]
     teachers = make_aligned_teachers([f.logits for f, _ in t_fns], projections,
-                                     method="prefix")
+                                     method=method, uld_size=8)
     tp = tuple(p for _, p in t_fns)
     fns, sp = _tiny_lm(student.vocab_size, 0)
     tx = optax.adam(1e-2)
     step = make_distill_step(fns.features, None, tx, student_head=fns.head, chunk_size=3,
-                             weighting="posterior", alpha=0.5, temperature=2.0)
+                             weighting="posterior", alpha=0.5, temperature=2.0,
+                             student_unmatched=student_unmatched(projections))
 
     def aligned_step(state, batch, key):
-        z, a = teachers(tp, batch)
-        return step(state, {**batch, "teacher_logits": z, "teacher_available": a}, key)
+        return step(state, {**batch, **teachers(tp, batch)}, key)
 
     batch = {"x": {"tokens": rows["x"], "segment_ids": rows["segment_ids"],
                    "positions": rows["positions"]},
@@ -298,3 +302,53 @@ def test_aligned_teachers_in_the_step_one_device_equals_eight(tmp_path):
         np.testing.assert_allclose(m1[name], m8[name], rtol=1e-5, err_msg=name)
     for p1, p8 in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params), strict=True):
         np.testing.assert_allclose(p1, p8, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [3, 40])
+def test_uld_from_a_precomputed_top(rng, size):
+    """M covering both vocabularies: exactly `uld_distance`; a smaller M: the top M entries
+    compared one by one and the rest by its mass (float64 reference)."""
+    proj = _projection(rng, 23)
+    z_s = rng.normal(size=(4, V_S)) * 2
+    p_t = np_softmax(rng.normal(size=(4, 23)) * 2)
+    top = unmatched_top(jnp.asarray(p_t, jnp.float32), proj, size=size)
+    got = uld_from_top(jnp.asarray(z_s, jnp.float32), top, ~proj.student_matched)
+    a = -np.sort(-np.where(np.asarray(proj.exact) < 0, p_t, 0), -1)
+    b = -np.sort(-np.where(proj.student_matched, 0, np_softmax(z_s)), -1)
+    width = max(23, V_S, size)
+    a, b = (np.pad(v, [(0, 0), (0, width - v.shape[-1])]) for v in (a, b))
+    ref = np.abs(a[:, :size] - b[:, :size]).sum(-1) + np.abs(a[:, size:].sum(-1)
+                                                             - b[:, size:].sum(-1))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    if size >= 23:
+        np.testing.assert_allclose(got, _ref_uld(z_s, p_t, proj), rtol=1e-5, atol=1e-6)
+
+
+def test_uld_term_in_the_loss_matches_reference(rng):
+    """soft = KL to the matched-mass target + lambda * sum_k w_k ULD_k, per token."""
+    logits, index, avail, projs = _aligned_inputs(rng)
+    z, a = aligned_teacher_logits(logits, index, avail, projs, method="uld")
+    from mtkd_jax.objective.cross_tokenizer import aligned_unmatched
+
+    un = aligned_unmatched(logits, index, projs, size=32)
+    su = student_unmatched(projs)
+    s = rng.normal(size=(2, 6, V_S)).astype(np.float32)
+
+    def soft(s, lam):
+        sums = distill_sums(s, z, available=a, unmatched=un, student_unmatched=su,
+                            uld_weight=lam)
+        return finish_distill(sums)[0].soft
+
+    base = soft(jnp.asarray(s), 0.0)
+    ref = 0.0
+    for bi in range(2):
+        for i in range(6):
+            on = [k for k in range(2) if a[k, bi, i] > 0]
+            for k in on:
+                p = np_softmax(logits[k][bi, index[k, bi, i]])
+                ref += _ref_uld(s[bi, i], p, projs[k]) / len(on)   # uniform weights
+    np.testing.assert_allclose(soft(jnp.asarray(s), 0.7) - base, 0.7 * ref / 12, rtol=1e-4)
+    g = jax.grad(soft)(jnp.asarray(s), 0.7)
+    assert np.all(np.isfinite(g))
+    with pytest.raises(ValueError, match="student_unmatched"):
+        distill_sums(s, z, available=a, unmatched=un)

@@ -42,7 +42,8 @@ from mtkd_jax.core.class_sets import UNKNOWN_LOGIT
 from mtkd_jax.core.divergence import softmax_t
 
 __all__ = ["PROJECTION_METHODS", "VocabProjection", "check_projection", "is_identity",
-           "project_logits", "project_probs", "uld_distance"]
+           "project_logits", "project_probs", "uld_distance", "uld_from_top",
+           "unmatched_top"]
 
 PROJECTION_METHODS = ("prefix", "uld")
 """The named ways to handle the teacher's mass on tokens the student does not have."""
@@ -197,3 +198,39 @@ def uld_distance(student_logits: jax.Array, teacher_probs: jax.Array,
         return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
 
     return jnp.sum(jnp.abs(sorted_desc(t_un) - sorted_desc(s_un)), axis=-1)
+
+
+def _top_and_rest(x: jax.Array, size: int) -> jax.Array:
+    """`[..., n] -> [..., size + 1]`: the `size` largest entries in descending order (zeros
+    past n), then the sum of the others."""
+    k = min(size, x.shape[-1])
+    top = jax.lax.top_k(x, k)[0]
+    rest = jnp.sum(x, axis=-1, keepdims=True) - jnp.sum(top, axis=-1, keepdims=True)
+    pad = [(0, 0)] * (x.ndim - 1) + [(0, size - k)]
+    return jnp.concatenate([jnp.pad(top, pad), jnp.maximum(rest, 0.0)], axis=-1)
+
+
+def unmatched_top(probs: jax.Array, projection: VocabProjection, *, size: int) -> jax.Array:
+    """The teacher's side of ULD, precomputed: its probabilities on unmatched tokens
+    (`projection.exact` -1), the `size` largest in descending order, then the rest of their
+    mass: `[..., V_t] -> [..., size + 1]`. What `uld_from_top` compares the student with;
+    `size` >= V_t keeps everything."""
+    probs = jnp.asarray(probs)
+    check_projection(projection, probs.shape[-1])
+    return _top_and_rest(jnp.where(jnp.asarray(projection.exact) < 0, probs, 0.0), size)
+
+
+def uld_from_top(student_logits: jax.Array, teacher_top: jax.Array,
+                 student_unmatched: jax.Array) -> jax.Array:
+    r"""ULD's sorted L1 from the teacher's precomputed top (`unmatched_top`), `[...]`.
+
+    :math:`\sum_{i<M} |a_i - b_i| + |a_{rest} - b_{rest}|`, a = the teacher's top-M unmatched
+    probabilities and the rest of their mass, b the same of the student's softmax (T = 1)
+    on its unmatched tokens (`student_unmatched` bool `[V_s]`, `~projection.student_matched`).
+    Equal to `uld_distance` when M covers both vocabularies; with a smaller M the tail is
+    compared by its mass only (a lower bound of the full term).
+    """
+    size = teacher_top.shape[-1] - 1
+    q = jax.nn.softmax(jnp.asarray(student_logits, jnp.float32), axis=-1)
+    s_top = _top_and_rest(jnp.where(student_unmatched, q, 0.0), size)
+    return jnp.sum(jnp.abs(teacher_top - s_top), axis=-1)

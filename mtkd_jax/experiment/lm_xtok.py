@@ -38,7 +38,7 @@ from mtkd_jax.data.alignment import build_projection, pack_aligned
 from mtkd_jax.data.lm_data import prepare_lm_data
 from mtkd_jax.models.transformer import Transformer, preset
 from mtkd_jax.models.zoo.token import token_model_fns
-from mtkd_jax.objective.cross_tokenizer import make_aligned_teachers
+from mtkd_jax.objective.cross_tokenizer import make_aligned_teachers, student_unmatched
 from mtkd_jax.training.state import init_train_state
 from mtkd_jax.training.steps import make_distill_step, make_supervised_step
 
@@ -70,6 +70,8 @@ def lm_xtok_config() -> ml_collections.ConfigDict:
     c.temperature = 1.0
     c.alpha = 0.5
     c.chunk_size = 32
+    c.uld_size = 64
+    c.uld_weight = 1.0
     c.test_rows = 128
     c.eval_batch_size = 32
     c.teachers = ml_collections.ConfigDict(dict(size="small", model_kwargs={}, steps=160,
@@ -88,7 +90,7 @@ def quick_lm_xtok(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     cfg.seq_len = 32
     cfg.student_vocab_size = 400
     cfg.teacher_vocab_sizes = (300, 360, 420)[: len(cfg.domains)]
-    cfg.chunk_size, cfg.test_rows, cfg.eval_batch_size = 16, 8, 8
+    cfg.chunk_size, cfg.test_rows, cfg.eval_batch_size, cfg.uld_size = 16, 8, 8, 16
     cfg.teachers.update(dict(size="tiny", steps=4, batch_size=8))
     cfg.student.update(dict(steps=3, batch_size=8, transfer_docs=24))
     with cfg.teachers.model_kwargs.unlocked():
@@ -227,21 +229,23 @@ def run_lm_xtok(cfg: ml_collections.ConfigDict, *, data_dir: str | None = None) 
                          steps=cfg.student.steps, batch_size=cfg.student.batch_size,
                          seed=cfg.seed)
     rows["alone"] = {"bpb": evaluate(state.params)}
-    distill = make_distill_step(fns.features, None, tx, student_head=fns.head,
-                                chunk_size=cfg.chunk_size, weighting=cfg.weighting,
-                                alpha=cfg.alpha, temperature=cfg.temperature)
 
     def distill_row(name, teachers, method):
         toks, t_fns, t_params = zip(*[(t[0], t[1], t[2]) for t in teachers], strict=True)
         aligned = pack_aligned(texts, student_tok, list(toks), seq_len=seq_len,
                                teacher_len=teacher_len)
         projections = [build_projection(t, student_tok) for t in toks]
-        fn = make_aligned_teachers([f.logits for f in t_fns], projections, method=method)
+        fn = make_aligned_teachers([f.logits for f in t_fns], projections, method=method,
+                                   uld_size=cfg.uld_size)
+        distill = make_distill_step(fns.features, None, tx, student_head=fns.head,
+                                    chunk_size=cfg.chunk_size, weighting=cfg.weighting,
+                                    alpha=cfg.alpha, temperature=cfg.temperature,
+                                    student_unmatched=student_unmatched(projections),
+                                    uld_weight=cfg.uld_weight)
 
         @jax.jit
         def step(state, batch, key):
-            z, a = fn(t_params, batch)
-            return distill(state, {**batch, "teacher_logits": z, "teacher_available": a}, key)
+            return distill(state, {**batch, **fn(t_params, batch)}, key)
 
         state, metrics, seconds = _train(step, init_train_state(params0, tx), aligned,
                                          steps=cfg.student.steps,

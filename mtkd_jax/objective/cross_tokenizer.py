@@ -20,8 +20,12 @@ no teacher can speak at has soft loss 0 and is counted (metric ``unaligned``). A
 projection is the identity (its tokenizer is the student's, `is_identity`) is only gathered,
 so it gives exactly the numbers of the shared-vocabulary path.
 
-With method ``"uld"`` the unmatched mass is compared by `aligned_uld_sums` (ULD's sorted L1),
-a term the caller adds to the step's loss.
+With method ``"uld"`` the target holds the teachers' exactly matched mass, and the unmatched
+mass is compared by ULD's sorted L1: `aligned_unmatched` gives each teacher's top unmatched
+probabilities `[K, B, L, M + 1]` (``batch["teacher_unmatched"]``) and the step adds
+:math:`\lambda \sum_k w_k \mathrm{ULD}_k` per token (`make_distill_step(student_unmatched=
+student_unmatched(projections), uld_weight=)`). `aligned_uld_sums` is the same term whole
+(every unmatched token, uniform over the available teachers), for a loop of one's own.
 
 Memory: the stacked `[K, B, L, V_s]` is held once per batch (as precomputed teacher logits
 are); the chunked loss (`student_head`) slices it, so the student's `[B, L, V_s]` logits and
@@ -42,10 +46,11 @@ from mtkd_jax.core.vocab_projection import (
     is_identity,
     project_logits,
     uld_distance,
+    unmatched_top,
 )
 
-__all__ = ["aligned_teacher_logits", "aligned_uld_sums", "gather_aligned",
-           "make_aligned_teachers"]
+__all__ = ["aligned_teacher_logits", "aligned_uld_sums", "aligned_unmatched",
+           "gather_aligned", "make_aligned_teachers", "student_unmatched"]
 
 
 def _check_alignment(teacher_logits, index, available, projections):
@@ -113,6 +118,29 @@ def aligned_teacher_logits(
             jnp.asarray(available, jnp.float32))
 
 
+def aligned_unmatched(
+    teacher_logits: Sequence[jax.Array],
+    index: jax.Array,
+    projections: Sequence[VocabProjection],
+    *,
+    size: int,
+) -> jax.Array:
+    """Each teacher's top-`size` unmatched probabilities (T = 1) at the aligned positions,
+    and the rest of that mass: `[K, B, L, size + 1]` (`unmatched_top`), the teachers' side
+    of the ULD term (``batch["teacher_unmatched"]``)."""
+    _check_alignment(teacher_logits, index, index, projections)
+    return jnp.stack([
+        unmatched_top(jax.nn.softmax(gather_aligned(z, index[k]).astype(jnp.float32), -1),
+                      proj, size=size)
+        for k, (z, proj) in enumerate(zip(teacher_logits, projections, strict=True))])
+
+
+def student_unmatched(projections: Sequence[VocabProjection]) -> jax.Array:
+    """bool `[K, V_s]`: the student tokens that teacher k matches no token to (the student's
+    side of the ULD term; `make_distill_step(student_unmatched=)`)."""
+    return jnp.stack([~jnp.asarray(p.student_matched) for p in projections])
+
+
 def aligned_uld_sums(
     student_logits: jax.Array,
     teacher_logits: Sequence[jax.Array],
@@ -152,6 +180,7 @@ def make_aligned_teachers(
     projections: Sequence[VocabProjection],
     *,
     method: str = "prefix",
+    uld_size: int = 64,
 ) -> Callable:
     """A teacher function for teachers with their own tokenizers.
 
@@ -161,12 +190,28 @@ def make_aligned_teachers(
         transformer reads).
       projections: K `VocabProjection`s (`mtkd_jax.data.alignment.build_projection`).
       method: ``"prefix"`` or ``"uld"``.
+      uld_size: M, unmatched probabilities kept per teacher and token for the ULD term.
 
     Returns:
-      `teachers(params, batch) -> (logits [K, B, L, V_s], available [K, B, L])`, `params` a
-      sequence of K teacher params, `batch` holding `pack_aligned`'s ``teacher_*`` fields
-      `[K, B, ...]`. Put the outputs in the batch as ``"teacher_logits"`` and
-      ``"teacher_available"`` for `make_distill_step(..., teacher_apply=None)`.
+      `teachers(params, batch) -> dict`, `params` a sequence of K teacher params, `batch`
+      holding `pack_aligned`'s ``teacher_*`` fields `[K, B, ...]`; the dict holds
+      ``"teacher_logits"`` `[K, B, L, V_s]` and ``"teacher_available"`` `[K, B, L]` (and
+      with ``"uld"``, ``"teacher_unmatched"`` `[K, B, L, M + 1]`): merge it into the batch
+      of `make_distill_step(..., teacher_apply=None)` (with ``"uld"``, built with
+      `student_unmatched=student_unmatched(projections)`).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtkd_jax.core.vocab_projection import VocabProjection
+      >>> proj = VocabProjection.from_maps([0, 1, -1], [0, 1, 1], student_vocab_size=2)
+      >>> fn = make_aligned_teachers([lambda p, x: p[x["tokens"]]], [proj])
+      >>> batch = {"teacher_tokens": jnp.zeros((1, 1, 3), jnp.int32),
+      ...          "teacher_segment_ids": jnp.ones((1, 1, 3), jnp.int32),
+      ...          "teacher_positions": jnp.arange(3)[None, None],
+      ...          "teacher_index": jnp.array([[[0, 2]]]), "teacher_available": jnp.ones((1, 1, 2))}
+      >>> out = fn([jnp.log(jnp.array([[0.5, 0.25, 0.25]]))], batch)
+      >>> out["teacher_logits"].shape, jnp.exp(out["teacher_logits"][0, 0, 0]).tolist()
+      ((1, 1, 2, 2), [0.5, 0.5])
     """
     if len(applies) != len(projections):
         raise ValueError(f"{len(applies)} teachers but {len(projections)} projections.")
@@ -179,7 +224,12 @@ def make_aligned_teachers(
                  "segment_ids": batch["teacher_segment_ids"][k],
                  "positions": batch["teacher_positions"][k]}
             logits.append(jax.lax.stop_gradient(apply(params[k], x)))
-        return aligned_teacher_logits(logits, batch["teacher_index"],
+        z, a = aligned_teacher_logits(logits, batch["teacher_index"],
                                       batch["teacher_available"], projections, method=method)
+        out = {"teacher_logits": z, "teacher_available": a}
+        if method == "uld":
+            out["teacher_unmatched"] = aligned_unmatched(logits, batch["teacher_index"],
+                                                         projections, size=uld_size)
+        return out
 
     return teachers

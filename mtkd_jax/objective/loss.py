@@ -44,6 +44,7 @@ from mtkd_jax.core.reduce import (
     masked_sum,
     normalize,
 )
+from mtkd_jax.core.vocab_projection import uld_from_top
 from mtkd_jax.objective.targets import distill_targets
 from mtkd_jax.weighting import uniform
 
@@ -101,6 +102,7 @@ def distillation_sums(
     label_mask: jax.Array | None = None,
     mask: jax.Array | None = None,
     soft_weight: jax.Array | None = None,
+    soft_extra: jax.Array | None = None,
 ) -> LossSums:
     r"""The two terms of the distillation loss as sums over this device's positions.
 
@@ -117,6 +119,8 @@ def distillation_sums(
       mask: optional `[B, L]` padding mask (0 = padding: in neither term).
       soft_weight: optional `[B]` / `[B, L]` factor on each position's soft loss, the count
         unchanged (0 where no teacher can speak: soft loss 0, still counted).
+      soft_extra: optional `[B]` / `[B, L]` term added to each position's soft loss (the
+        ULD term of teachers with their own tokenizers).
 
     Returns:
       `LossSums`.
@@ -134,6 +138,8 @@ def distillation_sums(
     if mask is None and soft_vals.ndim > 1:
         mask = jnp.ones(soft_vals.shape, soft_vals.dtype)  # every token counts
     soft_w = None if mask is None else jnp.asarray(mask, soft_vals.dtype)
+    if soft_extra is not None:
+        soft_vals = soft_vals + soft_extra
     if soft_weight is not None:
         soft_vals = jnp.where(jnp.asarray(soft_weight) > 0, soft_vals, 0.0)
     soft = masked_sum(soft_vals, soft_w)
@@ -304,6 +310,9 @@ def distill_sums(
     divergence_kind: str = "squared",
     known=None,
     available: jax.Array | None = None,
+    unmatched: jax.Array | None = None,
+    student_unmatched: jax.Array | None = None,
+    uld_weight: float | jax.Array = 1.0,
 ) -> DistillSums:
     r"""Targets, loss terms and metric sums of one block of positions.
 
@@ -321,6 +330,14 @@ def distill_sums(
       available: optional `[K, B]` / `[K, B, L]`, 1 where teacher k can speak
         (`distill_targets(available=)`: teachers with their own tokenizers); a position
         where none can has soft loss 0 and is counted (`DistillSums.unaligned`).
+      unmatched: optional `[K, B, L, M + 1]`, each teacher's top unmatched probabilities
+        (`mtkd_jax.core.vocab_projection.unmatched_top`, method ``"uld"``): adds
+        :math:`\lambda \sum_k w_k\, \mathrm{ULD}_k` to each position's soft loss
+        (`uld_from_top`, T = 1), with the position's teacher weights w and
+        :math:`\lambda` = `uld_weight`.
+      student_unmatched: bool `[K, V]`, the student tokens teacher k matches no token to
+        (needed with `unmatched`).
+      uld_weight: :math:`\lambda`.
 
     Returns:
       `DistillSums`.
@@ -347,9 +364,16 @@ def distill_sums(
             "class count."
         )
     speaks = None if available is None else jnp.any(jnp.asarray(available) > 0, axis=0)
+    extra = None
+    if unmatched is not None:
+        if student_unmatched is None:
+            raise ValueError("`unmatched` (the ULD term) needs `student_unmatched` [K, V].")
+        per = jax.vmap(uld_from_top, in_axes=(None, 0, 0))(
+            student_logits, jax.lax.stop_gradient(unmatched), jnp.asarray(student_unmatched))
+        extra = uld_weight * jnp.sum(jax.lax.stop_gradient(dt.weights) * per, axis=0)
     loss = distillation_sums(student_logits, targets, labels, temperature=temperature,
                              soft_loss=soft_loss, label_mask=label_mask, mask=mask,
-                             soft_weight=speaks)
+                             soft_weight=speaks, soft_extra=extra)
     k = dt.probs.shape[0]
     if k > 1 and known is not None:
         div = masked_sum(pairwise_divergence_known(dt.probs, known, kind=divergence_kind), mask)
@@ -433,6 +457,9 @@ def chunked_distill_sums(
     divergence_kind: str = "squared",
     known=None,
     available: jax.Array | None = None,
+    unmatched: jax.Array | None = None,
+    student_unmatched: jax.Array | None = None,
+    uld_weight: float | jax.Array = 1.0,
 ) -> DistillSums:
     r"""`distill_sums` of a sequence batch, computed `chunk_size` positions at a time.
 
@@ -454,8 +481,9 @@ def chunked_distill_sums(
       mask: optional `[B, L]` padding mask.
       label_mask: optional `[B]` or `[B, L]`.
       chunk_size: positions per chunk (static), >= 1; clipped to L.
-      temperature, weighting, soft_loss, divergence_kind, known, available: as in
-        `distill_sums` (`available` `[K, B, L]`, sliced with the chunks).
+      temperature, weighting, soft_loss, divergence_kind, known, available, unmatched,
+        student_unmatched, uld_weight: as in `distill_sums` (`available` `[K, B, L]` and
+        `unmatched` `[K, B, L, M + 1]` sliced with the chunks).
 
     Returns:
       `DistillSums` (sums over all chunks).
@@ -489,7 +517,7 @@ def chunked_distill_sums(
     label_mask_per_token = label_mask is not None and jnp.ndim(label_mask) == 2
 
     def one(head_params, features, teacher_inputs, teacher_params, labels, mask, label_mask,
-            available, i):
+            available, unmatched, i):
         start = jnp.minimum(i * size, length - size)
         fresh = (start + jnp.arange(size)) >= i * size  # the overlap is counted once
         m = jnp.broadcast_to(fresh, (b, size)).astype(jnp.float32)
@@ -502,16 +530,23 @@ def chunked_distill_sums(
         logits = student_head(head_params, _chunk(features, start, size, 1))
         y = None if labels is None else _chunk(labels, start, size, 1)
         av = None if available is None else _chunk(available, start, size, 2)
+        un = None if unmatched is None else _chunk(unmatched, start, size, 2)
         return distill_sums(logits, zt, y, mask=m, label_mask=lm, temperature=temperature,
                             weighting=weighting, soft_loss=soft_loss,
-                            divergence_kind=divergence_kind, known=known, available=av)
+                            divergence_kind=divergence_kind, known=known, available=av,
+                            unmatched=un, student_unmatched=student_unmatched,
+                            uld_weight=uld_weight)
 
     one = jax.checkpoint(one)
     if available is not None and tuple(jnp.shape(available)) != tuple(teacher_inputs.shape[:3]):
         raise ValueError(f"`available` must have shape [K, B, L]={teacher_inputs.shape[:3]}, "
                          f"got {jnp.shape(available)}.")
+    if unmatched is not None and (jnp.ndim(unmatched) != 4 or tuple(jnp.shape(unmatched)[:3])
+                                  != tuple(teacher_inputs.shape[:3])):
+        raise ValueError(f"`unmatched` must have shape [K, B, L, M + 1] with [K, B, L]="
+                         f"{teacher_inputs.shape[:3]}, got {jnp.shape(unmatched)}.")
     args = (head_params, features, teacher_inputs, teacher_params, labels, mask, label_mask,
-            available)
+            available, unmatched)
     first = one(*args, 0)
     if num == 1:
         return first
