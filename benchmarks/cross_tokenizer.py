@@ -57,6 +57,7 @@ def main(argv=None):
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--chunk", type=int, default=32)
     ap.add_argument("--method", default="prefix", choices=["prefix", "uld"])
+    ap.add_argument("--uld-size", type=int, default=16)
     ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
@@ -83,7 +84,8 @@ def main(argv=None):
         exact = np.where(rng.random(v) < 0.7, rng.permutation(v), -1)
         prefix = np.where(exact >= 0, exact, rng.integers(0, v, v))
         projs.append(VocabProjection.from_maps(exact, prefix, student_vocab_size=v))
-    aligned_teachers = make_aligned_teachers([t_logits] * k, projs, method=args.method)
+    aligned_teachers = make_aligned_teachers([t_logits] * k, projs, method=args.method,
+                                             uld_size=args.uld_size)
     step_x = make_distill_step(fns.features, None, tx, student_head=fns.head,
                                chunk_size=args.chunk, weighting="confidence", alpha=0.5,
                                student_unmatched=student_unmatched(projs))
@@ -102,7 +104,7 @@ def main(argv=None):
     t_same = _time(lambda: same(state, base)[1]["loss"], args.steps)
     t_aligned = _time(lambda: aligned(state, {**base, **xt})[1]["loss"], args.steps)
     print(f"K={k} B={b} L={length} L_t={lt} V={v} dim={args.dim} chunk={args.chunk} "
-          f"method={args.method} on {jax.devices()[0].platform}")
+          f"method={args.method} uld_size={args.uld_size} on {jax.devices()[0].platform}")
     print(f"same-tokenizer step {t_same * 1e3:.1f} ms, aligned step {t_aligned * 1e3:.1f} ms, "
           f"ratio {t_aligned / t_same:.2f}")
 

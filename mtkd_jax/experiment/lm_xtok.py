@@ -70,7 +70,7 @@ def lm_xtok_config() -> ml_collections.ConfigDict:
     c.temperature = 1.0
     c.alpha = 0.5
     c.chunk_size = 32
-    c.uld_size = 64
+    c.uld_size = 16
     c.uld_weight = 1.0
     c.test_rows = 128
     c.eval_batch_size = 32
@@ -90,7 +90,7 @@ def quick_lm_xtok(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     cfg.seq_len = 32
     cfg.student_vocab_size = 400
     cfg.teacher_vocab_sizes = (300, 360, 420)[: len(cfg.domains)]
-    cfg.chunk_size, cfg.test_rows, cfg.eval_batch_size, cfg.uld_size = 16, 8, 8, 16
+    cfg.chunk_size, cfg.test_rows, cfg.eval_batch_size = 16, 8, 8
     cfg.teachers.update(dict(size="tiny", steps=4, batch_size=8))
     cfg.student.update(dict(steps=3, batch_size=8, transfer_docs=24))
     with cfg.teachers.model_kwargs.unlocked():

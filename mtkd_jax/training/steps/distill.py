@@ -111,6 +111,9 @@ def make_distill_step(
         (`class_sets.pairwise_divergence_known`) and ``teacher_logits_finite`` looks at
         known entries only. None: every teacher knows every class (a full mask gives the
         same numbers).
+      student_unmatched: optional bool `[K, V]` (`cross_tokenizer.student_unmatched`): the
+        student's side of the ULD term, needed when batches hold ``"teacher_unmatched"``.
+      uld_weight: the ULD term's weight (see below).
 
     Teachers with their own tokenizers (`mtkd_jax.objective.cross_tokenizer`): their logits,
     aligned to the student's positions and projected onto its vocabulary, come as teacher
