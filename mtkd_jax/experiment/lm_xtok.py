@@ -15,7 +15,8 @@ has its own tokenizer, trained on the mixture. The students (one seed each row):
 
 Every student is scored by **bits per byte** on the mixture's test split (its own
 tokenizer's rows: bits per byte compare across tokenizers), and the table gives each
-distilled row's fraction of the shared row's gain over ``alone``, each teacher's
+distilled row's fraction of the shared row's gain over ``alone`` (NaN when the shared row
+does not gain), each teacher's
 availability (the fraction of student tokens it is aligned at) and the step time relative to
 the shared step (same process). `run_lm_xtok(cfg)` returns the rows; the CLI wiring is the
 lead's (`lm_xtok_config()`, `quick_lm_xtok(cfg)`).
@@ -264,7 +265,9 @@ def run_lm_xtok(cfg: ml_collections.ConfigDict, *, data_dir: str | None = None) 
     for name, row in rows.items():
         if "shared" in rows and name != "alone":
             gain = base - rows["shared"]["bpb"]
-            row["gain_fraction"] = (base - row["bpb"]) / gain if gain else float("nan")
+            # Only meaningful when the shared teachers help (NaN otherwise: a ratio of two
+            # losses would read as a fraction of a gain).
+            row["gain_fraction"] = (base - row["bpb"]) / gain if gain > 0 else float("nan")
         if "shared" in times and name in times:
             row["step_time_ratio"] = times[name] / times["shared"]
     return {"rows": rows, "teachers": teachers_report}
