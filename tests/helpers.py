@@ -43,3 +43,30 @@ def assert_matches(fn, args, expected, *, tol=None, **kwargs):
     assert np.shape(eager) == np.shape(expected), (np.shape(eager), np.shape(expected))
     np.testing.assert_allclose(eager, expected, **tol)
     np.testing.assert_allclose(jitted, expected, **tol)
+
+
+# Two byte-level BPE tokenizers with known tokens, for cross-tokenizer tests: the teacher
+# reads "hello world" as hell|o|Ġwor|l|d, the student as h|e|l|lo|Ġwo|r|l|d.
+TEACHER_MERGES = [("h", "e"), ("l", "l"), ("he", "ll"), ("Ġ", "w"), ("o", "r"),
+                  ("Ġw", "or"), ("Ã", "©")]
+STUDENT_MERGES = [("l", "o"), ("Ġ", "w"), ("Ġw", "o")]
+
+
+def byte_bpe(path, merges):
+    """A byte-level BPE tokenizer from explicit merges (ids: pad 0, eos 1, the 256 byte
+    characters, then one token per merge), through the library's loader."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from mtkd_jax.data.tokenizer import load_tokenizer
+
+    vocab = {"<|pad|>": 0, "<|eos|>": 1}
+    for c in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[c] = len(vocab)
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|pad|>", "<|eos|>"])
+    tok.save(str(path))
+    return load_tokenizer(path)

@@ -44,6 +44,7 @@ from mtkd_jax.core.reduce import (
     masked_sum,
     normalize,
 )
+from mtkd_jax.core.vocab_projection import uld_from_top
 from mtkd_jax.objective.targets import distill_targets
 from mtkd_jax.weighting import uniform
 
@@ -100,6 +101,8 @@ def distillation_sums(
     soft_loss: str = "kl",
     label_mask: jax.Array | None = None,
     mask: jax.Array | None = None,
+    soft_weight: jax.Array | None = None,
+    soft_extra: jax.Array | None = None,
 ) -> LossSums:
     r"""The two terms of the distillation loss as sums over this device's positions.
 
@@ -114,6 +117,10 @@ def distillation_sums(
       soft_loss: a name in `SOFT_LOSSES` or a soft loss function (`soft_loss_fn`).
       label_mask: optional `[B]` (or `[B, L]`), 1 for labeled positions.
       mask: optional `[B, L]` padding mask (0 = padding: in neither term).
+      soft_weight: optional `[B]` / `[B, L]` factor on each position's soft loss, the count
+        unchanged (0 where no teacher can speak: soft loss 0, still counted).
+      soft_extra: optional `[B]` / `[B, L]` term added to each position's soft loss (the
+        ULD term of teachers with their own tokenizers).
 
     Returns:
       `LossSums`.
@@ -131,6 +138,10 @@ def distillation_sums(
     if mask is None and soft_vals.ndim > 1:
         mask = jnp.ones(soft_vals.shape, soft_vals.dtype)  # every token counts
     soft_w = None if mask is None else jnp.asarray(mask, soft_vals.dtype)
+    if soft_extra is not None:
+        soft_vals = soft_vals + soft_extra
+    if soft_weight is not None:
+        soft_vals = jnp.where(jnp.asarray(soft_weight) > 0, soft_vals, 0.0)
     soft = masked_sum(soft_vals, soft_w)
     soft_count = (jnp.asarray(soft_vals.shape[0], soft_vals.dtype) if soft_w is None
                   else global_count(soft_w))
@@ -271,6 +282,9 @@ class DistillSums(NamedTuple):
       agree: `[]` positions where the student argmax equals the fused target's.
       correct: `[]` labeled positions the student predicts right (0 without labels).
       finite: `[]` 1.0 when every counted teacher logit is finite.
+      available: `[K]` counted positions where each teacher can speak (None without an
+        availability mask).
+      unaligned: `[]` counted positions where no teacher can (None without one).
     """
 
     loss: LossSums
@@ -279,6 +293,8 @@ class DistillSums(NamedTuple):
     agree: jax.Array
     correct: jax.Array
     finite: jax.Array
+    available: jax.Array | None = None
+    unaligned: jax.Array | None = None
 
 
 def distill_sums(
@@ -293,6 +309,10 @@ def distill_sums(
     soft_loss: str | Callable = soft_kl,
     divergence_kind: str = "squared",
     known=None,
+    available: jax.Array | None = None,
+    unmatched: jax.Array | None = None,
+    student_unmatched: jax.Array | None = None,
+    uld_weight: float | jax.Array = 1.0,
 ) -> DistillSums:
     r"""Targets, loss terms and metric sums of one block of positions.
 
@@ -307,6 +327,17 @@ def distill_sums(
       weighting: a weighting name or function; a name is resolved by `distill_targets`, a
         function used as given (the steps resolve it once, `get_weighting`, and pass it).
       soft_loss: a name in `SOFT_LOSSES` or the function (`soft_loss_fn`), likewise.
+      available: optional `[K, B]` / `[K, B, L]`, 1 where teacher k can speak
+        (`distill_targets(available=)`: teachers with their own tokenizers); a position
+        where none can has soft loss 0 and is counted (`DistillSums.unaligned`).
+      unmatched: optional `[K, B, L, M + 1]`, each teacher's top unmatched probabilities
+        (`mtkd_jax.core.vocab_projection.unmatched_top`, method ``"uld"``): adds
+        :math:`\lambda \sum_k w_k\, \mathrm{ULD}_k` to each position's soft loss
+        (`uld_from_top`, T = 1), with the position's teacher weights w and
+        :math:`\lambda` = `uld_weight`.
+      student_unmatched: bool `[K, V]`, the student tokens teacher k matches no token to
+        (needed with `unmatched`).
+      uld_weight: :math:`\lambda`.
 
     Returns:
       `DistillSums`.
@@ -324,7 +355,7 @@ def distill_sums(
         mask = jnp.ones(jnp.shape(student_logits)[:-1], jnp.float32)  # every token counts
     hard_mask = combine_masks(mask, label_mask)
     dt = distill_targets(teacher_logits, labels, label_mask=hard_mask, temperature=temperature,
-                         weighting=weighting, known=known)
+                         weighting=weighting, known=known, available=available)
     targets = jax.lax.stop_gradient(dt.targets)
     if student_logits.shape[-1] != targets.shape[-1]:
         raise ValueError(
@@ -332,8 +363,17 @@ def distill_sums(
             f"{targets.shape[-1]} (teacher logits {teacher_logits.shape}); they must share the "
             "class count."
         )
+    speaks = None if available is None else jnp.any(jnp.asarray(available) > 0, axis=0)
+    extra = None
+    if unmatched is not None:
+        if student_unmatched is None:
+            raise ValueError("`unmatched` (the ULD term) needs `student_unmatched` [K, V].")
+        per = jax.vmap(uld_from_top, in_axes=(None, 0, 0))(
+            student_logits, jax.lax.stop_gradient(unmatched), jnp.asarray(student_unmatched))
+        extra = uld_weight * jnp.sum(jax.lax.stop_gradient(dt.weights) * per, axis=0)
     loss = distillation_sums(student_logits, targets, labels, temperature=temperature,
-                             soft_loss=soft_loss, label_mask=label_mask, mask=mask)
+                             soft_loss=soft_loss, label_mask=label_mask, mask=mask,
+                             soft_weight=speaks, soft_extra=extra)
     k = dt.probs.shape[0]
     if k > 1 and known is not None:
         div = masked_sum(pairwise_divergence_known(dt.probs, known, kind=divergence_kind), mask)
@@ -360,6 +400,9 @@ def distill_sums(
         agree=masked_sum(pred == jnp.argmax(targets, -1), mask),
         correct=correct,
         finite=jnp.all(finite).astype(jnp.float32),
+        available=None if available is None else masked_sum(
+            jnp.moveaxis((jnp.asarray(available) > 0).astype(jnp.float32), 0, -1), mask),
+        unaligned=None if available is None else masked_sum(~speaks, mask),
     )
 
 
@@ -370,7 +413,9 @@ def finish_distill(
 
     Metrics: ``teacher_weights`` `[K]`, ``teacher_divergence`` `[K, K]`, ``agreement``,
     ``accuracy`` (with labels: `sums.loss.hard_count` > 0 or labels given), and
-    ``teacher_logits_finite``; with `axis_name` each is this device's share, to be pmean'd.
+    ``teacher_logits_finite``, and with an availability mask ``teacher_available`` `[K]`
+    (the fraction of counted positions each teacher speaks at) and ``unaligned`` (the
+    fraction where none does); with `axis_name` each is this device's share, to be pmean'd.
     """
     parts = finish_loss(sums.loss, alpha=alpha, axis_name=axis_name)
     n, n_hard = sums.loss.soft_count, sums.loss.hard_count
@@ -384,6 +429,9 @@ def finish_distill(
         "accuracy": normalize(sums.correct, n_hard, axis_name=axis_name),
         "teacher_logits_finite": sums.finite,
     }
+    if sums.available is not None:  # teachers with their own tokenizers
+        metrics["teacher_available"] = normalize(sums.available, n, axis_name=axis_name)
+        metrics["unaligned"] = normalize(sums.unaligned, n, axis_name=axis_name)
     return parts, metrics
 
 
@@ -408,6 +456,10 @@ def chunked_distill_sums(
     soft_loss: str | Callable = soft_kl,
     divergence_kind: str = "squared",
     known=None,
+    available: jax.Array | None = None,
+    unmatched: jax.Array | None = None,
+    student_unmatched: jax.Array | None = None,
+    uld_weight: float | jax.Array = 1.0,
 ) -> DistillSums:
     r"""`distill_sums` of a sequence batch, computed `chunk_size` positions at a time.
 
@@ -429,7 +481,9 @@ def chunked_distill_sums(
       mask: optional `[B, L]` padding mask.
       label_mask: optional `[B]` or `[B, L]`.
       chunk_size: positions per chunk (static), >= 1; clipped to L.
-      temperature, weighting, soft_loss, divergence_kind, known: as in `distill_sums`.
+      temperature, weighting, soft_loss, divergence_kind, known, available, unmatched,
+        student_unmatched, uld_weight: as in `distill_sums` (`available` `[K, B, L]` and
+        `unmatched` `[K, B, L, M + 1]` sliced with the chunks).
 
     Returns:
       `DistillSums` (sums over all chunks).
@@ -462,7 +516,8 @@ def chunked_distill_sums(
     num = -(-length // size)
     label_mask_per_token = label_mask is not None and jnp.ndim(label_mask) == 2
 
-    def one(head_params, features, teacher_inputs, teacher_params, labels, mask, label_mask, i):
+    def one(head_params, features, teacher_inputs, teacher_params, labels, mask, label_mask,
+            available, unmatched, i):
         start = jnp.minimum(i * size, length - size)
         fresh = (start + jnp.arange(size)) >= i * size  # the overlap is counted once
         m = jnp.broadcast_to(fresh, (b, size)).astype(jnp.float32)
@@ -474,12 +529,24 @@ def chunked_distill_sums(
             zt = jax.lax.stop_gradient(teacher_head(teacher_params, zt))
         logits = student_head(head_params, _chunk(features, start, size, 1))
         y = None if labels is None else _chunk(labels, start, size, 1)
+        av = None if available is None else _chunk(available, start, size, 2)
+        un = None if unmatched is None else _chunk(unmatched, start, size, 2)
         return distill_sums(logits, zt, y, mask=m, label_mask=lm, temperature=temperature,
                             weighting=weighting, soft_loss=soft_loss,
-                            divergence_kind=divergence_kind, known=known)
+                            divergence_kind=divergence_kind, known=known, available=av,
+                            unmatched=un, student_unmatched=student_unmatched,
+                            uld_weight=uld_weight)
 
     one = jax.checkpoint(one)
-    args = (head_params, features, teacher_inputs, teacher_params, labels, mask, label_mask)
+    if available is not None and tuple(jnp.shape(available)) != tuple(teacher_inputs.shape[:3]):
+        raise ValueError(f"`available` must have shape [K, B, L]={teacher_inputs.shape[:3]}, "
+                         f"got {jnp.shape(available)}.")
+    if unmatched is not None and (jnp.ndim(unmatched) != 4 or tuple(jnp.shape(unmatched)[:3])
+                                  != tuple(teacher_inputs.shape[:3])):
+        raise ValueError(f"`unmatched` must have shape [K, B, L, M + 1] with [K, B, L]="
+                         f"{teacher_inputs.shape[:3]}, got {jnp.shape(unmatched)}.")
+    args = (head_params, features, teacher_inputs, teacher_params, labels, mask, label_mask,
+            available, unmatched)
     first = one(*args, 0)
     if num == 1:
         return first

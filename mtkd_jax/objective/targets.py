@@ -38,6 +38,7 @@ __all__ = [
     "fuse_logits",
     "DistillTargets",
     "distill_targets",
+    "restrict_weights",
 ]
 
 
@@ -174,6 +175,7 @@ def distill_targets(
     temperature: float | jax.Array = 1.0,
     weighting: str | Callable = "uniform",
     known: jax.Array | None = None,
+    available: jax.Array | None = None,
 ) -> DistillTargets:
     r"""Teacher logits -> fused target, per-example teacher weights, teacher probabilities.
 
@@ -197,6 +199,18 @@ def distill_targets(
         distribution is renormalised over its classes, the weighting sees the masked logits
         and the target is :math:`t = \sum_k w_k \tilde p_k`. None (or a full mask): every
         teacher knows every class, today's behaviour exactly.
+      available: optional `[K, ...]` (1 = teacher k can speak at this position, 0 = it
+        cannot: teachers with their own tokenizers, `mtkd_jax.data.alignment`). The
+        weighting sees an unavailable teacher's logits replaced by zeros (a uniform
+        distribution), then the weights are restricted to the available teachers and
+        renormalised (`restrict_weights`), :math:`w'_k = w_k a_k / \sum_j w_j a_j`; where
+        every teacher is available the weights are used exactly as computed, and where none
+        is (or the available ones have weight 0) every weight is 0 and the target is all
+        zeros (soft KL 0). For strategies that are a softmax over per-teacher scores
+        (``uniform``, ``static``, ``from_scores``, ``posterior``) this is exactly the
+        strategy over the available teachers; for the others (``confidence``, ``entropy``,
+        ``agreement``, the routing ones) it is their weights over all K, an unavailable
+        teacher counted as uniform, renormalised.
 
     Returns:
       `DistillTargets(targets [..., C], weights [K, ...], probs [K, ..., C])`.
@@ -222,6 +236,14 @@ def distill_targets(
             f"{teacher_logits.shape}), got {jnp.shape(label_mask)}."
         )
     fn = get_weighting(weighting) if isinstance(weighting, str) else weighting
+    if available is not None:
+        if tuple(jnp.shape(available)) != tuple(teacher_logits.shape[:-1]):
+            raise ValueError(
+                f"`available` must have shape [K, ...]={tuple(teacher_logits.shape[:-1])} (the "
+                f"teacher logits' without the classes), got {jnp.shape(available)}."
+            )
+        avail = jnp.asarray(available) > 0
+        teacher_logits = jnp.where(avail[..., None], teacher_logits, 0.0)
     probs = softmax_t(teacher_logits, temperature=temperature)
     w = jnp.asarray(
         fn(probs, logits=teacher_logits, labels=labels, label_mask=label_mask), probs.dtype
@@ -233,4 +255,27 @@ def distill_targets(
             f"the weighting returned shape {w.shape}; expected [K]={probs.shape[:1]} or "
             f"[K, ...]={probs.shape[:-1]}."
         )
+    if available is not None:
+        w = restrict_weights(w, avail)
+        # fuse_targets' sum, without its check that the weights sum to 1 (0 where no
+        # teacher is available)
+        return DistillTargets(jnp.sum(w[..., None] * probs, axis=0), w, probs)
     return DistillTargets(fuse_targets(probs, w), w, probs)
+
+
+def restrict_weights(weights: jax.Array, available: jax.Array) -> jax.Array:
+    r"""Teacher weights `[K, ...]` restricted to the available teachers (bool `[K, ...]`):
+    :math:`w_k a_k / \sum_j w_j a_j`; unchanged (bit for bit) where all are available; all
+    zeros where the available ones have no weight.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> w = jnp.array([[0.5, 0.5], [0.25, 0.5], [0.25, 0.0]])
+      >>> a = jnp.array([[1, 1], [1, 0], [0, 0]]) > 0
+      >>> [[round(v, 4) for v in r] for r in restrict_weights(w, a).tolist()]
+      [[0.6667, 1.0], [0.3333, 0.0], [0.0, 0.0]]
+    """
+    wa = jnp.where(available, weights, 0.0)
+    total = jnp.sum(wa, axis=0)
+    share = jnp.where(total > 0, wa / jnp.where(total > 0, total, 1.0), 0.0)
+    return jnp.where(jnp.all(available, axis=0), weights, share)

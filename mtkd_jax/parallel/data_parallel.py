@@ -44,7 +44,12 @@ __all__ = [
     "data_parallel_step",
 ]
 
-BATCH_AXES: Mapping[str, int] = {"teacher_logits": 1}
+BATCH_AXES: Mapping[str, int] = {
+    "teacher_logits": 1,
+    # teachers with their own tokenizers (mtkd_jax.data.alignment.pack_aligned), [K, B, ...]
+    "teacher_available": 1, "teacher_index": 1, "teacher_tokens": 1,
+    "teacher_segment_ids": 1, "teacher_positions": 1, "teacher_unmatched": 1,
+}
 """Batch entries whose batch axis is not the leading one: key -> position of the batch axis."""
 
 

@@ -51,6 +51,8 @@ def make_distill_step(
     teacher_head: Callable | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     known=None,
+    student_unmatched=None,
+    uld_weight: float = 1.0,
 ) -> Callable:
     r"""Build a multi-teacher distillation step that updates only the student.
 
@@ -109,6 +111,20 @@ def make_distill_step(
         (`class_sets.pairwise_divergence_known`) and ``teacher_logits_finite`` looks at
         known entries only. None: every teacher knows every class (a full mask gives the
         same numbers).
+      student_unmatched: optional bool `[K, V]` (`cross_tokenizer.student_unmatched`): the
+        student's side of the ULD term, needed when batches hold ``"teacher_unmatched"``.
+      uld_weight: the ULD term's weight (see below).
+
+    Teachers with their own tokenizers (`mtkd_jax.objective.cross_tokenizer`): their logits,
+    aligned to the student's positions and projected onto its vocabulary, come as teacher
+    logits `[K, B, L, V]` with ``batch["teacher_available"]`` `[K, B, L]` (1 where teacher k
+    can speak at a student position): the weights are taken over the teachers available at
+    each token (`distill_targets(available=)`), a token no teacher can speak at has soft
+    loss 0 and is counted, and the metrics add ``teacher_available`` `[K]` and
+    ``unaligned``. With the ``"uld"`` projection, ``batch["teacher_unmatched"]``
+    `[K, B, L, M + 1]` adds ULD's sorted L1 on the unmatched part to the soft loss
+    (`distill_sums(unmatched=)`), with `student_unmatched` `[K, V]`
+    (`cross_tokenizer.student_unmatched`) and its weight `uld_weight`.
 
     Returns:
       Un-jitted `step(state, batch, key, *, teacher_params=None) -> (state, metrics)`.
@@ -164,6 +180,13 @@ def make_distill_step(
             )
         lead = lead or teacher_out.shape[1:-1]
         check_concrete_batch(batch, teacher_out.shape[-1])
+        available = batch.get("teacher_available")  # teachers with their own tokenizers
+        unmatched = batch.get("teacher_unmatched")
+        if unmatched is not None and student_unmatched is None:
+            raise ValueError("`batch['teacher_unmatched']` (the ULD term) needs the step's "
+                             "`student_unmatched` [K, V] (cross_tokenizer.student_unmatched).")
+        uld = dict(available=available, unmatched=unmatched,
+                   student_unmatched=student_unmatched, uld_weight=uld_weight)
         _checks.check_labels_for_alpha(labels, alpha)
 
         def loss_fn(params):
@@ -173,14 +196,14 @@ def make_distill_step(
                 sums = distill_sums(
                     out, teacher_out, labels, mask=parts.mask, label_mask=parts.label_mask,
                     temperature=temperature, weighting=weighting_fn, soft_loss=soft_fn,
-                    divergence_kind=divergence_kind, known=known,
+                    divergence_kind=divergence_kind, known=known, **uld,
                 )
             else:
                 sums = chunked_distill_sums(
                     out, student_head, params, teacher_out, teacher_head, teacher_params,
                     labels, mask=parts.mask, label_mask=parts.label_mask, chunk_size=chunk_size,
                     temperature=temperature, weighting=weighting_fn, soft_loss=soft_fn,
-                    divergence_kind=divergence_kind, known=known,
+                    divergence_kind=divergence_kind, known=known, **uld,
                 )
             loss, metrics = finish_distill(sums, alpha=alpha, axis_name=axis_name)
             return loss.loss, (loss, metrics, model_state)

@@ -1,0 +1,113 @@
+"""The aligned (cross-tokenizer) distillation step against the same-tokenizer step.
+
+Same sizes, same process: K transformer teachers and one student, rows of L tokens, the
+chunked loss. The same-tokenizer step runs the teachers on the student's tokens and stacks
+their logits `[K, B, L, V]`; the aligned step runs each teacher on its own rows `[B, L_t]`
+(`L_t` = `--teacher-len`), gathers its logits at the aligned positions and projects them
+onto the student's vocabulary (`mtkd_jax.objective.cross_tokenizer`, ``--method``), with a
+random alignment and a random projection of the same vocabulary size (the cost does not
+depend on which tokens match). Prints the median step time of each and their ratio.
+
+    PYTHONPATH=. python benchmarks/cross_tokenizer.py --vocab 4096 --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from mtkd_jax.core.vocab_projection import VocabProjection
+from mtkd_jax.models.transformer import Transformer, TransformerConfig
+from mtkd_jax.models.zoo.token import token_model_fns
+from mtkd_jax.objective.cross_tokenizer import make_aligned_teachers, student_unmatched
+from mtkd_jax.training.state import init_train_state
+from mtkd_jax.training.steps import make_distill_step
+
+
+def _model(vocab, dim, length, seed):
+    cfg = TransformerConfig(vocab_size=vocab, dim=dim, depth=2, heads=4, kv_heads=2,
+                            mlp_dim=2 * dim, max_len=length)
+    return token_model_fns(Transformer(cfg, rngs=nnx.Rngs(seed)))
+
+
+def _time(fn, steps):
+    out = fn()
+    jax.block_until_ready(out)  # compile
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--teachers", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--teacher-len", type=int, default=128)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--chunk", type=int, default=32)
+    ap.add_argument("--method", default="prefix", choices=["prefix", "uld"])
+    ap.add_argument("--uld-size", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=10)
+    args = ap.parse_args(argv)
+    rng = np.random.default_rng(0)
+    k, b, length, lt, v = args.teachers, args.batch, args.seq_len, args.teacher_len, args.vocab
+    teachers = [_model(v, args.dim, max(length, lt), 1 + i) for i in range(k)]
+    fns, sp = _model(v, args.dim, length, 0)
+    tp = tuple(p for _, p in teachers)
+    tx = optax.adam(1e-3)
+    state = init_train_state(sp, tx)
+    step = make_distill_step(fns.features, None, tx, student_head=fns.head,
+                             chunk_size=args.chunk, weighting="confidence", alpha=0.5)
+    tokens = rng.integers(2, v, (b, length)).astype(np.int32)
+    y = np.roll(tokens, -1, 1)
+    mask = np.ones((b, length), np.float32)
+    t_logits = teachers[0][0].logits
+
+    @jax.jit
+    def same(state, batch):
+        z = jnp.stack([t_logits(p, batch["x"]) for p in tp])
+        return step(state, {**batch, "teacher_logits": z}, jax.random.key(0))
+
+    projs = []
+    for _ in range(k):
+        exact = np.where(rng.random(v) < 0.7, rng.permutation(v), -1)
+        prefix = np.where(exact >= 0, exact, rng.integers(0, v, v))
+        projs.append(VocabProjection.from_maps(exact, prefix, student_vocab_size=v))
+    aligned_teachers = make_aligned_teachers([t_logits] * k, projs, method=args.method,
+                                             uld_size=args.uld_size)
+    step_x = make_distill_step(fns.features, None, tx, student_head=fns.head,
+                               chunk_size=args.chunk, weighting="confidence", alpha=0.5,
+                               student_unmatched=student_unmatched(projs))
+
+    @jax.jit
+    def aligned(state, batch):
+        return step_x(state, {**batch, **aligned_teachers(tp, batch)}, jax.random.key(0))
+
+    base = {"x": tokens, "y": y, "mask": mask}
+    seg = np.ones((k, b, lt), np.int32)
+    xt = {"teacher_tokens": rng.integers(2, v, (k, b, lt)).astype(np.int32),
+          "teacher_segment_ids": seg,
+          "teacher_positions": np.broadcast_to(np.arange(lt, dtype=np.int32), (k, b, lt)),
+          "teacher_index": np.sort(rng.integers(0, lt, (k, b, length)), -1).astype(np.int32),
+          "teacher_available": (rng.random((k, b, length)) < 0.8).astype(np.float32)}
+    t_same = _time(lambda: same(state, base)[1]["loss"], args.steps)
+    t_aligned = _time(lambda: aligned(state, {**base, **xt})[1]["loss"], args.steps)
+    print(f"K={k} B={b} L={length} L_t={lt} V={v} dim={args.dim} chunk={args.chunk} "
+          f"method={args.method} uld_size={args.uld_size} on {jax.devices()[0].platform}")
+    print(f"same-tokenizer step {t_same * 1e3:.1f} ms, aligned step {t_aligned * 1e3:.1f} ms, "
+          f"ratio {t_aligned / t_same:.2f}")
+
+
+if __name__ == "__main__":
+    main()
