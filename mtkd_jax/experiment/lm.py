@@ -73,9 +73,9 @@ def lm_config() -> ml_collections.ConfigDict:
     Shakespeare's plays), a byte-level BPE tokenizer of 8192 tokens, rows of 128 tokens; one
     ``small`` transformer teacher per domain (400 updates of 16 rows on its own domain,
     trained once and shared by the seeds); per seed a ``tiny`` student (160 updates of 8
-    rows, one pass over a fixed sample of 1280 mixture rows): alone, from the best single teacher and
-    from all teachers with ``uniform``, ``confidence``, ``entropy`` and ``posterior``
-    (top-32 cache), and ``posterior`` with online teachers; 3 seeds.
+    rows, one pass over a fixed sample of 1280 mixture rows): alone, from the best single
+    teacher and from all teachers with ``uniform``, ``confidence``, ``entropy`` and
+    ``posterior`` (top-32 cache), and ``posterior`` with online teachers; 3 seeds.
 
     Example:
       >>> from mtkd_jax.experiment.lm import lm_config
