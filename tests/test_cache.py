@@ -68,7 +68,7 @@ def test_full_logits_round_trip_exact(tmp_path, setup, rng):
     assert half.bytes_per_example == K * C * 2 + 1
 
 
-def _topk_reference(z, k, temperature, fill):
+def _topk_reference(z, k, temperature, fill, prior=None):
     """float64: the teacher distribution at T restricted to its top-k (module docstring)."""
     z = np.asarray(z, np.float64)
     top = np.argsort(-z, axis=-1)[..., :k]
@@ -80,7 +80,9 @@ def _topk_reference(z, k, temperature, fill):
         q = np.where(in_top, p1 ** (1.0 / temperature), 0.0)
     else:
         rest = 1.0 - np.sum(np.where(in_top, p1, 0.0), -1, keepdims=True)
-        base = np.where(in_top, p1, rest / (z.shape[-1] - k))
+        pi = np.ones(z.shape[-1]) if prior is None else np.asarray(prior, np.float64)
+        pi_out = np.where(in_top, 0.0, pi / pi.sum())
+        base = np.where(in_top, p1, rest * pi_out / pi_out.sum(-1, keepdims=True))
         q = base ** (1.0 / temperature)
     return q / q.sum(-1, keepdims=True)
 
@@ -91,13 +93,14 @@ def test_top_k_reconstruction_matches_float64(tmp_path, setup, rng, dtype, tol, 
     tp, x, y = setup
     k = 4
     build(tmp_path, tp, x, y, rng, top_k=k, dtype=dtype)
-    cache = mc.open_cache(tmp_path, fill=fill)
+    prior = rng.uniform(0.2, 1.0, size=C) if fill == "prior" else None
+    cache = mc.open_cache(tmp_path, fill=fill, prior=prior)
     index = np.arange(len(x))
     z = np.asarray(linear_teachers(tp, jnp.asarray(x)), np.float64)
     logits = cache.lookup(index)
     for temperature in (1.0, 4.0):
         got = np.asarray(softmax_t(jnp.asarray(logits), temperature=temperature))
-        want = _topk_reference(z, k, temperature, fill)
+        want = _topk_reference(z, k, temperature, fill, prior)
         np.testing.assert_allclose(got, want, atol=tol, rtol=tol)
         if fill == "renormalize":  # exactly zero outside the top-k
             assert np.all((got > 0).sum(-1) == k)
@@ -105,7 +108,8 @@ def test_top_k_reconstruction_matches_float64(tmp_path, setup, rng, dtype, tol, 
     top = cache.lookup_top_k(index)
     assert top.log_probs.shape == top.classes.shape == (K, len(x), k)
     assert top.classes.dtype == np.int16 and top.log_rest.shape == (K, len(x))
-    on_device = jax.jit(functools.partial(mc.expand_top_k, num_classes=C, fill=fill))(*top)
+    on_device = jax.jit(functools.partial(mc.expand_top_k, num_classes=C, fill=fill,
+                                          prior=prior))(*top)
     np.testing.assert_allclose(np.asarray(on_device), logits, rtol=1e-6, atol=1e-6)
     itemsize = np.dtype(dtype).itemsize
     assert cache.bytes_per_example == K * k * (itemsize + 2) + K * itemsize + 1

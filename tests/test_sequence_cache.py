@@ -144,3 +144,47 @@ def test_cache_with_labels_gives_the_online_posterior_weights(tmp_path, data, rn
     with pytest.raises(ValueError, match="batch\\['y'\\]"):
         build_cache(tmp_path / "z", _teachers, tp, [{k: v for k, v in b.items() if k != "y"}
                     for b in batches], keep_labels=True, **kwargs)
+
+
+def test_prior_fill_spreads_the_tail_by_the_prior(tmp_path, data, rng):
+    from mtkd_jax.cache import expand_top_k, top_k_of_logits
+    from tests.helpers import np_softmax
+
+    c, k = 10, 3
+    z = rng.normal(size=(2, 4, c)) * 2
+    prior = rng.uniform(0.1, 1.0, size=c)
+    top = top_k_of_logits(jnp.asarray(z, jnp.float32), top_k=k)
+    got = jax.nn.softmax(expand_top_k(top.log_probs, top.classes, top.log_rest, num_classes=c,
+                                      fill="prior", prior=prior))
+    p, pi = np_softmax(z.astype(np.float64)), prior / prior.sum()
+    want = np.zeros_like(p)
+    for idx in np.ndindex(*z.shape[:-1]):
+        stored = np.asarray(top.classes[idx])
+        rest = np.setdiff1d(np.arange(c), stored)
+        want[idx][stored] = p[idx][stored]
+        want[idx][rest] = p[idx][rest].sum() * pi[rest] / pi[rest].sum()
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    # A uniform prior is the uniform fill.
+    uniform = expand_top_k(top.log_probs, top.classes, top.log_rest, num_classes=c)
+    flat = expand_top_k(top.log_probs, top.classes, top.log_rest, num_classes=c, fill="prior",
+                        prior=np.ones(c))
+    np.testing.assert_allclose(flat, uniform, atol=1e-5)
+    # Through the cache: the host lookup equals the jit expansion.
+    source, split = data
+    tp = jnp.asarray(rng.normal(size=(2, V, V)) * 3, jnp.float32)
+    batches = list(text.batches(split, batch_size=4, drop_remainder=False))
+    build_cache(tmp_path, _teachers, tp, batches, num_examples=len(split), top_k=4,
+                dtype=np.float32, progress=False)
+    prior_v = rng.uniform(0.1, 1.0, size=V)
+    cache = open_cache(tmp_path, fill="prior", prior=prior_v)
+    top_v = cache.lookup_top_k(np.array([1, 2]))
+    np.testing.assert_allclose(
+        cache.lookup(np.array([1, 2])),
+        expand_top_k(top_v.log_probs, top_v.classes, top_v.log_rest, num_classes=V,
+                     fill="prior", prior=prior_v), atol=1e-5)
+    with pytest.raises(ValueError, match="needs `prior`"):
+        open_cache(tmp_path, fill="prior")
+    with pytest.raises(ValueError, match="`prior` must be"):
+        open_cache(tmp_path, fill="prior", prior=np.ones(V + 1))
+    with pytest.raises(ValueError, match="`prior` is for fill='prior'"):
+        open_cache(tmp_path, prior=np.ones(V))

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from mtkd_jax.cache.format import fingerprint_sha, load_shard, read_headers
-from mtkd_jax.cache.topk import DEFAULT_FILL, TopK, check_fill, expand_top_k_host
+from mtkd_jax.cache.topk import DEFAULT_FILL, TopK, check_fill, check_prior, expand_top_k_host
 
 __all__ = ["TeacherCache", "open_cache", "with_cached_logits"]
 
@@ -23,17 +23,20 @@ class TeacherCache:
       top_k: k, or None for full logits.
       seq_len: L for a sequence (token) cache, else None.
       tokenizer: the tokenization fingerprint a sequence cache was built with (or None).
-      fill: how top-k entries are reconstructed (``"renormalize"`` or ``"uniform"``).
+      fill: how top-k entries are reconstructed (``"renormalize"``, ``"uniform"`` or
+        ``"prior"``).
       shards: names of the shards read ("" for an unsharded cache).
     """
 
-    def __init__(self, path: str, headers: dict[str, dict], *, fill: str = DEFAULT_FILL):
+    def __init__(self, path: str, headers: dict[str, dict], *, fill: str = DEFAULT_FILL,
+                 prior=None):
         check_fill(fill)
         self.path, self.fill = path, fill
         self.shards = sorted(headers)
         h = self.header = headers[self.shards[0]]
         self.num_examples, self.num_views = h["num_examples"], h["num_views"]
         self.num_teachers, self.num_classes = h["num_teachers"], h["num_classes"]
+        self._log_prior = check_prior(prior, self.num_classes, fill)
         self.top_k = h["top_k"]
         self.seq_len, self.tokenizer = h.get("seq_len"), h.get("tokenizer")
         self._values, self._classes, self._rest, self._written = [], [], [], []
@@ -168,7 +171,8 @@ class TeacherCache:
           ValueError: an index or view out of range, or an entry that was never written.
         """
         if self.top_k is not None:
-            return expand_top_k_host(self.lookup_top_k(index, view), self.num_classes, self.fill)
+            return expand_top_k_host(self.lookup_top_k(index, view), self.num_classes,
+                                     self.fill, self._log_prior)
         index, view = self._rows(index, view)
         return np.swapaxes(self._gather(self._values, index, view), 0, 1).astype(np.float32)
 
@@ -180,6 +184,7 @@ def open_cache(
     fill: str = DEFAULT_FILL,
     shards: Iterable[str] | None = None,
     expect_tokenizer: str | None = None,
+    prior=None,
 ) -> TeacherCache:
     """Open a cache written by `build_cache` (every shard in `path`, or only `shards`).
 
@@ -188,12 +193,14 @@ def open_cache(
       expect_fingerprint: the teachers the caller distills from
         (`mtkd_jax.training.checkpoint.params_fingerprint(tp)`, or its sha256); a cache built from
         other teachers is refused.
-      fill: reconstruction of top-k entries, ``"renormalize"`` or ``"uniform"``
-        (`DEFAULT_FILL`; see `mtkd_jax.cache.topk`).
+      fill: reconstruction of top-k entries, ``"renormalize"``, ``"uniform"``
+        (`DEFAULT_FILL`) or ``"prior"`` (see `mtkd_jax.cache.topk`).
       shards: shard names to read (default all).
       expect_tokenizer: the tokenization fingerprint of the caller's inputs (e.g.
         `mtkd_jax.data.TextTokenizer.fingerprint`); a sequence cache built with another
         tokenization (or a cache that records none) is refused.
+      prior: for ``fill="prior"``: `[C]` positive weights of the classes (e.g. token counts
+        of the training text plus one), normalised here.
 
     Returns:
       A `TeacherCache`.
@@ -243,7 +250,7 @@ def open_cache(
                 "and vocabulary do not match these inputs; rebuild it with `build_cache(..., "
                 "tokenizer=...)`."
             )
-    return TeacherCache(path, headers, fill=fill)
+    return TeacherCache(path, headers, fill=fill, prior=prior)
 
 
 def with_cached_logits(

@@ -6,7 +6,7 @@ A top-k entry holds, per teacher, the k largest **log-probabilities at T = 1**
 mass is tiny; `top_k_of_logits`). Log-probabilities rather than raw logits because the
 largest is close to 0, where float16 is most precise.
 
-An entry is turned back into logits `[K, B, C]` in one of two ways (`fill`,
+An entry is turned back into logits `[K, B, C]` in one of three ways (`fill`,
 `expand_top_k`; `DEFAULT_FILL` is ``"uniform"``):
 
 * ``"uniform"``: the mass the teacher put outside its top-k at T = 1 is spread evenly over
@@ -18,6 +18,12 @@ An entry is turned back into logits `[K, B, C]` in one of two ways (`fill`,
   which tempering makes large (at T = 4, a teacher with 90% on one of 10 classes and the
   rest spread evenly puts 75% of its tempered mass on the other nine), so the target stays
   close to the online one.
+* ``"prior"``: the mass outside the top-k is spread in proportion to a prior `[C]` over the
+  classes (e.g. the token frequencies of the training text): class c outside the top-k gets
+  :math:`p_c = (1 - \sum_{top k} p)\,\pi_c / (1 - \sum_{top k} \pi)`. Where the teacher's
+  tail resembles the prior (a language model's tail is close to the unigram distribution
+  of its text), this target is much closer to the online one than the uniform fill; with a
+  uniform prior it is the uniform fill.
 * ``"renormalize"``: the top-k classes keep their stored log-probabilities and every other
   class gets `TOP_K_FILL` (-1e4). `softmax_t(z, temperature=T)` of that is exactly the
   teacher's distribution at temperature T **restricted to its top-k classes and
@@ -53,6 +59,7 @@ __all__ = [
     "TOP_K_FILL",
     "TopK",
     "check_fill",
+    "check_prior",
     "check_top_k",
     "expand_top_k",
     "expand_top_k_host",
@@ -62,7 +69,7 @@ __all__ = [
 TOP_K_FILL = -1.0e4
 """Logit given to classes outside a teacher's top-k (finite, so every loss stays finite)."""
 
-FILLS = ("renormalize", "uniform")
+FILLS = ("renormalize", "uniform", "prior")
 """Ways to fill the classes outside the top-k when a top-k entry is read back."""
 
 DEFAULT_FILL = "uniform"
@@ -176,19 +183,45 @@ def top_k_of_logits(logits: jax.Array, *, top_k: int, keep: jax.Array | None = N
 # Top-k entries -> logits
 
 
-def _other_logit(xp, log_probs, log_rest, num_classes: int, fill: str):
-    """`[..., 1]` float32 logit of the classes outside the top-k."""
+def check_prior(prior, num_classes: int, fill: str) -> np.ndarray | None:
+    """The float32 log of `prior` (a `[C]` distribution, normalised here) for
+    ``fill="prior"``; None for the other fills, which take no prior."""
+    if fill != "prior":
+        if prior is not None:
+            raise ValueError(f"`prior` is for fill='prior', got fill={fill!r}.")
+        return None
+    if prior is None:
+        raise ValueError("fill='prior' needs `prior`, a [C] distribution over the classes.")
+    p = np.asarray(prior, np.float64)
+    if p.shape != (num_classes,) or not np.all(np.isfinite(p)) or np.any(p <= 0):
+        raise ValueError(f"`prior` must be [C]=({num_classes},) positive finite values, got "
+                         f"shape {p.shape}" + (f", range [{p.min()}, {p.max()}]" if p.size
+                                               else "") + ".")
+    return np.log(p / p.sum()).astype(np.float32)
+
+
+def _other_logit(xp, log_probs, log_rest, num_classes: int, fill: str, classes=None,
+                 log_prior=None):
+    """`[..., 1]` float32 logit of the classes outside the top-k (`[..., C]` for the prior
+    fill, from the stored `classes` and `log_prior` `[C]`)."""
     k = log_probs.shape[-1]
+    if fill == "prior" and k < num_classes:
+        log_prior = xp.asarray(log_prior, xp.float32)
+        stored = xp.sum(xp.exp(log_prior[xp.asarray(classes)]), axis=-1)  # prior in the top-k
+        norm = xp.log(xp.maximum(1.0 - stored, np.float32(1e-30)))
+        other = (log_rest.astype(xp.float32) - norm)[..., None] + log_prior
+        return xp.maximum(other, np.float32(TOP_K_FILL))
     if fill == "uniform" and k < num_classes:
         other = log_rest.astype(xp.float32)[..., None] - np.float32(np.log(num_classes - k))
         return xp.maximum(other, np.float32(TOP_K_FILL))
     return xp.full(log_probs.shape[:-1] + (1,), TOP_K_FILL, xp.float32)
 
 
-def expand_top_k_host(top: TopK, num_classes: int, fill: str) -> np.ndarray:
+def expand_top_k_host(top: TopK, num_classes: int, fill: str, log_prior=None) -> np.ndarray:
     """Host version of `expand_top_k` (a numpy scatter), for `TeacherCache.lookup`."""
     log_probs = np.asarray(top.log_probs, np.float32)
-    other = _other_logit(np, log_probs, np.asarray(top.log_rest), num_classes, fill)
+    other = _other_logit(np, log_probs, np.asarray(top.log_rest), num_classes, fill,
+                         np.asarray(top.classes, np.intp), log_prior)
     out = np.broadcast_to(other, log_probs.shape[:-1] + (num_classes,)).copy()
     np.put_along_axis(out, np.asarray(top.classes, np.intp), log_probs, axis=-1)
     return out
@@ -220,6 +253,7 @@ def expand_top_k(
     *,
     num_classes: int,
     fill: str = DEFAULT_FILL,
+    prior: jax.Array | np.ndarray | None = None,
 ) -> jax.Array:
     """Top-k log-probabilities and class indices -> full logits `[..., C]`, jit-safe.
 
@@ -233,7 +267,9 @@ def expand_top_k(
       log_rest: `[...]` log of the probability outside the top-k; needed for
         ``fill="uniform"`` (the default) only.
       num_classes: C.
-      fill: ``"renormalize"`` or ``"uniform"``.
+      fill: ``"renormalize"``, ``"uniform"`` or ``"prior"``.
+      prior: for ``fill="prior"`` only: `[C]` positive weights of the classes (normalised
+        here), concrete (a host array).
 
     Returns:
       `[..., C]` float32 logits.
@@ -258,16 +294,17 @@ def expand_top_k(
         )
     check_top_k(jnp.shape(log_probs)[-1], num_classes)
     _check_classes(classes, num_classes)
-    if fill == "uniform":
+    log_prior = check_prior(prior, num_classes, fill)
+    if fill in ("uniform", "prior"):
         if log_rest is None or jnp.shape(log_rest) != jnp.shape(log_probs)[:-1]:
             got = None if log_rest is None else jnp.shape(log_rest)
             raise ValueError(
-                f"`fill`='uniform' needs `log_rest` of shape {jnp.shape(log_probs)[:-1]} (the "
+                f"`fill`={fill!r} needs `log_rest` of shape {jnp.shape(log_probs)[:-1]} (the "
                 f"batch shape of `log_probs`), got {got}."
             )
         log_rest = jnp.asarray(log_rest)
     log_probs = jnp.asarray(log_probs, jnp.float32)
-    other = _other_logit(jnp, log_probs, log_rest, num_classes, fill)
+    other = _other_logit(jnp, log_probs, log_rest, num_classes, fill, classes, log_prior)
     # A one-hot select rather than a scatter: dense and vectorised on every backend.
     onehot = jnp.asarray(classes)[..., None] == jnp.arange(num_classes)  # [..., k, C]
     values = jnp.sum(jnp.where(onehot, log_probs[..., None], 0.0), axis=-2)

@@ -43,6 +43,7 @@ import optax
 from flax import nnx
 
 from mtkd_jax.cache import build_cache, open_cache, with_cached_logits
+from mtkd_jax.cache.topk import FILLS
 from mtkd_jax.data import LMData, PackedSplit, prepare_lm_data
 from mtkd_jax.data.packing import batches as packed_batches
 from mtkd_jax.experiment import report, summaries
@@ -98,6 +99,7 @@ def lm_config() -> ml_collections.ConfigDict:
     c.alpha = 0.5
     c.chunk_size = 32
     c.cache_top_k = 32
+    c.cache_fill = "prior"
     c.weightings = ("uniform", "confidence", "entropy", "posterior")
     c.posterior_sharpness = 1.0
     c.online_weighting = "posterior"
@@ -156,6 +158,8 @@ LM_HELP: dict[str, str] = {
     "chunk_size": "positions per chunk of the student's soft loss",
     "cache_top_k": "log-probabilities kept per token and teacher in the cache (the next "
                    "token's always among them)",
+    "cache_fill": "how a cached distribution's tail is filled: 'prior' (the transfer text's "
+                  "token frequencies), 'uniform' or 'renormalize' (mtkd_jax.cache.topk)",
     "weightings": "per-token teacher weightings, one student row each (from the cache)",
     "posterior_sharpness": "the posterior weighting's sharpness s (1: Bayes' rule)",
     "online_weighting": "a weighting also trained with online teachers ('' for none)",
@@ -217,6 +221,8 @@ def validate_lm_config(cfg) -> None:
         require(name in WEIGHTINGS,
                 f"`config.weightings` / `online_weighting` must be names from "
                 f"{sorted(WEIGHTINGS)}, got {name!r}.")
+    require(cfg.cache_fill in FILLS,
+            f"`config.cache_fill` must be one of {FILLS}, got {cfg.cache_fill!r}.")
     require(cfg.cache_top_k <= cfg.data.vocab_size,
             f"`config.cache_top_k` ({cfg.cache_top_k}) must be <= `config.data.vocab_size` "
             f"({cfg.data.vocab_size}).")
@@ -550,17 +556,22 @@ def run_lm(cfg) -> dict:
             transfer, _ = _transfer_rows(data, cfg.student.transfer_rows)
             fp = data.tokenizer.fingerprint
             path = os.path.join(run.out, "cache", "transfer")
+            # The tail of each cached distribution is filled by the transfer text's token
+            # frequencies (plus one) with fill="prior", or evenly with "uniform".
+            prior = None
+            if cfg.cache_fill == "prior":
+                prior = np.bincount(transfer.y[transfer.mask > 0], minlength=vocab) + 1.0
             try:
-                cache = open_cache(path, expect_tokenizer=fp)
+                cache = open_cache(path, expect_tokenizer=fp, fill=cfg.cache_fill, prior=prior)
             except (FileNotFoundError, ValueError):
-                cache = build_cache(
+                build_cache(
                     path, run_teachers, t_params,
                     (_model_batch(b) for b in packed_batches(
                         transfer, batch_size=min(cfg.eval_batch_size, len(transfer)),
                         shuffle=False, drop_remainder=False)),
                     num_examples=len(transfer), top_k=cfg.cache_top_k, keep_labels=True,
-                    tokenizer=fp,
-                    overwrite=True, progress=False)
+                    tokenizer=fp, overwrite=True, progress=False)
+                cache = open_cache(path, expect_tokenizer=fp, fill=cfg.cache_fill, prior=prior)
             cache_bytes = cache.bytes_per_example / (d.seq_len * k)
 
         seed_rows, student_curves = [], {}
