@@ -99,7 +99,7 @@ def lm_config() -> ml_collections.ConfigDict:
     c.alpha = 0.5
     c.chunk_size = 32
     c.cache_top_k = 32
-    c.cache_fill = "prior"
+    c.cache_fill = "uniform"
     c.weightings = ("uniform", "confidence", "entropy", "posterior")
     c.posterior_sharpness = 1.0
     c.online_weighting = "posterior"
@@ -556,8 +556,8 @@ def run_lm(cfg) -> dict:
             transfer, _ = _transfer_rows(data, cfg.student.transfer_rows)
             fp = data.tokenizer.fingerprint
             path = os.path.join(run.out, "cache", "transfer")
-            # The tail of each cached distribution is filled by the transfer text's token
-            # frequencies (plus one) with fill="prior", or evenly with "uniform".
+            # The tail of each cached distribution: evenly ("uniform"), or by the transfer
+            # text's token frequencies plus one ("prior"; worse here, docs/results/lm.md).
             prior = None
             if cfg.cache_fill == "prior":
                 prior = np.bincount(transfer.y[transfer.mask > 0], minlength=vocab) + 1.0
