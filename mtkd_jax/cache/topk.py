@@ -20,10 +20,10 @@ An entry is turned back into logits `[K, B, C]` in one of three ways (`fill`,
   close to the online one.
 * ``"prior"``: the mass outside the top-k is spread in proportion to a prior `[C]` over the
   classes (e.g. the token frequencies of the training text): class c outside the top-k gets
-  :math:`p_c = (1 - \sum_{top k} p)\,\pi_c / (1 - \sum_{top k} \pi)`. Where the teacher's
-  tail resembles the prior (a language model's tail is close to the unigram distribution
-  of its text), this target is much closer to the online one than the uniform fill; with a
-  uniform prior it is the uniform fill.
+  :math:`p_c = (1 - \sum_{top k} p)\,\pi_c / (1 - \sum_{top k} \pi)`; with a uniform
+  prior it is the uniform fill. (Students of `mtkd lm` distilled from a top-32 cache with
+  the token frequencies as the prior were worse than with the uniform fill: numbers in
+  docs/results/lm.md.)
 * ``"renormalize"``: the top-k classes keep their stored log-probabilities and every other
   class gets `TOP_K_FILL` (-1e4). `softmax_t(z, temperature=T)` of that is exactly the
   teacher's distribution at temperature T **restricted to its top-k classes and
