@@ -60,7 +60,8 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Appended: a library on PYTHONPATH (another version, `--ab`) comes first.
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import bare_lm  # noqa: E402
 import run as bench  # noqa: E402
@@ -152,7 +153,7 @@ class JaxUnit(bench.Unit):
 
 
 class TorchUnit(bench.Unit):
-    """One variant of the PyTorch worker: times are taken inside the worker."""
+    """One unit of a worker process (`torch_lm.py`, `--serve`): timed inside the worker."""
 
     def __init__(self, name, tokens, worker, mode):
         self.worker, self.mode = worker, mode
@@ -162,7 +163,85 @@ class TorchUnit(bench.Unit):
         return self.worker.ask(f"run {self.mode} {n}")["seconds"]
 
 
-class TorchWorker:
+AB_UNITS = ("lib_online", "lib_online_unchunked", "lib_cached_device")
+
+
+def serve(cfg: dict, wanted) -> None:
+    """`--serve`: build `wanted` units with the mtkd_jax on the path, warm them up, then
+    answer `run <unit> <n>` with the seconds of n steps (the `--ab` worker)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        units, _, _ = build_units(cfg, tmp, use_torch=False, wanted=set(wanted))
+        by = {u.name: u for u in units}
+        for u in units:
+            u.call()
+            u.block()
+        print(json.dumps({"ready": True, "mtkd_jax": os.path.dirname(mtkd_jax.__file__),
+                          "first": {u.name: u.first_loss for u in units}}), flush=True)
+        for line in sys.stdin:
+            cmd = line.split()
+            if not cmd or cmd[0] == "quit":
+                break
+            print(json.dumps({"seconds": by[cmd[1]].run(int(cmd[2]))}), flush=True)
+
+
+def ab(cfg: dict, before: str, *, repeats: int, target_s: float, quick: bool, log) -> dict:
+    """The library at `before` (a source tree holding `mtkd_jax/`) against this one: the same
+    units in two worker processes, interleaved repeats, paired ratios (after / before)."""
+    units = []
+    workers = {}
+    try:
+        for tag, path in (("before", before), ("after", os.path.dirname(HERE))):
+            env = {**os.environ, "PYTHONPATH": path}
+            argv = [sys.executable, os.path.abspath(__file__), "--serve", *(
+                ["--quick"] if quick else [])]
+            workers[tag] = w = Worker(argv, env=env)
+            log(f"  {tag}: {w.info['mtkd_jax']}")
+            for name in AB_UNITS:
+                u = TorchUnit(f"{name}@{tag}", cfg["B"] * cfg["L"], w, name)
+                u.first_loss = w.info["first"][name]
+                units.append(u)
+        bench.measure(units, repeats=repeats, target_s=target_s, log=log)
+    finally:
+        for w in workers.values():
+            w.close()
+    summary = bench.summarize(units)
+    return {"units": {n: {"tok_s": s["img_s"], "step_ms": s["step_ms"]}
+                      for n, s in summary.items()},
+            "first_loss": {u.name: u.first_loss for u in units},
+            "after_over_before": {n: paired(units, f"{n}@after", f"{n}@before")
+                                  for n in AB_UNITS}}
+
+
+class Worker:
+    """A child process answering one JSON line per command line (`torch_lm.py`, `--serve`)."""
+
+    def __init__(self, argv, env=None):
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env)
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the worker {self.proc.args[1]} exited")
+        out = json.loads(line)
+        if "error" in out:
+            raise RuntimeError(f"worker: {out['error']}")
+        return out
+
+    def ask(self, cmd: str) -> dict:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.flush()
+            self.proc.wait(timeout=60)
+
+
+class TorchWorker(Worker):
     """`torch_lm.py` in a subprocess, fed the JAX params and the batches through an .npz."""
 
     def __init__(self, cfg, ps, pts, batches, tmp: str):
@@ -178,29 +257,7 @@ class TorchWorker:
                 arrays[f"batch{i}_{f}"] = b[f]
         path = os.path.join(tmp, "torch_setup.npz")
         np.savez(path, **arrays)
-        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "torch_lm.py"), path],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.info = self._read()
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("the PyTorch worker exited")
-        out = json.loads(line)
-        if "error" in out:
-            raise RuntimeError(f"PyTorch worker: {out['error']}")
-        return out
-
-    def ask(self, cmd: str) -> dict:
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.flush()
-            self.proc.wait(timeout=60)
+        super().__init__([sys.executable, os.path.join(HERE, "torch_lm.py"), path])
 
 
 def torch_available() -> bool:
@@ -622,6 +679,10 @@ def parse(argv=None):
     p.add_argument("--no-memory", action="store_true", help="skip the V = 128k memory part")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--target-seconds", type=float, default=None)
+    p.add_argument("--ab", metavar="TREE", default=None,
+                   help="only the library's own units, this tree's mtkd_jax against the one in "
+                   "TREE (e.g. `git archive <commit> mtkd_jax | tar -x -C TREE`)")
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--units", default=None,
                    help=f"comma-separated subset of {','.join(UNITS)} (default all; "
                    f"--quick: {','.join(QUICK_UNITS)})")
@@ -639,7 +700,18 @@ def main(argv=None) -> dict:
     result: dict = {"config": {**cfg, "quick": args.quick, "temperature": TEMPERATURE,
                                "alpha": ALPHA, "weighting": "uniform", "lr": LR},
                     "environment": environment()}
+    if args.serve:
+        serve(cfg, AB_UNITS)
+        return {}
     log(f"lm benchmark: {cfg}")
+    if args.ab:
+        result["ab"] = ab(cfg, args.ab, repeats=repeats, target_s=target_s, quick=args.quick,
+                          log=log)
+        print(json.dumps(result["ab"]["after_over_before"], indent=1))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1, default=float)
+        return result
     wanted = set(args.units.split(",")) if args.units else set(
         QUICK_UNITS if args.quick else UNITS)
     if wanted - set(UNITS):
