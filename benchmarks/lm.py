@@ -383,6 +383,7 @@ RATIOS = (
     ("lib_online", "lib_online_unchunked"),
     ("lib_online", "torch_eager"),
     ("lib_online", "torch_compiled"),
+    ("lib_online_unchunked", "torch_compiled"),
     ("lib_cached", "lib_online"),
     ("lib_cached_device", "lib_online"),
     ("lib_online", "lib_student"),
@@ -522,11 +523,18 @@ def memory_128k(s: dict, log) -> dict:
     for name, pair in variants.items():
         row = {}
         for kind, (step, extra, tp) in pair.items():
-            row[kind] = compiled_memory(step, state, {**base, **extra}, key, tp)
+            try:
+                row[kind] = compiled_memory(step, state, {**base, **extra}, key, tp)
+            except Exception as e:  # noqa: BLE001 (e.g. a backend that refuses to compile it)
+                row[kind] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                log(f"  memory {name} {kind}: {row[kind]['error']}")
+                continue
             log(f"  memory {name} {kind}: temp {row[kind]['temp_bytes'] / 2**30:.3f} GiB "
                 f"(compile {row[kind]['compile_s']} s)")
-        row["ratio"] = round(row["chunked"]["temp_bytes"] / row["unchunked"]["temp_bytes"], 4)
-        row["chunked_over_one_chunk"] = round(row["chunked"]["temp_bytes"] / one_chunk, 3)
+        if all("temp_bytes" in row[kind] for kind in pair):
+            row["ratio"] = round(row["chunked"]["temp_bytes"] / row["unchunked"]["temp_bytes"],
+                                 4)
+            row["chunked_over_one_chunk"] = round(row["chunked"]["temp_bytes"] / one_chunk, 3)
         out[name] = row
     return out
 
@@ -535,16 +543,18 @@ def memory_128k(s: dict, log) -> dict:
 # Scaling
 
 
-SCALING_TIMED = dict(K=(1, 2, 4, 8), L=(128, 256), V=(8192, 32768))
+SCALING_TIMED = dict(K=(1, 2, 4, 8), L=(128, 256), V=(8192, 16384))
 SCALING_MEMORY = dict(K=(1, 2, 4, 8), L=(256, 1024, 4096), V=(8192, 32768, 131072))
 
 
-def scaling(base: dict, *, repeats: int, log, quick: bool) -> dict:
+def scaling(base: dict, *, repeats: int, log, quick: bool, axes=("K", "L", "V")) -> dict:
     """Timed tokens/s of the online and cached (device-expanded) steps against K, L and V
     (each varied alone from `base`), where a step is short on this CPU; compiled temporary
     bytes of the same steps over the wider grid (no run)."""
     timed = {"K": (1, 2), "L": (16, 32), "V": (256, 512)} if quick else SCALING_TIMED
     mem = {"K": (1, 2), "L": (32, 64), "V": (256, 512)} if quick else SCALING_MEMORY
+    timed = {a: v for a, v in timed.items() if a in axes}
+    mem = {a: v for a, v in mem.items() if a in axes}
     out = {"timed": [], "memory": []}
     wanted = {"lib_online", "lib_cached_device"}
     for axis, values in timed.items():
@@ -633,6 +643,8 @@ def environment() -> dict:
 
 
 def goals(result: dict) -> dict:
+    if "speed" not in result:
+        return {}
     sp = result["speed"]
     r = sp["ratios"]
 
@@ -659,24 +671,39 @@ def goals(result: dict) -> dict:
     if "memory_128k" in result:
         m = result["memory_128k"]
         out["memory_ratio_128k"] = {
-            **{name: {"ratio": m[name]["ratio"],
-                      "chunked_over_one_chunk": m[name]["chunked_over_one_chunk"]}
+            **{name: {"ratio": m[name].get("ratio"),
+                      "chunked_over_one_chunk": m[name].get("chunked_over_one_chunk")}
                for name in ("precomputed_logits", "online_teacher_head", "top_k_cache")},
             "goal": GOALS["memory_ratio_128k"], "one_chunk_bytes": m["one_chunk_bytes"]}
     if "scaling" in result:
-        rows = [x for x in result["scaling"]["timed"] if x["axis"] == "K"]
-        c = [x["lib_cached_device"] for x in rows]
-        out["cached_vs_online"]["flat_in_K"] = round(max(c) / min(c), 3) if c else None
+        out["cached_vs_online"].update(scaling_goals(result["scaling"]))
     return out
+
+
+def scaling_goals(sc: dict) -> dict:
+    """From the K rows of a scaling grid: the cached step over the online one at K = 4, and
+    the spread (max / min) of the cached step's tokens/s over K (goal: within 1.3x)."""
+    rows = [x for x in sc["timed"] if x["axis"] == "K"]
+    c = [x["lib_cached_device"] for x in rows]
+    at4 = [x["cached_over_online"] for x in rows if x["value"] == 4]
+    return {"flat_in_K": round(max(c) / min(c), 3) if c else None,
+            "cached_over_online_at_K4": at4[0] if at4 else None, "flat_goal": 1.3}
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", help="write the results here")
     p.add_argument("--quick", action="store_true", help="tiny sizes (the default test)")
-    p.add_argument("--scaling", action="store_true", help="also the K / L / V scaling grid")
+    p.add_argument("--scaling", nargs="?", const="K,L,V", default=None, metavar="AXES",
+                   help="also the scaling grid over K, L and V (or the comma-separated axes "
+                   "given: one axis per run keeps each run short)")
+    p.add_argument("--plot", nargs="+", metavar="FILE", default=None,
+                   help="only plot the scaling rows of these JSON files (merged) to --json's "
+                   "`_scaling.png`; runs nothing")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--no-memory", action="store_true", help="skip the V = 128k memory part")
+    p.add_argument("--no-speed", action="store_true",
+                   help="skip the speed comparison (e.g. with --scaling K)")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--target-seconds", type=float, default=None)
     p.add_argument("--ab", metavar="TREE", default=None,
@@ -700,6 +727,21 @@ def main(argv=None) -> dict:
     result: dict = {"config": {**cfg, "quick": args.quick, "temperature": TEMPERATURE,
                                "alpha": ALPHA, "weighting": "uniform", "lr": LR},
                     "environment": environment()}
+    if args.plot:
+        merged = {"timed": [], "memory": []}
+        for path in args.plot:
+            with open(path) as f:
+                sc = json.load(f)["scaling"]
+            for k in merged:
+                merged[k] += sc[k]
+        png = os.path.splitext(args.json or "lm.json")[0] + "_scaling.png"
+        merged["plot"] = plot_scaling(merged, png)
+        merged["goals"] = scaling_goals(merged)
+        print(json.dumps(merged["goals"]))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"scaling": merged}, f, indent=1)
+        return {"scaling": merged}
     if args.serve:
         serve(cfg, AB_UNITS)
         return {}
@@ -716,15 +758,16 @@ def main(argv=None) -> dict:
         QUICK_UNITS if args.quick else UNITS)
     if wanted - set(UNITS):
         raise SystemExit(f"--units: unknown {sorted(wanted - set(UNITS))}; choose from {UNITS}")
-    result["speed"] = speed(cfg, repeats=repeats, target_s=target_s,
-                            use_torch=use_torch and bool(wanted & {"torch_eager",
-                                                                   "torch_compiled"}),
-                            log=log, wanted=wanted)
+    if not args.no_speed:
+        result["speed"] = speed(cfg, repeats=repeats, target_s=target_s,
+                                use_torch=use_torch and bool(wanted & {"torch_eager",
+                                                                       "torch_compiled"}),
+                                log=log, wanted=wanted)
     if not args.no_memory:
         result["memory_128k"] = memory_128k(MEMORY_QUICK if args.quick else MEMORY, log)
     if args.scaling:
         result["scaling"] = scaling(cfg, repeats=2 if args.quick else 3, log=log,
-                                    quick=args.quick)
+                                    quick=args.quick, axes=tuple(args.scaling.split(",")))
         if args.json:
             png = os.path.splitext(args.json)[0] + "_scaling.png"
             result["scaling"]["plot"] = plot_scaling(result["scaling"], png)
