@@ -547,13 +547,14 @@ SCALING_TIMED = dict(K=(1, 2, 4, 8), L=(128, 256), V=(8192, 16384))
 SCALING_MEMORY = dict(K=(1, 2, 4, 8), L=(256, 1024, 4096), V=(8192, 32768, 131072))
 
 
-def scaling(base: dict, *, repeats: int, log, quick: bool, axes=("K", "L", "V")) -> dict:
+def scaling(base: dict, *, repeats: int, log, quick: bool, axes=("K", "L", "V"),
+            timed_axes=("K", "L", "V")) -> dict:
     """Timed tokens/s of the online and cached (device-expanded) steps against K, L and V
     (each varied alone from `base`), where a step is short on this CPU; compiled temporary
     bytes of the same steps over the wider grid (no run)."""
     timed = {"K": (1, 2), "L": (16, 32), "V": (256, 512)} if quick else SCALING_TIMED
     mem = {"K": (1, 2), "L": (32, 64), "V": (256, 512)} if quick else SCALING_MEMORY
-    timed = {a: v for a, v in timed.items() if a in axes}
+    timed = {a: v for a, v in timed.items() if a in axes and a in timed_axes}
     mem = {a: v for a, v in mem.items() if a in axes}
     out = {"timed": [], "memory": []}
     wanted = {"lib_online", "lib_cached_device"}
@@ -603,6 +604,10 @@ def plot_scaling(sc: dict, path: str) -> str:
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     for j, axis in enumerate(("K", "L", "V")):
         rows = [r for r in sc["timed"] if r["axis"] == axis]
+        if not rows and not any(r["axis"] == axis for r in sc["memory"]):
+            axes[0, j].set_visible(False)
+            axes[1, j].set_visible(False)
+            continue
         ax = axes[0, j]
         for name, label in (("lib_online", "online"), ("lib_cached_device", "top-k cache")):
             ax.plot([r["value"] for r in rows], [r[name] for r in rows], "o-", label=label)
@@ -697,6 +702,8 @@ def parse(argv=None):
     p.add_argument("--scaling", nargs="?", const="K,L,V", default=None, metavar="AXES",
                    help="also the scaling grid over K, L and V (or the comma-separated axes "
                    "given: one axis per run keeps each run short)")
+    p.add_argument("--untimed", default="", metavar="AXES",
+                   help="scaling axes measured by compiled memory only (not timed)")
     p.add_argument("--plot", nargs="+", metavar="FILE", default=None,
                    help="only plot the scaling rows of these JSON files (merged) to --json's "
                    "`_scaling.png`; runs nothing")
@@ -767,8 +774,12 @@ def main(argv=None) -> dict:
         result["memory_128k"] = memory_128k(MEMORY_QUICK if args.quick else MEMORY, log)
     if args.scaling:
         result["scaling"] = scaling(cfg, repeats=2 if args.quick else 3, log=log,
-                                    quick=args.quick, axes=tuple(args.scaling.split(",")))
-        if args.json:
+                                    quick=args.quick, axes=tuple(args.scaling.split(",")),
+                                    timed_axes=tuple(a for a in "KLV"
+                                                     if a not in args.untimed.split(",")))
+        if args.json:  # the numbers first, then the plot
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1, default=float)
             png = os.path.splitext(args.json)[0] + "_scaling.png"
             result["scaling"]["plot"] = plot_scaling(result["scaling"], png)
     result.update(goals(result))
