@@ -1,8 +1,14 @@
 """Language-model distillation: speed and memory of mtkd_jax's token-level step, side by side
 with a bare JAX step and a PyTorch loop (issue 26).
 
-Run:  python benchmarks/lm.py [--json FILE] [--quick] [--scaling] [--no-torch]
-                              [--repeats N] [--no-memory]
+Run:  python benchmarks/lm.py [--json FILE] [--quick] [--no-torch] [--repeats N]
+                              [--units a,b] [--no-memory] [--no-speed]
+                              [--scaling [K,L,V]] [--untimed AXES]
+      python benchmarks/lm.py --plot scK.json scLV.json --json scaling.json   # merge + plot
+      python benchmarks/lm.py --ab TREE     # this mtkd_jax against TREE/mtkd_jax, paired
+
+`--quick` (the default test, tests/test_benchmarks_lm.py) runs tiny models and the units
+lib_online, lib_cached_device, bare_jax and torch_eager.
 
 The workload is the default `mtkd lm` (`mtkd_jax.experiment.lm.lm_config`): a ``tiny``
 transformer student, K = 3 ``small`` teachers (different inits, frozen), V = 8192, rows of
