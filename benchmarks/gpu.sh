@@ -7,6 +7,9 @@
 # (MTKD_GPU_BUDGET_S, default 450 s, so the whole script stays under 8 minutes):
 #   gpu_f32, gpu_bf16         benchmarks/run.py --workload gpu: batch 1024, 3 ResNet-14-like
 #                             teachers (GroupNorm), small ResNet student, every unit
+#   lm                        benchmarks/lm.py: the language-model distill step (tiny
+#                             student, 3 small teachers, V = 8192, L = 128) online, cached,
+#                             unchunked, bare JAX; XLA memory at V = 128k on the device
 #   standard_f32, standard_bf16  benchmarks/run.py --workload standard (batch 256, ConvNets)
 #   strategy_f32              benchmarks/strategy_bench.py --preset gpu: vmap vs loop vs auto
 #   shard_gpu                 benchmarks/shard_bench.py over the GPUs (mesh 1 x D): replicated
@@ -27,7 +30,7 @@ QUICK=()
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK=(--quick) ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) OUT="$arg" ;;
   esac
 done
@@ -68,6 +71,7 @@ COMMON=(--no-torch)
 (( ${#QUICK[@]} )) || COMMON+=(--repeats 5 --target-seconds 0.3)
 run gpu_f32 benchmarks/run.py --workload gpu --dtype float32 "${COMMON[@]}"
 run gpu_bf16 benchmarks/run.py --workload gpu --dtype bfloat16 "${COMMON[@]}"
+run lm benchmarks/lm.py "${COMMON[@]}"
 run standard_f32 benchmarks/run.py --workload standard --dtype float32 "${COMMON[@]}"
 run standard_bf16 benchmarks/run.py --workload standard --dtype bfloat16 "${COMMON[@]}"
 run strategy_f32 benchmarks/strategy_bench.py --preset gpu --rounds 5
@@ -78,6 +82,11 @@ JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 \
 
 shopt -s nullglob
 files=("$OUT"/gpu_*.json "$OUT"/standard_*.json "$OUT"/strategy_*.json)
+if [[ -f "$OUT/lm.json" ]]; then  # its own goals (not run.py's format)
+  echo "== lm.json"; python -c "import json,sys; d=json.load(open(sys.argv[1])); \
+[print(k, json.dumps(d[k])) for k in ('lib_vs_bare', 'memory_ratio_128k', 'cached_vs_online') \
+ if k in d]" "$OUT/lm.json"
+fi
 for f in "$OUT"/shard_*.json; do  # its own table (not run.py's format)
   echo "== $(basename "$f")"; python -c "import json,sys; d=json.load(open(sys.argv[1])); \
 [print(k, {m: round(v, 3) for m, v in r.items() if m.endswith('ratio')}) \

@@ -103,3 +103,47 @@ def test_linen_model_under_a_policy_computes_in_bfloat16():
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(new_state))
     plain = mk.as_model(lambda w, x: x @ w, policy="bfloat16")
     assert plain(jnp.ones((D, C)), None, x, train=False)[0].dtype == jnp.float32
+
+
+def _kl_reference(s, z, temperature):
+    """float64 NumPy: mean over tokens of T^2 KL(mean_k softmax(z_k / T) || softmax(s / T)),
+    and its gradient with respect to the student logits s."""
+    def softmax(x):
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    t = softmax(z / temperature).mean(0)
+    log_q = s / temperature - s.max(-1, keepdims=True) / temperature
+    log_q = log_q - np.log(np.exp(log_q).sum(-1, keepdims=True))
+    n = s.shape[0] * s.shape[1]
+    kl = (t * (np.log(t) - log_q)).sum(-1)
+    grad = temperature * (np.exp(log_q) - t) / n
+    return temperature**2 * kl.mean(), grad
+
+
+def test_chunked_soft_loss_of_bfloat16_logits_at_a_large_vocabulary_is_float32_accurate(rng):
+    # V = 128k, bfloat16 student and teacher logits (what bfloat16 models hand the loss): the
+    # chunked loss accumulates in float32, so it is within 1e-4 of a float64 reference and
+    # its gradient within 1e-3 (a bfloat16 accumulation over V is off by ~1e-2).
+    from mtkd_jax.objective.loss import chunked_distill_sums, finish_distill
+
+    v, b, length, k, temperature = 131072, 1, 6, 2, 2.0
+    s = jnp.asarray(3.0 * rng.normal(size=(b, length, v)), BF16)
+    z = jnp.asarray(3.0 * rng.normal(size=(k, b, length, v)), BF16)
+    want, want_grad = _kl_reference(np.asarray(s, np.float64), np.asarray(z, np.float64),
+                                    temperature)
+
+    def soft(logits):
+        sums = chunked_distill_sums(logits, lambda _, f: f, None, z, chunk_size=4,
+                                    temperature=temperature)
+        return finish_distill(sums)[0].soft
+
+    got = jax.jit(soft)(s)
+    assert got.dtype == jnp.float32
+    assert abs(float(got) - want) <= 1e-4 * abs(want)
+    # The gradient in float32 (with respect to float32 logits holding the bfloat16 values; a
+    # gradient with respect to a bfloat16 array is itself rounded to bfloat16).
+    grad = np.asarray(jax.jit(jax.grad(soft))(s.astype(jnp.float32)), np.float64)
+    err = np.linalg.norm(grad - want_grad) / np.linalg.norm(want_grad)
+    assert err <= 1e-3, err
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-3, atol=1e-3 * np.abs(want_grad).max())

@@ -290,3 +290,46 @@ def test_codistill_sequence_step_equals_flattened_valid_tokens(problem):
     np.testing.assert_allclose(seq.params, flat.params, rtol=1e-5, atol=1e-6)
     for name in ("loss", "model_loss", "divergence", "accuracy"):
         np.testing.assert_allclose(ms[name], mf[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def _chunked_temp_bytes(k, b, length, v, h, chunk, top_k=None):
+    """XLA's temporary bytes of the compiled chunked distill step (compiled, not run), with
+    precomputed teacher logits or (`top_k`) top-k entries expanded per chunk on the device."""
+    from mtkd_jax.cache import expand_top_k
+
+    sd = jax.ShapeDtypeStruct
+    tx = optax.sgd(0.1)
+    kw = dict(student_head=lambda p, f: f @ p["head"], chunk_size=chunk, temperature=2.0,
+              alpha=0.5)
+    features = lambda p, x: jnp.tanh(x @ p["body"])  # noqa: E731
+    params = {"body": sd((h, h), jnp.float32), "head": sd((h, v), jnp.float32)}
+    batch = {"x": sd((b, length, h), jnp.float32), "y": sd((b, length), jnp.int32),
+             "mask": sd((b, length), jnp.float32)}
+    extra = {}
+    if top_k is None:
+        step = make_distill_step(features, None, tx, **kw)
+        batch["teacher_logits"] = sd((k, b, length, v), jnp.float32)
+    else:
+        def expand(_, z):
+            return expand_top_k(z[..., :top_k], z[..., top_k:2 * top_k].astype(jnp.int32),
+                                z[..., 2 * top_k], num_classes=v)
+
+        step = make_distill_step(features, lambda tp, x: tp, tx, teacher_head=expand, **kw)
+        extra["teacher_params"] = sd((k, b, length, 2 * top_k + 1), jnp.float32)
+    state = jax.eval_shape(lambda p: init_train_state(p, tx), params)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    compiled = jax.jit(step).lower(state, batch, key, **extra).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_chunked_step_holds_about_one_chunk_of_teacher_logits():
+    # The chunked step's temporaries stay a few times one chunk's (K + 2) * B * c * V
+    # float32, whatever L: measured 2.5x (precomputed logits) and 3.5x (a top-k cache expanded
+    # per chunk) at these sizes (1.8x and 2.8x at V = 128k, benchmarks/RESULTS.md). Before
+    # issue 26 they were 3.9x and 35x here: the unnormalised softmax, the weighted teacher
+    # products, an elementwise isfinite and the top-k one-hot `[..., k, V]` each added
+    # `[K, B, c, V]`-sized buffers.
+    k, b, length, v, h, c = 4, 2, 256, 4096, 32, 32
+    one_chunk = (k + 2) * b * c * v * 4
+    assert _chunked_temp_bytes(k, b, length, v, h, c) <= 3 * one_chunk
+    assert _chunked_temp_bytes(k, b, length, v, h, c, top_k=16) <= 5 * one_chunk

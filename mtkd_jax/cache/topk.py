@@ -305,7 +305,8 @@ def expand_top_k(
         log_rest = jnp.asarray(log_rest)
     log_probs = jnp.asarray(log_probs, jnp.float32)
     other = _other_logit(jnp, log_probs, log_rest, num_classes, fill, classes, log_prior)
-    # A one-hot select rather than a scatter: dense and vectorised on every backend.
-    onehot = jnp.asarray(classes)[..., None] == jnp.arange(num_classes)  # [..., k, C]
-    values = jnp.sum(jnp.where(onehot, log_probs[..., None], 0.0), axis=-2)
-    return jnp.where(jnp.any(onehot, axis=-2), values, other)
+    # A scatter of the k values into the filled row: O(C) memory and work per position (a
+    # one-hot select would build `[..., k, C]`: at k = 32, V = 128k, 32x the logits).
+    full = jnp.broadcast_to(other, log_probs.shape[:-1] + (num_classes,))
+    return jnp.put_along_axis(full, jnp.asarray(classes, jnp.int32), log_probs, axis=-1,
+                              inplace=False)

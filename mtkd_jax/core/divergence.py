@@ -39,7 +39,11 @@ def softmax_t(logits: jax.Array, *, temperature: float | jax.Array = 1.0) -> jax
     _checks.check_float(logits, "logits")
     logits = at_least_float32(logits)  # bfloat16 logits: the softmax in float32
     _checks.check_temperature(temperature)
-    return jax.nn.softmax(logits / temperature, axis=-1)
+    z = logits / temperature
+    # exp(z - logsumexp(z)) rather than exp(z - max) / sum: one elementwise pass after the two
+    # row reductions, so no unnormalised `[..., C]` array is held beside the result (at a
+    # large vocabulary that is one more `[K, B, c, V]` buffer per chunk of the loss).
+    return jnp.exp(z - jax.nn.logsumexp(z, axis=-1, keepdims=True))
 
 
 def log_softmax_t(logits: jax.Array, *, temperature: float | jax.Array = 1.0) -> jax.Array:
