@@ -54,6 +54,7 @@ from mtkd_jax.models.transformer import PRESETS, Transformer, preset
 from mtkd_jax.models.zoo.token import token_model_fns
 from mtkd_jax.objective.targets import fuse_targets
 from mtkd_jax.training import fit as loop
+from mtkd_jax.training.checkpoint import params_fingerprint
 from mtkd_jax.training.evaluation import evaluate, make_eval_step
 from mtkd_jax.training.state import init_train_state
 from mtkd_jax.training.steps import make_distill_step, make_supervised_step
@@ -561,8 +562,12 @@ def run_lm(cfg) -> dict:
             prior = None
             if cfg.cache_fill == "prior":
                 prior = np.bincount(transfer.y[transfer.mask > 0], minlength=vocab) + 1.0
-            try:
-                cache = open_cache(path, expect_tokenizer=fp, fill=cfg.cache_fill, prior=prior)
+            try:  # reused only if built from these teachers, rows, tokenizer and k
+                cache = open_cache(path, expect_fingerprint=params_fingerprint(t_params),
+                                   expect_tokenizer=fp, fill=cfg.cache_fill, prior=prior)
+                if (cache.top_k, cache.num_examples, cache.header.get("keeps_labels")) != (
+                        cfg.cache_top_k, len(transfer), True):
+                    raise ValueError("another cache")
             except (FileNotFoundError, ValueError):
                 build_cache(
                     path, run_teachers, t_params,
