@@ -218,7 +218,9 @@ def _identity(v):
 @pytest.mark.parametrize("chunked", [False, True])
 def test_teachers_with_the_students_tokenizer_give_exactly_the_shared_path(rng, chunked):
     """Aligned to itself (index = position, all available) with the identity projection,
-    every number of the step equals the shared-vocabulary step's, bit for bit."""
+    the loss and every metric of the step equal the shared-vocabulary step's bit for bit, and
+    the updated parameters to float32 rounding (the two gradients are different XLA programs,
+    the availability path renormalises the weights: 1 ulp in 1-2 of 55 entries)."""
     b, length, h, k = 3, 7, 5, 2
     x = rng.normal(size=(b, length, h)).astype(np.float32)
     zt = [rng.normal(size=(b, length, V_S)).astype(np.float32) for _ in range(k)]
@@ -246,7 +248,7 @@ def test_teachers_with_the_students_tokenizer_give_exactly_the_shared_path(rng, 
                   jax.random.key(0))
     for name in m1:
         np.testing.assert_array_equal(m1[name], m2[name], err_msg=name)
-    np.testing.assert_array_equal(s1.params, s2.params)
+    np.testing.assert_allclose(s1.params, s2.params, rtol=1e-6, atol=1e-7)
     assert float(m2["unaligned"]) == 0.0
 
 

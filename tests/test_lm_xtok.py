@@ -4,6 +4,7 @@
 import math
 
 import numpy as np
+import pytest
 
 from mtkd_jax.data.corpora import split_documents
 from mtkd_jax.experiment.lm_xtok import lm_xtok_config, quick_lm_xtok, run_lm_xtok
@@ -15,6 +16,7 @@ def _domain(name, words, rng, n=60):
     return split_documents(name, docs, validation_fraction=0.1, test_fraction=0.1)
 
 
+@pytest.mark.slow  # 53 s; the docs/lm.md block runs the same API in the default suite
 def test_quick_run_with_own_tokenizers(tmp_path):
     rng = np.random.default_rng(0)
     code = _domain("code", ["def", "return", "x", "=", "(self):", "import", "numpy", "if",
