@@ -72,6 +72,9 @@ sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bare_lm  # noqa: E402
 import run as bench  # noqa: E402
 from flax import nnx  # noqa: E402
+from memory import _features as _lin_features  # noqa: E402  (the linear stand-ins)
+from memory import _head as _lin_head  # noqa: E402
+from memory import _logits as _lin_logits  # noqa: E402
 
 import mtkd_jax  # noqa: E402
 from mtkd_jax.cache import build_cache, expand_top_k  # noqa: E402
@@ -445,18 +448,6 @@ def speed(cfg, *, repeats, target_s, use_torch, log, wanted=None) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Memory at a real vocabulary (compile only)
-
-
-def _lin_features(p, x):
-    return jnp.tanh(x @ p["body"])
-
-
-def _lin_head(p, f):
-    return f @ p["head"]
-
-
-def _lin_logits(p, x):
-    return _lin_head(p, _lin_features(p, x))
 
 
 def _t_features(tp, x):  # [K, B, L, H]
