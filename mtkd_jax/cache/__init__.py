@@ -13,7 +13,8 @@ What is stored, per example-view (`build_cache`):
 * **top-k** (`top_k=k`): per teacher, the k largest log-probabilities at T = 1 (in `dtype`,
   default float16), their class indices and the log of the mass outside the top-k. Read
   back as full logits with one of `FILLS` (`DEFAULT_FILL` = ``"uniform"``): see
-  `mtkd_jax.cache.topk`.
+  `mtkd_jax.cache.topk`; or read as they are (`with_cached_top_k`) and distilled without
+  expanding them (`mtkd_jax.objective.top_k_slots`).
 
 Augmented training: a fixed number of views per example (`num_views`), each with its own
 cached output; batches carry `"view"` next to `"index"`, and the view's input must be
@@ -26,11 +27,11 @@ shared file system is assumed).
 
 Modules: `topk` (the top-k math and the fills), `format` (the on-disk layout), `writer`
 (`build_cache`), `parallel_build` (`build_cache_in_parallel`), `reader` (`TeacherCache`,
-`open_cache`, `with_cached_logits`), `views` (`augment_view`).
+`open_cache`, `with_cached_logits`, `with_cached_top_k`), `views` (`augment_view`).
 """
 
 from mtkd_jax.cache.parallel_build import build_cache_in_parallel
-from mtkd_jax.cache.reader import TeacherCache, open_cache, with_cached_logits
+from mtkd_jax.cache.reader import TeacherCache, open_cache, with_cached_logits, with_cached_top_k
 from mtkd_jax.cache.topk import (
     DEFAULT_FILL,
     FILLS,
@@ -55,4 +56,5 @@ __all__ = [
     "open_cache",
     "top_k_of_logits",
     "with_cached_logits",
+    "with_cached_top_k",
 ]

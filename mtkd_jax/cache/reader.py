@@ -10,7 +10,7 @@ import numpy as np
 from mtkd_jax.cache.format import fingerprint_sha, load_shard, read_headers
 from mtkd_jax.cache.topk import DEFAULT_FILL, TopK, check_fill, check_prior, expand_top_k_host
 
-__all__ = ["TeacherCache", "open_cache", "with_cached_logits"]
+__all__ = ["TeacherCache", "open_cache", "with_cached_logits", "with_cached_top_k"]
 
 
 class TeacherCache:
@@ -279,3 +279,30 @@ def with_cached_logits(
                 f"for a cache of several views), got {got}."
             )
         yield {**batch, key: cache.lookup(batch["index"], batch.get("view"))}
+
+
+def with_cached_top_k(batch_iter: Iterable[dict], cache: TeacherCache) -> Iterator[dict]:
+    """Add `batch["teacher_top_k"] = cache.lookup_top_k(batch["index"], batch.get("view"))`
+    to every batch: the compact entries (`TopK`, stored dtypes, teacher axis first), which the
+    distill step built with `teacher_apply=None` distils in their slot space without
+    expanding them to the C classes (`mtkd_jax.objective.top_k_slots`, T = 1): about k/C of
+    `with_cached_logits`' bytes and none of its `[K, B, C]` work.
+
+    Example:
+      >>> import tempfile, numpy as np, jax.numpy as jnp
+      >>> from mtkd_jax.cache import build_cache, with_cached_top_k
+      >>> apply = lambda tp, x: jnp.stack([x @ tp, -x @ tp])
+      >>> batch = {"x": np.eye(4, dtype=np.float32), "index": np.arange(4)}
+      >>> cache = build_cache(tempfile.mkdtemp(), apply, jnp.eye(4), [batch], num_examples=4,
+      ...                     top_k=2, progress=False)
+      >>> next(with_cached_top_k([batch], cache))["teacher_top_k"].classes.shape
+      (2, 4, 2)
+    """
+    for batch in batch_iter:
+        if not isinstance(batch, dict) or "index" not in batch:
+            got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+            raise ValueError(
+                f"each batch of `batch_iter` must be a dict with 'index' [B] (and 'view' [B] "
+                f"for a cache of several views), got {got}."
+            )
+        yield {**batch, "teacher_top_k": cache.lookup_top_k(batch["index"], batch.get("view"))}

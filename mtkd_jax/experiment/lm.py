@@ -42,7 +42,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mtkd_jax.cache import build_cache, open_cache, with_cached_logits
+from mtkd_jax.cache import (
+    DEFAULT_FILL,
+    TopK,
+    build_cache,
+    open_cache,
+    with_cached_logits,
+    with_cached_top_k,
+)
 from mtkd_jax.cache.topk import FILLS
 from mtkd_jax.data import LMData, PackedSplit, prepare_lm_data
 from mtkd_jax.data.packing import batches as packed_batches
@@ -64,6 +71,9 @@ __all__ = ["LM_HELP", "METRICS", "lm_config", "quick_lm", "run_lm", "validate_lm
 
 METRICS = ("perplexity", "bpb", "accuracy", "agreement")
 _MIX = "mixture"
+_CACHE_TAILS = ("bucket",) + FILLS
+"""How the cached rows read a teacher's tail: ``"bucket"`` (the entries as stored, the tail
+one slot: `mtkd_jax.objective.top_k_slots`), or expanded to the vocabulary with a fill."""
 _LN2 = math.log(2.0)
 
 
@@ -222,8 +232,8 @@ def validate_lm_config(cfg) -> None:
         require(name in WEIGHTINGS,
                 f"`config.weightings` / `online_weighting` must be names from "
                 f"{sorted(WEIGHTINGS)}, got {name!r}.")
-    require(cfg.cache_fill in FILLS,
-            f"`config.cache_fill` must be one of {FILLS}, got {cfg.cache_fill!r}.")
+    require(cfg.cache_fill in _CACHE_TAILS,
+            f"`config.cache_fill` must be one of {_CACHE_TAILS}, got {cfg.cache_fill!r}.")
     require(cfg.cache_top_k <= cfg.data.vocab_size,
             f"`config.cache_top_k` ({cfg.cache_top_k}) must be <= `config.data.vocab_size` "
             f"({cfg.data.vocab_size}).")
@@ -560,11 +570,12 @@ def run_lm(cfg) -> dict:
             # The tail of each cached distribution: evenly ("uniform"), or by the transfer
             # text's token frequencies plus one ("prior"; worse here, docs/results/lm.md).
             prior = None
+            fill = DEFAULT_FILL if cfg.cache_fill == "bucket" else cfg.cache_fill
             if cfg.cache_fill == "prior":
                 prior = np.bincount(transfer.y[transfer.mask > 0], minlength=vocab) + 1.0
             try:  # reused only if built from these teachers, rows, tokenizer and k
                 cache = open_cache(path, expect_fingerprint=params_fingerprint(t_params),
-                                   expect_tokenizer=fp, fill=cfg.cache_fill, prior=prior)
+                                   expect_tokenizer=fp, fill=fill, prior=prior)
                 if (cache.top_k, cache.num_examples, cache.header.get("keeps_labels")) != (
                         cfg.cache_top_k, len(transfer), True):
                     raise ValueError("another cache")
@@ -576,7 +587,7 @@ def run_lm(cfg) -> dict:
                         shuffle=False, drop_remainder=False)),
                     num_examples=len(transfer), top_k=cfg.cache_top_k, keep_labels=True,
                     tokenizer=fp, overwrite=True, progress=False)
-                cache = open_cache(path, expect_tokenizer=fp, fill=cfg.cache_fill, prior=prior)
+                cache = open_cache(path, expect_tokenizer=fp, fill=fill, prior=prior)
             cache_bytes = cache.bytes_per_example / (d.seq_len * k)
 
         seed_rows, student_curves = [], {}
@@ -651,6 +662,13 @@ def _one_seed(run, models, seed, transfer, val_mix, cache, test_sets, teacher_fn
                 transfer, batch_size=s.batch_size, seed=seed, epoch=e, start=start))
             if weighting is None or which == "online":
                 yield from stream
+                return
+            if cfg.cache_fill == "bucket":  # the entries as stored: the slot-space loss
+                for b in with_cached_top_k(stream, cache):
+                    if which is not None:
+                        b["teacher_top_k"] = TopK(*(a[np.asarray(which)]
+                                                    for a in b["teacher_top_k"]))
+                    yield b
                 return
             for b in with_cached_logits(stream, cache):
                 if which is not None:

@@ -46,6 +46,7 @@ from mtkd_jax.core.reduce import (
 )
 from mtkd_jax.core.vocab_projection import uld_from_top
 from mtkd_jax.objective.targets import distill_targets
+from mtkd_jax.objective.top_k_slots import check_top_k_inputs, top_k_slots
 from mtkd_jax.weighting import uniform
 
 __all__ = [
@@ -297,6 +298,21 @@ class DistillSums(NamedTuple):
     unaligned: jax.Array | None = None
 
 
+def _check_top_k_use(temperature, known, available, unmatched) -> None:
+    """What the top-k slot path does not combine with (ValueError naming it)."""
+    if not _checks.is_traced(temperature) and float(temperature) != 1.0:
+        raise ValueError(
+            f"teacher top-k entries (the slot space) are distilled at T = 1 only, got "
+            f"temperature={temperature}: tempering the rest bucket is not tempering its "
+            "classes. Expand the entries (`mtkd_jax.cache.expand_top_k`) to use a temperature."
+        )
+    for name, value in (("known", known), ("available", available),
+                        ("unmatched", unmatched)):
+        if value is not None:
+            raise ValueError(f"`{name}` does not combine with teacher top-k entries; expand "
+                             "them (`mtkd_jax.cache.expand_top_k`) first.")
+
+
 def distill_sums(
     student_logits: jax.Array,
     teacher_logits: jax.Array,
@@ -318,7 +334,12 @@ def distill_sums(
 
     Args:
       student_logits: `[B, C]` or `[B, L, V]`.
-      teacher_logits: `[K, B, C]` or `[K, B, L, V]`, frozen.
+      teacher_logits: `[K, B, C]` or `[K, B, L, V]`, frozen; or the teachers' top-k entries,
+        a 3-tuple `(log_probs [K, ..., k], classes [K, ..., k], log_rest [K, ...])` (e.g.
+        `mtkd_jax.cache.TopK`), which are never expanded: targets, loss and metrics are taken
+        in their slot space (`mtkd_jax.objective.top_k_slots`: the stored classes, the
+        label and one bucket for the rest), T = 1 only, without `known`, `available` or
+        `unmatched`.
       labels: optional `[B]` / `[B, L]` int labels.
       mask: optional `[B, L]` padding mask (0 = padding: in no loss, weight or metric).
       label_mask: optional `[B]` or `[B, L]`, 1 for labeled positions.
@@ -350,6 +371,11 @@ def distill_sums(
       >>> float(parts.loss), metrics["teacher_weights"].tolist()
       (0.0, [0.5, 0.5])
     """
+    if isinstance(teacher_logits, tuple):  # top-k entries: the slot space
+        _check_top_k_use(temperature, known, available, unmatched)
+        top = check_top_k_inputs(teacher_logits, jnp.shape(student_logits)[:-1])
+        student_logits, teacher_logits, labels = top_k_slots(
+            student_logits, *jax.lax.stop_gradient(top), labels)
     teacher_logits = jax.lax.stop_gradient(teacher_logits)
     if mask is None and jnp.ndim(student_logits) > 2:
         mask = jnp.ones(jnp.shape(student_logits)[:-1], jnp.float32)  # every token counts
@@ -478,7 +504,9 @@ def chunked_distill_sums(
       student_head: `student_head(head_params, features [B, c, H]) -> [B, c, V]`.
       head_params: what `student_head` takes (e.g. the whole student params).
       teacher_inputs: `[K, B, L, V]` precomputed teacher logits, or `[K, B, L, H_t]` teacher
-        features when `teacher_head` is given.
+        features when `teacher_head` is given, or the teachers' top-k entries
+        `(log_probs [K, B, L, k], classes [K, B, L, k], log_rest [K, B, L])` (`distill_sums`:
+        the slot space, never expanded to V).
       teacher_head: optional `teacher_head(teacher_params, [K, B, c, H_t]) -> [K, B, c, V]`.
       teacher_params: what `teacher_head` takes.
       labels: optional `[B, L]`.
@@ -510,11 +538,20 @@ def chunked_distill_sums(
             f"`features` must have shape [B, L, H] (a sequence batch), got {jnp.shape(features)}."
         )
     b, length = features.shape[:2]
-    if jnp.ndim(teacher_inputs) != 4 or tuple(teacher_inputs.shape[1:3]) != (b, length):
+    if isinstance(teacher_inputs, tuple):  # top-k entries (`distill_sums`)
+        if teacher_head is not None:
+            raise ValueError("`teacher_head` runs online teachers; teacher top-k entries are "
+                             "precomputed: pass teacher_head=None.")
+        _check_top_k_use(temperature, known, available, unmatched)
+        teacher_inputs = check_top_k_inputs(teacher_inputs, (b, length))
+        positions = tuple(jnp.shape(teacher_inputs[1])[:3])
+    elif jnp.ndim(teacher_inputs) != 4 or tuple(teacher_inputs.shape[1:3]) != (b, length):
         raise ValueError(
             f"`teacher_inputs` must have shape [K, B, L, V] (or [K, B, L, H_t] with "
             f"`teacher_head`) with [B, L]=({b}, {length}), got {jnp.shape(teacher_inputs)}."
         )
+    else:
+        positions = tuple(teacher_inputs.shape[:3])
     teacher_inputs = jax.lax.stop_gradient(teacher_inputs)
     size = min(chunk_size, length)
     num = -(-length // size)
@@ -528,7 +565,7 @@ def chunked_distill_sums(
         if mask is not None:
             m = m * _chunk(mask, start, size, 1).astype(jnp.float32)
         lm = _chunk(label_mask, start, size, 1) if label_mask_per_token else label_mask
-        zt = _chunk(teacher_inputs, start, size, 2)
+        zt = jax.tree.map(lambda a: _chunk(a, start, size, 2), teacher_inputs)
         if teacher_head is not None:
             zt = jax.lax.stop_gradient(teacher_head(teacher_params, zt))
         logits = student_head(head_params, _chunk(features, start, size, 1))
@@ -542,13 +579,13 @@ def chunked_distill_sums(
                             uld_weight=uld_weight)
 
     one = jax.checkpoint(one)
-    if available is not None and tuple(jnp.shape(available)) != tuple(teacher_inputs.shape[:3]):
-        raise ValueError(f"`available` must have shape [K, B, L]={teacher_inputs.shape[:3]}, "
+    if available is not None and tuple(jnp.shape(available)) != positions:
+        raise ValueError(f"`available` must have shape [K, B, L]={positions}, "
                          f"got {jnp.shape(available)}.")
     if unmatched is not None and (jnp.ndim(unmatched) != 4 or tuple(jnp.shape(unmatched)[:3])
-                                  != tuple(teacher_inputs.shape[:3])):
+                                  != positions):
         raise ValueError(f"`unmatched` must have shape [K, B, L, M + 1] with [K, B, L]="
-                         f"{teacher_inputs.shape[:3]}, got {jnp.shape(unmatched)}.")
+                         f"{positions}, got {jnp.shape(unmatched)}.")
     args = (head_params, features, teacher_inputs, teacher_params, labels, mask, label_mask,
             available, unmatched)
     first = one(*args, 0)

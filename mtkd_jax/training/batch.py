@@ -5,6 +5,10 @@ A batch is a dict::
     {"x": [B, ...], "y": [B] int (optional), "label_mask": [B] (optional, 1 = labeled),
      "teacher_logits": [K, B, C] (optional, precomputed), "index": [B], "view": [B]}
 
+or, for teachers read from a top-k cache without expanding them, "teacher_top_k": the
+3-tuple `(log_probs [K, B, k], classes [K, B, k], log_rest [K, B])` in place of
+"teacher_logits" (`mtkd_jax.objective.top_k_slots`).
+
 A sequence batch adds a token axis L: "y" `[B, L]`, "mask" `[B, L]` (1 = a real token,
 0 = padding, counted in no loss, weight or metric), "teacher_logits" `[K, B, L, V]`, and
 the models' logits are `[B, L, V]`; "label_mask" may then be `[B]` or `[B, L]`. A
@@ -30,6 +34,7 @@ import numpy as np
 from mtkd_jax.core import checks as _checks
 from mtkd_jax.core.precision import at_least_float32
 from mtkd_jax.core.reduce import combine_masks
+from mtkd_jax.objective.top_k_slots import check_top_k_inputs
 
 __all__ = ["BatchParts", "batch_parts", "check_batch", "teacher_logits_of"]
 
@@ -149,7 +154,10 @@ def teacher_logits_of(
     (`stop_gradient`), >= float32.
 
     Run online as `teacher_apply(teacher_params, x)`, or, when `teacher_apply` is None, read
-    from `batch["teacher_logits"]` (precomputed, e.g. from `mtkd_jax.cache`).
+    from `batch["teacher_logits"]` (precomputed, e.g. from `mtkd_jax.cache`). A batch with
+    `batch["teacher_top_k"]` instead (`mtkd_jax.cache.with_cached_top_k`: the 3-tuple
+    `(log_probs [K, ..., k], classes [K, ..., k], log_rest [K, ...])`) returns that tuple,
+    checked and frozen, for the steps' slot-space loss (`mtkd_jax.objective.top_k_slots`).
 
     Args:
       batch: the batch (for `"teacher_logits"`).
@@ -169,12 +177,16 @@ def teacher_logits_of(
     """
     b = _checks.batch_size(x)
     if teacher_apply is None:
+        if "teacher_logits" not in batch and "teacher_top_k" in batch:
+            top = check_top_k_inputs(batch["teacher_top_k"], (b,) if lead is None else lead)
+            return jax.lax.stop_gradient(top)
         if "teacher_logits" not in batch:
             if not required:
                 return None
             raise ValueError(
                 "`teacher_apply` is None, so the batch must hold precomputed "
-                f"'teacher_logits' [K, B, C]; it has keys {sorted(batch)}."
+                f"'teacher_logits' [K, B, C] (or 'teacher_top_k' entries); it has keys "
+                f"{sorted(batch)}."
             )
         z = batch["teacher_logits"]
     else:

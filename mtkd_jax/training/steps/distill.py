@@ -85,7 +85,9 @@ def make_distill_step(
         `pass_key`).
       teacher_apply: `apply(teacher_params, x) -> [K, B, C]`, frozen, in evaluation mode
         (e.g. `mtkd_jax.teachers.make_stacked_apply`), or None to read
-        `batch["teacher_logits"]`.
+        `batch["teacher_logits"]`, or `batch["teacher_top_k"]` (top-k cache entries,
+        `mtkd_jax.cache.with_cached_top_k`), distilled in their slot space without expanding
+        them to V (`mtkd_jax.objective.top_k_slots`; T = 1).
       tx: optax optimizer for the student.
       weighting: a name in `mtkd_jax.weighting.WEIGHTINGS` or a strategy function.
       soft_loss: ``"kl"`` (T^2-scaled KL) or ``"mse"`` (the article's squared error).
@@ -172,14 +174,16 @@ def make_distill_step(
         x = parts.x if augment_fn is None else augment_fn(aug_key, parts.x)
         lead = parts.lead
         teacher_out = teacher_logits_of(batch, x, teacher_apply, teacher_params, lead=lead)
-        if student_head is not None and teacher_out.ndim != 4:
+        top_k = isinstance(teacher_out, tuple)  # top-k entries: the slot-space loss
+        shape = teacher_out[1].shape if top_k else teacher_out.shape
+        if student_head is not None and len(shape) != 4:
             raise ValueError(
                 "`student_head` (the chunked loss) needs a sequence batch: teacher logits "
                 f"[K, B, L, V] and `batch['mask']` or `batch['y']` [B, L]; got teacher "
-                f"outputs {teacher_out.shape}."
+                f"outputs {shape}."
             )
-        lead = lead or teacher_out.shape[1:-1]
-        check_concrete_batch(batch, teacher_out.shape[-1])
+        lead = lead or shape[1:-1]
+        check_concrete_batch(batch, None if top_k else shape[-1])
         available = batch.get("teacher_available")  # teachers with their own tokenizers
         unmatched = batch.get("teacher_unmatched")
         if unmatched is not None and student_unmatched is None:
@@ -189,9 +193,15 @@ def make_distill_step(
                    student_unmatched=student_unmatched, uld_weight=uld_weight)
         _checks.check_labels_for_alpha(labels, alpha)
 
+        classes = []  # V, read off the student's logits while tracing (top-k entries)
+
         def loss_fn(params):
             out, model_state = forward(model, params, state.model_state, x, model_key,
                                        parts.size, "student_apply", lead=lead)
+            if top_k:
+                head = (out if student_head is None else jax.eval_shape(
+                    student_head, params, out[:, :1]))
+                classes.append(head.shape[-1])
             if student_head is None:
                 sums = distill_sums(
                     out, teacher_out, labels, mask=parts.mask, label_mask=parts.label_mask,
@@ -215,8 +225,8 @@ def make_distill_step(
         if labels is None:
             del metrics["accuracy"]
         else:
-            metrics["labels_in_range"] = labels_in_range(labels, parts.hard_mask,
-                                                         teacher_out.shape[-1])
+            metrics["labels_in_range"] = labels_in_range(
+                labels, parts.hard_mask, classes[0] if top_k else shape[-1])
         new_state = apply_update(tx, state, grads, axis_name, model_state)
         return new_state, pmean(metrics, axis_name)
 
