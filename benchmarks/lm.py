@@ -8,7 +8,7 @@ Run:  python benchmarks/lm.py [--json FILE] [--quick] [--no-torch] [--repeats N]
       python benchmarks/lm.py --ab TREE     # this mtkd_jax against TREE/mtkd_jax, paired
 
 `--quick` (the default test, tests/test_benchmarks_lm.py) runs tiny models and the units
-lib_online, lib_cached_device, bare_jax and torch_eager.
+lib_online, lib_cached_slots, bare_jax and torch_eager.
 
 The workload is the default `mtkd lm` (`mtkd_jax.experiment.lm.lm_config`): a ``tiny``
 transformer student, K = 3 ``small`` teachers (different inits, frozen), V = 8192, rows of
@@ -25,6 +25,9 @@ rotate. Units, in tokens/s (median over interleaved repeats after warm-up):
                         does), transfer and the chunked step included
   lib_cached_device     from the same cache, the top-k entries sent as they are and expanded
                         on the device one chunk at a time (`expand_top_k` as `teacher_head`)
+  lib_cached_slots      from the same cache, the top-k entries sent as they are
+                        (`with_cached_top_k`) and never expanded: the slot-space loss
+                        (`mtkd_jax.objective.top_k_slots`, ``cache_fill="bucket"`` in `mtkd lm`)
   lib_student           the student's own supervised step (`make_supervised_step`): the floor
   bare_jax              the same step by hand in JAX/optax (`bare_lm.py`): no chunking
   torch_eager           the same step as a PyTorch loop (`torch_lm.py`), in a worker process
@@ -94,9 +97,9 @@ MEMORY = dict(K=4, B=4, L=4096, V=131072, H=256, chunk=128, top_k=32)
 MEMORY_QUICK = dict(K=2, B=2, L=64, V=512, H=32, chunk=16, top_k=8)
 TEMPERATURE, ALPHA, LR, WEIGHT_DECAY = 1.0, 0.5, 1e-3, 0.01
 NUM_BATCHES = 2
-UNITS = ("lib_online", "lib_online_unchunked", "lib_cached", "lib_cached_device", "lib_student",
-         "bare_jax", "torch_eager", "torch_compiled")
-QUICK_UNITS = ("lib_online", "lib_cached_device", "bare_jax", "torch_eager")
+UNITS = ("lib_online", "lib_online_unchunked", "lib_cached", "lib_cached_device",
+         "lib_cached_slots", "lib_student", "bare_jax", "torch_eager", "torch_compiled")
+QUICK_UNITS = ("lib_online", "lib_cached_slots", "bare_jax", "torch_eager")
 GOALS = {"lib_vs_bare": 0.95, "lib_vs_torch": 1.0, "memory_ratio_128k": 0.05,
          "cached_vs_online": 2.0}
 
@@ -352,10 +355,21 @@ def build_units(cfg, tmp, *, use_torch: bool, wanted=None):
         packed = pack_top_k(cache.lookup_top_k(b["index"]))
         return dstep(state, _step_batch(b), key, teacher_params=packed)
 
-    units.append(JaxUnit("lib_cached_device", tokens, device_fn, st, batches))
-    costs["lib_cached_device"] = lambda: bench.xla_cost(
-        dstep, st, dev[0], key, teacher_params=pack_top_k(cache.lookup_top_k(
-            batches[0]["index"])))
+    if want("lib_cached_device"):
+        units.append(JaxUnit("lib_cached_device", tokens, device_fn, st, batches))
+        costs["lib_cached_device"] = lambda: bench.xla_cost(
+            dstep, st, dev[0], key, teacher_params=pack_top_k(cache.lookup_top_k(
+                batches[0]["index"])))
+
+    st = init_train_state(jax.tree.map(jnp.copy, ps), tx)
+
+    def slots_fn(state, b):  # with_cached_top_k: the entries as stored, never expanded
+        return cached(state, {**_step_batch(b), "teacher_top_k": cache.lookup_top_k(
+            b["index"])}, key)
+
+    units.append(JaxUnit("lib_cached_slots", tokens, slots_fn, st, batches))
+    costs["lib_cached_slots"] = lambda: bench.xla_cost(
+        cached, st, {**dev[0], "teacher_top_k": cache.lookup_top_k(batches[0]["index"])}, key)
 
     if want("lib_student"):
         units.append(lib("lib_student", make_supervised_step(fns_s.logits, tx), dev))
@@ -395,6 +409,8 @@ RATIOS = (
     ("lib_online_unchunked", "torch_compiled"),
     ("lib_cached", "lib_online"),
     ("lib_cached_device", "lib_online"),
+    ("lib_cached_slots", "lib_online"),
+    ("lib_cached_slots", "lib_student"),
     ("lib_online", "lib_student"),
     ("bare_jax", "torch_eager"),
 )
@@ -468,6 +484,7 @@ def memory_steps(s: dict):
     ch = dict(student_head=_lin_head, chunk_size=s["chunk"])
     tparams = {"body": sd((k, h, h), f32), "head": sd((k, h, v), f32)}
     packed = sd((k, b, length, 2 * top + 1), f32)
+    top_k = _top_k_shapes(k, b, length, top)
 
     def expand(packed):
         return expand_top_k(packed[..., :top], packed[..., top:2 * top].astype(jnp.int32),
@@ -491,6 +508,12 @@ def memory_steps(s: dict):
                           {}, packed),
             "chunked": (make_distill_step(_lin_features, lambda tp, x: tp, tx, **kw, **ch,
                                           teacher_head=lambda _, z: expand(z)), {}, packed),
+        },
+        "top_k_slots": {
+            "unchunked": (make_distill_step(_lin_logits, None, tx, **kw), {"teacher_top_k": top_k},
+                          None),
+            "chunked": (make_distill_step(_lin_features, None, tx, **kw, **ch),
+                        {"teacher_top_k": top_k}, None),
         },
     }
 
@@ -554,7 +577,7 @@ def scaling(base: dict, *, repeats: int, log, quick: bool, axes=("K", "L", "V"),
     timed = {a: v for a, v in timed.items() if a in axes and a in timed_axes}
     mem = {a: v for a, v in mem.items() if a in axes}
     out = {"timed": [], "memory": []}
-    wanted = {"lib_online", "lib_cached_device"}
+    wanted = {"lib_online", "lib_cached_slots"}
     for axis, values in timed.items():
         for value in values:
             cfg = {**base, axis: value}
@@ -563,7 +586,7 @@ def scaling(base: dict, *, repeats: int, log, quick: bool, axes=("K", "L", "V"),
                       use_torch=False, log=log, wanted=wanted)
             row = {"axis": axis, "value": value,
                    **{n: r["units"][n]["tok_s"] for n in wanted},
-                   "cached_over_online": r["ratios"]["lib_cached_device / lib_online"][
+                   "cached_over_online": r["ratios"]["lib_cached_slots / lib_online"][
                        "paired_median"]}
             out["timed"].append(row)
     for axis, values in mem.items():
@@ -586,10 +609,19 @@ def step_memory(cfg: dict) -> dict:
              "mask": sd((cfg["B"], cfg["L"]), jnp.float32)}
     online = make_distill_step(fns_s.features, stack_logits(fns_t), tx, student_head=fns_s.head,
                                chunk_size=cfg["chunk"], temperature=TEMPERATURE, alpha=ALPHA)
-    packed = sd((cfg["K"], cfg["B"], cfg["L"], 2 * cfg["top_k"] + 1), jnp.float32)
+    top = _top_k_shapes(cfg["K"], cfg["B"], cfg["L"], cfg["top_k"])
+    cached = make_distill_step(fns_s.features, None, tx, student_head=fns_s.head,
+                               chunk_size=cfg["chunk"], temperature=TEMPERATURE, alpha=ALPHA)
     return {"online_temp_bytes": compiled_memory(online, state, batch, key, tps)["temp_bytes"],
-            "cached_temp_bytes": compiled_memory(cached_device_step(fns_s, tx, cfg), state,
-                                                 batch, key, packed)["temp_bytes"]}
+            "cached_temp_bytes": compiled_memory(cached, state, {**batch, "teacher_top_k": top},
+                                                 key, None)["temp_bytes"]}
+
+
+def _top_k_shapes(k: int, b: int, length: int, top: int):
+    """Shapes of a batch's top-k entries as `with_cached_top_k` gives them (stored dtypes)."""
+    sd = jax.ShapeDtypeStruct
+    return (sd((k, b, length, top), jnp.float16), sd((k, b, length, top), jnp.int16),
+            sd((k, b, length), jnp.float16))
 
 
 def plot_scaling(sc: dict, path: str) -> str:
@@ -606,7 +638,7 @@ def plot_scaling(sc: dict, path: str) -> str:
             axes[1, j].set_visible(False)
             continue
         ax = axes[0, j]
-        for name, label in (("lib_online", "online"), ("lib_cached_device", "top-k cache")):
+        for name, label in (("lib_online", "online"), ("lib_cached_slots", "top-k cache")):
             ax.plot([r["value"] for r in rows], [r[name] for r in rows], "o-", label=label)
         ax.set_xscale("log", base=2)
         ax.set_xlabel(axis)
@@ -666,7 +698,8 @@ def goals(result: dict) -> dict:
                          **{k: pm(k) for k in torch_keys}, "goal": GOALS["lib_vs_torch"],
                          "torch_tok_s": {n: sp["units"][n]["tok_s"] for n in
                                          ("torch_eager", "torch_compiled") if n in sp["units"]}},
-        "cached_vs_online": {"ratio_host_expand": pm("lib_cached / lib_online"),
+        "cached_vs_online": {"ratio": pm("lib_cached_slots / lib_online"),
+                             "ratio_host_expand": pm("lib_cached / lib_online"),
                              "ratio_device_expand": pm("lib_cached_device / lib_online"),
                              "goal": GOALS["cached_vs_online"]},
     }
@@ -675,7 +708,8 @@ def goals(result: dict) -> dict:
         out["memory_ratio_128k"] = {
             **{name: {"ratio": m[name].get("ratio"),
                       "chunked_over_one_chunk": m[name].get("chunked_over_one_chunk")}
-               for name in ("precomputed_logits", "online_teacher_head", "top_k_cache")},
+               for name in ("precomputed_logits", "online_teacher_head", "top_k_cache",
+                            "top_k_slots")},
             "goal": GOALS["memory_ratio_128k"], "one_chunk_bytes": m["one_chunk_bytes"]}
     if "scaling" in result:
         out["cached_vs_online"].update(scaling_goals(result["scaling"]))
@@ -686,7 +720,7 @@ def scaling_goals(sc: dict) -> dict:
     """From the K rows of a scaling grid: the cached step over the online one at K = 4, and
     the spread (max / min) of the cached step's tokens/s over K (goal: within 1.3x)."""
     rows = [x for x in sc["timed"] if x["axis"] == "K"]
-    c = [x["lib_cached_device"] for x in rows]
+    c = [x["lib_cached_slots"] for x in rows]
     at4 = [x["cached_over_online"] for x in rows if x["value"] == 4]
     return {"flat_in_K": round(max(c) / min(c), 3) if c else None,
             "cached_over_online_at_K4": at4[0] if at4 else None, "flat_goal": 1.3}

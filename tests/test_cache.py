@@ -315,6 +315,26 @@ def test_top_k_of_logits_matches_float64(rng):
     np.testing.assert_allclose(top.log_rest, np.log(rest), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("top_k", [1, 2, 3, 4])
+def test_top_k_rest_mass_counts_ties_and_the_kept_label(top_k):
+    """The mass outside an entry is 1 - the stored mass (float64) when values tie at the
+    k-th place and when the kept label is swapped in, tied or not."""
+    z = np.array([[3.0, 1.0, 1.0, 1.0, 0.0, -1.0]] * 4, np.float32)
+    keep = np.array([4, 2, 5, 0])  # below, tied with, below and above the k-th value
+    p = np.exp(z[0].astype(np.float64))
+    p /= p.sum()
+    for kept in (None, keep):
+        top = mc.top_k_of_logits(jnp.asarray(z), top_k=top_k,
+                                 keep=None if kept is None else jnp.asarray(kept))
+        for i in range(4):
+            cls = np.asarray(top.classes[i])
+            assert len(set(cls.tolist())) == top_k
+            if kept is not None:
+                assert kept[i] in cls
+            np.testing.assert_allclose(np.exp(np.float64(top.log_rest[i])),
+                                       1.0 - p[cls].sum(), rtol=1e-5, atol=1e-7)
+
+
 def test_one_default_fill():
     """`open_cache`, `expand_top_k` and `build_cache_in_parallel` read back alike by default."""
     for fn in (mc.open_cache, mc.expand_top_k, mc.build_cache_in_parallel):

@@ -155,8 +155,10 @@ def top_k_of_logits(logits: jax.Array, *, top_k: int, keep: jax.Array | None = N
         raise ValueError(f"`logits` must be [..., C], got shape {jnp.shape(logits)}.")
     check_top_k(top_k, jnp.shape(logits)[-1])
     z = jnp.asarray(logits).astype(jnp.float32)
+    num_classes = z.shape[-1]
     logp = jax.nn.log_softmax(z, axis=-1)
     log_probs, classes = jax.lax.top_k(logp, top_k)
+    swapped = jnp.zeros(log_probs.shape[:-1], bool)
     if keep is not None:
         if not jnp.issubdtype(jnp.result_type(keep), jnp.integer):
             raise TypeError(f"`keep` must hold integer classes, got {jnp.result_type(keep)}.")
@@ -173,9 +175,27 @@ def top_k_of_logits(logits: jax.Array, *, top_k: int, keep: jax.Array | None = N
         swap = (jnp.arange(top_k) == top_k - 1) & ~held  # [..., k]: the last slot, if needed
         classes = jnp.where(swap, keep[..., None], classes)
         log_probs = jnp.where(swap, kept_lp, log_probs)
-    in_top = jnp.any(classes[..., None] == jnp.arange(z.shape[-1]), axis=-2)
-    log_rest = jax.nn.logsumexp(jnp.where(in_top, -jnp.inf, z), axis=-1)
-    log_rest = jnp.maximum(log_rest - jax.nn.logsumexp(z, axis=-1), TOP_K_FILL)
+        swapped = ~held[..., 0]
+    if top_k == num_classes:
+        return TopK(log_probs, classes, jnp.full(log_probs.shape[:-1], TOP_K_FILL))
+    # The mass outside the entry, in O(C) per position (a [..., k, C] class comparison costs
+    # k times that): the classes below the smallest stored top-ranked value `thr`, plus any
+    # tied with `thr` but not stored, minus the kept class when it was swapped in.
+    n_top = top_k - swapped.astype(jnp.int32)  # top-ranked classes in the entry
+    thr = jnp.where(swapped, log_probs[..., -2] if top_k > 1 else jnp.inf, log_probs[..., -1])
+    at_or_above = logp >= thr[..., None]
+    out = ~at_or_above
+    if keep is not None:
+        is_kept = (jnp.arange(num_classes) == keep[..., None]) & swapped[..., None]
+        out = out & ~is_kept
+        n_ge = jnp.sum(at_or_above & ~is_kept, axis=-1)
+    else:
+        n_ge = jnp.sum(at_or_above, axis=-1)
+    ties = (n_ge - n_top).astype(jnp.float32)  # classes equal to `thr` left out of the entry
+    log_rest = jax.nn.logsumexp(jnp.where(out, logp, -jnp.inf), axis=-1)
+    tie_mass = jnp.where(ties > 0, jnp.log(jnp.maximum(ties, 1.0)) + thr, -jnp.inf)
+    log_rest = jnp.logaddexp(log_rest, tie_mass)
+    log_rest = jnp.maximum(log_rest, TOP_K_FILL)
     return TopK(log_probs, classes, log_rest)
 
 

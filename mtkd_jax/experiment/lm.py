@@ -87,7 +87,7 @@ def lm_config() -> ml_collections.ConfigDict:
     trained once and shared by the seeds); per seed a ``tiny`` student (160 updates of 8
     rows, one pass over a fixed sample of 1280 mixture rows): alone, from the best single
     teacher and from all teachers with ``uniform``, ``confidence``, ``entropy`` and
-    ``posterior`` (top-32 cache), and ``posterior`` with online teachers; 3 seeds.
+    ``posterior`` (top-128 cache), and ``posterior`` with online teachers; 3 seeds.
 
     Example:
       >>> from mtkd_jax.experiment.lm import lm_config
@@ -109,7 +109,7 @@ def lm_config() -> ml_collections.ConfigDict:
     c.temperature = 1.0
     c.alpha = 0.5
     c.chunk_size = 32
-    c.cache_top_k = 32
+    c.cache_top_k = 128
     c.cache_fill = "uniform"
     c.weightings = ("uniform", "confidence", "entropy", "posterior")
     c.posterior_sharpness = 1.0
@@ -169,8 +169,10 @@ LM_HELP: dict[str, str] = {
     "chunk_size": "positions per chunk of the student's soft loss",
     "cache_top_k": "log-probabilities kept per token and teacher in the cache (the next "
                    "token's always among them)",
-    "cache_fill": "how a cached distribution's tail is filled: 'prior' (the transfer text's "
-                  "token frequencies), 'uniform' or 'renormalize' (mtkd_jax.cache.topk)",
+    "cache_fill": "how a cached distribution's tail is read: 'bucket' (kept as one slot, "
+                  "never expanded: mtkd_jax.objective.top_k_slots), or expanded to the "
+                  "vocabulary with 'uniform', 'prior' (the transfer text's token "
+                  "frequencies) or 'renormalize' (mtkd_jax.cache.topk)",
     "weightings": "per-token teacher weightings, one student row each (from the cache)",
     "posterior_sharpness": "the posterior weighting's sharpness s (1: Bayes' rule)",
     "online_weighting": "a weighting also trained with online teachers ('' for none)",
