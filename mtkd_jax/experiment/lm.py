@@ -137,7 +137,8 @@ def lm_config() -> ml_collections.ConfigDict:
 
 def quick_lm(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """`cfg` shrunk to a test-sized run (``mtkd lm --quick``), in place: one seed, 40
-    documents per split, V = 512, rows of 32 tokens, narrow models, a few updates, the
+    documents per split, V = 512, rows of 32 tokens, narrow one-block models (they compile
+    fast), a few updates, the
     ``uniform`` and ``posterior`` rows; run folder ``<output_dir>_quick``.
 
     Example:
@@ -156,9 +157,10 @@ def quick_lm(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     cfg.teachers.update(dict(size="tiny", steps=6, batch_size=8, warmup_steps=2))
     cfg.student.update(dict(steps=4, batch_size=8, transfer_rows=32, warmup_steps=1))
     with cfg.teachers.model_kwargs.unlocked():
-        cfg.teachers.model_kwargs.update(dict(dim=32, mlp_dim=64))
+        cfg.teachers.model_kwargs.update(dict(dim=32, mlp_dim=64, depth=1))
     with cfg.student.model_kwargs.unlocked():
-        cfg.student.model_kwargs.update(dict(dim=16, heads=2, kv_heads=1, mlp_dim=32))
+        cfg.student.model_kwargs.update(dict(dim=16, heads=2, kv_heads=1, mlp_dim=32,
+                                             depth=1))
     return cfg
 
 
