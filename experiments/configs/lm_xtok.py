@@ -7,7 +7,7 @@ Command:
 
 What it does: the three domains of `mtkd lm` (Python code, Python documentation, Shakespeare).
 Each teacher has its own byte-level BPE tokenizer, trained on its own domain (4096, 6144 and
-8192 tokens), and reads rows of 256 of its tokens; the student has another one (8192 tokens,
+8192 tokens), and reads rows of 192 of its tokens; the student has another one (8192 tokens,
 trained on the mixture) and rows of 128 tokens. The same teachers' architecture is also
 trained with the student's tokenizer, the shared-tokenizer reference. Teachers are trained
 once and shared by the seeds. Per seed, a `tiny` student on the same transfer rows: alone,
@@ -26,6 +26,7 @@ def get_config():
     c = lm_config()
     c.tokenizers = "own"
     c.output_dir = "runs/lm_xtok"
+    c.own_tokenizers.teacher_len = 192  # 1.5 x the student's rows (smaller vocabularies)
     c.teachers.update(dict(steps=200, batch_size=16))
     c.student.update(dict(steps=120, batch_size=8, transfer_rows=960))
     return c
