@@ -6,7 +6,8 @@ their logits `[K, B, L, V]`; the aligned step runs each teacher on its own rows 
 (`L_t` = `--teacher-len`), gathers its logits at the aligned positions and projects them
 onto the student's vocabulary (`mtkd_jax.objective.cross_tokenizer`, ``--method``), with a
 random alignment and a random projection of the same vocabulary size (the cost does not
-depend on which tokens match). Prints the median step time of each and their ratio.
+depend on which tokens match). Prints the median step time of each and their ratio, the
+two steps called in turn (a shared machine's load touches both alike), in wall and CPU time.
 
     PYTHONPATH=. python benchmarks/cross_tokenizer.py --vocab 4096 --steps 10
 """
@@ -36,15 +37,19 @@ def _model(vocab, dim, length, seed):
     return token_model_fns(Transformer(cfg, rngs=nnx.Rngs(seed)))
 
 
-def _time(fn, steps):
-    out = fn()
-    jax.block_until_ready(out)  # compile
-    times = []
+def _time(fns, steps):
+    """Median wall and CPU seconds of each function, called in turn (compiled first), so a
+    load that comes and goes on a shared machine touches every one alike."""
+    for fn in fns:
+        jax.block_until_ready(fn())  # compile
+    wall, cpu = [[] for _ in fns], [[] for _ in fns]
     for _ in range(steps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        for i, fn in enumerate(fns):
+            t0, c0 = time.perf_counter(), time.process_time()
+            jax.block_until_ready(fn())
+            wall[i].append(time.perf_counter() - t0)
+            cpu[i].append(time.process_time() - c0)
+    return [float(np.median(w)) for w in wall], [float(np.median(c)) for c in cpu]
 
 
 def main(argv=None):
@@ -101,12 +106,14 @@ def main(argv=None):
           "teacher_positions": np.broadcast_to(np.arange(lt, dtype=np.int32), (k, b, lt)),
           "teacher_index": np.sort(rng.integers(0, lt, (k, b, length)), -1).astype(np.int32),
           "teacher_available": (rng.random((k, b, length)) < 0.8).astype(np.float32)}
-    t_same = _time(lambda: same(state, base)[1]["loss"], args.steps)
-    t_aligned = _time(lambda: aligned(state, {**base, **xt})[1]["loss"], args.steps)
+    (t_same, t_aligned), (c_same, c_aligned) = _time(
+        [lambda: same(state, base)[1]["loss"],
+         lambda: aligned(state, {**base, **xt})[1]["loss"]], args.steps)
     print(f"K={k} B={b} L={length} L_t={lt} V={v} dim={args.dim} chunk={args.chunk} "
           f"method={args.method} uld_size={args.uld_size} on {jax.devices()[0].platform}")
     print(f"same-tokenizer step {t_same * 1e3:.1f} ms, aligned step {t_aligned * 1e3:.1f} ms, "
-          f"ratio {t_aligned / t_same:.2f}")
+          f"ratio {t_aligned / t_same:.2f} (CPU time: {c_same * 1e3:.1f} ms, "
+          f"{c_aligned * 1e3:.1f} ms, ratio {c_aligned / c_same:.2f})")
 
 
 if __name__ == "__main__":

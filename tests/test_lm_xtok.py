@@ -1,40 +1,55 @@
-"""The cross-tokenizer language-model run at test size: teachers with their own tokenizers
-(vocabularies of different sizes), a student with its own."""
+"""`mtkd lm` with teachers that have their own tokenizers, end to end at its quick size
+(experiments/configs/lm_xtok.py --quick), through the command line: report, resume."""
 
+import json
 import math
+import os
 
-import numpy as np
-import pytest
+from mtkd_jax import cli
 
-from mtkd_jax.data.corpora import split_documents
-from mtkd_jax.experiment.lm_xtok import lm_xtok_config, quick_lm_xtok, run_lm_xtok
-
-
-def _domain(name, words, rng, n=60):
-    docs = [(f"{name}{i}", " ".join(rng.choice(words, size=rng.integers(20, 60))) + "\n")
-            for i in range(n)]
-    return split_documents(name, docs, validation_fraction=0.1, test_fraction=0.1)
+_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       "experiments", "configs", "lm_xtok.py")
 
 
-@pytest.mark.slow  # 53 s; the docs/lm.md block runs the same API in the default suite
-def test_quick_run_with_own_tokenizers(tmp_path):
-    rng = np.random.default_rng(0)
-    code = _domain("code", ["def", "return", "x", "=", "(self):", "import", "numpy", "if",
-                            "for", "in", "range(n):", "\n    "], rng)
-    prose = _domain("prose", ["the", "teacher", "student", "learns", "from", "a", "ünïcode",
-                              "word", "and", "of", "distillation.", "Über"], rng)
-    cfg = quick_lm_xtok(lm_xtok_config())
-    cfg.domains = (code, prose)
-    cfg.teacher_vocab_sizes = (300, 340)
-    out = run_lm_xtok(cfg, data_dir=str(tmp_path))
-    rows = out["rows"]
-    assert set(rows) == {"alone", "shared", "xtok-prefix", "xtok-uld"}
-    for name, row in rows.items():
-        assert math.isfinite(row["bpb"]) and row["bpb"] > 0, name
-    # The shared teachers read the student's tokens: aligned everywhere; the others less.
-    assert rows["shared"]["teacher_available"] == [1.0, 1.0]
-    for k in range(2):
-        assert 0 < rows["xtok-prefix"]["teacher_available"][k] < 1
-    sizes = [t["vocab_size"] for t in out["teachers"].values()]  # at most what was asked
-    assert sizes[0] != sizes[1] and sizes[0] <= 300 and sizes[1] <= 340
-    assert "gain_fraction" in rows["xtok-prefix"] and "step_time_ratio" in rows["xtok-uld"]
+def test_quick_run_reports_every_row_and_resumes_identically(tmp_path, capsys):
+    out = tmp_path / "run"
+    # Two domains and one loss chunk keep it short: compiling the steps is most of the time
+    # (each own tokenizer compiles its teacher's steps).
+    args = ["lm", _CONFIG, "--quick", f"--config.output_dir={out}",
+            "--config.data.domains=python_code,shakespeare",
+            "--config.own_tokenizers.teacher_vocab_sizes=300,420", "--config.chunk_size=32"]
+    assert cli.main(args) == 0
+    result = json.loads((out / "results.json").read_text())
+    rows = [r["row"] for r in result["table"]]
+    assert rows == ["alone", "shared tokenizer", "own tokenizers: prefix",
+                    "own tokenizers: uld"]
+    for rec in result["table"]:
+        assert math.isfinite(rec["bpb_mean"]) and rec["bpb_mean"] > 0, rec["row"]
+    # Each own-tokenizer teacher speaks at some but not all of the student's tokens.
+    assert len(result["availability"]) == 2
+    assert all(0 < a < 1 for a in result["availability"]), result["availability"]
+    # Every distilled row's gain kept is relative to the shared row (1 for itself).
+    assert set(result["gain_kept"]) == set(rows) - {"alone"}
+    shared = result["gain_kept"]["shared tokenizer"][0]
+    assert shared == 1.0 or math.isnan(shared)
+    assert set(result["step_seconds"]) == set(rows)
+    vocab = {name: t["vocab_size"] for name, t in result["teachers"].items()}
+    assert len(vocab) == 4 and len({v for n, v in vocab.items() if "own" in n}) == 2
+    md = (out / "results.md").read_text()
+    assert "gain kept" in md and "step time / shared" in md and "own tokenizers: uld" in md
+    # A rerun reads every row and teacher from the run folder: the same numbers, no training.
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["seeds"] == result["seeds"] and again["teachers"] == result["teachers"]
+    assert again["step_seconds"] == result["step_seconds"]
+    assert "restored its checkpoint" in capsys.readouterr().out
+
+
+def test_a_run_folder_holds_one_setting(tmp_path, capsys):
+    (tmp_path / "setting.json").write_text(json.dumps({"tokenizers": "shared"}))
+    assert cli.main(["lm", _CONFIG, "--quick", f"--config.output_dir={tmp_path}"]) == 2
+    assert "tokenizers='shared'" in capsys.readouterr().err
+    assert cli.main(["lm", "--quick", f"--config.output_dir={tmp_path}",
+                     "--config.tokenizers=own", "--config.own_tokenizers.methods=best"]) == 2
+    assert "own_tokenizers.methods" in capsys.readouterr().err

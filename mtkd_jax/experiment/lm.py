@@ -27,10 +27,7 @@ folder and a rerun resumes it; finished rows are kept in ``rows/`` and not run a
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -39,8 +36,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from flax import nnx
 
 from mtkd_jax.cache import (
     DEFAULT_FILL,
@@ -51,16 +46,34 @@ from mtkd_jax.cache import (
     with_cached_top_k,
 )
 from mtkd_jax.cache.topk import FILLS
+from mtkd_jax.core.vocab_projection import PROJECTION_METHODS
 from mtkd_jax.data import LMData, PackedSplit, prepare_lm_data
 from mtkd_jax.data.packing import batches as packed_batches
-from mtkd_jax.experiment import report, summaries
+from mtkd_jax.experiment import report
 from mtkd_jax.experiment.config import ConfigError
-from mtkd_jax.experiment.progress import RunProgress, StageTimes, log
-from mtkd_jax.metrics import compute_token_metrics, merge_stats, token_stats
-from mtkd_jax.models.transformer import PRESETS, Transformer, preset
-from mtkd_jax.models.zoo.token import token_model_fns
+from mtkd_jax.experiment.lm_run import (
+    METRICS,
+    MIX,
+    LMModels,
+    LMRun,
+    eval_batches,
+    eval_student,
+    first_rows,
+    flatten,
+    mixture_metrics,
+    model_batch,
+    nll_eval,
+    optimizer,
+    select_rows,
+    student_test_step,
+    train_model,
+    train_teacher,
+    with_bpb,
+)
+from mtkd_jax.experiment.lm_xtok import run_lm_xtok
+from mtkd_jax.experiment.progress import RunProgress, log
+from mtkd_jax.models.transformer import PRESETS
 from mtkd_jax.objective.targets import fuse_targets
-from mtkd_jax.training import fit as loop
 from mtkd_jax.training.checkpoint import params_fingerprint
 from mtkd_jax.training.evaluation import evaluate, make_eval_step
 from mtkd_jax.training.state import init_train_state
@@ -69,12 +82,10 @@ from mtkd_jax.weighting import WEIGHTINGS, get_weighting
 
 __all__ = ["LM_HELP", "METRICS", "lm_config", "quick_lm", "run_lm", "validate_lm_config"]
 
-METRICS = ("perplexity", "bpb", "accuracy", "agreement")
-_MIX = "mixture"
+_MIX = MIX
 _CACHE_TAILS = ("bucket",) + FILLS
 """How the cached rows read a teacher's tail: ``"bucket"`` (the entries as stored, the tail
 one slot: `mtkd_jax.objective.top_k_slots`), or expanded to the vocabulary with a fill."""
-_LN2 = math.log(2.0)
 
 
 # ---------------------------------------------------------------------------- config
@@ -88,6 +99,10 @@ def lm_config() -> ml_collections.ConfigDict:
     rows, one pass over a fixed sample of 1280 mixture rows): alone, from the best single
     teacher and from all teachers with ``uniform``, ``confidence``, ``entropy`` and
     ``posterior`` (top-128 cache), and ``posterior`` with online teachers; 3 seeds.
+
+    With ``tokenizers="own"`` every teacher has its own tokenizer
+    (`own_tokenizers.teacher_vocab_sizes`, one per domain) and the run is
+    `mtkd_jax.experiment.lm_xtok`'s (experiments/configs/lm_xtok.py sets its sizes).
 
     Example:
       >>> from mtkd_jax.experiment.lm import lm_config
@@ -114,6 +129,10 @@ def lm_config() -> ml_collections.ConfigDict:
     c.weightings = ("uniform", "confidence", "entropy", "posterior")
     c.posterior_sharpness = 1.0
     c.online_weighting = "posterior"
+    c.tokenizers = "shared"
+    c.own_tokenizers = ml_collections.ConfigDict(dict(
+        teacher_vocab_sizes=(4096, 6144, 8192), teacher_len=0, methods=("prefix", "uld"),
+        weighting="confidence", uld_size=16, uld_weight=1.0))
     c.data = ml_collections.ConfigDict(dict(
         domains=("python_code", "python_docs", "shakespeare"), vocab_size=8192, seq_len=128,
         max_documents=0))
@@ -128,7 +147,8 @@ def lm_config() -> ml_collections.ConfigDict:
 
 def quick_lm(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """`cfg` shrunk to a test-sized run (``mtkd lm --quick``), in place: one seed, 40
-    documents per split, V = 512, rows of 32 tokens, narrow models, a few updates, the
+    documents per split, V = 512, rows of 32 tokens, narrow one-block models (they compile
+    fast), a few updates, the
     ``uniform`` and ``posterior`` rows; run folder ``<output_dir>_quick``.
 
     Example:
@@ -140,15 +160,17 @@ def quick_lm(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     cfg.seeds = 1
     cfg.progress = False
     cfg.weightings = ("uniform", "posterior")
+    cfg.own_tokenizers.teacher_vocab_sizes = (300, 360, 420, 480)[:len(cfg.data.domains)]
     cfg.val_rows, cfg.test_rows, cfg.eval_batch_size = 12, 8, 8
     cfg.cache_top_k, cfg.chunk_size = 8, 16
     cfg.data.update(dict(seq_len=32, vocab_size=512, max_documents=40))
     cfg.teachers.update(dict(size="tiny", steps=6, batch_size=8, warmup_steps=2))
     cfg.student.update(dict(steps=4, batch_size=8, transfer_rows=32, warmup_steps=1))
     with cfg.teachers.model_kwargs.unlocked():
-        cfg.teachers.model_kwargs.update(dict(dim=32, mlp_dim=64))
+        cfg.teachers.model_kwargs.update(dict(dim=32, mlp_dim=64, depth=1))
     with cfg.student.model_kwargs.unlocked():
-        cfg.student.model_kwargs.update(dict(dim=16, heads=2, kv_heads=1, mlp_dim=32))
+        cfg.student.model_kwargs.update(dict(dim=16, heads=2, kv_heads=1, mlp_dim=32,
+                                             depth=1))
     return cfg
 
 
@@ -176,6 +198,20 @@ LM_HELP: dict[str, str] = {
     "weightings": "per-token teacher weightings, one student row each (from the cache)",
     "posterior_sharpness": "the posterior weighting's sharpness s (1: Bayes' rule)",
     "online_weighting": "a weighting also trained with online teachers ('' for none)",
+    "tokenizers": "'shared': one tokenizer for every model; 'own': each teacher has its own "
+                  "tokenizer, the student another (mtkd_jax.experiment.lm_xtok; "
+                  "experiments/configs/lm_xtok.py)",
+    "own_tokenizers.teacher_vocab_sizes": "with tokenizers='own': each teacher's tokenizer "
+                                          "size, one per domain (trained on that domain)",
+    "own_tokenizers.teacher_len": "with tokenizers='own': tokens per teacher row (0: 2 x "
+                                  "data.seq_len)",
+    "own_tokenizers.methods": "with tokenizers='own': vocabulary projections, one student row "
+                              "each (prefix, uld)",
+    "own_tokenizers.weighting": "with tokenizers='own': the per-token weighting of every "
+                                "distilled row (the shared-tokenizer reference's too)",
+    "own_tokenizers.uld_size": "with method uld: unmatched probabilities kept per teacher "
+                               "and token (the rest compared by their mass)",
+    "own_tokenizers.uld_weight": "with method uld: the weight of ULD's sorted L1 term",
     "data.domains": "text domains (built-in: python_code, python_docs, shakespeare)",
     "data.vocab_size": "tokenizer vocabulary V (a byte-level BPE trained on the train splits)",
     "data.seq_len": "tokens per packed row",
@@ -236,6 +272,26 @@ def validate_lm_config(cfg) -> None:
                 f"{sorted(WEIGHTINGS)}, got {name!r}.")
     require(cfg.cache_fill in _CACHE_TAILS,
             f"`config.cache_fill` must be one of {_CACHE_TAILS}, got {cfg.cache_fill!r}.")
+    require(cfg.tokenizers in ("shared", "own"),
+            f"`config.tokenizers` must be 'shared' or 'own', got {cfg.tokenizers!r}.")
+    o = cfg.own_tokenizers
+    require(len(o.teacher_vocab_sizes) == len(cfg.data.domains)
+            and all(isinstance(v, int) and v >= 64 for v in o.teacher_vocab_sizes),
+            f"`config.own_tokenizers.teacher_vocab_sizes` must hold one int >= 64 per domain "
+            f"({len(cfg.data.domains)}), got {tuple(o.teacher_vocab_sizes)}.")
+    require(len(o.methods) >= 1 and all(m in PROJECTION_METHODS for m in o.methods),
+            f"`config.own_tokenizers.methods` must be names from {PROJECTION_METHODS}, got "
+            f"{tuple(o.methods)}.")
+    require(o.weighting in WEIGHTINGS,
+            f"`config.own_tokenizers.weighting` must be one of {sorted(WEIGHTINGS)}, got "
+            f"{o.weighting!r}.")
+    for name in ("teacher_len", "uld_size"):
+        v = o[name]
+        require(isinstance(v, int) and not isinstance(v, bool) and v >= (name == "uld_size"),
+                f"`config.own_tokenizers.{name}` must be an int >= "
+                f"{int(name == 'uld_size')}, got {v!r}.")
+    require(isinstance(o.uld_weight, float | int) and o.uld_weight >= 0,
+            f"`config.own_tokenizers.uld_weight` must be a number >= 0, got {o.uld_weight!r}.")
     require(cfg.cache_top_k <= cfg.data.vocab_size,
             f"`config.cache_top_k` ({cfg.cache_top_k}) must be <= `config.data.vocab_size` "
             f"({cfg.data.vocab_size}).")
@@ -247,31 +303,6 @@ def _weighting(cfg, name: str):
 
 
 # ---------------------------------------------------------------------------- data
-def _model_batch(b: dict) -> dict:
-    """Packed rows -> the batch the steps take: the model reads tokens, segment ids and
-    positions (documents packed in a row do not see each other)."""
-    out = {"x": {"tokens": b["x"], "segment_ids": b["segment_ids"],
-                 "positions": b["positions"]},
-           "y": b["y"], "mask": b["mask"]}
-    if "index" in b:
-        out["index"] = b["index"]
-    return out
-
-
-def _rows(split: PackedSplit, idx: np.ndarray) -> PackedSplit:
-    """The rows `idx` of a split, in memory, with their token and byte counts."""
-    idx = np.sort(np.asarray(idx))
-    fields = {f.name: np.asarray(getattr(split, f.name)[idx])
-              for f in dataclasses.fields(PackedSplit)
-              if f.name not in ("num_tokens", "num_bytes", "num_docs")}
-    return PackedSplit(**fields, num_tokens=int(fields["mask"].sum()),
-                       num_bytes=int(fields["row_bytes"].sum()), num_docs=0)
-
-
-def _first_rows(split: PackedSplit, limit: int) -> PackedSplit:
-    return _rows(split, np.arange(min(len(split), limit)))
-
-
 def _transfer_rows(data: LMData, num_rows: int) -> tuple[PackedSplit, np.ndarray]:
     """A fixed sample of `num_rows` mixture training rows (the same for every seed and row)
     and each row's domain index."""
@@ -280,171 +311,20 @@ def _transfer_rows(data: LMData, num_rows: int) -> tuple[PackedSplit, np.ndarray
         raise ValueError(f"`student.transfer_rows` = {num_rows} is more than the "
                          f"{len(mixed)} training rows of the mixture.")
     idx = np.sort(np.random.default_rng(0).permutation(len(mixed))[:num_rows])
-    return _rows(mixed, idx), domain[idx]
-
-
-def _eval_batches(split: PackedSplit, batch_size: int):
-    return [_model_batch(b) for b in packed_batches(
-        split, batch_size=min(batch_size, len(split)), shuffle=False, drop_remainder=False)]
-
-
-# ---------------------------------------------------------------------------- models
-class _Models:
-    """Each transformer's pure functions and jitted steps, built once per run."""
-
-    def __init__(self, cfg, vocab_size: int):
-        self.cfg, self.vocab_size = cfg, vocab_size
-        self._cache: dict = {}
-
-    def config(self, which: str):
-        spec = self.cfg.teachers if which == "teacher" else self.cfg.student
-        return preset(spec.size, vocab_size=self.vocab_size, max_len=self.cfg.data.seq_len,
-                      **spec.model_kwargs.to_dict())
-
-    def init(self, which: str, seed: int):
-        """(fns, params) of a fresh model; fns shared by every model of the same kind."""
-        fns, params = token_model_fns(Transformer(self.config(which), rngs=nnx.Rngs(seed)))
-        return self._cache.setdefault(("fns", which), fns), params
-
-    def cached(self, key, build: Callable):
-        if key not in self._cache:
-            self._cache[key] = build()
-        return self._cache[key]
-
-
-def _optimizer(spec, total_steps: int):
-    """AdamW, linear warmup then cosine decay over the training."""
-    warmup = max(1, min(spec.warmup_steps, total_steps // 2))
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, spec.learning_rate, warmup, max(total_steps, warmup + 1))
-    return optax.chain(optax.clip_by_global_norm(1.0),
-                       optax.adamw(schedule, weight_decay=spec.weight_decay))
-
-
-# ---------------------------------------------------------------------------- training
-def _slug(name: str) -> str:
-    """A row or model name as a file name: `seed 0: 3 teachers: uniform` ->
-    `seed_0_3_teachers_uniform`."""
-    return name.replace(" ", "_").replace(":", "").replace("(", "").replace(")", "")
-
-
-def _train(run, name: str, state, step, batches_fn, *, steps: int, steps_per_epoch: int,
-           eval_fn, seed: int):
-    """`fit` for one model: checkpoints and TensorBoard under the run folder."""
-    cfg = run.cfg
-    # Whole epochs of equal length, `steps` updates in all (up to epochs - 1 more): a split
-    # shorter than `steps` batches is seen several times, not rounded up to whole epochs.
-    epochs = max(1, math.ceil(steps / steps_per_epoch))
-    per_epoch = math.ceil(steps / epochs)
-    total = epochs * per_epoch
-    slug = _slug(name)
-    writer = summaries.make_writer(os.path.join(run.out, "tensorboard", slug))
-    run.progress.start(name)
-    try:
-        result = loop.fit(
-            state, step, batches_fn, num_epochs=epochs, steps_per_epoch=per_epoch,
-            key=jax.random.key(seed), eval_fn=eval_fn,
-            eval_every=max(1, total // max(cfg.evals_per_training, 1)),
-            checkpoint_dir=(os.path.join(run.out, "checkpoints", slug)
-                            if cfg.checkpoints else None),
-            save_every=max(1, min(total, cfg.save_every)), best_metric="nll",
-            best_mode="min", progress=cfg.progress,
-            log_fn=summaries.log_fn(writer, every=cfg.log_every))
-    finally:
-        writer.close()
-    run.progress.finished()
-    if result.resumed_from is not None:
-        log(f"{name}: restored its checkpoint at update {result.resumed_from} of {total}")
-    curve = [(r["step"], float(r["nll"])) for r in result.history["eval"]]
-    return result.state, curve
-
-
-def _nll_eval(run, eval_step: Callable, split: PackedSplit) -> Callable:
-    """`eval_fn(state)`: mean NLL per valid token of `split` (validation rows), by the
-    library's eval step (`make_eval_step(logits_fn, None)`, built once per model kind)."""
-    batches = _eval_batches(split, run.cfg.eval_batch_size)
-    return lambda state: {"nll": evaluate(eval_step, state.params, batches)["student"]["nll"]}
-
-
-# ---------------------------------------------------------------------------- metrics
-def _with_bpb(m: dict, split: PackedSplit) -> dict:
-    out = {k: float(m[k]) for k in ("perplexity", "accuracy", "agreement", "nll") if k in m}
-    out["bpb"] = out["nll"] * split.num_tokens / (split.num_bytes * _LN2)
-    out["tokens"] = float(split.num_tokens)
-    out["bytes"] = float(split.num_bytes)
-    return out
-
-
-def _mixture(per_domain: dict[str, dict]) -> dict:
-    """Per-domain metrics -> the mixture's (token-weighted; bits over all bytes)."""
-    tokens = sum(m["tokens"] for m in per_domain.values())
-    nll = sum(m["nll"] * m["tokens"] for m in per_domain.values()) / tokens
-    out = {"nll": nll, "perplexity": math.exp(nll), "tokens": tokens,
-           "bytes": sum(m["bytes"] for m in per_domain.values())}
-    out["bpb"] = nll * tokens / (out["bytes"] * _LN2)
-    for k in ("accuracy", "agreement"):
-        if all(k in m for m in per_domain.values()):
-            out[k] = sum(m[k] * m["tokens"] for m in per_domain.values()) / tokens
-    return out
-
-
-def _flatten(row: dict[str, dict]) -> dict[str, float]:
-    """`{domain: {metric}}` -> `{metric: mixture value, "<domain>/<metric>": value}`."""
-    flat = {k: row[_MIX][k] for k in METRICS if k in row[_MIX]}
-    for d, m in row.items():
-        if d != _MIX:
-            flat.update({f"{d}/{k}": m[k] for k in METRICS if k in m})
-    return flat
+    return select_rows(mixed, idx), domain[idx]
 
 
 # ---------------------------------------------------------------------------- the run
-class _Run:
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.out = os.path.abspath(cfg.output_dir)
-        os.makedirs(os.path.join(self.out, "rows"), exist_ok=True)
-        self.times = StageTimes()
-        self.progress = RunProgress(0, enabled=False)
-
-    def row_path(self, name: str) -> str:
-        return os.path.join(self.out, "rows", _slug(name) + ".json")
-
-    def saved(self, name: str):
-        path = self.row_path(name)
-        if os.path.exists(path):
-            with open(path) as f:
-                return json.load(f)
-        return None
-
-    def save(self, name: str, value) -> None:
-        tmp = self.row_path(name) + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(value, f)
-        os.replace(tmp, self.row_path(name))
-
-
-def _teachers(run, data: LMData, models: _Models):
+def _teachers(run, data: LMData, models: LMModels):
     """Train (or restore) one teacher per domain; returns (fns, params tuple, curves)."""
     cfg = run.cfg
-    t = cfg.teachers
     params, curves = [], {}
     for k, domain in enumerate(data.domains):
-        fns, p = models.init("teacher", 10_000 + k)
-        tx = _optimizer(t, t.steps)
-        step = models.cached("teacher step", lambda fns=fns, tx=tx: jax.jit(
-            make_supervised_step(fns.logits, tx)))
-        train = data.packed[domain]["train"]
-        val = _first_rows(data.packed[domain]["validation"], cfg.val_rows)
-        spe = len(train) // t.batch_size
         name = f"teacher {domain}"
-        state, curves[name] = _train(
-            run, name, init_train_state(p, tx), step,
-            lambda e, s, train=train: (_model_batch(b) for b in packed_batches(
-                train, batch_size=t.batch_size, seed=0, epoch=e, start=s)),
-            steps=t.steps, steps_per_epoch=spe,
-            eval_fn=_nll_eval(run, models.cached("teacher eval", lambda fns=fns: make_eval_step(
-                fns.logits, None)), val), seed=k)
-        params.append(state.params)
+        fns, p, curves[name] = train_teacher(
+            run, models, name, data.packed[domain]["train"],
+            first_rows(data.packed[domain]["validation"], cfg.val_rows), seed=k)
+        params.append(p)
     return fns, tuple(params), curves
 
 
@@ -485,36 +365,20 @@ def _teacher_pass(run, data, teacher_fn, t_params, tests) -> dict:
             for j, name in enumerate(cfg.weightings)}
 
 
-def _student_test_step(logits_fn: Callable, vocab_size: int) -> Callable:
-    """Jitted `(params, batch) -> TokenStats` of a student on a test batch, agreement measured
-    against the ensemble's predictions stored in the batch by `_teacher_pass`."""
-    def step(params, batch):
-        z = logits_fn(params, batch["x"])
-        ref = jax.nn.one_hot(batch["ensemble_pred"], vocab_size, dtype=jnp.float32)
-        return token_stats(z, batch["y"], reference_probs=ref, mask=batch["mask"])
-    return jax.jit(step)
-
-
-def _eval_student(step, params, test_sets) -> dict:
-    """Test metrics per domain and on the mixture."""
-    per = {}
-    for d, (split, batches) in test_sets.items():
-        total = functools.reduce(merge_stats, (step(params, b) for b in batches))
-        per[d] = _with_bpb(compute_token_metrics(total), split)
-    per[_MIX] = _mixture(per)
-    return per
-
-
 def run_lm(cfg) -> dict:
     """Run the experiment of `cfg` (`experiments/configs/lm.py`); results.md, results.json,
-    PNG plots and TensorBoard events in `cfg.output_dir`.
+    PNG plots and TensorBoard events in `cfg.output_dir`. With ``cfg.tokenizers == "own"``
+    (teachers with their own tokenizers) the run is `mtkd_jax.experiment.lm_xtok.run_lm_xtok`.
 
     Returns:
-      `{"table", "seeds", "teachers", "markdown", "seconds"}`.
+      `{"table", "seeds", "teachers", "markdown", "seconds"}` (and `run_lm_xtok`'s keys with
+      own tokenizers).
     """
     validate_lm_config(cfg)
+    if cfg.tokenizers == "own":
+        return run_lm_xtok(cfg)
     start = time.perf_counter()
-    run = _Run(cfg)
+    run = LMRun(cfg)
     d = cfg.data
     with run.times.listening():
         with run.times.stage("data"):
@@ -523,7 +387,7 @@ def run_lm(cfg) -> dict:
                                    max_documents=d.max_documents or None)
         domains = data.domains
         vocab = data.tokenizer.vocab_size
-        models = _Models(cfg, vocab)
+        models = LMModels(cfg, vocab)
         k = len(domains)
         multi = [f"{k} teachers: {w}" for w in cfg.weightings]
         rows_per_seed = 1 + 1 + len(multi) + (1 if cfg.online_weighting else 0)
@@ -539,10 +403,10 @@ def run_lm(cfg) -> dict:
         run_teachers = jax.jit(teacher_fn)
 
         # Test and validation rows (capped per domain, the same for every row of the table).
-        tests = {dm: _first_rows(data.packed[dm]["test"], cfg.test_rows) for dm in domains}
-        test_sets = {dm: (s, _eval_batches(s, cfg.eval_batch_size)) for dm, s in tests.items()}
+        tests = {dm: first_rows(data.packed[dm]["test"], cfg.test_rows) for dm in domains}
+        test_sets = {dm: (s, eval_batches(s, cfg.eval_batch_size)) for dm, s in tests.items()}
         mixed_val, val_domain = data.mixture("validation")
-        val_mix = _rows(mixed_val, np.concatenate(  # val_rows in all, as many per domain
+        val_mix = select_rows(mixed_val, np.concatenate(  # val_rows in all, as many per domain
             [np.flatnonzero(val_domain == i)[:cfg.val_rows // k] for i in range(k)]))
 
         with run.times.stage("teacher evaluation"):
@@ -552,14 +416,14 @@ def run_lm(cfg) -> dict:
             for dm, (split, batches) in test_sets.items():
                 stats = evaluate(ev_t, None, batches, teacher_params=t_params,
                                  teacher_names=[f"teacher {x}" for x in domains])
-                per_domain[dm] = {r: _with_bpb(m, split) for r, m in stats.items()}
+                per_domain[dm] = {r: with_bpb(m, split) for r, m in stats.items()}
             for r in [f"teacher {x}" for x in domains] + ["ensemble"]:
                 teacher_rows[r] = {dm: per_domain[dm][r] for dm in domains}
             teacher_rows["oracle-routed ensemble"] = {
                 dm: per_domain[dm][f"teacher {dm}"] for dm in domains}
             for r in teacher_rows.values():
-                r[_MIX] = _mixture(r)
-            val_stats = evaluate(ev_t, None, _eval_batches(val_mix, cfg.eval_batch_size),
+                r[_MIX] = mixture_metrics(r)
+            val_stats = evaluate(ev_t, None, eval_batches(val_mix, cfg.eval_batch_size),
                                  teacher_params=t_params)
             best = int(np.argmin([val_stats[f"teacher_{i}"]["nll"] for i in range(k)]))
             weights = _teacher_pass(
@@ -584,7 +448,7 @@ def run_lm(cfg) -> dict:
             except (FileNotFoundError, ValueError):
                 build_cache(
                     path, run_teachers, t_params,
-                    (_model_batch(b) for b in packed_batches(
+                    (model_batch(b) for b in packed_batches(
                         transfer, batch_size=min(cfg.eval_batch_size, len(transfer)),
                         shuffle=False, drop_remainder=False)),
                     num_examples=len(transfer), top_k=cfg.cache_top_k, keep_labels=True,
@@ -598,7 +462,7 @@ def run_lm(cfg) -> dict:
                 for seed in range(cfg.seeds):
                     rows = _one_seed(run, models, seed, transfer, val_mix, cache, test_sets,
                                      teacher_fn, t_params, best, multi, student_curves)
-                    seed_rows.append({r: _flatten(v) for r, v in rows.items()})
+                    seed_rows.append({r: flatten(v) for r, v in rows.items()})
         except KeyboardInterrupt:
             # Ctrl-C: the finished seeds' report is written; checkpoints and finished rows
             # stay, so the same command resumes.
@@ -622,11 +486,11 @@ def _one_seed(run, models, seed, transfer, val_mix, cache, test_sets, teacher_fn
     cfg = run.cfg
     s = cfg.student
     fns, p0 = models.init("student", seed)
-    tx = _optimizer(s, s.steps)
+    tx = optimizer(s, s.steps)
     spe = len(transfer) // s.batch_size
-    eval_fn = _nll_eval(run, models.cached("student eval", lambda: make_eval_step(
+    eval_fn = nll_eval(run, models.cached("student eval", lambda: make_eval_step(
         fns.logits, None)), val_mix)
-    ev_test = models.cached("student test", lambda: _student_test_step(fns.logits,
+    ev_test = models.cached("student test", lambda: student_test_step(fns.logits,
                                                                       models.vocab_size))
     k = len(t_params)
     plan = [("alone", None, None), ("best teacher", "uniform", [best])]
@@ -660,7 +524,7 @@ def _one_seed(run, models, seed, transfer, val_mix, cache, test_sets, teacher_fn
             train_step = step
 
         def batches_fn(e, start, which=which, weighting=weighting, seed=seed):
-            stream = (_model_batch(b) for b in packed_batches(
+            stream = (model_batch(b) for b in packed_batches(
                 transfer, batch_size=s.batch_size, seed=seed, epoch=e, start=start))
             if weighting is None or which == "online":
                 yield from stream
@@ -677,11 +541,11 @@ def _one_seed(run, models, seed, transfer, val_mix, cache, test_sets, teacher_fn
                     b["teacher_logits"] = b["teacher_logits"][np.asarray(which)]
                 yield b
 
-        state, curve = _train(run, name, init_train_state(p0, tx), train_step, batches_fn,
+        state, curve = train_model(run, name, init_train_state(p0, tx), train_step, batches_fn,
                               steps=s.steps, steps_per_epoch=spe, eval_fn=eval_fn,
                               seed=1000 + seed)
         with run.times.stage("evaluation"):
-            metrics = _eval_student(ev_test, state.params, test_sets)
+            metrics = eval_student(ev_test, state.params, test_sets)
         rows[row] = metrics
         curves[name] = curve
         run.save(name, {"metrics": metrics, "curve": curve})
@@ -699,7 +563,7 @@ def _report(run, cfg, data, seed_rows, teacher_rows, weights, best, cache_bytes,
             seconds) -> dict:
     out = run.out
     domains = data.domains
-    teacher_flat = {r: _flatten(v) for r, v in teacher_rows.items()}
+    teacher_flat = {r: flatten(v) for r, v in teacher_rows.items()}
     table = report.aggregate([{**teacher_flat, **s} for s in seed_rows])
     for rec in table:
         rec["group"] = "teachers" if rec["row"] in teacher_flat else "students"
