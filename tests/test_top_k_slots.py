@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from mtkd_jax.cache import build_cache, top_k_of_logits, with_cached_top_k
 from mtkd_jax.objective.loss import chunked_distill_sums, distill_sums, finish_distill
 from mtkd_jax.objective.top_k_slots import top_k_slots
+from mtkd_jax.parallel import data_parallel_step, make_mesh
 from mtkd_jax.training.state import init_train_state
 from mtkd_jax.training.steps import make_distill_step
 
@@ -257,3 +258,19 @@ def test_cache_entries_read_as_they_are_train_the_step(tmp_path):
         state, m = step(state, got, jax.random.key(0))
         losses.append(float(m["loss"]))
     assert losses[-1] < losses[0]
+
+
+def test_step_from_top_k_entries_on_one_device_equals_eight():
+    features, head, params, batch = _lm(b=8)
+    tx = optax.adam(1e-2)
+    step = make_distill_step(features, None, tx, student_head=head, chunk_size=4,
+                             weighting="posterior", alpha=0.5)
+    state = init_train_state(params, tx)
+    one = data_parallel_step(step, make_mesh(devices=jax.devices()[:1]))
+    eight = data_parallel_step(step, make_mesh())
+    s1, m1 = one(state, batch, jax.random.key(0))
+    s8, m8 = eight(state, batch, jax.random.key(0))
+    np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m1["teacher_weights"], m8["teacher_weights"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

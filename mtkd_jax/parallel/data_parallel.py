@@ -46,6 +46,7 @@ __all__ = [
 
 BATCH_AXES: Mapping[str, int] = {
     "teacher_logits": 1,
+    "teacher_top_k": 1,  # top-k cache entries read as stored (cache.with_cached_top_k)
     # teachers with their own tokenizers (mtkd_jax.data.alignment.pack_aligned), [K, B, ...]
     "teacher_available": 1, "teacher_index": 1, "teacher_tokens": 1,
     "teacher_segment_ids": 1, "teacher_positions": 1, "teacher_unmatched": 1,
