@@ -43,7 +43,8 @@ bucket as one class, and ``teacher_divergence`` compares the teachers' slot dist
 Only T = 1 is defined here: tempering the bucket is not tempering its classes.
 
 Cost per position: the student's logsumexp over V (which the label's cross-entropy needs
-anyway), a gather of S logits, and O(K k S) comparisons; nothing of size `K * V`.
+anyway), a gather of S logits, and a `[V]` integer table that finds each class's first slot
+(a scatter-min of the S slot indices); nothing of size `K * V`, nothing quadratic in K k.
 """
 
 from __future__ import annotations
@@ -154,18 +155,25 @@ def top_k_slots(
         y = jnp.clip(jnp.asarray(labels).astype(jnp.int32), 0, v - 1)
         union = jnp.concatenate([union, y[..., None]], axis=-1)  # [..., U]
     n = union.shape[-1]
-    same = union[..., :, None] == union[..., None, :]  # [..., U, U]
-    earlier = jnp.tril(jnp.ones((n, n), bool), -1)  # j < i
-    empty = jnp.any(same & earlier, axis=-1)  # [..., U]: a later copy of a class
+    # Each class's first slot, by a scatter-min into a [..., V] table: O(V + K k) per position
+    # (comparing every slot with every other is O((K k)^2), which dominated at K = 8).
+    flat = union.reshape(-1, n)
+    rows = jnp.arange(flat.shape[0])[:, None]
+    slot_ids = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), flat.shape)
+    first = jnp.full((flat.shape[0], v), n, jnp.int32).at[rows, flat].min(slot_ids)
+    canon = jnp.take_along_axis(first, flat, axis=-1).reshape(union.shape)  # [..., U]
+    empty = canon != jnp.arange(n)  # a later copy of a class
+    member = (first < n).reshape(z.shape)  # [..., V]: the classes in U
     held = n - jnp.sum(empty, axis=-1)  # [...] |U|
     in_bucket = (v - held).astype(jnp.float32)  # m
 
-    # Teachers: the stored log-probability, or the even share of the tail.
+    # Teachers: the even share of the tail everywhere, then each stored log-probability
+    # written at its class's first slot.
     log_fill = (log_rest - math.log(v - k)) if v > k else jnp.full_like(log_rest, EMPTY_SLOT)
-    match = union[None, ..., :, None] == classes[..., None, :]  # [K, ..., U, k]
-    stored = jnp.any(match, axis=-1)
-    own = jnp.sum(jnp.where(match, log_probs[..., None, :], 0.0), axis=-1)
-    t_slots = jnp.where(stored, own, log_fill[..., None])
+    t_slots = jnp.broadcast_to(log_fill[..., None], log_fill.shape + (n,))
+    own_slots = jnp.moveaxis(canon[..., : k_teachers * k].reshape(lead + (k_teachers, k)),
+                             -2, 0)  # [K, ..., k]
+    t_slots = jnp.put_along_axis(t_slots, own_slots, log_probs, axis=-1, inplace=False)
     t_slots = jnp.where(empty[None], EMPTY_SLOT, t_slots)
     t_rest = jnp.where(in_bucket > 0, log_fill + jnp.log(jnp.maximum(in_bucket, 1.0)),
                        EMPTY_SLOT)
@@ -173,14 +181,9 @@ def top_k_slots(
 
     # Student: its logits of U, and the log-sum-exp of the classes outside U.
     s_slots = jnp.where(empty, EMPTY_SLOT, jnp.take_along_axis(z, union, axis=-1))
-    flat = union.reshape(-1, n)
-    rows = jnp.arange(flat.shape[0])[:, None]
-    member = jnp.zeros((flat.shape[0], v), bool).at[rows, flat].set(True).reshape(z.shape)
     s_rest = jax.nn.logsumexp(jnp.where(member, EMPTY_SLOT, z), axis=-1)
     s_rest = jnp.where(in_bucket > 0, s_rest, EMPTY_SLOT)
     student = jnp.concatenate([s_slots, s_rest[..., None]], axis=-1)
 
-    slot_labels = None
-    if labels is not None:
-        slot_labels = jnp.argmax(union == union[..., -1:], axis=-1).astype(jnp.int32)
+    slot_labels = None if labels is None else canon[..., -1].astype(jnp.int32)
     return Slots(student, teachers, slot_labels)
