@@ -191,9 +191,8 @@ def make_aligned_teachers(
       projections: K `VocabProjection`s (`mtkd_jax.data.alignment.build_projection`).
       method: ``"prefix"`` or ``"uld"``.
       uld_size: M, unmatched probabilities kept per teacher and token for the ULD term (the
-        rest compared by its mass); the step's cost grows with M (`benchmarks/
-        cross_tokenizer.py`: on a 2-core CPU at V = 8192, 1.35x the same-tokenizer step at
-        M = 8, 2.1x at M = 64).
+        rest compared by its mass); the step's cost grows with M (measured by
+        `benchmarks/cross_tokenizer.py`).
 
     Returns:
       `teachers(params, batch) -> dict`, `params` a sequence of K teacher params, `batch`
