@@ -5,12 +5,15 @@ import json
 import math
 import os
 
+import pytest
+
 from mtkd_jax import cli
 
 _CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "experiments", "configs", "lm_xtok.py")
 
 
+@pytest.mark.slow  # 30-50 s; the shared-tokenizer `mtkd lm` quick run stays in the default suite
 def test_quick_run_reports_every_row_and_resumes_identically(tmp_path, capsys):
     out = tmp_path / "run"
     # Two domains and one loss chunk keep it short: compiling the steps is most of the time

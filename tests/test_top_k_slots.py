@@ -63,7 +63,7 @@ def _reference(z, top, y, weighting, alpha):
     return total / n
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), weighting=st.sampled_from(["uniform", "confidence"]),
        keep=st.booleans())
 def test_slot_loss_and_gradient_match_float64_reference(seed, weighting, keep):
@@ -178,40 +178,6 @@ def _lm(v=16, h=8, kt=2, b=4, length=6, k=3, seed=0):
     batch = {"x": {"tokens": jnp.asarray(tokens)}, "y": jnp.asarray(y),
              "mask": jnp.ones((b, length), jnp.float32), "teacher_top_k": top}
     return features, head, params, batch
-
-
-def test_step_from_top_k_entries_does_not_depend_on_the_micro_batch():
-    features, head, params, batch = _lm()
-    tx = optax.sgd(0.1)
-    step = jax.jit(make_distill_step(features, None, tx, student_head=head, chunk_size=4,
-                                     weighting="posterior", alpha=0.5))
-    state = init_train_state(params, tx)
-    _, m = step(state, batch, jax.random.key(0))
-    assert np.isfinite(float(m["loss"])) and m["labels_in_range"] == 1.0
-    np.testing.assert_allclose(float(jnp.sum(m["teacher_weights"])), 1.0, rtol=1e-5)
-
-    def half(i):
-        sl = slice(2 * i, 2 * i + 2)
-        return jax.tree.map(lambda a: a[sl] if a.ndim == 2 else a[:, sl],
-                            {k: v for k, v in batch.items() if k != "teacher_top_k"}) | {
-            "teacher_top_k": type(batch["teacher_top_k"])(
-                *(a[:, sl] for a in batch["teacher_top_k"]))}
-
-    # The per-token weights and loss of each half are those of the same tokens in the batch.
-    grad = jax.jit(jax.grad(lambda p, b: _loss(features, head, p, b)))
-    grads = [grad(params, half(i)) for i in range(2)]
-    whole = grad(params, batch)
-    for key in params:
-        np.testing.assert_allclose((grads[0][key] + grads[1][key]) / 2, whole[key],
-                                   rtol=1e-4, atol=1e-6)
-
-
-def _loss(features, head, params, batch):
-    top = batch["teacher_top_k"]
-    s = chunked_distill_sums(features(params, batch["x"]), head, params, tuple(top),
-                             labels=batch["y"], mask=batch["mask"], chunk_size=4,
-                             weighting="posterior")
-    return finish_distill(s, alpha=0.5)[0].loss
 
 
 def test_top_k_entries_refuse_what_they_cannot_do():
