@@ -253,6 +253,16 @@ def open_cache(
     return TeacherCache(path, headers, fill=fill, prior=prior)
 
 
+def _check_indexed(batch) -> None:
+    """A batch that a cache can be read for: a dict with 'index' (ValueError otherwise)."""
+    if not isinstance(batch, dict) or "index" not in batch:
+        got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise ValueError(
+            f"each batch of `batch_iter` must be a dict with 'index' [B] (and 'view' [B] "
+            f"for a cache of several views), got {got}."
+        )
+
+
 def with_cached_logits(
     batch_iter: Iterable[dict], cache: TeacherCache, *, key: str = "teacher_logits"
 ) -> Iterator[dict]:
@@ -272,12 +282,7 @@ def with_cached_logits(
       (2, 4, 4)
     """
     for batch in batch_iter:
-        if not isinstance(batch, dict) or "index" not in batch:
-            got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-            raise ValueError(
-                f"each batch of `batch_iter` must be a dict with 'index' [B] (and 'view' [B] "
-                f"for a cache of several views), got {got}."
-            )
+        _check_indexed(batch)
         yield {**batch, key: cache.lookup(batch["index"], batch.get("view"))}
 
 
@@ -299,10 +304,5 @@ def with_cached_top_k(batch_iter: Iterable[dict], cache: TeacherCache) -> Iterat
       (2, 4, 2)
     """
     for batch in batch_iter:
-        if not isinstance(batch, dict) or "index" not in batch:
-            got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-            raise ValueError(
-                f"each batch of `batch_iter` must be a dict with 'index' [B] (and 'view' [B] "
-                f"for a cache of several views), got {got}."
-            )
+        _check_indexed(batch)
         yield {**batch, "teacher_top_k": cache.lookup_top_k(batch["index"], batch.get("view"))}
