@@ -183,11 +183,14 @@ def _steps(cfg, models, teachers, projections):
                                     student_unmatched=student_unmatched(projections),
                                     uld_weight=o.uld_weight, **common)
 
+        # The teachers' params are an argument of the compiled step, not constants baked
+        # into it (as the shared step's `teacher_params`).
         @jax.jit
-        def step(state, batch, key, aligned=aligned, distill=distill):
-            return distill(state, {**batch, **aligned(own_params, batch)}, key)
+        def step(state, batch, key, teacher_params, aligned=aligned, distill=distill):
+            return distill(state, {**batch, **aligned(teacher_params, batch)}, key)
 
-        out[f"{_OWN}: {method}"] = (step, True)
+        out[f"{_OWN}: {method}"] = (
+            lambda st, b, key, step=step: step(st, b, key, own_params), True)
     return out, tx
 
 
