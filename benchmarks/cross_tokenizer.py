@@ -79,8 +79,8 @@ def main(argv=None):
     mask = np.ones((b, length), np.float32)
     t_logits = teachers[0][0].logits
 
-    @jax.jit
-    def same(state, batch):
+    @jax.jit  # the teachers' params an argument, as in `mtkd lm` (not compiled-in constants)
+    def same(state, batch, tp):
         z = jnp.stack([t_logits(p, batch["x"]) for p in tp])
         return step(state, {**batch, "teacher_logits": z}, jax.random.key(0))
 
@@ -96,7 +96,7 @@ def main(argv=None):
                                student_unmatched=student_unmatched(projs))
 
     @jax.jit
-    def aligned(state, batch):
+    def aligned(state, batch, tp):
         return step_x(state, {**batch, **aligned_teachers(tp, batch)}, jax.random.key(0))
 
     base = {"x": tokens, "y": y, "mask": mask}
@@ -107,8 +107,8 @@ def main(argv=None):
           "teacher_index": np.sort(rng.integers(0, lt, (k, b, length)), -1).astype(np.int32),
           "teacher_available": (rng.random((k, b, length)) < 0.8).astype(np.float32)}
     (t_same, t_aligned), (c_same, c_aligned) = _time(
-        [lambda: same(state, base)[1]["loss"],
-         lambda: aligned(state, {**base, **xt})[1]["loss"]], args.steps)
+        [lambda: same(state, base, tp)[1]["loss"],
+         lambda: aligned(state, {**base, **xt}, tp)[1]["loss"]], args.steps)
     print(f"K={k} B={b} L={length} L_t={lt} V={v} dim={args.dim} chunk={args.chunk} "
           f"method={args.method} uld_size={args.uld_size} on {jax.devices()[0].platform}")
     print(f"same-tokenizer step {t_same * 1e3:.1f} ms, aligned step {t_aligned * 1e3:.1f} ms, "

@@ -117,11 +117,12 @@ def _setup(path: str):
 
         return step
 
-    return torch, {"eager": variant(False), "compiled": variant(True)}
+    return torch, variant
 
 
 def main(path: str) -> None:
-    torch, steps = _setup(path)
+    torch, variant = _setup(path)
+    steps: dict = {}  # built when first asked for: `torch.compile` alone imports for seconds
     out = sys.stdout
 
     def say(obj):
@@ -135,6 +136,9 @@ def main(path: str) -> None:
             break
         try:
             if cmd[0] == "first":
+                if cmd[1] not in ("eager", "compiled"):
+                    raise ValueError(f"mode must be 'eager' or 'compiled', got {cmd[1]!r}")
+                steps[cmd[1]] = variant(cmd[1] == "compiled")
                 say({"loss": steps[cmd[1]]()})
             elif cmd[0] == "run":
                 n = int(cmd[2])

@@ -25,7 +25,7 @@ What happens to the teacher's mass on its **unmatched** tokens is a method, chos
   zeros), which needs no correspondence between the two unmatched sets.
 
 Everything here is jit-safe: the maps are arrays (shapes static), the projection a
-scatter-add over the last axis, so `[K?, B, L, V_t] -> [B, L, V_s]` costs one pass over the
+scatter-add of the vocabulary axis, so `[K?, B, L, V_t] -> [B, L, V_s]` costs one pass over the
 teacher's probabilities and never a `[V_t, V_s]` matrix.
 """
 
@@ -142,8 +142,14 @@ def project_probs(probs: jax.Array, projection: VocabProjection, *,
     target = jnp.asarray(projection.prefix if method == "prefix" else projection.exact)
     keep = target >= 0
     mass = jnp.where(keep, probs, 0.0)
-    q = jnp.zeros(probs.shape[:-1] + (projection.student_vocab_size,), probs.dtype)
-    q = q.at[..., jnp.where(keep, target, 0)].add(mass)
+    lead = mass.shape[:-1]
+    # The scatter-add runs over the vocabulary axis put first, `[V_t, N]` -> `[V_s, N]`:
+    # V_t updates of N contiguous values, not N * V_t single ones (3-4x faster on CPU;
+    # benchmarks/cross_tokenizer.py); the two transposes are cheap beside it.
+    rows = mass.reshape(-1, mass.shape[-1]).T
+    q = jnp.zeros((projection.student_vocab_size, rows.shape[1]), probs.dtype)
+    q = q.at[jnp.where(keep, target, 0)].add(rows).T.reshape(
+        lead + (projection.student_vocab_size,))
     total = jnp.sum(mass, axis=-1, keepdims=True)
     return jnp.where(total > 0, q / jnp.where(total > 0, total, 1.0), 0.0)
 
