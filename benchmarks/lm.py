@@ -38,7 +38,7 @@ losses must agree to 1e-4 (relative; `checks`). Each repeat runs every unit once
 order reversed every other repeat, so ratios are paired within a repeat (`run.py`'s
 `measure` and `ratios`). XLA's FLOP count of each compiled step (`cost_analysis`) and the
 achieved GFLOP/s. The work of one step is taken as the unchunked library step's count
-(``gflops_work``; the chunked steps also recompute each chunk's logits in the backward pass),
+(``gflops_work``; XLA costs the chunked steps' `scan` body once),
 and every unit's GFLOP/s, the PyTorch ones included, is that work over its step time.
 
 `memory_ratio_128k`: at K = 4, B = 4, L = 4096, V = 131072 (compiled, not run), XLA's

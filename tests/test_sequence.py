@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from mtkd_jax.objective.loss import (
+    chunked_distill_objective,
     chunked_distill_sums,
     distill_sums,
     finish_distill,
@@ -162,6 +163,47 @@ def test_chunked_equals_unchunked(problem, chunk):
         np.testing.assert_allclose(mb[name], ma[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.parametrize("chunk,per_token", [(4, False), (2, True)])
+def test_gradient_in_the_forward_pass_equals_the_recomputed_one(problem, chunk, per_token):
+    """`chunked_distill_objective` (each chunk's backward run in the forward pass) against
+    `chunked_distill_sums` (checkpointed, recomputed): the same J = s * soft + h * hard, the
+    same gradient for the head's params and for the features, the same sums; a params leaf
+    the head does not read gets exactly zero."""
+    x, _, _, y, mask = problem
+    rng = np.random.default_rng(5)
+    p = {"head": rng.normal(size=(4, V)).astype(np.float32),
+         "unread": rng.normal(size=(3,)).astype(np.float32)}
+    f = rng.normal(size=(B, L, 4)).astype(np.float32)
+    tf = rng.normal(size=(K, B, L, 3)).astype(np.float32)
+    tw = rng.normal(size=(K, 3, V)).astype(np.float32)
+    t_head = lambda tw, f: jnp.einsum("kblh,khv->kblv", f, tw)  # noqa: E731
+    label_mask = (rng.random((B, L) if per_token else B) < 0.7).astype(np.float32)
+    opts = dict(temperature=T, weighting="confidence", mask=mask, label_mask=label_mask,
+                chunk_size=chunk)
+    s_scale, h_scale = float(rng.uniform(0.1, 1)), float(rng.uniform(0.1, 1))
+
+    def fused(p, f):
+        return chunked_distill_objective(f, _head, p, tf, t_head, tw, y, soft_scale=s_scale,
+                                         hard_scale=h_scale, **opts)
+
+    def recomputed(p, f):
+        sums = chunked_distill_sums(f, _head, p, tf, t_head, tw, y, **opts)
+        return s_scale * sums.loss.soft + h_scale * sums.loss.hard, sums
+
+    (va, sa), ga = jax.jit(jax.value_and_grad(recomputed, (0, 1), has_aux=True))(p, f)
+    (vb, sb), gb = jax.jit(jax.value_and_grad(fused, (0, 1), has_aux=True))(p, f)
+    np.testing.assert_allclose(vb, va, rtol=1e-6)
+    np.testing.assert_allclose(gb[0]["head"], ga[0]["head"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(gb[1], ga[1], rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(gb[0]["unread"], np.zeros(3, np.float32))
+    assert float(np.abs(ga[1]).max()) > 1e-3  # the features' gradient is not trivially 0
+    for a, b in zip(jax.tree.leaves(sa), jax.tree.leaves(sb), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    # The sums carry no gradient: only J does.
+    g_sums = jax.grad(lambda p: fused(p, f)[1].loss.soft)(p)
+    assert float(np.abs(g_sums["head"]).max()) == 0.0
+
+
 def test_chunked_step_equals_unchunked_step(problem):
     x, _, zt, y, mask = problem
     rng = np.random.default_rng(4)
@@ -192,14 +234,19 @@ def _uneven_batch(rng):
     return {"x": x, "y": y, "mask": mask, "teacher_logits": zt}
 
 
-@pytest.mark.parametrize("mode", ["jit", "shard_map"])
-def test_one_device_equals_eight_with_uneven_padding(rng, mode):
+@pytest.mark.parametrize("mode,chunked", [("jit", False), ("shard_map", False),
+                                           ("jit", True), ("shard_map", True)])
+def test_one_device_equals_eight_with_uneven_padding(rng, mode, chunked):
     batch = _uneven_batch(rng)
     w = jnp.asarray(rng.normal(size=(D, V)).astype(np.float32))
     tx = optax.adam(0.05)
     axis = None if mode == "jit" else "data"
 
     def make(axis_name):
+        if chunked:  # the loss's factors from the global counts, psum'ed over `axis_name`
+            return make_distill_step(lambda p, x: x, None, tx, temperature=T, alpha=ALPHA,
+                                     weighting="confidence", axis_name=axis_name,
+                                     student_head=lambda p, f: f @ p, chunk_size=4)
         return make_distill_step(lambda p, x: x @ p, None, tx, temperature=T, alpha=ALPHA,
                                  weighting="confidence", axis_name=axis_name)
 

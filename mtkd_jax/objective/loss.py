@@ -16,7 +16,11 @@ features `[B, L, H]` and an output head (features -> logits), and the head, the 
 the loss run on `chunk_size` positions at a time inside a `jax.lax.scan` whose body is
 `jax.checkpoint`-ed, so the backward pass recomputes each chunk's logits instead of keeping
 them. Peak memory then grows with `B * chunk_size * V * K`, not with `L`; the gradients are
-those of the unchunked loss. Teachers run online are chunked alike (their features
+those of the unchunked loss. `chunked_distill_objective` / `chunked_distill_loss` (what the
+distillation step runs) take each chunk's backward pass right after its forward pass and add
+up the gradients instead, since the loss is linear in the sums with factors known from the
+masks: nothing is recomputed, and the chunked step is no slower than the unchunked one
+(benchmarks/lm.py). Teachers run online are chunked alike (their features
 `[K, B, L, H_t]` and their head); precomputed teacher logits `[K, B, L, V]` are an input
 and are sliced, not copied.
 
@@ -60,6 +64,8 @@ __all__ = [
     "DistillSums",
     "distill_sums",
     "chunked_distill_sums",
+    "chunked_distill_objective",
+    "chunked_distill_loss",
     "finish_distill",
 ]
 
@@ -532,6 +538,218 @@ def chunked_distill_sums(
       >>> bool(jnp.allclose(a, b, rtol=1e-5))
       True
     """
+    one, args, num = _chunk_plan(
+        features, student_head, head_params, teacher_inputs, teacher_head, teacher_params,
+        labels, mask=mask, label_mask=label_mask, chunk_size=chunk_size,
+        temperature=temperature, weighting=weighting, soft_loss=soft_loss,
+        divergence_kind=divergence_kind, known=known, available=available, unmatched=unmatched,
+        student_unmatched=student_unmatched, uld_weight=uld_weight)
+    one = jax.checkpoint(one)
+    first = one(*args, 0)
+    if num == 1:
+        return first
+
+    def add(total, i):
+        return _add_sums(total, one(*args, i)), None
+
+    total, _ = jax.lax.scan(add, first, jnp.arange(1, num))
+    return total
+
+
+def chunked_distill_objective(
+    features: jax.Array,
+    student_head: Callable,
+    head_params,
+    teacher_inputs: jax.Array,
+    teacher_head: Callable | None = None,
+    teacher_params=None,
+    labels: jax.Array | None = None,
+    *,
+    soft_scale: float | jax.Array,
+    hard_scale: float | jax.Array,
+    mask: jax.Array | None = None,
+    label_mask: jax.Array | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    temperature: float | jax.Array = 1.0,
+    weighting: str | Callable = uniform,
+    soft_loss: str | Callable = soft_kl,
+    divergence_kind: str = "squared",
+    known=None,
+    available: jax.Array | None = None,
+    unmatched: jax.Array | None = None,
+    student_unmatched: jax.Array | None = None,
+    uld_weight: float | jax.Array = 1.0,
+) -> tuple[jax.Array, DistillSums]:
+    r"""`chunked_distill_sums` with the gradient taken in the forward pass, chunk by chunk.
+
+    Returns :math:`J = s \cdot \Sigma_{soft} + h \cdot \Sigma_{hard}` (`soft_scale` s and
+    `hard_scale` h, e.g. the loss's factors on the two sums: `finish_loss` is linear in them)
+    and the sums. Each chunk's forward pass and its backward pass run once, back to back, and
+    its gradients of J with respect to `head_params` and `features` are added up in the scan:
+    nothing is recomputed (the `jax.checkpoint` of `chunked_distill_sums` runs the head, the
+    teachers' softmaxes and the targets of every chunk twice). Memory is the same: one chunk's
+    temporaries, plus gradient accumulators the size of `head_params` and `features`.
+
+    Only J is differentiable (with respect to `head_params` and `features`; the teacher side
+    is held fixed as in `chunked_distill_sums`); the returned sums carry no gradient. Same
+    arguments as `chunked_distill_sums`, plus:
+
+    Args:
+      soft_scale: `[]` the factor s on the summed soft loss (held fixed).
+      hard_scale: `[]` the factor h on the summed CE (held fixed).
+
+    Returns:
+      `(J [], DistillSums)`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from mtkd_jax.objective.loss import chunked_distill_objective, chunked_distill_sums
+      >>> f = jax.random.normal(jax.random.key(0), (2, 5, 3))
+      >>> w = jax.random.normal(jax.random.key(1), (3, 7))
+      >>> zt = jax.random.normal(jax.random.key(2), (2, 2, 5, 7))
+      >>> head = lambda w, f: f @ w
+      >>> g = jax.grad(lambda w: chunked_distill_objective(
+      ...     f, head, w, zt, chunk_size=2, soft_scale=0.1, hard_scale=0.0)[0])(w)
+      >>> ref = jax.grad(lambda w: 0.1 * chunked_distill_sums(
+      ...     f, head, w, zt, chunk_size=2).loss.soft)(w)
+      >>> bool(jnp.allclose(g, ref, rtol=1e-5, atol=1e-7))
+      True
+    """
+    one, args, num = _chunk_plan(
+        features, student_head, head_params, teacher_inputs, teacher_head, teacher_params,
+        labels, mask=mask, label_mask=label_mask, chunk_size=chunk_size,
+        temperature=temperature, weighting=weighting, soft_loss=soft_loss,
+        divergence_kind=divergence_kind, known=known, available=available, unmatched=unmatched,
+        student_unmatched=student_unmatched, uld_weight=uld_weight)
+    scales = jax.lax.stop_gradient((jnp.asarray(soft_scale, jnp.float32),
+                                    jnp.asarray(hard_scale, jnp.float32)))
+    rest = args[2:]
+    leaves, treedef = jax.tree.flatten(head_params)
+    # Gradients are accumulated only for the leaves the head reads (`head_params` is often
+    # the whole model): the others get zeros once, not an addition per chunk.
+    used = _leaves_read(student_head, leaves, treedef, features[:, :1])
+
+    def chunk(leaves, features, i):
+        """(J of chunk i, its sums, dJ/d(read leaves, features)): one forward, one backward."""
+        def objective(read, features):
+            it = iter(read)
+            tree = jax.tree.unflatten(treedef, [next(it) if u else x
+                                                for x, u in zip(leaves, used, strict=True)])
+            sums = one(tree, features, *rest, i)
+            return scales[0] * sums.loss.soft + scales[1] * sums.loss.hard, sums
+
+        read = [x for x, u in zip(leaves, used, strict=True) if u]
+        value, vjp, sums = jax.vjp(objective, read, features, has_aux=True)
+        return value, sums, vjp(jnp.ones_like(value))
+
+    def forward(leaves, features):
+        first = chunk(leaves, features, 0)
+        if num == 1:
+            return first
+
+        def add(total, i):
+            value, sums, grads = chunk(leaves, features, i)
+            return (total[0] + value, _add_sums(total[1], sums),
+                    jax.tree.map(jnp.add, total[2], grads)), None
+
+        total, _ = jax.lax.scan(add, first, jnp.arange(1, num))
+        return total
+
+    @jax.custom_vjp
+    def run(leaves, features):
+        value, sums, _ = forward(leaves, features)
+        return value, sums
+
+    def run_fwd(leaves, features):
+        value, sums, grads = forward(leaves, features)
+        return (value, sums), grads
+
+    def run_bwd(grads, cotangents):
+        g = cotangents[0]  # the sums' cotangents are dropped: they carry no gradient
+        read, d_features = jax.tree.map(lambda x: (x * g).astype(x.dtype), grads)
+        it = iter(read)
+        d_leaves = [next(it) if u else jnp.zeros(x.shape, x.dtype)
+                    for x, u in zip(shapes, used, strict=True)]
+        return d_leaves, d_features
+
+    shapes = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in leaves]
+    run.defvjp(run_fwd, run_bwd)
+    value, sums = run(leaves, features)
+    return value, jax.lax.stop_gradient(sums)
+
+
+def _leaves_read(fn: Callable, leaves: list, treedef, features) -> list[bool]:
+    """Which of `leaves` (of a params tree) `fn(params, features)` reads, from its jaxpr."""
+    closed = jax.make_jaxpr(lambda *xs: fn(jax.tree.unflatten(treedef, xs), features))(*leaves)
+    jaxpr = closed.jaxpr
+    read = {id(v) for eqn in jaxpr.eqns for v in eqn.invars}
+    read |= {id(v) for v in jaxpr.outvars}
+    return [id(v) in read for v in jaxpr.invars]
+
+
+def chunked_distill_loss(
+    features: jax.Array,
+    student_head: Callable,
+    head_params,
+    teacher_inputs: jax.Array,
+    teacher_head: Callable | None = None,
+    teacher_params=None,
+    labels: jax.Array | None = None,
+    *,
+    alpha: float | jax.Array = 0.0,
+    axis_name: str | None = None,
+    mask: jax.Array | None = None,
+    label_mask: jax.Array | None = None,
+    **kwargs,
+) -> tuple[LossParts, dict[str, jax.Array]]:
+    """`finish_distill(chunked_distill_sums(...))` in value and gradient, the gradient taken
+    chunk by chunk in the forward pass (`chunked_distill_objective`): what the distillation
+    step runs with a `student_head`.
+
+    The loss is linear in the two sums, with factors set by the global counts (the batch's
+    `mask` and `label_mask`, known before any chunk runs); they are read off `finish_loss`
+    itself. Should the counts of the chunks differ from them, the loss is NaN (a bug, never
+    a wrong gradient). `kwargs`: the other arguments of `chunked_distill_sums`.
+
+    Returns:
+      `(LossParts, metrics)` as `finish_distill`; only `LossParts.loss` is differentiable.
+    """
+    b, length = jnp.shape(features)[:2]
+    m = jnp.ones((b, length), jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
+    n_soft = jnp.sum(m)
+    n_hard = (jnp.zeros((), jnp.float32) if labels is None
+              else jnp.sum(combine_masks(m, label_mask)))
+
+    def loss_of(soft, hard):
+        return finish_loss(LossSums(soft, hard, n_soft, n_hard), alpha=alpha,
+                           axis_name=axis_name).loss
+
+    zero = jnp.zeros((), jnp.float32)
+    soft_scale, hard_scale = jax.grad(loss_of, argnums=(0, 1))(zero, zero)
+    objective, sums = chunked_distill_objective(
+        features, student_head, head_params, teacher_inputs, teacher_head, teacher_params,
+        labels, soft_scale=soft_scale, hard_scale=hard_scale, mask=mask,
+        label_mask=label_mask, **kwargs)
+    parts, metrics = finish_distill(sums, alpha=alpha, axis_name=axis_name)
+    same = (jnp.isclose(sums.loss.soft_count, n_soft, rtol=1e-5)
+            & jnp.isclose(sums.loss.hard_count, n_hard, rtol=1e-5))
+    loss = parts.loss + (objective - jax.lax.stop_gradient(objective))
+    return parts._replace(loss=jnp.where(same, loss, jnp.nan)), metrics
+
+
+def _add_sums(total: DistillSums, s: DistillSums) -> DistillSums:
+    """Two chunks' `DistillSums` as one: sums add, `finite` is the minimum."""
+    out = jax.tree.map(jnp.add, total._replace(finite=jnp.zeros(())),
+                       s._replace(finite=jnp.zeros(())))
+    return out._replace(finite=jnp.minimum(total.finite, s.finite))
+
+
+def _chunk_plan(features, student_head, head_params, teacher_inputs, teacher_head,
+                teacher_params, labels, *, mask, label_mask, chunk_size, temperature,
+                weighting, soft_loss, divergence_kind, known, available, unmatched,
+                student_unmatched, uld_weight):
+    """The checked inputs of a chunked loss: `(one, args, num)`, `one(*args, i)` the
+    `DistillSums` of chunk i (of `num`), `args[:2]` = `(head_params, features)`."""
     chunk_size = _checks.check_int(chunk_size, "chunk_size")
     if jnp.ndim(features) != 3:
         raise ValueError(
@@ -578,7 +796,6 @@ def chunked_distill_sums(
                             unmatched=un, student_unmatched=student_unmatched,
                             uld_weight=uld_weight)
 
-    one = jax.checkpoint(one)
     if available is not None and tuple(jnp.shape(available)) != positions:
         raise ValueError(f"`available` must have shape [K, B, L]={positions}, "
                          f"got {jnp.shape(available)}.")
@@ -588,15 +805,4 @@ def chunked_distill_sums(
                          f"{positions}, got {jnp.shape(unmatched)}.")
     args = (head_params, features, teacher_inputs, teacher_params, labels, mask, label_mask,
             available, unmatched)
-    first = one(*args, 0)
-    if num == 1:
-        return first
-
-    def add(total, i):
-        s = one(*args, i)
-        out = jax.tree.map(jnp.add, total._replace(finite=jnp.zeros(())),
-                           s._replace(finite=jnp.zeros(())))
-        return out._replace(finite=jnp.minimum(total.finite, s.finite)), None
-
-    total, _ = jax.lax.scan(add, first, jnp.arange(1, num))
-    return total
+    return one, args, num

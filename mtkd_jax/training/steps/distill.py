@@ -12,7 +12,7 @@ from mtkd_jax.core.divergence import DIVERGENCES
 from mtkd_jax.core.reduce import as_varying, pmean
 from mtkd_jax.objective.loss import (
     DEFAULT_CHUNK_SIZE,
-    chunked_distill_sums,
+    chunked_distill_loss,
     distill_sums,
     finish_distill,
 )
@@ -208,14 +208,15 @@ def make_distill_step(
                     temperature=temperature, weighting=weighting_fn, soft_loss=soft_fn,
                     divergence_kind=divergence_kind, known=known, **uld,
                 )
-            else:
-                sums = chunked_distill_sums(
+                loss, metrics = finish_distill(sums, alpha=alpha, axis_name=axis_name)
+            else:  # each chunk's gradient taken in the forward pass: nothing recomputed
+                loss, metrics = chunked_distill_loss(
                     out, student_head, params, teacher_out, teacher_head, teacher_params,
-                    labels, mask=parts.mask, label_mask=parts.label_mask, chunk_size=chunk_size,
+                    labels, alpha=alpha, axis_name=axis_name, mask=parts.mask,
+                    label_mask=parts.label_mask, chunk_size=chunk_size,
                     temperature=temperature, weighting=weighting_fn, soft_loss=soft_fn,
                     divergence_kind=divergence_kind, known=known, **uld,
                 )
-            loss, metrics = finish_distill(sums, alpha=alpha, axis_name=axis_name)
             return loss.loss, (loss, metrics, model_state)
 
         grads, (loss, metrics, model_state) = jax.grad(loss_fn, has_aux=True)(
