@@ -112,10 +112,14 @@ def make_models(cfg: dict):
     """`(fns_s, params_s, fns_t, [params_t] * K)` of the library's transformers."""
     s_cfg = preset(cfg["student"], vocab_size=cfg["V"], max_len=cfg["L"], **cfg["student_kwargs"])
     t_cfg = preset(cfg["teacher"], vocab_size=cfg["V"], max_len=cfg["L"], **cfg["teacher_kwargs"])
-    fns_s, ps = token_model_fns(Transformer(s_cfg, rngs=nnx.Rngs(0)))
+    # Built under one `jit` per config (the key an argument) rather than op by op, which
+    # compiles every initializer's shape on its own. Every unit gets these same weights.
+    build_s, build_t = (nnx.jit(lambda key, c=c: Transformer(c, rngs=nnx.Rngs(key)))
+                        for c in (s_cfg, t_cfg))
+    fns_s, ps = token_model_fns(build_s(jax.random.key(0)))
     fns_t, pt = None, []
     for k in range(cfg["K"]):
-        fns_t, p = token_model_fns(Transformer(t_cfg, rngs=nnx.Rngs(100 + k)))
+        fns_t, p = token_model_fns(build_t(jax.random.key(100 + k)))
         pt.append(p)
     return fns_s, ps, fns_t, pt
 
@@ -426,7 +430,7 @@ def paired(units, a: str, b: str) -> dict | None:
             "per_repeat": [round(x, 3) for x in r]}
 
 
-def speed(cfg, *, repeats, target_s, use_torch, log, wanted=None) -> dict:
+def speed(cfg, *, repeats, target_s, use_torch, log, wanted=None, quick=False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         units, costs, worker = build_units(cfg, tmp, use_torch=use_torch, wanted=wanted)
         try:
@@ -440,7 +444,7 @@ def speed(cfg, *, repeats, target_s, use_torch, log, wanted=None) -> dict:
             s["tok_s"] = s.pop("img_s")
             s["tok_s_min"], s["tok_s_max"] = s.pop("img_s_min"), s.pop("img_s_max")
             s["first_loss"] = u.first_loss
-            if u.name in costs:
+            if u.name in costs and not quick:  # (each compiles its step again: seconds)
                 try:
                     s["xla"] = costs[u.name]()
                 except Exception as e:  # noqa: BLE001 (a cost analysis is optional)
@@ -518,11 +522,17 @@ def memory_steps(s: dict):
     }
 
 
+# The memory programs are compiled, never run: LLVM's optimisation level changes their machine
+# code, not XLA's buffer assignment (the same temporary bytes at the quick and the V = 128k
+# sizes, checked), and level 0 compiles them in a third less time.
+MEMORY_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
 def compiled_memory(step, state, batch, key, teacher_params) -> dict:
     t0 = time.perf_counter()
     kw = {} if teacher_params is None else {"teacher_params": teacher_params}
     m = jax.jit(step, donate_argnums=0).lower(state, batch, key, **kw).compile(
-        ).memory_analysis()
+        compiler_options=MEMORY_COMPILER_OPTIONS).memory_analysis()
     return {"temp_bytes": int(m.temp_size_in_bytes),
             "argument_bytes": int(m.argument_size_in_bytes),
             "compile_s": round(time.perf_counter() - t0, 2)}
@@ -797,7 +807,7 @@ def main(argv=None) -> dict:
     if wanted - set(UNITS):
         raise SystemExit(f"--units: unknown {sorted(wanted - set(UNITS))}; choose from {UNITS}")
     if not args.no_speed:
-        result["speed"] = speed(cfg, repeats=repeats, target_s=target_s,
+        result["speed"] = speed(cfg, repeats=repeats, target_s=target_s, quick=args.quick,
                                 use_torch=use_torch and bool(wanted & {"torch_eager",
                                                                        "torch_compiled"}),
                                 log=log, wanted=wanted)

@@ -5,6 +5,7 @@ import math
 import os
 
 import numpy as np
+import pytest
 
 from mtkd_jax import cli
 from mtkd_jax.experiment.lm import lm_config, quick_lm, run_lm
@@ -60,3 +61,27 @@ def test_config_mistakes_are_one_line_exit_2(tmp_path, capsys):
         assert cli.main(["lm", "--quick", out, arg]) == 2, arg
         err = capsys.readouterr().err
         assert words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_rerun_with_another_setting_does_not_reuse_the_folder(tmp_path):
+    """Finished rows and checkpoints are found by name: a rerun that changes a number they
+    depend on (the cache's k, a model size) is refused naming the key, one that only adds
+    seeds or rows is not; a folder from before the whole setting was kept still resumes."""
+    from mtkd_jax.experiment.config import ConfigError
+    from mtkd_jax.experiment.lm_run import LMRun
+
+    cfg = _config(tmp_path / "run")
+    LMRun(cfg)
+    for key, value in (("cache_top_k", 16), ("teachers.steps", 7)):
+        other = _config(tmp_path / "run")
+        node, leaf = (other.teachers, "steps") if "." in key else (other, key)
+        setattr(node, leaf, value)
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            LMRun(other)
+    more = _config(tmp_path / "run")
+    more.seeds, more.weightings = 3, ("uniform", "posterior", "entropy")
+    LMRun(more)
+    marker = tmp_path / "run" / "setting.json"
+    marker.write_text(json.dumps({"tokenizers": "shared"}))  # the earlier marker
+    LMRun(cfg)
+    assert json.loads(marker.read_text())["cache_top_k"] == cfg.cache_top_k

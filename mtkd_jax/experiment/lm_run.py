@@ -40,7 +40,7 @@ from mtkd_jax.training.steps import make_supervised_step
 __all__ = ["LN2", "METRICS", "MIX", "LMModels", "LMRun", "eval_batches", "eval_student",
            "first_rows", "flatten", "mixture_metrics", "model_batch", "nll_eval", "optimizer",
            "select_rows", "slug", "student_test_step", "train_model", "train_teacher",
-           "with_bpb"]
+           "with_bpb", "RESUMABLE_KEYS", "run_setting"]
 
 METRICS = ("perplexity", "bpb", "accuracy", "agreement")
 MIX = "mixture"
@@ -186,6 +186,33 @@ def flatten(row: dict[str, dict]) -> dict[str, float]:
     return flat
 
 
+RESUMABLE_KEYS = ("output_dir", "progress", "seeds", "weightings", "checkpoints",
+                  "save_every", "log_every")
+"""Config keys a rerun in the same run folder may change: they add rows or seeds, or change
+no number of a finished row (`own_tokenizers.methods` too)."""
+
+
+def run_setting(cfg) -> dict:
+    """The config values a run folder's finished rows depend on (`setting.json`): every key
+    but `RESUMABLE_KEYS`, flattened to dotted names (`teachers.steps`); the
+    own-tokenizer block only when `tokenizers` is ``"own"``."""
+    flat: dict = {}
+
+    def walk(prefix, node):
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if hasattr(value, "items"):
+                walk(name + ".", value)
+            else:
+                flat[name] = list(value) if isinstance(value, tuple) else value
+
+    walk("", {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_KEYS})
+    flat.pop("own_tokenizers.methods", None)
+    if cfg.tokenizers != "own":
+        flat = {k: v for k, v in flat.items() if not k.startswith("own_tokenizers.")}
+    return flat
+
+
 class LMRun:
     """A run folder: `cfg`, the folder `out`, finished results in ``rows/`` (`saved`,
     `save`: a rerun reads them instead of training again), the `StageTimes` and the
@@ -195,20 +222,30 @@ class LMRun:
         self.cfg = cfg
         self.out = os.path.abspath(cfg.output_dir)
         os.makedirs(os.path.join(self.out, "rows"), exist_ok=True)
-        # One setting per folder: its rows and checkpoints have the same names in both.
+        # One setting per folder: finished rows and checkpoints are found by name, so a rerun
+        # with any setting that changes results (a cache's k, a model size, the data) must
+        # not pick them up. Only what adds rows or changes no number may differ.
         marker = os.path.join(self.out, "setting.json")
-        setting = {"tokenizers": cfg.tokenizers}
+        setting = run_setting(cfg)
         if os.path.exists(marker):
             with open(marker) as f:
                 found = json.load(f)
-            if found != setting:
+            if set(found) == {"tokenizers"}:  # a folder from before the whole setting was kept
+                setting_of_old = {"tokenizers": setting["tokenizers"]}
+                differ = [] if found == setting_of_old else ["tokenizers"]
+            else:
+                differ = sorted(k for k in set(found) | set(setting)
+                                if found.get(k) != setting.get(k))
+            if differ:
+                shown = ", ".join(f"{k}={found.get(k)!r} (now {setting.get(k)!r})"
+                                  for k in differ)
                 raise ConfigError(
-                    f"`config.output_dir` {self.out} holds a run with tokenizers="
-                    f"{found.get('tokenizers')!r}, not {cfg.tokenizers!r}: choose another "
-                    "--config.output_dir.")
-        else:
-            with open(marker, "w") as f:
-                json.dump(setting, f)
+                    f"`config.output_dir` {self.out} holds a run with another setting: "
+                    f"{shown}. Its finished rows and checkpoints belong to that setting: "
+                    "choose another --config.output_dir.")
+        with open(marker + ".tmp", "w") as f:
+            json.dump(setting, f, indent=1, sort_keys=True)
+        os.replace(marker + ".tmp", marker)
         self.times = StageTimes()
         self.progress = RunProgress(0, enabled=False)
 
