@@ -538,7 +538,7 @@ def chunked_distill_sums(
       >>> bool(jnp.allclose(a, b, rtol=1e-5))
       True
     """
-    one, args, num = _chunk_plan(
+    one, args, num, _ = _chunk_plan(
         features, student_head, head_params, teacher_inputs, teacher_head, teacher_params,
         labels, mask=mask, label_mask=label_mask, chunk_size=chunk_size,
         temperature=temperature, weighting=weighting, soft_loss=soft_loss,
@@ -615,7 +615,7 @@ def chunked_distill_objective(
       >>> bool(jnp.allclose(g, ref, rtol=1e-5, atol=1e-7))
       True
     """
-    one, args, num = _chunk_plan(
+    one, args, num, (start_of, size) = _chunk_plan(
         features, student_head, head_params, teacher_inputs, teacher_head, teacher_params,
         labels, mask=mask, label_mask=label_mask, chunk_size=chunk_size,
         temperature=temperature, weighting=weighting, soft_loss=soft_loss,
@@ -630,27 +630,38 @@ def chunked_distill_objective(
     used = _leaves_read(student_head, leaves, treedef, features[:, :1])
 
     def chunk(leaves, features, i):
-        """(J of chunk i, its sums, dJ/d(read leaves, features)): one forward, one backward."""
-        def objective(read, features):
+        """(J of chunk i, its sums, dJ/d(read leaves), dJ/d(its features)): one forward pass,
+        one backward pass; the features' gradient only over the chunk's positions."""
+        def objective(read, features_chunk):
             it = iter(read)
             tree = jax.tree.unflatten(treedef, [next(it) if u else x
                                                 for x, u in zip(leaves, used, strict=True)])
-            sums = one(tree, features, *rest, i)
+            sums = one(tree, features, *rest, i, features_chunk=features_chunk)
             return scales[0] * sums.loss.soft + scales[1] * sums.loss.hard, sums
 
         read = [x for x, u in zip(leaves, used, strict=True) if u]
-        value, vjp, sums = jax.vjp(objective, read, features, has_aux=True)
-        return value, sums, vjp(jnp.ones_like(value))
+        features_chunk = _chunk(features, start_of(i), size, 1)
+        value, vjp, sums = jax.vjp(objective, read, features_chunk, has_aux=True)
+        d_read, d_chunk = vjp(jnp.ones_like(value))
+        return value, sums, d_read, d_chunk
+
+    def add_chunk(d_features, d_chunk, i):  # the overlapping last chunk's old positions get 0
+        start = start_of(i)
+        return jax.lax.dynamic_update_slice_in_dim(
+            d_features, _chunk(d_features, start, size, 1) + d_chunk, start, axis=1)
 
     def forward(leaves, features):
-        first = chunk(leaves, features, 0)
+        value, sums, d_read, d_chunk = chunk(leaves, features, 0)
+        d_features = add_chunk(jnp.zeros(features.shape, d_chunk.dtype), d_chunk, 0)
+        first = (value, sums, (d_read, d_features))
         if num == 1:
             return first
 
         def add(total, i):
-            value, sums, grads = chunk(leaves, features, i)
+            value, sums, d_read, d_chunk = chunk(leaves, features, i)
             return (total[0] + value, _add_sums(total[1], sums),
-                    jax.tree.map(jnp.add, total[2], grads)), None
+                    (jax.tree.map(jnp.add, total[2][0], d_read),
+                     add_chunk(total[2][1], d_chunk, i))), None
 
         total, _ = jax.lax.scan(add, first, jnp.arange(1, num))
         return total
@@ -748,8 +759,10 @@ def _chunk_plan(features, student_head, head_params, teacher_inputs, teacher_hea
                 teacher_params, labels, *, mask, label_mask, chunk_size, temperature,
                 weighting, soft_loss, divergence_kind, known, available, unmatched,
                 student_unmatched, uld_weight):
-    """The checked inputs of a chunked loss: `(one, args, num)`, `one(*args, i)` the
-    `DistillSums` of chunk i (of `num`), `args[:2]` = `(head_params, features)`."""
+    """The checked inputs of a chunked loss: `(one, args, num, (start_of, size))`,
+    `one(*args, i)` the `DistillSums` of chunk i (of `num`; positions `start_of(i)` to
+    `start_of(i) + size`; `features_chunk=` gives that chunk's features already sliced),
+    `args[:2]` = `(head_params, features)`."""
     chunk_size = _checks.check_int(chunk_size, "chunk_size")
     if jnp.ndim(features) != 3:
         raise ValueError(
@@ -775,9 +788,12 @@ def _chunk_plan(features, student_head, head_params, teacher_inputs, teacher_hea
     num = -(-length // size)
     label_mask_per_token = label_mask is not None and jnp.ndim(label_mask) == 2
 
+    def start_of(i):
+        return jnp.minimum(i * size, length - size)
+
     def one(head_params, features, teacher_inputs, teacher_params, labels, mask, label_mask,
-            available, unmatched, i):
-        start = jnp.minimum(i * size, length - size)
+            available, unmatched, i, features_chunk=None):
+        start = start_of(i)
         fresh = (start + jnp.arange(size)) >= i * size  # the overlap is counted once
         m = jnp.broadcast_to(fresh, (b, size)).astype(jnp.float32)
         if mask is not None:
@@ -786,7 +802,9 @@ def _chunk_plan(features, student_head, head_params, teacher_inputs, teacher_hea
         zt = jax.tree.map(lambda a: _chunk(a, start, size, 2), teacher_inputs)
         if teacher_head is not None:
             zt = jax.lax.stop_gradient(teacher_head(teacher_params, zt))
-        logits = student_head(head_params, _chunk(features, start, size, 1))
+        if features_chunk is None:
+            features_chunk = _chunk(features, start, size, 1)
+        logits = student_head(head_params, features_chunk)
         y = None if labels is None else _chunk(labels, start, size, 1)
         av = None if available is None else _chunk(available, start, size, 2)
         un = None if unmatched is None else _chunk(unmatched, start, size, 2)
@@ -805,4 +823,4 @@ def _chunk_plan(features, student_head, head_params, teacher_inputs, teacher_hea
                          f"{positions}, got {jnp.shape(unmatched)}.")
     args = (head_params, features, teacher_inputs, teacher_params, labels, mask, label_mask,
             available, unmatched)
-    return one, args, num
+    return one, args, num, (start_of, size)
