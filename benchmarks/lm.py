@@ -17,8 +17,10 @@ L = 128 tokens, a batch of B = 8 rows (one document per row), T = 1, alpha = 0.5
 positions (the experiment's `chunk_size`). Two pre-generated batches of random tokens
 rotate. Units, in tokens/s (median over interleaved repeats after warm-up):
 
-  lib_online            `make_distill_step` with the teachers run online (their stacked
-                        logits, as `mtkd lm` does), chunked soft loss
+  lib_online            `make_distill_step` with the teachers run online, chunked soft loss:
+                        the teachers give features and their heads run per chunk
+                        (`mtkd_jax.experiment.lm.online_teachers`, as `mtkd lm` does)
+  lib_online_stacked    the same with the teachers' whole logits stacked `[K, B, L, V]`
   lib_online_unchunked  the same with the whole `[B, L, V]` student logits (no chunking)
   lib_cached            from a top-32 cache (`build_cache`): `TeacherCache.lookup` rebuilds
                         `[K, B, L, V]` logits on the host (`with_cached_logits`, as `mtkd lm`
@@ -97,7 +99,8 @@ MEMORY = dict(K=4, B=4, L=4096, V=131072, H=256, chunk=128, top_k=32)
 MEMORY_QUICK = dict(K=2, B=2, L=64, V=512, H=32, chunk=16, top_k=8)
 TEMPERATURE, ALPHA, LR, WEIGHT_DECAY = 1.0, 0.5, 1e-3, 0.01
 NUM_BATCHES = 2
-UNITS = ("lib_online", "lib_online_unchunked", "lib_cached", "lib_cached_device",
+UNITS = ("lib_online", "lib_online_stacked", "lib_online_unchunked", "lib_cached",
+         "lib_cached_device",
          "lib_cached_slots", "lib_student", "bare_jax", "torch_eager", "torch_compiled")
 QUICK_UNITS = ("lib_online", "lib_cached_slots", "bare_jax", "torch_eager")
 GOALS = {"lib_vs_bare": 0.95, "lib_vs_torch": 1.0, "memory_ratio_128k": 0.05,
@@ -329,9 +332,18 @@ def build_units(cfg, tmp, *, use_torch: bool, wanted=None):
         costs[name] = lambda: bench.xla_cost(jitted, state, batches[0], key, **kw)
         return JaxUnit(name, tokens, fn, state, batches)
 
-    online = make_distill_step(fns_s.features, teacher_fn, tx, student_head=fns_s.head,
-                               chunk_size=cfg["chunk"], **common)
+    try:
+        from mtkd_jax.experiment.lm import online_teachers
+        t_apply, t_head = online_teachers(fns_t)
+    except ImportError:  # an `--ab` tree from before the chunked teacher heads
+        t_apply, t_head = teacher_fn, None
+    online = make_distill_step(fns_s.features, t_apply, tx, student_head=fns_s.head,
+                               teacher_head=t_head, chunk_size=cfg["chunk"], **common)
     units.append(lib("lib_online", online, dev, teacher_params=tp))
+    if want("lib_online_stacked"):
+        stacked = make_distill_step(fns_s.features, teacher_fn, tx, student_head=fns_s.head,
+                                    chunk_size=cfg["chunk"], **common)
+        units.append(lib("lib_online_stacked", stacked, dev, teacher_params=tp))
     plain = make_distill_step(fns_s.logits, teacher_fn, tx, **common)
     if want("lib_online_unchunked"):
         units.append(lib("lib_online_unchunked", plain, dev, teacher_params=tp))
@@ -408,6 +420,7 @@ RATIOS = (
     ("lib_online", "bare_jax"),
     ("lib_online_unchunked", "bare_jax"),
     ("lib_online", "lib_online_unchunked"),
+    ("lib_online", "lib_online_stacked"),
     ("lib_online", "torch_eager"),
     ("lib_online", "torch_compiled"),
     ("lib_online_unchunked", "torch_compiled"),

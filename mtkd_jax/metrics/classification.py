@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from mtkd_jax.core import checks as _checks
+from mtkd_jax.core.argmax import argmax
 
 __all__ = [
     "NUM_BINS",
@@ -121,7 +122,7 @@ def batch_stats(
     # Masked rows may carry placeholder labels; a valid index keeps gathers finite.
     y = jnp.where(valid, labels, 0)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    pred = jnp.argmax(logp, axis=-1)
+    pred = argmax(logp)
     conf = jnp.exp(jnp.max(logp, axis=-1))
     correct = (pred == y) & valid
     vi = valid.astype(jnp.int32)
@@ -144,7 +145,7 @@ def batch_stats(
                 f"`reference_probs` must have the shape of `logits` [B, C]=({b}, {c}), "
                 f"got {jnp.shape(reference_probs)}."
             )
-        same = (pred == jnp.argmax(reference_probs, axis=-1)) & valid
+        same = (pred == argmax(reference_probs)) & valid
         agree = jnp.sum(same.astype(jnp.int32))
         agree_n = jnp.sum(vi)
     return MetricStats(

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from mtkd_jax.core import checks as _checks
+from mtkd_jax.core.argmax import argmax
 
 __all__ = ["TokenStats", "token_stats", "compute_token_metrics"]
 
@@ -80,7 +81,7 @@ def token_stats(
         valid = jnp.asarray(mask) > 0
     y = jnp.where(valid, labels, 0)  # padding may hold placeholder tokens
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    pred = jnp.argmax(logp, axis=-1)
+    pred = argmax(logp)
     nll = -jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
     vi = valid.astype(jnp.int32)
     if reference_probs is None:
@@ -92,7 +93,7 @@ def token_stats(
                 f"`reference_probs` must have the shape of `logits` {logits.shape}, got "
                 f"{jnp.shape(reference_probs)}."
             )
-        agree = jnp.sum(((pred == jnp.argmax(reference_probs, axis=-1)) & valid).astype(jnp.int32))
+        agree = jnp.sum(((pred == argmax(reference_probs)) & valid).astype(jnp.int32))
         agree_n = jnp.sum(vi)
     return TokenStats(
         nll_sum=jnp.sum(jnp.where(valid, nll, 0.0)),

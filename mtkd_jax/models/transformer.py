@@ -646,7 +646,14 @@ class Transformer(nnx.Module):
 
     def head(self, f: jax.Array) -> jax.Array:
         """Features `[..., E]` -> float32 logits `[..., V]` (soft-capped when configured)."""
+        # The product runs on `[N, E]` rows, the leading axes flattened: the gradient of a
+        # product over `[B, L, E]` features contracts two axes, which XLA:CPU lowers with a
+        # transposed copy of the `[B, L, V]` logits' gradient (about half the student's step
+        # time at V = 8192; benchmarks/lm_profile.py).
+        lead = f.shape[:-1]
+        f = f.reshape(-1, f.shape[-1])
         logits = self.embed.attend(f) if self.out is None else self.out(f)
+        logits = logits.reshape(lead + logits.shape[-1:])
         return _softcap(logits.astype(jnp.float32), self.config.final_logit_softcap)
 
     def __call__(self, x, **inputs) -> jax.Array:
