@@ -91,10 +91,13 @@ from mtkd_jax.training.steps import make_distill_step, make_supervised_step  # n
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 DEFAULT = dict(student="tiny", teacher="small", K=3, V=8192, L=128, B=8, chunk=32, top_k=32,
-               student_kwargs={}, teacher_kwargs={})
+               student_kwargs={}, teacher_kwargs={}, llvm_opt_level=None)
+# `--quick` is the test of the code paths, not a measurement: its programs are compiled at
+# LLVM level 0 (half the compile time, which is most of its run), so its timings are not
+# comparable with a full run's.
 QUICK = dict(student="tiny", teacher="tiny", K=3, V=512, L=32, B=4, chunk=16, top_k=8,
              student_kwargs=dict(dim=16, depth=1, heads=2, kv_heads=1, mlp_dim=32),
-             teacher_kwargs=dict(dim=32, depth=1, mlp_dim=64))
+             teacher_kwargs=dict(dim=32, depth=1, mlp_dim=64), llvm_opt_level=0)
 MEMORY = dict(K=4, B=4, L=4096, V=131072, H=256, chunk=128, top_k=32)
 MEMORY_QUICK = dict(K=2, B=2, L=64, V=512, H=32, chunk=16, top_k=8)
 TEMPERATURE, ALPHA, LR, WEIGHT_DECAY = 1.0, 0.5, 1e-3, 0.01
@@ -111,14 +114,26 @@ GOALS = {"lib_vs_bare": 0.95, "lib_vs_torch": 1.0, "memory_ratio_128k": 0.05,
 # Workload
 
 
+def _compiler_options(cfg: dict) -> dict | None:
+    level = cfg.get("llvm_opt_level")
+    return None if level is None else {"xla_backend_optimization_level": level}
+
+
 def make_models(cfg: dict):
     """`(fns_s, params_s, fns_t, [params_t] * K)` of the library's transformers."""
     s_cfg = preset(cfg["student"], vocab_size=cfg["V"], max_len=cfg["L"], **cfg["student_kwargs"])
     t_cfg = preset(cfg["teacher"], vocab_size=cfg["V"], max_len=cfg["L"], **cfg["teacher_kwargs"])
     # Built under one `jit` per config (the key an argument) rather than op by op, which
     # compiles every initializer's shape on its own. Every unit gets these same weights.
-    build_s, build_t = (nnx.jit(lambda key, c=c: Transformer(c, rngs=nnx.Rngs(key)))
-                        for c in (s_cfg, t_cfg))
+    opts = _compiler_options(cfg)
+
+    def builder(c):
+        graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(c, rngs=nnx.Rngs(0))))
+        init = jax.jit(lambda key: nnx.split(Transformer(c, rngs=nnx.Rngs(key)))[1],
+                       compiler_options=opts)
+        return lambda key: nnx.merge(graphdef, init(key))
+
+    build_s, build_t = builder(s_cfg), builder(t_cfg)
     fns_s, ps = token_model_fns(build_s(jax.random.key(0)))
     fns_t, pt = None, []
     for k in range(cfg["K"]):
@@ -237,7 +252,15 @@ class Worker:
     def __init__(self, argv, env=None):
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env)
-        self.info = self._read()
+        self._info = None
+
+    @property
+    def info(self) -> dict:
+        """The worker's first line, read when first needed: it starts up (imports torch)
+        while this process goes on compiling."""
+        if self._info is None:
+            self._info = self._read()
+        return self._info
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
@@ -249,6 +272,7 @@ class Worker:
         return out
 
     def ask(self, cmd: str) -> dict:
+        self.info  # noqa: B018 (its first line comes before any answer)
         self.proc.stdin.write(cmd + "\n")
         self.proc.stdin.flush()
         return self._read()
@@ -315,6 +339,8 @@ def build_units(cfg, tmp, *, use_torch: bool, wanted=None):
     """The units of one run and what they were built from."""
     fns_s, ps, fns_t, pts = make_models(cfg)
     batches = make_batches(cfg)
+    # Started first: it imports torch while this process builds the cache and the steps.
+    worker = TorchWorker(cfg, ps, pts, batches, tmp) if use_torch else None
     tokens = cfg["B"] * cfg["L"]
     tx = optimizer()
     tp = tuple(pts)
@@ -324,9 +350,10 @@ def build_units(cfg, tmp, *, use_torch: bool, wanted=None):
     key = jax.random.key(0)
     units, costs = [], {}
     want = lambda name: wanted is None or name in wanted  # noqa: E731
+    jit = functools.partial(jax.jit, compiler_options=_compiler_options(cfg))
 
     def lib(name, step, batches, **kw):
-        jitted = jax.jit(step)
+        jitted = jit(step)
         fn = lambda st, b: jitted(st, b, key, **kw)  # noqa: E731
         state = init_train_state(jax.tree.map(jnp.copy, ps), tx)
         costs[name] = lambda: bench.xla_cost(jitted, state, batches[0], key, **kw)
@@ -349,10 +376,10 @@ def build_units(cfg, tmp, *, use_torch: bool, wanted=None):
         units.append(lib("lib_online_unchunked", plain, dev, teacher_params=tp))
 
     # The top-k cache of the batches' rows, as `mtkd lm` builds it.
-    cache = build_cache(os.path.join(tmp, "cache"), jax.jit(teacher_fn), tp,
+    cache = build_cache(os.path.join(tmp, "cache"), teacher_fn, tp,
                         [dict(b) for b in batches], num_examples=NUM_BATCHES * cfg["B"],
                         top_k=cfg["top_k"], progress=False)
-    cached = jax.jit(make_distill_step(fns_s.features, None, tx, student_head=fns_s.head,
+    cached = jit(make_distill_step(fns_s.features, None, tx, student_head=fns_s.head,
                                        chunk_size=cfg["chunk"], **common))
     st = init_train_state(jax.tree.map(jnp.copy, ps), tx)
 
@@ -364,7 +391,7 @@ def build_units(cfg, tmp, *, use_torch: bool, wanted=None):
     costs["lib_cached"] = lambda: bench.xla_cost(
         cached, st, {**dev[0], "teacher_logits": cache.lookup(batches[0]["index"])}, key)
 
-    dstep = jax.jit(cached_device_step(fns_s, tx, cfg))
+    dstep = jit(cached_device_step(fns_s, tx, cfg))
     st = init_train_state(jax.tree.map(jnp.copy, ps), tx)
 
     def device_fn(state, b):  # only the top-k entries travel
@@ -390,7 +417,7 @@ def build_units(cfg, tmp, *, use_torch: bool, wanted=None):
     if want("lib_student"):
         units.append(lib("lib_student", make_supervised_step(fns_s.logits, tx), dev))
 
-    bare = jax.jit(bare_lm.make_step(tx, temperature=TEMPERATURE, alpha=ALPHA))
+    bare = jit(bare_lm.make_step(tx, temperature=TEMPERATURE, alpha=ALPHA))
     bp, btp = _pure(ps), [_pure(p) for p in pts]
     bstate = (jax.tree.map(jnp.copy, bp), tx.init(bp))
 
@@ -401,9 +428,7 @@ def build_units(cfg, tmp, *, use_torch: bool, wanted=None):
     units.append(JaxUnit("bare_jax", tokens, bare_fn, bstate, dev))
     costs["bare_jax"] = lambda: bench.xla_cost(bare, bp, bstate[1], btp, dev[0]["x"],
                                                dev[0]["y"], dev[0]["mask"])
-    worker = None
     if use_torch:
-        worker = TorchWorker(cfg, ps, pts, batches, tmp)
         for mode in [m for m in ("eager", "compiled") if want(f"torch_{m}")]:
             u = TorchUnit(f"torch_{mode}", tokens, worker, mode)
             try:

@@ -46,7 +46,6 @@ from mtkd_jax.cache import (
     with_cached_top_k,
 )
 from mtkd_jax.cache.topk import FILLS
-from mtkd_jax.core.argmax import argmax
 from mtkd_jax.core.vocab_projection import PROJECTION_METHODS
 from mtkd_jax.data import LMData, PackedSplit, prepare_lm_data
 from mtkd_jax.data.packing import batches as packed_batches
@@ -369,7 +368,7 @@ def _teacher_pass(run, data, teacher_fn, t_params, tests) -> dict:
         k = z.shape[0]
         ens = fuse_targets(jax.nn.softmax(z.astype(jnp.float32)), jnp.full((k,), 1.0 / k))
         return (jnp.sum(w * batch["mask"], axis=(2, 3)), jnp.sum(batch["mask"]),
-                argmax(ens))
+                jnp.argmax(ens, axis=-1).astype(jnp.int32))
 
     per_domain = []
     for d in data.domains:

@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 
 from mtkd_jax.core import checks as _checks
-from mtkd_jax.core.argmax import argmax
 
 __all__ = [
     "NUM_BINS",
@@ -122,7 +121,7 @@ def batch_stats(
     # Masked rows may carry placeholder labels; a valid index keeps gathers finite.
     y = jnp.where(valid, labels, 0)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    pred = argmax(logp)
+    pred = jnp.argmax(logp, axis=-1)
     conf = jnp.exp(jnp.max(logp, axis=-1))
     correct = (pred == y) & valid
     vi = valid.astype(jnp.int32)
@@ -145,7 +144,7 @@ def batch_stats(
                 f"`reference_probs` must have the shape of `logits` [B, C]=({b}, {c}), "
                 f"got {jnp.shape(reference_probs)}."
             )
-        same = (pred == argmax(reference_probs)) & valid
+        same = (pred == jnp.argmax(reference_probs, axis=-1)) & valid
         agree = jnp.sum(same.astype(jnp.int32))
         agree_n = jnp.sum(vi)
     return MetricStats(

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from mtkd_jax.core import checks as _checks
-from mtkd_jax.core.argmax import argmax
+from mtkd_jax.core.argmax import is_argmax
 
 __all__ = ["TokenStats", "token_stats", "compute_token_metrics"]
 
@@ -81,7 +81,6 @@ def token_stats(
         valid = jnp.asarray(mask) > 0
     y = jnp.where(valid, labels, 0)  # padding may hold placeholder tokens
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    pred = argmax(logp)
     nll = -jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
     vi = valid.astype(jnp.int32)
     if reference_probs is None:
@@ -93,11 +92,12 @@ def token_stats(
                 f"`reference_probs` must have the shape of `logits` {logits.shape}, got "
                 f"{jnp.shape(reference_probs)}."
             )
-        agree = jnp.sum(((pred == argmax(reference_probs)) & valid).astype(jnp.int32))
+        agree = jnp.sum((is_argmax(logp, jnp.argmax(reference_probs, axis=-1)) & valid).astype(
+            jnp.int32))
         agree_n = jnp.sum(vi)
     return TokenStats(
         nll_sum=jnp.sum(jnp.where(valid, nll, 0.0)),
-        correct=jnp.sum(((pred == y) & valid).astype(jnp.int32)),
+        correct=jnp.sum((is_argmax(logp, y) & valid).astype(jnp.int32)),
         agree=agree,
         agree_n=agree_n,
         n=jnp.sum(vi),

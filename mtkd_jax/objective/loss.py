@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from mtkd_jax.core import checks as _checks
-from mtkd_jax.core.argmax import argmax
+from mtkd_jax.core.argmax import is_argmax
 from mtkd_jax.core.class_sets import pairwise_divergence_known
 from mtkd_jax.core.divergence import pairwise_divergence
 from mtkd_jax.core.losses import cross_entropy, mix_losses, safe_labels, soft_kl, soft_loss_fn
@@ -414,7 +414,7 @@ def distill_sums(
         div = masked_sum(pairwise_divergence(dt.probs, kind=divergence_kind), mask)
     else:
         div = jnp.zeros((1, 1), dt.probs.dtype)
-    pred = argmax(student_logits)
+    pred = jnp.argmax(student_logits, -1)
     z_known = teacher_logits
     if known is not None:  # unknown classes may hold -inf by design
         c = teacher_logits.shape[-1]
@@ -429,12 +429,12 @@ def distill_sums(
     if labels is None:
         correct = jnp.zeros((), loss.soft.dtype)
     else:
-        correct = masked_sum(pred == labels, hard_mask)
+        correct = masked_sum(is_argmax(student_logits, labels), hard_mask)
     return DistillSums(
         loss=loss,
         weights=masked_sum(jnp.moveaxis(dt.weights, 0, -1), mask),
         divergence=div,
-        agree=masked_sum(pred == argmax(targets), mask),
+        agree=masked_sum(is_argmax(targets, pred), mask),
         correct=correct,
         finite=jnp.all(finite).astype(jnp.float32),
         available=None if available is None else masked_sum(

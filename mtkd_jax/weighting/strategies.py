@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtkd_jax.core import checks as _checks
-from mtkd_jax.core.argmax import argmax
 from mtkd_jax.core.divergence import pairwise_divergence
 from mtkd_jax.core.reduce import expand_to
 
@@ -149,7 +148,7 @@ def _needs_logits(probs, logits, name: str):
 
 def _known_labels(logits, labels, label_mask):
     """True labels where known; the ensemble's argmax (mean of softmax(logits)) elsewhere."""
-    ensemble = argmax(jnp.mean(jax.nn.softmax(logits, axis=-1), axis=0))
+    ensemble = jnp.argmax(jnp.mean(jax.nn.softmax(logits, axis=-1), axis=0), axis=-1)
     if labels is None:
         return ensemble.astype(jnp.int32)
     _checks.check_labels(labels, "labels", logits.shape[1:-1])

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from mtkd_jax.core import checks as _checks
-from mtkd_jax.core.argmax import argmax
+from mtkd_jax.core.argmax import is_argmax
 from mtkd_jax.core.losses import soft_loss_fn
 from mtkd_jax.core.reduce import global_mean, pmean
 from mtkd_jax.models.adapt import as_model
@@ -112,7 +112,7 @@ def labels_in_range(labels, hard_mask, num_classes: int) -> jax.Array:
 
 
 def accuracy(logits, labels, label_mask, axis_name):
-    correct = argmax(logits) == labels
+    correct = is_argmax(logits, labels)
     return global_mean(correct, label_mask, axis_name=axis_name)
 
 
