@@ -77,6 +77,27 @@ def test_cross_entropy_matches_reference(rng):
     assert_matches(cross_entropy, (z, y), np_cross_entropy(z, y))
 
 
+def test_cross_entropy_derivatives_match_reference(rng):
+    # The gradient g (softmax(z) - onehot(y)) against float64, and forward mode (its rule is
+    # a custom JVP): a Hessian-vector product against the float64 (diag(p) - p p^T) v.
+    z = random_logits(rng, (4, 3, 7))
+    y = rng.integers(0, 7, size=(4, 3)).astype(np.int32)
+    w = rng.standard_normal((4, 3))
+    p = np.exp(np_log_softmax(z))
+    onehot = np.eye(7)[y]
+    loss = lambda z: jnp.sum(jnp.asarray(w, jnp.float32) * cross_entropy(z, y))  # noqa: E731
+    grad = jax.jit(jax.grad(loss))(jnp.asarray(z, jnp.float32))
+    np.testing.assert_allclose(grad, w[..., None] * (p - onehot), rtol=1e-5, atol=1e-6)
+    v = rng.standard_normal(z.shape)
+    _, hv = jax.jvp(jax.grad(loss), (jnp.asarray(z, jnp.float32),), (jnp.asarray(v, jnp.float32),))
+    want = w[..., None] * (p * v - p * np.sum(p * v, -1, keepdims=True))
+    np.testing.assert_allclose(hv, want, rtol=1e-4, atol=1e-5)
+    # vmap of the gradient over a leading axis = the whole batch.
+    per = jax.vmap(jax.grad(lambda z, y: jnp.sum(cross_entropy(z, y))))(
+        jnp.asarray(z, jnp.float32), jnp.asarray(y))
+    np.testing.assert_allclose(per, p - onehot, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("weights_shape", [(3,), (3, 2, 4)], ids=["per-teacher", "per-example"])
 def test_per_teacher_soft_kl_matches_reference(rng, weights_shape):
     s, p = random_logits(rng, SHAPE[1:]), random_probs(rng, SHAPE)
