@@ -1,13 +1,21 @@
 """The aligned (cross-tokenizer) distillation step against the same-tokenizer step.
 
 Same sizes, same process: K transformer teachers and one student, rows of L tokens, the
-chunked loss. The same-tokenizer step runs the teachers on the student's tokens and stacks
-their logits `[K, B, L, V]`; the aligned step runs each teacher on its own rows `[B, L_t]`
-(`L_t` = `--teacher-len`), gathers its logits at the aligned positions and projects them
-onto the student's vocabulary (`mtkd_jax.objective.cross_tokenizer`, ``--method``), with a
-random alignment and a random projection of the same vocabulary size (the cost does not
-depend on which tokens match). Prints the median step time of each and their ratio, the
-two steps called in turn (a shared machine's load touches both alike), in wall and CPU time.
+chunked loss. The same-tokenizer step runs the teachers on the student's tokens; the aligned
+step runs each teacher on its own rows `[B, L_t]` (`L_t` = `--teacher-len`), takes its
+output at the aligned positions and projects it onto the student's vocabulary
+(`mtkd_jax.objective.cross_tokenizer`, ``--method``), with a random alignment and a random
+projection of the same vocabulary size (the cost does not depend on which tokens match; the
+fan-ins are drawn as real tokenizer pairs have them, most 1, a few up to tens).
+
+Two pairs, every step called in turn (a shared machine's load touches all alike), median wall
+and CPU time of each:
+
+* **chunked** (the library's fast path, ``prefix`` only): teachers give features and their
+  heads run per chunk of the loss, on both sides (`make_distill_step(teacher_head=)`; the
+  aligned side by `aligned_teacher_heads` on `aligned_inputs` batches);
+* **precomputed**: the teachers' whole logits `[K, B, L, V]` (stacked; the aligned side by
+  `make_aligned_teachers`, which ``uld`` needs) handed to the step.
 
     PYTHONPATH=. python benchmarks/cross_tokenizer.py --vocab 4096 --steps 10
 """
@@ -26,7 +34,13 @@ from flax import nnx
 from mtkd_jax.core.vocab_projection import VocabProjection
 from mtkd_jax.models.transformer import Transformer, TransformerConfig
 from mtkd_jax.models.zoo.token import token_model_fns
-from mtkd_jax.objective.cross_tokenizer import make_aligned_teachers, student_unmatched
+from mtkd_jax.objective.cross_tokenizer import (
+    aligned_inputs,
+    aligned_teacher_heads,
+    make_aligned_teachers,
+    student_input,
+    student_unmatched,
+)
 from mtkd_jax.training.state import init_train_state
 from mtkd_jax.training.steps import make_distill_step
 
@@ -86,8 +100,9 @@ def main(argv=None):
 
     projs = []
     for _ in range(k):
+        # Most tokens match one to one; the rest map onto a prefix, fan-ins up to tens.
         exact = np.where(rng.random(v) < 0.7, rng.permutation(v), -1)
-        prefix = np.where(exact >= 0, exact, rng.integers(0, v, v))
+        prefix = np.where(exact >= 0, exact, rng.integers(0, v, v) ** 2 // v)
         projs.append(VocabProjection.from_maps(exact, prefix, student_vocab_size=v))
     aligned_teachers = make_aligned_teachers([t_logits] * k, projs, method=args.method,
                                              uld_size=args.uld_size)
@@ -99,6 +114,22 @@ def main(argv=None):
     def aligned(state, batch, tp):
         return step_x(state, {**batch, **aligned_teachers(tp, batch)}, jax.random.key(0))
 
+    t_feat, t_head = teachers[0][0].features, teachers[0][0].head
+    same_c_step = make_distill_step(
+        fns.features, lambda tps, x: jnp.stack([t_feat(p, x) for p in tps]), tx,
+        student_head=fns.head, chunk_size=args.chunk, weighting="confidence", alpha=0.5,
+        teacher_head=lambda tps, f: jnp.stack([t_head(p, f[i]) for i, p in enumerate(tps)]))
+    same_c = jax.jit(lambda st, b, tps: same_c_step(st, b, jax.random.key(0),
+                                                    teacher_params=tps))
+    chunked = None
+    if args.method == "prefix":
+        c_apply, c_head = aligned_teacher_heads([t_feat] * k, [t_head] * k, projs)
+        chunked_step = make_distill_step(
+            student_input(fns.features), c_apply, tx, student_head=fns.head,
+            teacher_head=c_head, chunk_size=args.chunk, weighting="confidence", alpha=0.5)
+        chunked = jax.jit(lambda st, b, tps: chunked_step(st, aligned_inputs(b),
+                                                          jax.random.key(0),
+                                                          teacher_params=tps))
     base = {"x": tokens, "y": y, "mask": mask}
     seg = np.ones((k, b, lt), np.int32)
     xt = {"teacher_tokens": rng.integers(2, v, (k, b, lt)).astype(np.int32),
@@ -106,15 +137,30 @@ def main(argv=None):
           "teacher_positions": np.broadcast_to(np.arange(lt, dtype=np.int32), (k, b, lt)),
           "teacher_index": np.sort(rng.integers(0, lt, (k, b, length)), -1).astype(np.int32),
           "teacher_available": (rng.random((k, b, length)) < 0.8).astype(np.float32)}
-    (t_same, t_aligned), (c_same, c_aligned) = _time(
-        [lambda: same(state, base, tp)[1]["loss"],
-         lambda: aligned(state, {**base, **xt}, tp)[1]["loss"]], args.steps)
+    fns_timed = {"same, precomputed": lambda: same(state, base, tp)[1]["loss"],
+                 "aligned, precomputed": lambda: aligned(state, {**base, **xt}, tp)[1]["loss"],
+                 "same, chunked": lambda: same_c(state, base, tp)[1]["loss"]}
+    if chunked is not None:
+        fns_timed["aligned, chunked"] = lambda: chunked(state, {**base, **xt}, tp)[1]["loss"]
+    losses = {name: float(fn()) for name, fn in fns_timed.items()}
+    wall, cpu = _time(list(fns_timed.values()), args.steps)
+    t = dict(zip(fns_timed, wall, strict=True))
+    c = dict(zip(fns_timed, cpu, strict=True))
     print(f"K={k} B={b} L={length} L_t={lt} V={v} dim={args.dim} chunk={args.chunk} "
           f"method={args.method} uld_size={args.uld_size} on {jax.devices()[0].platform}")
-    print(f"same-tokenizer step {t_same * 1e3:.1f} ms, aligned step {t_aligned * 1e3:.1f} ms, "
-          f"ratio {t_aligned / t_same:.2f} (CPU time: {c_same * 1e3:.1f} ms, "
-          f"{c_aligned * 1e3:.1f} ms, ratio {c_aligned / c_same:.2f})")
-
+    for name in fns_timed:
+        print(f"  {name:22s} {t[name] * 1e3:7.1f} ms (CPU {c[name] * 1e3:7.1f} ms), first loss "
+              f"{losses[name]:.7f}")
+    for kind in ("precomputed", "chunked"):
+        a, sm = f"aligned, {kind}", f"same, {kind}"
+        if a in t:
+            print(f"{kind}: aligned / same-tokenizer step {t[a] / t[sm]:.2f} "
+                  f"(CPU time {c[a] / c[sm]:.2f})")
+    if chunked is not None:
+        gap = abs(losses["aligned, chunked"] / losses["aligned, precomputed"] - 1)
+        print(f"the chunked and the precomputed aligned steps' first losses differ by {gap:.1e} "
+              "(relative)")
+    return t
 
 if __name__ == "__main__":
     main()

@@ -19,9 +19,12 @@ from mtkd_jax.core.vocab_projection import (
     unmatched_top,
 )
 from mtkd_jax.objective.cross_tokenizer import (
+    aligned_inputs,
+    aligned_teacher_heads,
     aligned_teacher_logits,
     aligned_uld_sums,
     make_aligned_teachers,
+    student_input,
     student_unmatched,
 )
 from mtkd_jax.objective.loss import distill_sums, finish_distill
@@ -252,11 +255,11 @@ def test_teachers_with_the_students_tokenizer_give_exactly_the_shared_path(rng, 
     assert float(m2["unaligned"]) == 0.0
 
 
-def _tiny_lm(vocab, seed, length=16):
+def _tiny_lm(vocab, seed, length=16, dim=16):
     from mtkd_jax.models.transformer import Transformer, TransformerConfig
     from mtkd_jax.models.zoo.token import token_model_fns
 
-    cfg = TransformerConfig(vocab_size=vocab, dim=16, depth=1, heads=2, kv_heads=1,
+    cfg = TransformerConfig(vocab_size=vocab, dim=dim, depth=1, heads=2, kv_heads=1,
                             mlp_dim=32, max_len=length)
     return token_model_fns(Transformer(cfg, rngs=nnx.Rngs(seed)))
 
@@ -304,6 +307,68 @@ def test_aligned_teachers_in_the_step_one_device_equals_eight(tmp_path, method):
         np.testing.assert_allclose(m1[name], m8[name], rtol=1e-5, err_msg=name)
     for p1, p8 in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params), strict=True):
         np.testing.assert_allclose(p1, p8, rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_aligned_teachers_equal_the_precomputed_path(tmp_path):
+    """`aligned_teacher_heads` (features gathered, heads and projection per chunk) gives the
+    step of `make_aligned_teachers` (whole projected logits): the same loss and metrics, the
+    same update; with teachers of different widths and vocabularies (one the student's own
+    tokenizer), on 1 device and on 8."""
+    from mtkd_jax.data.alignment import build_projection, pack_aligned
+
+    teacher = byte_bpe(tmp_path / "t.json", TEACHER_MERGES)
+    student = byte_bpe(tmp_path / "s.json", STUDENT_MERGES)
+    texts = ["hello world", "aé😀b hello", "world hello world", "hello hello", "wor ld",
+             "héllo wörld", "hello", "world world"] * 2
+    rows = pack_aligned(texts, student, [teacher, student], seq_len=8, teacher_len=12)
+    rows = {k: v[:, :8] if k.startswith("teacher_") else v[:8] for k, v in rows.items()}
+    projections = [build_projection(teacher, student), build_projection(student, student)]
+    t_fns = [_tiny_lm(teacher.vocab_size, 1, dim=24), _tiny_lm(student.vocab_size, 2)]
+    tp = tuple(p for _, p in t_fns)
+    fns, sp = _tiny_lm(student.vocab_size, 0)
+    tx = optax.adam(1e-2)
+    kw = dict(student_head=fns.head, chunk_size=3, weighting="confidence", alpha=0.5,
+              temperature=2.0)
+    whole = make_aligned_teachers([f.logits for f, _ in t_fns], projections)
+    plain = make_distill_step(fns.features, None, tx, **kw)
+    t_apply, t_head = aligned_teacher_heads([f.features for f, _ in t_fns],
+                                            [f.head for f, _ in t_fns], projections)
+    chunked = make_distill_step(student_input(fns.features), t_apply, tx,
+                                teacher_head=t_head, **kw)
+    batch = {"x": {"tokens": rows["x"], "segment_ids": rows["segment_ids"],
+                   "positions": rows["positions"]},
+             "y": rows["y"], "mask": rows["mask"],
+             **{k: v for k, v in rows.items() if k.startswith("teacher_")}}
+    state = init_train_state(sp, tx)
+    key = jax.random.key(0)
+    s1, m1 = jax.jit(lambda st, b: plain(st, {**b, **whole(tp, b)}, key))(state, batch)
+    s2, m2 = jax.jit(lambda st, b: chunked(st, aligned_inputs(b), key, teacher_params=tp))(
+        state, batch)
+    assert float(m1["teacher_available"][0]) < 1.0  # the teacher's own tokens: some unaligned
+    for name in m1:
+        np.testing.assert_allclose(m2[name], m1[name], rtol=2e-5, atol=1e-6, err_msg=name)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+    def step(st, b, key):
+        return chunked(st, aligned_inputs(b), key, teacher_params=tp)
+
+    s8, m8 = data_parallel_step(step, make_mesh())(state, batch, key)
+    for name in ("loss", "teacher_weights", "teacher_available", "agreement"):
+        np.testing.assert_allclose(m8[name], m2[name], rtol=1e-5, err_msg=name)
+    for a, b in zip(jax.tree.leaves(s2.params), jax.tree.leaves(s8.params), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_aligned_teachers_bad_input():
+    proj = VocabProjection.from_maps([0, 1], [0, 1], student_vocab_size=2)
+    f = lambda p, x: x  # noqa: E731
+    with pytest.raises(ValueError, match="support method 'prefix'"):
+        aligned_teacher_heads([f], [f], [proj], method="uld")
+    with pytest.raises(ValueError, match="one of each per teacher"):
+        aligned_teacher_heads([f, f], [f], [proj])
+    with pytest.raises(KeyError, match="pack_aligned"):
+        aligned_inputs({"x": jnp.zeros((2, 3), jnp.int32), "teacher_tokens": None})
 
 
 @pytest.mark.parametrize("size", [3, 40])

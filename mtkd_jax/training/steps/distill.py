@@ -183,7 +183,10 @@ def make_distill_step(
                 f"outputs {shape}."
             )
         lead = lead or shape[1:-1]
-        check_concrete_batch(batch, None if top_k else shape[-1])
+        # The teachers' last axis is V, except with top-k entries or `teacher_head` (then
+        # the teachers give features): V is read off the student's head below.
+        vocab_from_student = top_k or teacher_head is not None
+        check_concrete_batch(batch, None if vocab_from_student else shape[-1])
         available = batch.get("teacher_available")  # teachers with their own tokenizers
         unmatched = batch.get("teacher_unmatched")
         if unmatched is not None and student_unmatched is None:
@@ -198,7 +201,7 @@ def make_distill_step(
         def loss_fn(params):
             out, model_state = forward(model, params, state.model_state, x, model_key,
                                        parts.size, "student_apply", lead=lead)
-            if top_k:
+            if vocab_from_student:
                 head = (out if student_head is None else jax.eval_shape(
                     student_head, params, out[:, :1]))
                 classes.append(head.shape[-1])
@@ -227,7 +230,7 @@ def make_distill_step(
             del metrics["accuracy"]
         else:
             metrics["labels_in_range"] = labels_in_range(
-                labels, parts.hard_mask, classes[0] if top_k else shape[-1])
+                labels, parts.hard_mask, classes[0] if vocab_from_student else shape[-1])
         new_state = apply_update(tx, state, grads, axis_name, model_state)
         return new_state, pmean(metrics, axis_name)
 
