@@ -19,7 +19,7 @@ rotate. Units, in tokens/s (median over interleaved repeats after warm-up):
 
   lib_online            `make_distill_step` with the teachers run online, chunked soft loss:
                         the teachers give features and their heads run per chunk
-                        (`mtkd_jax.experiment.lm.online_teachers`, as `mtkd lm` does)
+                        (`mtkd_jax.experiment.lm_run.online_teachers`, as `mtkd lm` does)
   lib_online_stacked    the same with the teachers' whole logits stacked `[K, B, L, V]`
   lib_online_unchunked  the same with the whole `[B, L, V]` student logits (no chunking)
   lib_cached            from a top-32 cache (`build_cache`): `TeacherCache.lookup` rebuilds
@@ -360,7 +360,7 @@ def build_units(cfg, tmp, *, use_torch: bool, wanted=None):
         return JaxUnit(name, tokens, fn, state, batches)
 
     try:
-        from mtkd_jax.experiment.lm import online_teachers
+        from mtkd_jax.experiment.lm_run import online_teachers
         t_apply, t_head = online_teachers(fns_t)
     except ImportError:  # an `--ab` tree from before the chunked teacher heads
         t_apply, t_head = teacher_fn, None

@@ -63,6 +63,7 @@ from mtkd_jax.experiment.lm_run import (
     mixture_metrics,
     model_batch,
     nll_eval,
+    online_teachers,
     optimizer,
     select_rows,
     student_test_step,
@@ -80,8 +81,7 @@ from mtkd_jax.training.state import init_train_state
 from mtkd_jax.training.steps import make_distill_step, make_supervised_step
 from mtkd_jax.weighting import WEIGHTINGS, get_weighting
 
-__all__ = ["LM_HELP", "METRICS", "lm_config", "online_teachers", "quick_lm", "run_lm",
-           "validate_lm_config"]
+__all__ = ["LM_HELP", "METRICS", "lm_config", "quick_lm", "run_lm", "validate_lm_config"]
 
 _MIX = MIX
 _CACHE_TAILS = ("bucket",) + FILLS
@@ -331,23 +331,6 @@ def _teachers(run, data: LMData, models: LMModels):
 
 def _stack_logits(fns) -> Callable:
     return lambda tps, x: jnp.stack([fns.logits(p, x) for p in tps])  # [K, B, L, V]
-
-
-def online_teachers(fns) -> tuple[Callable, Callable]:
-    """`(teacher_apply, teacher_head)` of K teachers of one family for the chunked distill
-    step (`make_distill_step(..., teacher_head=)`): their features `[K, B, L, H_t]`, and per
-    chunk their output heads `[K, B, c, H_t] -> [K, B, c, V]`, so that the teachers' logits
-    are never held whole as `[K, B, L, V]` (the online student's step is ~1.3x faster with
-    them chunked at the default sizes: benchmarks/lm.py, `lib_online` against
-    `lib_online_stacked`). Same numbers as the stacked logits (the same products, row by
-    row)."""
-    def apply(tps, x):
-        return jnp.stack([fns.features(p, x) for p in tps])
-
-    def head(tps, f):
-        return jnp.stack([fns.head(p, f[k]) for k, p in enumerate(tps)])
-
-    return apply, head
 
 
 def _teacher_pass(run, data, teacher_fn, t_params, tests) -> dict:

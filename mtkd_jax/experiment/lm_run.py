@@ -40,7 +40,7 @@ from mtkd_jax.training.steps import make_supervised_step
 __all__ = ["LN2", "METRICS", "MIX", "LMModels", "LMRun", "eval_batches", "eval_student",
            "first_rows", "flatten", "mixture_metrics", "model_batch", "nll_eval", "optimizer",
            "select_rows", "slug", "student_test_step", "train_model", "train_teacher",
-           "with_bpb", "RESUMABLE_KEYS", "run_setting"]
+           "with_bpb", "RESUMABLE_KEYS", "run_setting", "online_teachers"]
 
 METRICS = ("perplexity", "bpb", "accuracy", "agreement")
 MIX = "mixture"
@@ -101,6 +101,23 @@ class LMModels:
         if key not in self._cache:
             self._cache[key] = build()
         return self._cache[key]
+
+
+def online_teachers(fns) -> tuple[Callable, Callable]:
+    """`(teacher_apply, teacher_head)` of K teachers of one family for the chunked distill
+    step (`make_distill_step(..., teacher_head=)`): their features `[K, B, L, H_t]`, and per
+    chunk their output heads `[K, B, c, H_t] -> [K, B, c, V]`, so that the teachers' logits
+    are never held whole as `[K, B, L, V]` (the online student's step is ~1.3x faster with
+    them chunked at the default sizes: benchmarks/lm.py, `lib_online` against
+    `lib_online_stacked`). Same numbers as the stacked logits (the same products, row by
+    row)."""
+    def apply(tps, x):
+        return jnp.stack([fns.features(p, x) for p in tps])
+
+    def head(tps, f):
+        return jnp.stack([fns.head(p, f[k]) for k, p in enumerate(tps)])
+
+    return apply, head
 
 
 def optimizer(spec, total_steps: int):

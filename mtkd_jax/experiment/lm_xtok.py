@@ -37,7 +37,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mtkd_jax.data import prepare_lm_data
@@ -53,6 +52,7 @@ from mtkd_jax.experiment.lm_run import (
     first_rows,
     flatten,
     nll_eval,
+    online_teachers,
     optimizer,
     select_rows,
     student_test_step,
@@ -61,7 +61,13 @@ from mtkd_jax.experiment.lm_run import (
     with_bpb,
 )
 from mtkd_jax.experiment.progress import RunProgress, log
-from mtkd_jax.objective.cross_tokenizer import make_aligned_teachers, student_unmatched
+from mtkd_jax.objective.cross_tokenizer import (
+    aligned_inputs,
+    aligned_teacher_heads,
+    make_aligned_teachers,
+    student_input,
+    student_unmatched,
+)
 from mtkd_jax.training.evaluation import evaluate, make_eval_step
 from mtkd_jax.training.state import init_train_state
 from mtkd_jax.training.steps import make_distill_step, make_supervised_step
@@ -170,13 +176,24 @@ def _steps(cfg, models, teachers, projections):
     common = dict(student_head=fns.head, chunk_size=cfg.chunk_size,
                   temperature=cfg.temperature, alpha=cfg.alpha, weighting=_weighting(cfg))
     out = {"alone": (jax.jit(make_supervised_step(fns.logits, tx)), False)}
-    logits = shared_fns[0].logits
-    shared = jax.jit(make_distill_step(
-        fns.features, lambda tps, x: jnp.stack([logits(p, x) for p in tps]), tx, **common))
+    # Online teachers through the chunked loss on both sides: features for the batch, the
+    # output heads (and, for teachers with their own tokenizers, the projection) per chunk.
+    t_apply, t_head = online_teachers(shared_fns[0])
+    shared = jax.jit(make_distill_step(fns.features, t_apply, tx, teacher_head=t_head,
+                                       **common))
     out[_SHARED] = (lambda st, b, key: shared(st, b, key, teacher_params=shared_params),
                     False)
     o = cfg.own_tokenizers
     for method in o.methods:
+        if method == "prefix":
+            a_apply, a_head = aligned_teacher_heads([f.features for f in own_fns],
+                                                    [f.head for f in own_fns], projections)
+            chunked = jax.jit(make_distill_step(student_input(fns.features), a_apply, tx,
+                                                teacher_head=a_head, **common))
+            out[f"{_OWN}: {method}"] = (
+                lambda st, b, key, step=chunked: step(st, aligned_inputs(b), key,
+                                                      teacher_params=own_params), True)
+            continue
         aligned = make_aligned_teachers([f.logits for f in own_fns], projections,
                                         method=method, uld_size=o.uld_size)
         distill = make_distill_step(fns.features, None, tx,
