@@ -5,8 +5,9 @@ CPU device here, as a user's run: on 8 fake devices sharing 2 cores an end-to-en
 
 Both compile at LLVM optimisation level 0 (`--xla_backend_optimization_level=0`, unless the
 user's flags set a level): compiling is most of the suite's time, and the level changes how
-fast the compiled code runs, not the HLO XLA emits (the suite took ~0.75x the time with it).
-Timings are measured in benchmarks/, never here."""
+fast the compiled code runs, not the HLO XLA emits (the suite took ~0.75x the time with it);
+results of differently shaped programs (a batch of 16 against one row) may differ in the last
+float32 bit, as they may at any level. Timings are measured in benchmarks/, never here."""
 
 import os
 

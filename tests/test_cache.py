@@ -170,7 +170,9 @@ def test_views_are_cached_separately(tmp_path, setup, rng):
         ],
         axis=1,
     )
-    np.testing.assert_array_equal(cache.lookup(index, view), want)
+    # Each (index, view) reads its own row: the views differ by O(1), the build (batches of
+    # 16) and the reference (one row) by float32 rounding at most.
+    np.testing.assert_allclose(cache.lookup(index, view), want, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="pass `view`"):
         cache.lookup(index)
     with pytest.raises(ValueError, match=r"`view` must be integers in \[0, 2\)"):
