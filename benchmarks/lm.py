@@ -678,13 +678,11 @@ def plot_scaling(sc: dict, path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-    for j, axis in enumerate(("K", "L", "V")):
+    present = [a for a in ("K", "L", "V")
+               if any(r["axis"] == a for r in sc["timed"] + sc["memory"])]
+    fig, axes = plt.subplots(2, len(present), figsize=(4.4 * len(present), 7), squeeze=False)
+    for j, axis in enumerate(present):
         rows = [r for r in sc["timed"] if r["axis"] == axis]
-        if not rows and not any(r["axis"] == axis for r in sc["memory"]):
-            axes[0, j].set_visible(False)
-            axes[1, j].set_visible(False)
-            continue
         ax = axes[0, j]
         for name, label in (("lib_online", "online"), ("lib_cached_slots", "top-k cache")):
             ax.plot([r["value"] for r in rows], [r[name] for r in rows], "o-", label=label)
