@@ -79,6 +79,12 @@ def test_projection_matches_reference(rng, method, v_t):
     ref = _ref_project(p, proj, method)
     has = ref.sum(-1, keepdims=True) > 0
     np.testing.assert_allclose(np.where(has, jax.nn.softmax(zl, -1), 0), ref, atol=1e-6)
+    # Maps passed traced (the scatter path) give the gathers' numbers (the host-planned path).
+    traced = jax.jit(lambda p, z, proj: (project_probs(p, proj, method=method),
+                                         project_logits(z, proj, method=method)))(
+        jnp.asarray(p, jnp.float32), jnp.asarray(z, jnp.float32), proj)
+    np.testing.assert_allclose(traced[0], got, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.where(has, jax.nn.softmax(traced[1], -1), 0), ref, atol=1e-6)
 
 
 def test_projection_of_another_vocabulary_size(rng):

@@ -144,7 +144,7 @@ def _cross_entropy_jvp(primals, tangents):
     # The tangent :math:`\sum_c (p_c - 1[c = y])\,\dot z_c` is written with a one-hot
     # comparison rather than a gather, so its transpose (the gradient) is one elementwise
     # fusion, :math:`g\,(p - 1[c = y])`, where the gather's transpose is a scatter into a
-    # zeroed `[..., C]` array (2.5x slower at `[8, 128, 8192]` on CPU). Forward mode and
+    # zeroed `[..., C]` array (slower on CPU; benchmarks/RESULTS.md). Forward mode and
     # higher derivatives work as usual (a `custom_jvp`, not a `custom_vjp`).
     z, y = primals
     dz = tangents[0]

@@ -191,9 +191,8 @@ def _gather_plan(target, student_vocab_size: int) -> _Plan | None:
 def _by_plan(x: jax.Array, plan: _Plan, reduce, fill: float) -> jax.Array:
     """`[..., V_t] -> [..., V_s]`: each student token's teacher entries gathered (a static
     gather along the last axis, per fan-in group) and reduced (`reduce(..., axis=-1)`);
-    `fill` where none map. Column gathers with static indices are ~25x faster than a
-    scatter-add along the last axis on CPU, and need no transposes
-    (benchmarks/cross_tokenizer.py)."""
+    `fill` where none map. Column gathers with static indices need no transposes and no
+    scatter (both slow on CPU; benchmarks/cross_tokenizer.py, docs/results/lm.md)."""
     parts = []
     for f, ids in plan.groups:
         g = x[..., ids]

@@ -107,8 +107,7 @@ def online_teachers(fns) -> tuple[Callable, Callable]:
     """`(teacher_apply, teacher_head)` of K teachers of one family for the chunked distill
     step (`make_distill_step(..., teacher_head=)`): their features `[K, B, L, H_t]`, and per
     chunk their output heads `[K, B, c, H_t] -> [K, B, c, V]`, so that the teachers' logits
-    are never held whole as `[K, B, L, V]` (the online student's step is ~1.3x faster with
-    them chunked at the default sizes: benchmarks/lm.py, `lib_online` against
+    are never held whole as `[K, B, L, V]` (faster: benchmarks/lm.py, `lib_online` against
     `lib_online_stacked`). Same numbers as the stacked logits (the same products, row by
     row)."""
     def apply(tps, x):

@@ -648,8 +648,8 @@ class Transformer(nnx.Module):
         """Features `[..., E]` -> float32 logits `[..., V]` (soft-capped when configured)."""
         # The product runs on `[N, E]` rows, the leading axes flattened: the gradient of a
         # product over `[B, L, E]` features contracts two axes, which XLA:CPU lowers with a
-        # transposed copy of the `[B, L, V]` logits' gradient (about half the student's step
-        # time at V = 8192; benchmarks/lm_profile.py).
+        # transposed copy of the `[B, L, V]` logits' gradient (benchmarks/RESULTS.md, "Where
+        # the rest of the step went").
         lead = f.shape[:-1]
         f = f.reshape(-1, f.shape[-1])
         logits = self.embed.attend(f) if self.out is None else self.out(f)

@@ -35,10 +35,10 @@ the targets are never whole.
 gathered at the aligned positions (`[K, B, L, H]`, cheap), and each chunk of positions goes
 through the teachers' output heads and the projection inside the chunked loss
 (`make_distill_step(..., teacher_head=)`), so no `[K, B, L, V_s]` array exists at all and
-the projection's passes run on cache-sized chunks: the same numbers as the path above, at
-about 1.25x the same-tokenizer step's time instead of ~1.9x
-(benchmarks/cross_tokenizer.py). The batch carries the teachers' rows inside its input
-(`aligned_inputs`) and the student function reads `x["student"]` (`student_input`)::
+the projection's passes run on cache-sized chunks: the same numbers as the path above, much
+faster (benchmarks/cross_tokenizer.py times both against the same-tokenizer step). The batch
+carries the teachers' rows inside its input (`aligned_inputs`) and the student function
+reads `x["student"]` (`student_input`)::
 
     t_apply, t_head = aligned_teacher_heads([f.features for f in fns], [f.head for f in fns],
                                             projections)
