@@ -366,6 +366,52 @@ def test_chunked_aligned_teachers_equal_the_precomputed_path(tmp_path):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
 
+def test_student_vocabulary_cache_of_aligned_teachers(tmp_path):
+    """A top-k cache of teachers with their own tokenizers, built in the student's vocabulary
+    (their projected logits at the student's positions, `aligned_teacher_heads` run once):
+    read back with the availability of the rows, the cached step gives the online aligned
+    step's numbers (all V_s entries kept, float32 storage)."""
+    from mtkd_jax.cache import build_cache, with_cached_logits
+    from mtkd_jax.data.alignment import build_projection, pack_aligned
+
+    teacher = byte_bpe(tmp_path / "t.json", TEACHER_MERGES)
+    student = byte_bpe(tmp_path / "s.json", STUDENT_MERGES)
+    texts = ["hello world", "aé😀b hello", "world hello world", "hello hello", "wor ld",
+             "héllo wörld", "hello", "world world"]
+    rows = pack_aligned(texts, student, [teacher, student], seq_len=8, teacher_len=12)
+    n = rows["x"].shape[0]
+    projections = [build_projection(teacher, student), build_projection(student, student)]
+    t_fns = [_tiny_lm(teacher.vocab_size, 1), _tiny_lm(student.vocab_size, 2)]
+    tp = tuple(p for _, p in t_fns)
+    t_apply, t_head = aligned_teacher_heads([f.features for f, _ in t_fns],
+                                            [f.head for f, _ in t_fns], projections)
+    batch = {"x": {"tokens": rows["x"], "segment_ids": rows["segment_ids"],
+                   "positions": rows["positions"]},
+             "y": rows["y"], "mask": rows["mask"], "index": np.arange(n),
+             **{k: v for k, v in rows.items() if k.startswith("teacher_")}}
+    v_s = student.vocab_size
+    cache = build_cache(tmp_path / "cache", lambda tp, x: t_head(tp, t_apply(tp, x)), tp,
+                        [aligned_inputs(batch)], num_examples=n, top_k=v_s,
+                        dtype=np.float32, progress=False)
+    fns, sp = _tiny_lm(v_s, 0)
+    tx = optax.adam(1e-2)
+    kw = dict(student_head=fns.head, chunk_size=3, weighting="confidence", alpha=0.5)
+    online = make_distill_step(student_input(fns.features), t_apply, tx, teacher_head=t_head,
+                               **kw)
+    cached = make_distill_step(fns.features, None, tx, **kw)
+    state, key = init_train_state(sp, tx), jax.random.key(0)
+    _, m1 = jax.jit(lambda st, b: online(st, aligned_inputs(b), key, teacher_params=tp))(
+        state, batch)
+    b2 = next(with_cached_logits(iter([{k: v for k, v in batch.items()
+                                        if k in ("x", "y", "mask", "index",
+                                                 "teacher_available")}]), cache))
+    b2.pop("index")
+    _, m2 = jax.jit(lambda st, b: cached(st, b, key))(state, b2)
+    assert b2["teacher_logits"].shape == (2, n, 8, v_s)
+    for name in ("loss", "soft_loss", "teacher_weights", "teacher_available", "agreement"):
+        np.testing.assert_allclose(m2[name], m1[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_chunked_aligned_teachers_bad_input():
     proj = VocabProjection.from_maps([0, 1], [0, 1], student_vocab_size=2)
     f = lambda p, x: x  # noqa: E731

@@ -136,7 +136,8 @@ def top_k_of_logits(logits: jax.Array, *, top_k: int, keep: jax.Array | None = N
 
     Returns:
       `TopK(log_probs [..., k], classes [..., k], log_rest [...])`: the k largest
-      `log_softmax(logits)` in descending order (the last slot may instead hold `keep`),
+      `log_softmax(logits)` in descending order, floored at `TOP_K_FILL` (the last slot may
+      instead hold `keep`),
       their classes, and :math:`\log(1 - \sum_{stored} p)` floored at `TOP_K_FILL`
       (computed from the logits outside the entry, not as 1 - sum, so it has no
       cancellation when tiny).
@@ -176,8 +177,12 @@ def top_k_of_logits(logits: jax.Array, *, top_k: int, keep: jax.Array | None = N
         classes = jnp.where(swap, keep[..., None], classes)
         log_probs = jnp.where(swap, kept_lp, log_probs)
         swapped = ~held[..., 0]
+    # Stored log-probabilities are floored at TOP_K_FILL as the rest is: below it a
+    # probability is 0 in float32 anyway, and a class the teacher cannot produce at all (a
+    # kept label outside a projected teacher's reach, at -1e9) stays storable in float16.
+    stored = jnp.maximum(log_probs, TOP_K_FILL)
     if top_k == num_classes:
-        return TopK(log_probs, classes, jnp.full(log_probs.shape[:-1], TOP_K_FILL))
+        return TopK(stored, classes, jnp.full(log_probs.shape[:-1], TOP_K_FILL))
     # The mass outside the entry, in O(C) per position (a [..., k, C] class comparison costs
     # k times that): the classes below the smallest stored top-ranked value `thr`, plus any
     # tied with `thr` but not stored, minus the kept class when it was swapped in.
@@ -196,7 +201,7 @@ def top_k_of_logits(logits: jax.Array, *, top_k: int, keep: jax.Array | None = N
     tie_mass = jnp.where(ties > 0, jnp.log(jnp.maximum(ties, 1.0)) + thr, -jnp.inf)
     log_rest = jnp.logaddexp(log_rest, tie_mass)
     log_rest = jnp.maximum(log_rest, TOP_K_FILL)
-    return TopK(log_probs, classes, log_rest)
+    return TopK(stored, classes, log_rest)
 
 
 # ---------------------------------------------------------------------------------------------
