@@ -270,17 +270,29 @@ def _tiny_lm(vocab, seed, length=16, dim=16):
     return token_model_fns(Transformer(cfg, rngs=nnx.Rngs(seed)))
 
 
-@pytest.mark.parametrize("method", ["prefix", "uld"])
-def test_aligned_teachers_in_the_step_one_device_equals_eight(tmp_path, method):
+def _aligned_rows(tmp_path, copies=2):
+    """Two byte-level BPE tokenizers built by hand, the texts packed for the student with
+    teachers reading the teacher's and the student's own tokens (at most 8 rows): `(teacher,
+    student, rows, projections, batch)`, `batch` every row in the steps' layout."""
     from mtkd_jax.data.alignment import build_projection, pack_aligned
 
     teacher = byte_bpe(tmp_path / "t.json", TEACHER_MERGES)
     student = byte_bpe(tmp_path / "s.json", STUDENT_MERGES)
     texts = ["hello world", "aé😀b hello", "world hello world", "hello hello", "wor ld",
-             "héllo wörld", "hello", "world world"] * 2
+             "héllo wörld", "hello", "world world"] * copies
     rows = pack_aligned(texts, student, [teacher, student], seq_len=8, teacher_len=12)
     rows = {k: v[:, :8] if k.startswith("teacher_") else v[:8] for k, v in rows.items()}
     projections = [build_projection(teacher, student), build_projection(student, student)]
+    batch = {"x": {"tokens": rows["x"], "segment_ids": rows["segment_ids"],
+                   "positions": rows["positions"]},
+             "y": rows["y"], "mask": rows["mask"],
+             **{k: v for k, v in rows.items() if k.startswith("teacher_")}}
+    return teacher, student, rows, projections, batch
+
+
+@pytest.mark.parametrize("method", ["prefix", "uld"])
+def test_aligned_teachers_in_the_step_one_device_equals_eight(tmp_path, method):
+    teacher, student, rows, projections, batch = _aligned_rows(tmp_path)
     t_fns = [_tiny_lm(teacher.vocab_size, 1), _tiny_lm(student.vocab_size, 2)]
     teachers = make_aligned_teachers([f.logits for f, _ in t_fns], projections,
                                      method=method, uld_size=8)
@@ -294,10 +306,6 @@ def test_aligned_teachers_in_the_step_one_device_equals_eight(tmp_path, method):
     def aligned_step(state, batch, key):
         return step(state, {**batch, **teachers(tp, batch)}, key)
 
-    batch = {"x": {"tokens": rows["x"], "segment_ids": rows["segment_ids"],
-                   "positions": rows["positions"]},
-             "y": rows["y"], "mask": rows["mask"],
-             **{k: v for k, v in rows.items() if k.startswith("teacher_")}}
     state = init_train_state(sp, tx)
     one = data_parallel_step(aligned_step, make_mesh(devices=jax.devices()[:1]))
     eight = data_parallel_step(aligned_step, make_mesh())
@@ -320,15 +328,7 @@ def test_chunked_aligned_teachers_equal_the_precomputed_path(tmp_path):
     step of `make_aligned_teachers` (whole projected logits): the same loss and metrics, the
     same update; with teachers of different widths and vocabularies (one the student's own
     tokenizer), on 1 device and on 8."""
-    from mtkd_jax.data.alignment import build_projection, pack_aligned
-
-    teacher = byte_bpe(tmp_path / "t.json", TEACHER_MERGES)
-    student = byte_bpe(tmp_path / "s.json", STUDENT_MERGES)
-    texts = ["hello world", "aé😀b hello", "world hello world", "hello hello", "wor ld",
-             "héllo wörld", "hello", "world world"] * 2
-    rows = pack_aligned(texts, student, [teacher, student], seq_len=8, teacher_len=12)
-    rows = {k: v[:, :8] if k.startswith("teacher_") else v[:8] for k, v in rows.items()}
-    projections = [build_projection(teacher, student), build_projection(student, student)]
+    teacher, student, _, projections, batch = _aligned_rows(tmp_path)
     t_fns = [_tiny_lm(teacher.vocab_size, 1, dim=24), _tiny_lm(student.vocab_size, 2)]
     tp = tuple(p for _, p in t_fns)
     fns, sp = _tiny_lm(student.vocab_size, 0)
@@ -341,10 +341,6 @@ def test_chunked_aligned_teachers_equal_the_precomputed_path(tmp_path):
                                             [f.head for f, _ in t_fns], projections)
     chunked = make_distill_step(student_input(fns.features), t_apply, tx,
                                 teacher_head=t_head, **kw)
-    batch = {"x": {"tokens": rows["x"], "segment_ids": rows["segment_ids"],
-                   "positions": rows["positions"]},
-             "y": rows["y"], "mask": rows["mask"],
-             **{k: v for k, v in rows.items() if k.startswith("teacher_")}}
     state = init_train_state(sp, tx)
     key = jax.random.key(0)
     s1, m1 = jax.jit(lambda st, b: plain(st, {**b, **whole(tp, b)}, key))(state, batch)
@@ -372,23 +368,14 @@ def test_student_vocabulary_cache_of_aligned_teachers(tmp_path):
     read back with the availability of the rows, the cached step gives the online aligned
     step's numbers (all V_s entries kept, float32 storage)."""
     from mtkd_jax.cache import build_cache, with_cached_logits
-    from mtkd_jax.data.alignment import build_projection, pack_aligned
 
-    teacher = byte_bpe(tmp_path / "t.json", TEACHER_MERGES)
-    student = byte_bpe(tmp_path / "s.json", STUDENT_MERGES)
-    texts = ["hello world", "aé😀b hello", "world hello world", "hello hello", "wor ld",
-             "héllo wörld", "hello", "world world"]
-    rows = pack_aligned(texts, student, [teacher, student], seq_len=8, teacher_len=12)
+    teacher, student, rows, projections, batch = _aligned_rows(tmp_path, copies=1)
     n = rows["x"].shape[0]
-    projections = [build_projection(teacher, student), build_projection(student, student)]
+    batch["index"] = np.arange(n)
     t_fns = [_tiny_lm(teacher.vocab_size, 1), _tiny_lm(student.vocab_size, 2)]
     tp = tuple(p for _, p in t_fns)
     t_apply, t_head = aligned_teacher_heads([f.features for f, _ in t_fns],
                                             [f.head for f, _ in t_fns], projections)
-    batch = {"x": {"tokens": rows["x"], "segment_ids": rows["segment_ids"],
-                   "positions": rows["positions"]},
-             "y": rows["y"], "mask": rows["mask"], "index": np.arange(n),
-             **{k: v for k, v in rows.items() if k.startswith("teacher_")}}
     v_s = student.vocab_size
     cache = build_cache(tmp_path / "cache", lambda tp, x: t_head(tp, t_apply(tp, x)), tp,
                         [aligned_inputs(batch)], num_examples=n, top_k=v_s,

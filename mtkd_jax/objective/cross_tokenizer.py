@@ -131,8 +131,7 @@ def aligned_teacher_logits(
     out = []
     for k, (z, proj) in enumerate(zip(teacher_logits, projections, strict=True)):
         g = gather_aligned(z, index[k])
-        out.append(g if is_identity(proj) else jax.lax.optimization_barrier(
-            project_logits(g, proj, method=method)))
+        out.append(g if is_identity(proj) else project_logits(g, proj, method=method))
     dtype = jnp.result_type(*out)
     return (jnp.stack([o.astype(dtype) for o in out]),
             jnp.asarray(available, jnp.float32))
