@@ -337,6 +337,94 @@ def test_top_k_rest_mass_counts_ties_and_the_kept_label(top_k):
                                        1.0 - p[cls].sum(), rtol=1e-5, atol=1e-7)
 
 
+def _dense(top, num_classes):
+    """float64 `[..., C]` probabilities of a `TopK`'s slots (slots at TOP_K_FILL are 0)."""
+    lp = np.asarray(top.log_probs, np.float64)
+    p = np.where(lp <= mc.TOP_K_FILL, 0.0, np.exp(lp))
+    out = np.zeros(lp.shape[:-1] + (num_classes,))
+    np.put_along_axis(out, np.asarray(top.classes), p, axis=-1)
+    return out
+
+
+def test_tail_samples_are_unbiased_within_r_over_m(rng):
+    """Sampled tail slots (systematic sampling): per draw each class's estimate is within
+    r / m of its float64 probability (r the tail's mass), every class with m w_c >= 1 is
+    drawn, the k + m slots hold distinct classes summing to 1, the first k are the plain
+    top-k entry, and over many keys the estimates average to the distribution."""
+    k, m, c = 4, 6, 40
+    z = rng.normal(size=(K, 5, c)) * 2.5
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    keys = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 2000)
+    draw = jax.jit(jax.vmap(lambda key: mc.top_k_of_logits(
+        jnp.asarray(z, jnp.float32), top_k=k, tail_samples=m, key=key)))
+    top = draw(keys)
+    plain = mc.top_k_of_logits(jnp.asarray(z, jnp.float32), top_k=k)
+    np.testing.assert_array_equal(top.classes[:, ..., :k],
+                                  np.broadcast_to(plain.classes, top.classes[..., :k].shape))
+    cls = np.sort(np.asarray(top.classes), axis=-1)
+    assert (cls[..., 1:] != cls[..., :-1]).all()
+    dense = _dense(top, c)
+    np.testing.assert_allclose(dense.sum(-1), 1.0, atol=2e-6)
+    r = 1.0 - np.take_along_axis(p, np.asarray(plain.classes), -1).sum(-1)  # [K, 5]
+    assert np.all(np.abs(dense - p) <= (r / m)[..., None] * (1 + 1e-4) + 1e-6)
+    tail = p.copy()
+    np.put_along_axis(tail, np.asarray(plain.classes), 0.0, axis=-1)
+    sure = m * tail / r[..., None] >= 1.0
+    assert sure.any() and np.all(dense[:, sure] > 0)
+    # The mean of 2000 draws: each within r / m of p, so the mean within 5 sigma of it.
+    bound = 5 * (r / m)[..., None] / np.sqrt(len(keys)) + 1e-6
+    assert np.all(np.abs(dense.mean(0) - p) <= bound)
+    assert np.all(np.asarray(top.log_rest) == mc.TOP_K_FILL)  # no ties: the slots hold all
+
+
+def test_tail_samples_keep_the_label_and_the_tie_mass():
+    """With a kept label and ties at the k-th value, the slots plus the rest still sum to 1
+    (ties are left to the rest, not sampled) and the label's probability is exact."""
+    z = np.array([[3.0, 1.0, 1.0, 1.0, 0.0, -1.0, -2.0, 0.5]] * 4, np.float32)
+    keep = np.array([4, 2, 5, 0])
+    p = np.exp(z[0].astype(np.float64))
+    p /= p.sum()
+    top = mc.top_k_of_logits(jnp.asarray(z), top_k=2, keep=jnp.asarray(keep), tail_samples=3,
+                             key=jax.random.key(0))
+    dense = _dense(top, z.shape[-1])
+    np.testing.assert_allclose(dense.sum(-1) + np.exp(np.float64(top.log_rest)), 1.0,
+                               atol=1e-6)
+    np.testing.assert_allclose(dense[np.arange(4), keep], p[keep], rtol=1e-5)
+
+
+def test_a_cache_with_tail_samples(tmp_path, setup, rng):
+    """`build_cache(tail_samples=m)`: k + m slots per entry, summing to 1; each example draws
+    with its own key, so the stored entries do not depend on the batches; the header, the
+    byte count and the refusals."""
+    tp, x, y = setup
+    kw = dict(top_k=3, tail_samples=4, key=jax.random.key(7), keep_labels=True,
+              dtype=np.float32, progress=False)
+    a = mc.build_cache(tmp_path / "a", linear_teachers, tp,
+                       split_batches(x, y, batch_size=16, rng=rng), num_examples=len(x), **kw)
+    b = mc.build_cache(tmp_path / "b", linear_teachers, tp,
+                       split_batches(x, y, batch_size=7, rng=rng), num_examples=len(x), **kw)
+    index = np.arange(len(x))
+    ta, tb = a.lookup_top_k(index), b.lookup_top_k(index)
+    assert ta.classes.shape == (K, len(x), 7) and (a.top_k, a.tail_samples) == (3, 4)
+    np.testing.assert_array_equal(ta.classes, tb.classes)
+    np.testing.assert_allclose(ta.log_probs, tb.log_probs, rtol=1e-6, atol=1e-6)
+    assert "top_k=3+4 sampled" in repr(a)
+    assert a.bytes_per_example == K * 7 * (4 + 2) + K * 4 + 1
+    # Read back expanded (the uniform fill): the slots are the whole distribution.
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(a.lookup(index)), axis=-1), np.float64)
+    np.testing.assert_allclose(probs, _dense(ta, C), atol=1e-6)
+    assert (ta.classes[..., :3] == y[None, :, None]).any(-1).all()  # the label: exact slots
+    for bad, match in ((dict(key=None), r"pass `key`"),
+                       (dict(top_k=None, keep_labels=False), r"is for top-k caches"),
+                       (dict(tail_samples=8), r"`top_k` \+ `tail_samples` \(3 \+ 8\) must be <= C=10"),
+                       (dict(tail_samples=-1), r"`tail_samples` must be an integer >= 0")):
+        with pytest.raises(ValueError, match=match):
+            mc.build_cache(tmp_path / "bad", linear_teachers, tp,
+                           split_batches(x, y, batch_size=16, rng=rng),
+                           num_examples=len(x), **{**kw, **bad})
+
+
 def test_one_default_fill():
     """`open_cache`, `expand_top_k` and `build_cache_in_parallel` read back alike by default."""
     for fn in (mc.open_cache, mc.expand_top_k, mc.build_cache_in_parallel):

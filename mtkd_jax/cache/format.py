@@ -6,7 +6,8 @@ k = `top_k`:
 
 ```
 cache{-shard}.json    header (written last, atomically: its presence marks a finished build)
-values{-shard}.npy    [V, N, K, C] logits, or [V, N, K, k] top-k log-probabilities (`dtype`);
+values{-shard}.npy    [V, N, K, C] logits, or [V, N, K, k] top-k log-probabilities (`dtype`;
+                      k + m slots with m sampled tail slots, `tail_samples`);
                       a sequence cache has a token axis L before the last: [V, N, K, L, k]
 classes{-shard}.npy   [V, N, K, k] class indices (`index_dtype`: int16 when C <= 32767, else
                       int32; top-k only)
@@ -19,7 +20,7 @@ build streams, and read back through `numpy` memory maps. A shard is a full-size
 written only at the rows its process saw.
 
 The header is JSON: `format` (`FORMAT`), `kind` (``"logits"`` or ``"top_k_log_probs"``),
-`top_k`, `num_examples`, `num_views`, `num_teachers`, `num_classes`, `dtype`,
+`top_k`, `tail_samples` (m, 0 or absent for a plain top-k cache), `num_examples`, `num_views`, `num_teachers`, `num_classes`, `dtype`,
 `index_dtype`, `shard`, `fingerprint` (the teachers' `params_fingerprint`), `num_written`,
 `build_seconds`, `meta` (the caller's notes), and for a sequence cache `seq_len` (L) and
 `tokenizer` (the fingerprint of the tokenization the inputs were made with, e.g.
@@ -246,8 +247,8 @@ def read_headers(path: str, shards) -> dict[str, dict]:
             headers[shard] = json.load(f)
         if headers[shard].get("format") != FORMAT:
             raise ValueError(f"{file} is not a teacher cache header (format {FORMAT!r}).")
-    keys = ("num_examples", "num_views", "num_teachers", "num_classes", "top_k", "dtype",
-            "seq_len", "tokenizer")
+    keys = ("num_examples", "num_views", "num_teachers", "num_classes", "top_k",
+            "tail_samples", "dtype", "seq_len", "tokenizer")
     first = next(iter(headers.values()))
     for shard, h in headers.items():
         differ = [k for k in keys if h.get(k) != first.get(k)]

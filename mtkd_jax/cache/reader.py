@@ -21,6 +21,8 @@ class TeacherCache:
       header: the JSON header of the first shard (kind, sizes, dtype, fingerprint, meta).
       num_examples, num_views, num_teachers, num_classes: N, V, K, C.
       top_k: k, or None for full logits.
+      tail_samples: m, the sampled tail slots stored after the k (`build_cache(tail_samples=)`;
+        0 for a plain top-k cache). Lookups return k + m slots.
       seq_len: L for a sequence (token) cache, else None.
       tokenizer: the tokenization fingerprint a sequence cache was built with (or None).
       fill: how top-k entries are reconstructed (``"renormalize"``, ``"uniform"`` or
@@ -38,6 +40,7 @@ class TeacherCache:
         self.num_teachers, self.num_classes = h["num_teachers"], h["num_classes"]
         self._log_prior = check_prior(prior, self.num_classes, fill)
         self.top_k = h["top_k"]
+        self.tail_samples = int(h.get("tail_samples") or 0)
         self.seq_len, self.tokenizer = h.get("seq_len"), h.get("tokenizer")
         self._values, self._classes, self._rest, self._written = [], [], [], []
         for shard in self.shards:
@@ -56,7 +59,8 @@ class TeacherCache:
             self._owner = owner
 
     def __repr__(self) -> str:
-        kind = "logits" if self.top_k is None else f"top_k={self.top_k}"
+        kind = "logits" if self.top_k is None else f"top_k={self.top_k}" + (
+            f"+{self.tail_samples} sampled" if self.tail_samples else "")
         return (
             f"TeacherCache({self.path!r}, N={self.num_examples}, views={self.num_views}, "
             f"K={self.num_teachers}, C={self.num_classes}, {kind}, "
@@ -67,11 +71,11 @@ class TeacherCache:
     def bytes_per_example(self) -> int:
         """Bytes stored per example and view (values, indices, remainder, written flag)."""
         h = self.header
-        width = self.num_classes if self.top_k is None else self.top_k
+        width = self.num_classes if self.top_k is None else self.top_k + self.tail_samples
         rows = self.num_teachers * (self.seq_len or 1)
         n = rows * width * np.dtype(h["dtype"]).itemsize
         if self.top_k is not None:
-            n += rows * self.top_k * np.dtype(h["index_dtype"]).itemsize
+            n += rows * width * np.dtype(h["index_dtype"]).itemsize
             n += rows * np.dtype(h["dtype"]).itemsize  # log_rest
         return int(n + 1)
 

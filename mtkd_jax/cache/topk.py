@@ -60,9 +60,11 @@ __all__ = [
     "TopK",
     "check_fill",
     "check_prior",
+    "check_tail_samples",
     "check_top_k",
     "expand_top_k",
     "expand_top_k_host",
+    "sample_tail",
     "top_k_of_logits",
 ]
 
@@ -119,7 +121,8 @@ def check_top_k(top_k, num_classes: int) -> None:
 # Logits -> top-k entries
 
 
-def top_k_of_logits(logits: jax.Array, *, top_k: int, keep: jax.Array | None = None) -> TopK:
+def top_k_of_logits(logits: jax.Array, *, top_k: int, keep: jax.Array | None = None,
+                    tail_samples: int = 0, key: jax.Array | None = None) -> TopK:
     r"""Logits `[..., C]` -> their top-k entry (`TopK` of float32/int32 arrays), jit-safe.
 
     What `build_cache(top_k=k)` stores, before the cast to the storage dtype.
@@ -133,14 +136,24 @@ def top_k_of_logits(logits: jax.Array, *, top_k: int, keep: jax.Array | None = N
         the label's exact log-probability, so weightings that read it (``confidence``,
         ``posterior``) see from the cache what they see online. Values outside `[0, C)`
         (padding) are clipped into it.
+      tail_samples: m >= 0 more slots that stand for the rest of the distribution, by
+        sampling (`sample_tail`): m draws from the teacher's distribution restricted to the
+        classes outside the k entries (systematic sampling, one uniform per position from
+        `key`), each distinct class drawn c times stored with probability
+        :math:`r\,c/m` (r the mass outside the k entries), the unused slots at `TOP_K_FILL`.
+        The k + m slots then sum to 1 and, in expectation over `key`, equal the teacher's
+        distribution (the top-k alone is biased: it drops the tail). Needs k + m <= C.
+      key: PRNG key of the draws (required when `tail_samples` > 0).
 
     Returns:
-      `TopK(log_probs [..., k], classes [..., k], log_rest [...])`: the k largest
+      `TopK(log_probs [..., k + m], classes [..., k + m], log_rest [...])`: the k largest
       `log_softmax(logits)` in descending order, floored at `TOP_K_FILL` (the last slot may
-      instead hold `keep`),
-      their classes, and :math:`\log(1 - \sum_{stored} p)` floored at `TOP_K_FILL`
-      (computed from the logits outside the entry, not as 1 - sum, so it has no
-      cancellation when tiny).
+      instead hold `keep`), then the m sampled tail slots (m = `tail_samples`); their
+      classes (distinct); and the log of the probability the slots do not hold, floored
+      at `TOP_K_FILL`: :math:`\log(1 - \sum_{top k} p)` without tail samples (computed
+      from the logits outside the entry, not as 1 - sum, so it has no cancellation when
+      tiny), and with them only the mass of classes tied with the k-th value but not
+      stored (ties are not sampled), usually none.
 
     Example:
       >>> import jax.numpy as jnp
@@ -155,6 +168,9 @@ def top_k_of_logits(logits: jax.Array, *, top_k: int, keep: jax.Array | None = N
     if jnp.ndim(logits) < 1:
         raise ValueError(f"`logits` must be [..., C], got shape {jnp.shape(logits)}.")
     check_top_k(top_k, jnp.shape(logits)[-1])
+    tail_samples = check_tail_samples(tail_samples, top_k, jnp.shape(logits)[-1])
+    if tail_samples and key is None:
+        raise ValueError("`tail_samples` > 0 draws classes: pass `key`, a PRNG key.")
     z = jnp.asarray(logits).astype(jnp.float32)
     num_classes = z.shape[-1]
     logp = jax.nn.log_softmax(z, axis=-1)
@@ -197,11 +213,70 @@ def top_k_of_logits(logits: jax.Array, *, top_k: int, keep: jax.Array | None = N
     else:
         n_ge = jnp.sum(at_or_above, axis=-1)
     ties = (n_ge - n_top).astype(jnp.float32)  # classes equal to `thr` left out of the entry
-    log_rest = jax.nn.logsumexp(jnp.where(out, logp, -jnp.inf), axis=-1)
+    log_out = jax.nn.logsumexp(jnp.where(out, logp, -jnp.inf), axis=-1)
     tie_mass = jnp.where(ties > 0, jnp.log(jnp.maximum(ties, 1.0)) + thr, -jnp.inf)
-    log_rest = jnp.logaddexp(log_rest, tie_mass)
-    log_rest = jnp.maximum(log_rest, TOP_K_FILL)
-    return TopK(stored, classes, log_rest)
+    if not tail_samples:
+        return TopK(stored, classes, jnp.maximum(jnp.logaddexp(log_out, tie_mass), TOP_K_FILL))
+    u = jax.random.uniform(key, log_out.shape)
+    tail = sample_tail(logp, out, log_out, u, tail_samples)
+    return TopK(jnp.concatenate([stored, tail.log_probs], axis=-1),
+                jnp.concatenate([classes, tail.classes], axis=-1),
+                jnp.maximum(tie_mass, TOP_K_FILL))
+
+
+def check_tail_samples(tail_samples, top_k: int, num_classes: int) -> int:
+    """`tail_samples` as an int >= 0 with `top_k` + it <= `num_classes` (else ValueError)."""
+    if isinstance(tail_samples, bool) or not isinstance(tail_samples, numbers.Integral) or (
+            tail_samples < 0):
+        raise ValueError(f"`tail_samples` must be an integer >= 0, got {tail_samples!r}.")
+    if tail_samples and top_k + tail_samples > num_classes:
+        raise ValueError(f"`top_k` + `tail_samples` ({top_k} + {tail_samples}) must be <= C="
+                         f"{num_classes} (the number of classes).")
+    return int(tail_samples)
+
+
+def sample_tail(logp: jax.Array, out: jax.Array, log_out: jax.Array, u: jax.Array,
+                num_samples: int) -> TopK:
+    r"""m draws from a distribution restricted to some classes, as m distinct-class slots.
+
+    Systematic sampling: with w the distribution restricted to `out` and renormalised, W its
+    cumulative sum over the classes, class c is drawn
+    :math:`n_c = \lfloor m W_c + u \rfloor - \lfloor m W_{c-1} + u \rfloor` times, so
+    :math:`E_u[n_c] = m w_c` exactly, every class with :math:`m w_c \ge 1` is drawn, and the
+    n_c sum to m. Class c's slot holds :math:`\log(r\, n_c / m)`, r = `exp(log_out)` the
+    mass of `out`: an unbiased estimate of its probability. O(C) per position (a cumulative
+    sum and a top-m, no `[..., m, C]` comparison).
+
+    Args:
+      logp: `[..., C]` float32 log-probabilities.
+      out: `[..., C]` bool, the classes to draw from.
+      log_out: `[...]` log of the probability of `out` (-inf where it holds none).
+      u: `[...]` uniforms in [0, 1), one per position.
+      num_samples: m >= 1, at most the number of classes in `out`.
+
+    Returns:
+      `TopK(log_probs [..., m], classes [..., m], log_rest [...])`: the drawn classes by
+      decreasing count, then unused slots (`TOP_K_FILL`) holding other classes of `out`
+      (classes outside `out` only where `out` holds fewer than m); `log_rest` is `TOP_K_FILL`
+      (the m slots hold all of `out`'s mass).
+    """
+    m = num_samples
+    has = jnp.isfinite(log_out)
+    w = jnp.where(out & has[..., None],
+                  jnp.exp(logp - jnp.where(has, log_out, 0.0)[..., None]), 0.0)
+    cdf = jnp.cumsum(w, axis=-1)
+    cdf = cdf / jnp.maximum(cdf[..., -1:], np.float32(1e-30))  # last exactly 1 (or 0)
+    hi = jnp.floor(m * cdf + u[..., None])  # draws up to and including each class
+    counts = hi - jnp.concatenate([jnp.zeros_like(hi[..., :1]), hi[..., :-1]], axis=-1)
+    # Drawn classes first (by count), then undrawn classes of `out`: all distinct.
+    score, classes = jax.lax.top_k(2.0 * counts + out.astype(jnp.float32), m)
+    drawn = jnp.floor(score / 2.0)
+    total = jnp.maximum(hi[..., -1:], 1.0)  # m (m + 1 if m + u rounds up)
+    log_probs = jnp.where(drawn > 0,
+                          log_out[..., None] + jnp.log(jnp.maximum(drawn, 1.0) / total),
+                          TOP_K_FILL)
+    log_probs = jnp.maximum(log_probs, TOP_K_FILL)
+    return TopK(log_probs, classes, jnp.full(log_out.shape, TOP_K_FILL, jnp.float32))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from mtkd_jax.cache.format import FORMAT, create_row_files, header_file, index_dtype, write_header
 from mtkd_jax.cache.reader import TeacherCache, open_cache
-from mtkd_jax.cache.topk import check_top_k, top_k_of_logits
+from mtkd_jax.cache.topk import check_tail_samples, check_top_k, top_k_of_logits
 from mtkd_jax.core import checks as _checks
 from mtkd_jax.parallel import mesh_of, place
 from mtkd_jax.training.checkpoint import params_fingerprint
@@ -106,6 +106,8 @@ def build_cache(
     num_views: int = 1,
     top_k: int | None = None,
     keep_labels: bool = False,
+    tail_samples: int = 0,
+    key: jax.Array | None = None,
     dtype=np.float16,
     shard: str | None = None,
     fingerprint: dict | None = None,
@@ -142,6 +144,13 @@ def build_cache(
         largest it takes the k-th slot (`top_k_of_logits(keep=...)`), so the stored bytes
         do not change and the weightings that read the label's probability (``confidence``,
         ``posterior``) get from the cache exactly what they get online.
+      tail_samples: with `top_k`, m more slots per entry that hold a sample of the teacher's
+        distribution outside its top-k (`top_k_of_logits(tail_samples=m)`: m systematic
+        draws, the drawn classes with their estimated probabilities): the k + m slots sum to
+        1 and equal the teacher's distribution in expectation, where a top-k entry drops the
+        tail. Each (view, example) draws with its own key, `fold_in(key, view * N +
+        index)`, so the entry does not depend on how the examples are batched.
+      key: PRNG key of those draws (required with `tail_samples`).
       dtype: storage dtype of the values (float16 or float32; bfloat16 is not a numpy type).
       shard: this process's shard name for multi-host builds (e.g. `f"p{jax.process_index()}"`).
       fingerprint: identity of the teachers (a JSON-serialisable dict); default
@@ -174,6 +183,12 @@ def build_cache(
         raise TypeError(f"`keep_labels` must be a bool, got {keep_labels!r}.")
     if keep_labels and top_k is None:
         raise ValueError("`keep_labels=True` is for top-k caches: pass `top_k` too.")
+    if isinstance(tail_samples, bool) or not isinstance(tail_samples, int) or tail_samples < 0:
+        raise ValueError(f"`tail_samples` must be an integer >= 0, got {tail_samples!r}.")
+    if tail_samples and top_k is None:
+        raise ValueError("`tail_samples` is for top-k caches: pass `top_k` too.")
+    if tail_samples and key is None:
+        raise ValueError("`tail_samples` > 0 draws classes: pass `key`, a PRNG key.")
     try:
         dtype = np.dtype(dtype)
     except TypeError as error:
@@ -201,20 +216,28 @@ def build_cache(
 
     start = time.perf_counter()
 
-    def post(z, y):
+    def post(z, y, rows):
         z = z.astype(jnp.float32)
         if top_k is None:
             return z, None, None
-        return tuple(top_k_of_logits(z, top_k=top_k, keep=y))
+        if not tail_samples:
+            return tuple(top_k_of_logits(z, top_k=top_k, keep=y))
+
+        def one(z_b, y_b, row):  # one example: its own key, whatever the batch
+            return top_k_of_logits(z_b, top_k=top_k, keep=y_b, tail_samples=tail_samples,
+                                   key=jax.random.fold_in(key, row))
+
+        in_y = None if y is None else 0
+        return tuple(jax.vmap(one, in_axes=(1, in_y, 0), out_axes=1)(z, y, rows))
 
     if teacher_shardings is None:
-        run = jax.jit(lambda tp, x, y: post(teacher_apply(tp, x), y))
+        run = jax.jit(lambda tp, x, y, rows: post(teacher_apply(tp, x), y, rows))
     else:
         mesh = mesh_of(teacher_shardings, "teacher_shardings")
         teacher_params = place(teacher_params, teacher_shardings)
         replicated = NamedSharding(mesh, P())
-        run = jax.jit(lambda tp, x, y: post(teacher_apply(tp, x), y),
-                      in_shardings=(teacher_shardings, replicated, replicated))
+        run = jax.jit(lambda tp, x, y, rows: post(teacher_apply(tp, x), y, rows),
+                      in_shardings=(teacher_shardings, replicated, replicated, replicated))
     files = {}
     sizes: dict[str, Any] = {"written": 0, "x": None}
 
@@ -242,6 +265,8 @@ def build_cache(
         shape = (shape[0], shape[1], shape[-1])
         if not files:
             check_top_k(top_k, shape[2])
+            if top_k is not None:
+                check_tail_samples(tail_samples, top_k, shape[2])
             sizes.update(k=shape[0], c=shape[2], seq_len=seq_len)
             files.update(
                 create_row_files(
@@ -251,7 +276,7 @@ def build_cache(
                     num_examples=num_examples,
                     num_teachers=shape[0],
                     num_classes=shape[2],
-                    top_k=top_k,
+                    top_k=None if top_k is None else top_k + tail_samples,
                     dtype=dtype,
                     seq_len=seq_len,
                 )
@@ -288,7 +313,8 @@ def build_cache(
             check_logits(batch["x"])
             labels = _batch_labels(batch, sizes) if keep_labels else None
             # Dispatched asynchronously: the teachers run while the previous batch is written.
-            out = run(teacher_params, batch["x"], labels)
+            out = run(teacher_params, batch["x"], labels,
+                      np.asarray(view * num_examples + index, np.int32))
             if pending is not None:
                 write(pending)
             pending = (out, index, view)
@@ -305,6 +331,7 @@ def build_cache(
         "kind": "logits" if top_k is None else "top_k_log_probs",
         "top_k": top_k,
         "keeps_labels": keep_labels,
+        "tail_samples": tail_samples,
         "num_examples": num_examples,
         "num_views": num_views,
         "num_teachers": sizes["k"],

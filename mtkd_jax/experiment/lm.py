@@ -126,6 +126,7 @@ def lm_config() -> ml_collections.ConfigDict:
     c.alpha = 0.5
     c.chunk_size = 32
     c.cache_top_k = 128
+    c.cache_tail_samples = 0
     c.cache_fill = "uniform"
     c.weightings = ("uniform", "confidence", "entropy", "posterior")
     c.posterior_sharpness = 1.0
@@ -192,6 +193,9 @@ LM_HELP: dict[str, str] = {
     "chunk_size": "positions per chunk of the student's soft loss",
     "cache_top_k": "log-probabilities kept per token and teacher in the cache (the next "
                    "token's always among them)",
+    "cache_tail_samples": "more slots per token and teacher that hold a sample of the "
+                          "distribution outside the top-k (mtkd_jax.cache.topk.sample_tail: "
+                          "unbiased, where the top-k alone drops the tail); 0 for none",
     "cache_fill": "how a cached distribution's tail is read: 'bucket' (kept as one slot, "
                   "never expanded: mtkd_jax.objective.top_k_slots), or expanded to the "
                   "vocabulary with 'uniform', 'prior' (the transfer text's token "
@@ -293,9 +297,12 @@ def validate_lm_config(cfg) -> None:
                 f"{int(name == 'uld_size')}, got {v!r}.")
     require(isinstance(o.uld_weight, float | int) and o.uld_weight >= 0,
             f"`config.own_tokenizers.uld_weight` must be a number >= 0, got {o.uld_weight!r}.")
-    require(cfg.cache_top_k <= cfg.data.vocab_size,
-            f"`config.cache_top_k` ({cfg.cache_top_k}) must be <= `config.data.vocab_size` "
-            f"({cfg.data.vocab_size}).")
+    m = cfg.cache_tail_samples
+    require(isinstance(m, int) and not isinstance(m, bool) and m >= 0,
+            f"`config.cache_tail_samples` must be an int >= 0, got {m!r}.")
+    require(cfg.cache_top_k + m <= cfg.data.vocab_size,
+            f"`config.cache_top_k` + `config.cache_tail_samples` ({cfg.cache_top_k} + {m}) "
+            f"must be <= `config.data.vocab_size` ({cfg.data.vocab_size}).")
 
 
 def _weighting(cfg, name: str):
@@ -340,14 +347,15 @@ def _teacher_pass(run, data, teacher_fn, t_params, tests) -> dict:
     the ensemble of `make_eval_step`) in each test batch as ``"ensemble_pred"`` `[B, L]`, so
     the student rows measure their agreement without running the teachers again."""
     cfg = run.cfg
-    fns = [_weighting(cfg, name) for name in cfg.weightings]
+    names = list(dict.fromkeys([*cfg.weightings, *filter(None, [cfg.online_weighting])]))
+    fns = [_weighting(cfg, name) for name in names]
 
     @jax.jit
     def one(tp, batch):
         z = teacher_fn(tp, batch["x"])  # [K, B, L, V]
         p = jax.nn.softmax(z / cfg.temperature)
         w = jnp.stack([fn(p, logits=z, labels=batch["y"], label_mask=batch["mask"])
-                       for fn in fns])  # [W, K, B, L]
+                       for fn in fns] or [jnp.zeros(z.shape[:-1])])[:len(fns)]  # [W, K, B, L]
         k = z.shape[0]
         ens = fuse_targets(jax.nn.softmax(z.astype(jnp.float32)), jnp.full((k,), 1.0 / k))
         return (jnp.sum(w * batch["mask"], axis=(2, 3)), jnp.sum(batch["mask"]),
@@ -363,7 +371,7 @@ def _teacher_pass(run, data, teacher_fn, t_params, tests) -> dict:
         total = np.sum([np.asarray(a) for a, _ in parts], axis=0)  # [W, K]
         per_domain.append(total / sum(float(n) for _, n in parts))
     return {name: [per_domain[i][j].tolist() for i in range(len(data.domains))]
-            for j, name in enumerate(cfg.weightings)}
+            for j, name in enumerate(names)}
 
 
 def run_lm(cfg) -> dict:
@@ -443,8 +451,9 @@ def run_lm(cfg) -> dict:
             try:  # reused only if built from these teachers, rows, tokenizer and k
                 cache = open_cache(path, expect_fingerprint=params_fingerprint(t_params),
                                    expect_tokenizer=fp, fill=fill, prior=prior)
-                if (cache.top_k, cache.num_examples, cache.header.get("keeps_labels")) != (
-                        cfg.cache_top_k, len(transfer), True):
+                if (cache.top_k, cache.tail_samples, cache.num_examples,
+                        cache.header.get("keeps_labels")) != (
+                        cfg.cache_top_k, cfg.cache_tail_samples, len(transfer), True):
                     raise ValueError("another cache")
             except (FileNotFoundError, ValueError):
                 build_cache(
@@ -453,6 +462,7 @@ def run_lm(cfg) -> dict:
                         transfer, batch_size=min(cfg.eval_batch_size, len(transfer)),
                         shuffle=False, drop_remainder=False)),
                     num_examples=len(transfer), top_k=cfg.cache_top_k, keep_labels=True,
+                    tail_samples=cfg.cache_tail_samples, key=jax.random.PRNGKey(0),
                     tokenizer=fp, overwrite=True, progress=False)
                 cache = open_cache(path, expect_tokenizer=fp, fill=fill, prior=prior)
             cache_bytes = cache.bytes_per_example / (d.seq_len * k)
@@ -612,7 +622,8 @@ def _report(run, cfg, data, seed_rows, teacher_rows, weights, best, cache_bytes,
             wlines.append(f"| {name} on {dm} | " + " | ".join(f"{v:.3f}" for v in w) + " |")
     pngs = [_plot_domains(table, domains, os.path.join(out, "domains.png")),
             _plot_curves(curves, os.path.join(out, "learning_curves.png")),
-            _plot_weights(weights, domains, os.path.join(out, "weights.png"))]
+            *([_plot_weights(weights, domains, os.path.join(out, "weights.png"))]
+              if weights else [])]
     summary = data.summary()
     times = "; ".join(f"{s} {w:.0f} s" for s, w in run.times.wall.items())
     md = "\n".join([

@@ -208,6 +208,11 @@ RESUMABLE_KEYS = ("output_dir", "progress", "seeds", "weightings", "checkpoints"
 no number of a finished row (`own_tokenizers.methods` too)."""
 
 
+_ADDED = {"cache_tail_samples": 0}
+"""Setting keys added after run folders were written, with the value a folder without them
+had: such a folder resumes under that value."""
+
+
 def run_setting(cfg) -> dict:
     """The config values a run folder's finished rows depend on (`setting.json`): every key
     but `RESUMABLE_KEYS`, flattened to dotted names (`teachers.steps`); the
@@ -251,7 +256,7 @@ class LMRun:
                 differ = [] if found == setting_of_old else ["tokenizers"]
             else:
                 differ = sorted(k for k in set(found) | set(setting)
-                                if found.get(k) != setting.get(k))
+                                if found.get(k, _ADDED.get(k)) != setting.get(k))
             if differ:
                 shown = ", ".join(f"{k}={found.get(k)!r} (now {setting.get(k)!r})"
                                   for k in differ)
