@@ -417,7 +417,8 @@ def test_a_cache_with_tail_samples(tmp_path, setup, rng):
     assert (ta.classes[..., :3] == y[None, :, None]).any(-1).all()  # the label: exact slots
     for bad, match in ((dict(key=None), r"pass `key`"),
                        (dict(top_k=None, keep_labels=False), r"is for top-k caches"),
-                       (dict(tail_samples=8), r"`top_k` \+ `tail_samples` \(3 \+ 8\) must be <= C=10"),
+                       (dict(tail_samples=8),
+                        r"`top_k` \+ `tail_samples` \(3 \+ 8\) must be <= C=10"),
                        (dict(tail_samples=-1), r"`tail_samples` must be an integer >= 0")):
         with pytest.raises(ValueError, match=match):
             mc.build_cache(tmp_path / "bad", linear_teachers, tp,

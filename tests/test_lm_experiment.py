@@ -85,3 +85,18 @@ def test_a_rerun_with_another_setting_does_not_reuse_the_folder(tmp_path):
     marker.write_text(json.dumps({"tokenizers": "shared"}))  # the earlier marker
     LMRun(cfg)
     assert json.loads(marker.read_text())["cache_top_k"] == cfg.cache_top_k
+    # A folder from before `cache_tail_samples` and `best_teacher_alpha` were keys resumes
+    # under the values it ran with (no sampled tail; one alpha for every distilled row).
+    setting = json.loads(marker.read_text())
+    old_style = {k: v for k, v in setting.items()
+                 if k not in ("cache_tail_samples", "best_teacher_alpha")}
+    same = _config(tmp_path / "run")
+    same.cache_tail_samples, same.best_teacher_alpha = 0, same.alpha
+    for kept, ok in ((same, True), (cfg, (cfg.cache_tail_samples, cfg.best_teacher_alpha)
+                                     == (0, cfg.alpha))):
+        marker.write_text(json.dumps(old_style))
+        if ok:
+            LMRun(kept)
+        else:
+            with pytest.raises(ConfigError, match="cache_tail_samples|best_teacher_alpha"):
+                LMRun(kept)

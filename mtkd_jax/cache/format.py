@@ -20,9 +20,10 @@ build streams, and read back through `numpy` memory maps. A shard is a full-size
 written only at the rows its process saw.
 
 The header is JSON: `format` (`FORMAT`), `kind` (``"logits"`` or ``"top_k_log_probs"``),
-`top_k`, `tail_samples` (m, 0 or absent for a plain top-k cache), `num_examples`, `num_views`, `num_teachers`, `num_classes`, `dtype`,
-`index_dtype`, `shard`, `fingerprint` (the teachers' `params_fingerprint`), `num_written`,
-`build_seconds`, `meta` (the caller's notes), and for a sequence cache `seq_len` (L) and
+`top_k`, `tail_samples` (m, 0 or absent for a plain top-k cache), `num_examples`,
+`num_views`, `num_teachers`, `num_classes`, `dtype`, `index_dtype`, `shard`, `fingerprint`
+(the teachers' `params_fingerprint`), `num_written`, `build_seconds`, `meta` (the caller's
+notes), and for a sequence cache `seq_len` (L) and
 `tokenizer` (the fingerprint of the tokenization the inputs were made with, e.g.
 `mtkd_jax.data.TextTokenizer.fingerprint`; None for classification caches). Shards of one
 cache must agree on the sizes, the dtype, the fingerprint and the tokenizer.

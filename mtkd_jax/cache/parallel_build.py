@@ -66,8 +66,10 @@ def build_cache_in_parallel(
         process's own devices (`mtkd_jax.parallel.tree_shardings` on
         `make_mesh(..., devices=jax.local_devices())`): each process then holds one copy of
         the teachers split over its devices (see `build_cache`).
-      **build_kwargs: `num_views`, `top_k`, `dtype`, `fingerprint`, `meta`, `overwrite` of
-        `build_cache`.
+      **build_kwargs: `num_views`, `top_k`, `keep_labels`, `tail_samples`, `key`, `dtype`,
+        `fingerprint`, `meta`, `overwrite` of `build_cache` (with `tail_samples`, pass the
+        same `key` on every process: each example draws with its own key folded from it, so
+        the cache is the one a single process would build).
 
     Returns:
       The `TeacherCache` over the shards `p0 ... p<P-1>`.

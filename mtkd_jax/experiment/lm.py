@@ -99,7 +99,11 @@ def lm_config() -> ml_collections.ConfigDict:
     trained once and shared by the seeds); per seed a ``tiny`` student (160 updates of 8
     rows, one pass over a fixed sample of 1280 mixture rows): alone, from the best single
     teacher and from all teachers with ``uniform``, ``confidence``, ``entropy`` and
-    ``posterior`` (top-128 cache), and ``posterior`` with online teachers; 3 seeds.
+    ``posterior`` (a cache of the top-64 plus 64 slots sampled from each teacher's tail),
+    and ``posterior`` with online teachers; 3 seeds. The cross-entropy's weight in the
+    loss, `alpha`, is 0.1 for the students from all teachers and 0.8 for the best single
+    teacher's (`best_teacher_alpha`), each the better of 0.1 / 0.5 / 0.8 on the validation
+    split of seed 0 (docs/results/lm.md); 1 is the student alone.
 
     With ``tokenizers="own"`` every teacher has its own tokenizer
     (`own_tokenizers.teacher_vocab_sizes`, one per domain) and the run is
@@ -123,10 +127,11 @@ def lm_config() -> ml_collections.ConfigDict:
     c.val_rows = 48
     c.test_rows = 128
     c.temperature = 1.0
-    c.alpha = 0.5
+    c.alpha = 0.1
+    c.best_teacher_alpha = 0.8
     c.chunk_size = 32
-    c.cache_top_k = 128
-    c.cache_tail_samples = 0
+    c.cache_top_k = 64
+    c.cache_tail_samples = 64
     c.cache_fill = "uniform"
     c.weightings = ("uniform", "confidence", "entropy", "posterior")
     c.posterior_sharpness = 1.0
@@ -164,7 +169,7 @@ def quick_lm(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     cfg.weightings = ("uniform", "posterior")
     cfg.own_tokenizers.teacher_vocab_sizes = (300, 360, 420, 480)[:len(cfg.data.domains)]
     cfg.val_rows, cfg.test_rows, cfg.eval_batch_size = 12, 8, 8
-    cfg.cache_top_k, cfg.chunk_size = 8, 16
+    cfg.cache_top_k, cfg.cache_tail_samples, cfg.chunk_size = 8, 8, 16
     cfg.data.update(dict(seq_len=32, vocab_size=512, max_documents=40))
     cfg.teachers.update(dict(size="tiny", steps=6, batch_size=8, warmup_steps=2))
     cfg.student.update(dict(steps=4, batch_size=8, transfer_rows=32, warmup_steps=1))
@@ -189,7 +194,10 @@ LM_HELP: dict[str, str] = {
     "val_rows": "validation rows (per domain for a teacher; in all for the students)",
     "test_rows": "test rows per domain, at most (the same rows for every row of the table)",
     "temperature": "distillation temperature T",
-    "alpha": "weight of the next-token cross-entropy in the student's loss (1 - alpha: KL)",
+    "alpha": "weight of the next-token cross-entropy in the loss of the students from all "
+             "teachers (1 - alpha: KL)",
+    "best_teacher_alpha": "the same weight for the student from the best single teacher (its "
+                          "own: one teacher that knows one domain is worth less weight)",
     "chunk_size": "positions per chunk of the student's soft loss",
     "cache_top_k": "log-probabilities kept per token and teacher in the cache (the next "
                    "token's always among them)",
@@ -262,8 +270,10 @@ def validate_lm_config(cfg) -> None:
         v = get(path)
         require(isinstance(v, float | int) and v > 0,
                 f"`config.{path}` must be a number > 0, got {v!r}.")
-    require(isinstance(cfg.alpha, float | int) and 0 <= cfg.alpha <= 1,
-            f"`config.alpha` must be a number in [0, 1], got {cfg.alpha!r}.")
+    for name in ("alpha", "best_teacher_alpha"):
+        v = cfg[name]
+        require(isinstance(v, float | int) and not isinstance(v, bool) and 0 <= v <= 1,
+                f"`config.{name}` must be a number in [0, 1], got {v!r}.")
     require(len(cfg.data.domains) >= 2,
             f"`config.data.domains` must name at least 2 domains (one teacher each), got "
             f"{tuple(cfg.data.domains)}.")
@@ -519,14 +529,15 @@ def _one_seed(run, models, seed, transfer, val_mix, cache, test_sets, t_fns,
             run.progress.start(name)
             run.progress.finished()
             continue
-        def build(weighting=weighting, which=which):
+        def build(weighting=weighting, which=which, row=row):
             if weighting is None:
                 return jax.jit(make_supervised_step(fns.logits, tx))
             t_apply, t_head = online_teachers(t_fns) if which == "online" else (None, None)
             return jax.jit(make_distill_step(
                 fns.features, t_apply, tx, student_head=fns.head, teacher_head=t_head,
                 chunk_size=cfg.chunk_size,
-                temperature=cfg.temperature, alpha=cfg.alpha,
+                temperature=cfg.temperature,
+                alpha=cfg.best_teacher_alpha if row == "best teacher" else cfg.alpha,
                 weighting=_weighting(cfg, weighting)))
 
         step = models.cached(("student step", row), build)
@@ -565,6 +576,12 @@ def _one_seed(run, models, seed, transfer, val_mix, cache, test_sets, t_fns,
 
 
 # ---------------------------------------------------------------------------- report
+def _cache_name(cfg) -> str:
+    """"top-64", or "top-64 + 64 sampled" with a sampled tail."""
+    tail = f" + {cfg.cache_tail_samples} sampled" if cfg.cache_tail_samples else ""
+    return f"top-{cfg.cache_top_k}{tail}"
+
+
 def _paired(seed_rows, row, base, metric="perplexity") -> tuple[float, float, int]:
     ratios = [r[row][metric] / r[base][metric] for r in seed_rows]
     return (float(np.mean(ratios)), float(np.std(ratios, ddof=1)) if len(ratios) > 1 else 0.0,
@@ -613,7 +630,7 @@ def _report(run, cfg, data, seed_rows, teacher_rows, weights, best, cache_bytes,
     online = f"{router} (online)" if router else None
     if online in seed_rows[0]:
         mean, std, wins = _paired(seed_rows, router, online)
-        checks.append(f"- top-{cfg.cache_top_k} cache vs online ({cfg.online_weighting}): "
+        checks.append(f"- {_cache_name(cfg)} cache vs online ({cfg.online_weighting}): "
                       f"perplexity ratio {mean:.4f} ± {std:.4f}.")
     wlines = ["| weighting | " + " | ".join(f"teacher {x}" for x in domains) + " |",
               "|" + "---|" * (k + 1)]
@@ -635,7 +652,8 @@ def _report(run, cfg, data, seed_rows, teacher_rows, weights, best, cache_bytes,
         f"domain, trained once and shared by the {cfg.seeds} seeds (seeds vary the student's "
         f"initial weights and data order). Student: `{cfg.student.size}`, {cfg.student.steps} "
         f"updates of {cfg.student.batch_size} rows of {cfg.student.transfer_rows} mixture "
-        f"training rows; KL at T = {cfg.temperature} mixed with CE (alpha {cfg.alpha}), chunked "
+        f"training rows; KL at T = {cfg.temperature} mixed with CE (alpha {cfg.alpha}; "
+        f"the best single teacher's student: {cfg.best_teacher_alpha}), chunked "
         f"loss ({cfg.chunk_size} positions). Best single teacher (mixture validation "
         f"perplexity): {domains[best]}. Test rows per domain: at most {cfg.test_rows}.", "",
         "Training tokens per domain: " + ", ".join(
@@ -645,9 +663,13 @@ def _report(run, cfg, data, seed_rows, teacher_rows, weights, best, cache_bytes,
         *lines, "",
         "Checks (paired over seeds):", "", *checks, "",
         "Average per-token teacher weight by domain (test tokens):", "", *wlines, "",
-        f"Cache: top-{cfg.cache_top_k} log-probabilities (the next token's always among them: "
-        f"`build_cache(keep_labels=True)`), {cache_bytes:.0f} bytes per token per teacher "
-        f"(DistillKit: about 300 at top-128).", "",
+        f"Cache: {_cache_name(cfg)} log-probabilities (the next token's always among the "
+        f"top-{cfg.cache_top_k}: `build_cache(keep_labels=True)`"
+        + (f"; then {cfg.cache_tail_samples} slots sampled from the rest of each teacher's "
+           f"distribution, `build_cache(tail_samples={cfg.cache_tail_samples})`"
+           if cfg.cache_tail_samples else "")
+        + f"), {cache_bytes:.0f} bytes per token per teacher (DistillKit: about 300 at "
+        f"top-128).", "",
         f"Wall time {seconds:.0f} s ({times}; JAX compile {run.times.compile_seconds:.0f} s).",
         "", "Plots: " + ", ".join(os.path.basename(p) for p in pngs), "",
     ])

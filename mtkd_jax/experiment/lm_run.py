@@ -208,9 +208,17 @@ RESUMABLE_KEYS = ("output_dir", "progress", "seeds", "weightings", "checkpoints"
 no number of a finished row (`own_tokenizers.methods` too)."""
 
 
-_ADDED = {"cache_tail_samples": 0}
-"""Setting keys added after run folders were written, with the value a folder without them
-had: such a folder resumes under that value."""
+_ADDED = {"cache_tail_samples": lambda found: 0,
+          "best_teacher_alpha": lambda found: found.get("alpha")}
+"""Setting keys added after run folders were written -> the value a folder without them had
+(from its other keys): such a folder resumes under that value."""
+
+
+def _setting_value(found: dict, key: str):
+    """`found[key]`, or for a key added since the folder was written the value it had."""
+    if key in found:
+        return found[key]
+    return _ADDED[key](found) if key in _ADDED else None
 
 
 def run_setting(cfg) -> dict:
@@ -256,7 +264,7 @@ class LMRun:
                 differ = [] if found == setting_of_old else ["tokenizers"]
             else:
                 differ = sorted(k for k in set(found) | set(setting)
-                                if found.get(k, _ADDED.get(k)) != setting.get(k))
+                                if _setting_value(found, k) != setting.get(k))
             if differ:
                 shown = ", ".join(f"{k}={found.get(k)!r} (now {setting.get(k)!r})"
                                   for k in differ)
