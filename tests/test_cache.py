@@ -391,6 +391,16 @@ def test_tail_samples_keep_the_label_and_the_tie_mass():
     np.testing.assert_allclose(dense.sum(-1) + np.exp(np.float64(top.log_rest)), 1.0,
                                atol=1e-6)
     np.testing.assert_allclose(dense[np.arange(4), keep], p[keep], rtol=1e-5)
+    # Every class tied (a teacher with a zero head): nothing to sample, and the unused
+    # slots still hold classes the entry did not store.
+    for k, m in ((2, 3), (3, 5), (1, 7)):
+        for kept in (None, jnp.asarray([7, 0, 3, 4])):
+            flat = mc.top_k_of_logits(jnp.zeros((4, 8)), top_k=k, keep=kept, tail_samples=m,
+                                      key=jax.random.key(1))
+            cls = np.sort(np.asarray(flat.classes), axis=-1)
+            assert (cls[..., 1:] != cls[..., :-1]).all(), (k, m, flat.classes)
+            np.testing.assert_allclose(
+                _dense(flat, 8).sum(-1) + np.exp(np.float64(flat.log_rest)), 1.0, atol=1e-6)
 
 
 def test_a_cache_with_tail_samples(tmp_path, setup, rng):

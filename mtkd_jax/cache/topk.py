@@ -217,8 +217,15 @@ def top_k_of_logits(logits: jax.Array, *, top_k: int, keep: jax.Array | None = N
     tie_mass = jnp.where(ties > 0, jnp.log(jnp.maximum(ties, 1.0)) + thr, -jnp.inf)
     if not tail_samples:
         return TopK(stored, classes, jnp.maximum(jnp.logaddexp(log_out, tie_mass), TOP_K_FILL))
+    # Unused sample slots take classes of `out` first, then classes tied with `thr` that the
+    # entry did not store: lax.top_k stores the lowest-indexed of tied classes, so the
+    # highest-indexed come first. Together they are C - k classes, >= m: all distinct.
+    tied = logp == thr[..., None]
+    if keep is not None:
+        tied = tied & ~is_kept
+    spare = jnp.where(tied, 0.5 + 0.25 * jnp.arange(num_classes) / num_classes, 0.0)
     u = jax.random.uniform(key, log_out.shape)
-    tail = sample_tail(logp, out, log_out, u, tail_samples)
+    tail = sample_tail(logp, out, log_out, u, tail_samples, spare=spare)
     return TopK(jnp.concatenate([stored, tail.log_probs], axis=-1),
                 jnp.concatenate([classes, tail.classes], axis=-1),
                 jnp.maximum(tie_mass, TOP_K_FILL))
@@ -236,7 +243,7 @@ def check_tail_samples(tail_samples, top_k: int, num_classes: int) -> int:
 
 
 def sample_tail(logp: jax.Array, out: jax.Array, log_out: jax.Array, u: jax.Array,
-                num_samples: int) -> TopK:
+                num_samples: int, spare: jax.Array | None = None) -> TopK:
     r"""m draws from a distribution restricted to some classes, as m distinct-class slots.
 
     Systematic sampling: with w the distribution restricted to `out` and renormalised, W its
@@ -252,13 +259,16 @@ def sample_tail(logp: jax.Array, out: jax.Array, log_out: jax.Array, u: jax.Arra
       out: `[..., C]` bool, the classes to draw from.
       log_out: `[...]` log of the probability of `out` (-inf where it holds none).
       u: `[...]` uniforms in [0, 1), one per position.
-      num_samples: m >= 1, at most the number of classes in `out`.
+      num_samples: m >= 1.
+      spare: optional `[..., C]` scores in [0, 0.75] of classes outside `out` that may hold
+        unused slots when `out` has fewer than m classes (highest first; 0: never before
+        the others).
 
     Returns:
       `TopK(log_probs [..., m], classes [..., m], log_rest [...])`: the drawn classes by
-      decreasing count, then unused slots (`TOP_K_FILL`) holding other classes of `out`
-      (classes outside `out` only where `out` holds fewer than m); `log_rest` is `TOP_K_FILL`
-      (the m slots hold all of `out`'s mass).
+      decreasing count, then unused slots (`TOP_K_FILL`) holding the other classes of
+      `out`, then by `spare`; `log_rest` is `TOP_K_FILL` (the m slots hold all of `out`'s
+      mass).
     """
     m = num_samples
     has = jnp.isfinite(log_out)
@@ -268,8 +278,11 @@ def sample_tail(logp: jax.Array, out: jax.Array, log_out: jax.Array, u: jax.Arra
     cdf = cdf / jnp.maximum(cdf[..., -1:], np.float32(1e-30))  # last exactly 1 (or 0)
     hi = jnp.floor(m * cdf + u[..., None])  # draws up to and including each class
     counts = hi - jnp.concatenate([jnp.zeros_like(hi[..., :1]), hi[..., :-1]], axis=-1)
-    # Drawn classes first (by count), then undrawn classes of `out`: all distinct.
-    score, classes = jax.lax.top_k(2.0 * counts + out.astype(jnp.float32), m)
+    # Drawn classes first (by count), then undrawn classes of `out`, then `spare` ones.
+    score = 2.0 * counts + out.astype(jnp.float32)
+    if spare is not None:
+        score = score + jnp.where(out, 0.0, spare)
+    score, classes = jax.lax.top_k(score, m)
     drawn = jnp.floor(score / 2.0)
     total = jnp.maximum(hi[..., -1:], 1.0)  # m (m + 1 if m + u rounds up)
     log_probs = jnp.where(drawn > 0,
