@@ -86,10 +86,12 @@ def test_a_rerun_with_another_setting_does_not_reuse_the_folder(tmp_path):
     LMRun(cfg)
     assert json.loads(marker.read_text())["cache_top_k"] == cfg.cache_top_k
     # A folder from before `cache_tail_samples` and `best_teacher_alpha` were keys resumes
-    # under the values it ran with (no sampled tail; one alpha for every distilled row).
+    # under the values it ran with (no sampled tail; one alpha for every distilled row), and
+    # its `online_weighting` (now `online_weightings`, which only adds rows) is no setting.
     setting = json.loads(marker.read_text())
     old_style = {k: v for k, v in setting.items()
                  if k not in ("cache_tail_samples", "best_teacher_alpha")}
+    old_style["online_weighting"] = "posterior"  # one online row then; rows only now
     same = _config(tmp_path / "run")
     same.cache_tail_samples, same.best_teacher_alpha = 0, same.alpha
     for kept, ok in ((same, True), (cfg, (cfg.cache_tail_samples, cfg.best_teacher_alpha)

@@ -10,10 +10,9 @@ code, Python documentation prose, Shakespeare's plays), a byte-level BPE tokeniz
 tokens trained on their training splits, rows of 128 tokens with documents packed and masked
 apart. One `small` transformer teacher per domain, trained on its own domain only (once,
 shared by the seeds); per seed a `tiny` student on a fixed sample of the mixture: alone, from
-the best single teacher, and from all teachers with each weighting (a cache of each
-teacher's top-64 plus 64 slots sampled from the rest), plus the router (`posterior`) with
-online teachers. The work is in `mtkd_jax.experiment.lm`; the
-measured table is in docs/results/lm.md.
+the best single teacher, and from all teachers with each weighting, once from a cache of
+each teacher's top-64 plus 64 slots sampled from the rest and once with online teachers.
+The work is in `mtkd_jax.experiment.lm`; the measured table is in docs/results/lm.md.
 """
 
 from mtkd_jax.experiment.lm import lm_config

@@ -12,8 +12,8 @@ mixture's training rows, the same number of tokens for every row of the table):
   perplexity;
 * ``K teachers: <weighting>``: distilled from all teachers, per-token weights from each
   configured weighting (``uniform``, ``confidence``, ``entropy``, ``posterior``: the router);
-  all of them from the top-k teacher cache, and the router once more with online teachers
-  (``... (online)``).
+  each from the top-k teacher cache and once more with online teachers (``... (online)``,
+  `online_weightings`).
 
 Test metrics per domain and on the mixture (per valid token): perplexity, bits per byte
 (the NLL in bits over the UTF-8 bytes the tokens stand for, comparable across tokenizers),
@@ -99,8 +99,9 @@ def lm_config() -> ml_collections.ConfigDict:
     trained once and shared by the seeds); per seed a ``tiny`` student (160 updates of 8
     rows, one pass over a fixed sample of 1280 mixture rows): alone, from the best single
     teacher and from all teachers with ``uniform``, ``confidence``, ``entropy`` and
-    ``posterior`` (a cache of the top-64 plus 64 slots sampled from each teacher's tail),
-    and ``posterior`` with online teachers; 3 seeds. The cross-entropy's weight in the
+    ``posterior``, each from a cache of the top-64 plus 64 slots sampled from each
+    teacher's tail (read as slots, never expanded to V: ``cache_fill="bucket"``) and with
+    online teachers; 3 seeds. The cross-entropy's weight in the
     loss, `alpha`, is 0.1 for the students from all teachers and 0.8 for the best single
     teacher's (`best_teacher_alpha`), each the better of 0.1 / 0.5 / 0.8 on the validation
     split of seed 0 (docs/results/lm.md); 1 is the student alone.
@@ -132,10 +133,10 @@ def lm_config() -> ml_collections.ConfigDict:
     c.chunk_size = 32
     c.cache_top_k = 64
     c.cache_tail_samples = 64
-    c.cache_fill = "uniform"
+    c.cache_fill = "bucket"
     c.weightings = ("uniform", "confidence", "entropy", "posterior")
     c.posterior_sharpness = 1.0
-    c.online_weighting = "posterior"
+    c.online_weightings = ("uniform", "confidence", "entropy", "posterior")
     c.tokenizers = "shared"
     c.own_tokenizers = ml_collections.ConfigDict(dict(
         teacher_vocab_sizes=(4096, 6144, 8192), teacher_len=0, methods=("prefix", "uld"),
@@ -167,6 +168,7 @@ def quick_lm(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     cfg.seeds = 1
     cfg.progress = False
     cfg.weightings = ("uniform", "posterior")
+    cfg.online_weightings = ("posterior",)
     cfg.own_tokenizers.teacher_vocab_sizes = (300, 360, 420, 480)[:len(cfg.data.domains)]
     cfg.val_rows, cfg.test_rows, cfg.eval_batch_size = 12, 8, 8
     cfg.cache_top_k, cfg.cache_tail_samples, cfg.chunk_size = 8, 8, 16
@@ -210,7 +212,8 @@ LM_HELP: dict[str, str] = {
                   "frequencies) or 'renormalize' (mtkd_jax.cache.topk)",
     "weightings": "per-token teacher weightings, one student row each (from the cache)",
     "posterior_sharpness": "the posterior weighting's sharpness s (1: Bayes' rule)",
-    "online_weighting": "a weighting also trained with online teachers ('' for none)",
+    "online_weightings": "weightings also trained with online teachers, one student row each "
+                         "(() for none)",
     "tokenizers": "'shared': one tokenizer for every model; 'own': each teacher has its own "
                   "tokenizer, the student another (mtkd_jax.experiment.lm_xtok; "
                   "experiments/configs/lm_xtok.py)",
@@ -281,9 +284,9 @@ def validate_lm_config(cfg) -> None:
         require(cfg[section].size in PRESETS,
                 f"`config.{section}.size` must be one of {sorted(PRESETS)}, got "
                 f"{cfg[section].size!r}.")
-    for name in (*cfg.weightings, *([cfg.online_weighting] if cfg.online_weighting else [])):
+    for name in (*cfg.weightings, *cfg.online_weightings):
         require(name in WEIGHTINGS,
-                f"`config.weightings` / `online_weighting` must be names from "
+                f"`config.weightings` / `online_weightings` must be names from "
                 f"{sorted(WEIGHTINGS)}, got {name!r}.")
     require(cfg.cache_fill in _CACHE_TAILS,
             f"`config.cache_fill` must be one of {_CACHE_TAILS}, got {cfg.cache_fill!r}.")
@@ -357,7 +360,7 @@ def _teacher_pass(run, data, teacher_fn, t_params, tests) -> dict:
     the ensemble of `make_eval_step`) in each test batch as ``"ensemble_pred"`` `[B, L]`, so
     the student rows measure their agreement without running the teachers again."""
     cfg = run.cfg
-    names = list(dict.fromkeys([*cfg.weightings, *filter(None, [cfg.online_weighting])]))
+    names = list(dict.fromkeys([*cfg.weightings, *cfg.online_weightings]))
     fns = [_weighting(cfg, name) for name in names]
 
     @jax.jit
@@ -409,7 +412,7 @@ def run_lm(cfg) -> dict:
         models = LMModels(cfg, vocab)
         k = len(domains)
         multi = [f"{k} teachers: {w}" for w in cfg.weightings]
-        rows_per_seed = 1 + 1 + len(multi) + (1 if cfg.online_weighting else 0)
+        rows_per_seed = 1 + 1 + len(multi) + len(cfg.online_weightings)
         run.progress = RunProgress(k + cfg.seeds * rows_per_seed, enabled=cfg.progress)
         log(f"{k} domains {list(domains)}, tokenizer V={vocab} "
             f"({data.tokenizer.fingerprint[:12]}), rows of {d.seq_len} tokens; "
@@ -516,9 +519,7 @@ def _one_seed(run, models, seed, transfer, val_mix, cache, test_sets, t_fns,
     k = len(t_params)
     plan = [("alone", None, None), ("best teacher", "uniform", [best])]
     plan += [(row, w, None) for row, w in zip(multi, cfg.weightings, strict=True)]
-    if cfg.online_weighting:
-        plan.append((f"{k} teachers: {cfg.online_weighting} (online)", cfg.online_weighting,
-                     "online"))
+    plan += [(f"{k} teachers: {w} (online)", w, "online") for w in cfg.online_weightings]
     rows = {}
     for row, weighting, which in plan:
         name = f"seed {seed}: {row}"
@@ -622,16 +623,19 @@ def _report(run, cfg, data, seed_rows, teacher_rows, weights, best, cache_bytes,
         checks.append(f"- {row}: mixture perplexity {mean:.3f} ± {std:.3f} x the best single "
                       f"teacher's student (lower on {wins}/{len(seed_rows)} seeds); below the "
                       f"student alone on every domain and seed: {'yes' if better_all else 'no'}.")
-    router = f"{k} teachers: {cfg.online_weighting}" if cfg.online_weighting else None
-    if router in seed_rows[0] and f"{k} teachers: uniform" in seed_rows[0]:
-        mean, std, wins = _paired(seed_rows, router, f"{k} teachers: uniform")
-        checks.append(f"- {router} vs uniform: perplexity ratio {mean:.3f} ± {std:.3f} (lower "
-                      f"on {wins}/{len(seed_rows)} seeds).")
-    online = f"{router} (online)" if router else None
-    if online in seed_rows[0]:
-        mean, std, wins = _paired(seed_rows, router, online)
-        checks.append(f"- {_cache_name(cfg)} cache vs online ({cfg.online_weighting}): "
-                      f"perplexity ratio {mean:.4f} ± {std:.4f}.")
+    uniform = f"{k} teachers: uniform"
+    for w in cfg.weightings:  # each weighting against the uniform mean, both from the cache
+        row = f"{k} teachers: {w}"
+        if w != "uniform" and row in seed_rows[0] and uniform in seed_rows[0]:
+            mean, std, wins = _paired(seed_rows, row, uniform)
+            checks.append(f"- {row} vs uniform: perplexity ratio {mean:.3f} ± {std:.3f} "
+                          f"(lower on {wins}/{len(seed_rows)} seeds).")
+    for w in cfg.online_weightings:
+        row = f"{k} teachers: {w}"
+        if row in seed_rows[0] and f"{row} (online)" in seed_rows[0]:
+            mean, std, _ = _paired(seed_rows, row, f"{row} (online)")
+            checks.append(f"- {_cache_name(cfg)} cache vs online ({w}): perplexity ratio "
+                          f"{mean:.4f} ± {std:.4f}.")
     wlines = ["| weighting | " + " | ".join(f"teacher {x}" for x in domains) + " |",
               "|" + "---|" * (k + 1)]
     for name, per in weights.items():

@@ -202,8 +202,8 @@ def flatten(row: dict[str, dict]) -> dict[str, float]:
     return flat
 
 
-RESUMABLE_KEYS = ("output_dir", "progress", "seeds", "weightings", "checkpoints",
-                  "save_every", "log_every")
+RESUMABLE_KEYS = ("output_dir", "progress", "seeds", "weightings", "online_weightings",
+                  "checkpoints", "save_every", "log_every")
 """Config keys a rerun in the same run folder may change: they add rows or seeds, or change
 no number of a finished row (`own_tokenizers.methods` too)."""
 
@@ -212,6 +212,11 @@ _ADDED = {"cache_tail_samples": lambda found: 0,
           "best_teacher_alpha": lambda found: found.get("alpha")}
 """Setting keys added after run folders were written -> the value a folder without them had
 (from its other keys): such a folder resumes under that value."""
+
+
+_REMOVED = ("online_weighting",)
+"""Setting keys of older run folders that no longer change a finished row (the one online
+weighting is now `online_weightings`, which only adds rows)."""
 
 
 def _setting_value(found: dict, key: str):
@@ -259,6 +264,7 @@ class LMRun:
         if os.path.exists(marker):
             with open(marker) as f:
                 found = json.load(f)
+            found = {k: v for k, v in found.items() if k not in _REMOVED}
             if set(found) == {"tokenizers"}:  # a folder from before the whole setting was kept
                 setting_of_old = {"tokenizers": setting["tokenizers"]}
                 differ = [] if found == setting_of_old else ["tokenizers"]
