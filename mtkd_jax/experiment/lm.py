@@ -367,8 +367,8 @@ def _teacher_pass(run, data, teacher_fn, t_params, tests) -> dict:
     def one(tp, batch):
         z = teacher_fn(tp, batch["x"])  # [K, B, L, V]
         p = jax.nn.softmax(z / cfg.temperature)
-        w = jnp.stack([fn(p, logits=z, labels=batch["y"], label_mask=batch["mask"])
-                       for fn in fns] or [jnp.zeros(z.shape[:-1])])[:len(fns)]  # [W, K, B, L]
+        w = [fn(p, logits=z, labels=batch["y"], label_mask=batch["mask"]) for fn in fns]
+        w = jnp.stack(w) if w else jnp.zeros((0, *z.shape[:-1]))  # [W, K, B, L]
         k = z.shape[0]
         ens = fuse_targets(jax.nn.softmax(z.astype(jnp.float32)), jnp.full((k,), 1.0 / k))
         return (jnp.sum(w * batch["mask"], axis=(2, 3)), jnp.sum(batch["mask"]),
@@ -475,6 +475,7 @@ def run_lm(cfg) -> dict:
                         transfer, batch_size=min(cfg.eval_batch_size, len(transfer)),
                         shuffle=False, drop_remainder=False)),
                     num_examples=len(transfer), top_k=cfg.cache_top_k, keep_labels=True,
+                    # The tail's draws: one fixed key, so a rebuilt cache is the same cache.
                     tail_samples=cfg.cache_tail_samples, key=jax.random.PRNGKey(0),
                     tokenizer=fp, overwrite=True, progress=False)
                 cache = open_cache(path, expect_tokenizer=fp, fill=fill, prior=prior)
