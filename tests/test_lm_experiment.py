@@ -4,6 +4,7 @@ import json
 import math
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -102,3 +103,28 @@ def test_a_rerun_with_another_setting_does_not_reuse_the_folder(tmp_path):
         else:
             with pytest.raises(ConfigError, match="cache_tail_samples|best_teacher_alpha"):
                 LMRun(kept)
+
+
+@pytest.mark.parametrize("weightings, online", [((), ()), (("uniform",), ("posterior",))])
+def test_the_teacher_pass_with_any_weightings(weightings, online, rng):
+    """The teachers' pass over the test batches (average weights per domain, the ensemble's
+    prediction per token) with no weighting configured (it failed to stack none) and with
+    cached and online ones (each named once, the weights of a domain summing to 1)."""
+    from types import SimpleNamespace
+
+    import jax.numpy as jnp
+
+    from mtkd_jax.experiment.lm import _teacher_pass
+
+    cfg = lm_config()
+    cfg.weightings, cfg.online_weightings = weightings, online
+    z = jnp.asarray(rng.normal(size=(3, 2, 5, 11)), jnp.float32)  # [K, B, L, V]
+    batch = {"x": np.zeros((2, 5), np.int32), "y": rng.integers(0, 11, (2, 5)).astype(np.int32),
+             "mask": np.ones((2, 5), np.float32)}
+    weights = _teacher_pass(SimpleNamespace(cfg=cfg), SimpleNamespace(domains=("a",)),
+                            lambda tp, x: z, None, {"a": [batch]})
+    assert list(weights) == list(dict.fromkeys([*weightings, *online]))
+    for per in weights.values():
+        np.testing.assert_allclose(np.sum(per, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(batch["ensemble_pred"],
+                                  np.argmax(np.asarray(jax.nn.softmax(z)).mean(0), -1))
