@@ -183,8 +183,7 @@ def build_cache(
         raise TypeError(f"`keep_labels` must be a bool, got {keep_labels!r}.")
     if keep_labels and top_k is None:
         raise ValueError("`keep_labels=True` is for top-k caches: pass `top_k` too.")
-    if isinstance(tail_samples, bool) or not isinstance(tail_samples, int) or tail_samples < 0:
-        raise ValueError(f"`tail_samples` must be an integer >= 0, got {tail_samples!r}.")
+    check_tail_samples(tail_samples, top_k or 0, np.iinfo(np.int32).max)  # k + m vs C later
     if tail_samples and top_k is None:
         raise ValueError("`tail_samples` is for top-k caches: pass `top_k` too.")
     if tail_samples and key is None:

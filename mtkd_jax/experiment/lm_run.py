@@ -272,7 +272,7 @@ class LMRun:
                 differ = sorted(k for k in set(found) | set(setting)
                                 if _setting_value(found, k) != setting.get(k))
             if differ:
-                shown = ", ".join(f"{k}={found.get(k)!r} (now {setting.get(k)!r})"
+                shown = ", ".join(f"{k}={_setting_value(found, k)!r} (now {setting.get(k)!r})"
                                   for k in differ)
                 raise ConfigError(
                     f"`config.output_dir` {self.out} holds a run with another setting: "
